@@ -1,0 +1,164 @@
+"""Artifacts: folders that stages hand each other, written atomically, described by a manifest.
+
+manifest.json says what produced the folder (stage, command, config), from what (parent artifacts and
+source files, by hash), library versions, and the sha256 of every file inside. `verify` checks them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact folder that is missing, incomplete or does not match its manifest."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside `final`; on success it is renamed into place, on error removed.
+
+    A crash (even kill -9) leaves only a `.final.tmp-*` folder, never a half-written `final`.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        if final.exists():
+            if not overwrite:
+                raise ArtifactError(f"{final}: already exists (pass overwrite to replace it)")
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def library_versions(names=("torch", "transformers", "peft", "safetensors", "numpy", "emoverse-edge")) -> dict[str, str]:
+    out = {}
+    for n in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[n] = metadata.version(n)
+    return out
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def write_manifest(folder: str | os.PathLike, *, kind: str, producer: dict, inputs: dict | None = None, extra: dict | None = None) -> dict:
+    """Hash every file in `folder` and write manifest.json (atomically) last."""
+    folder = Path(folder)
+    manifest = {
+        "format": "emoverse-artifact/1",
+        "kind": kind,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "producer": producer,
+        "inputs": inputs or {},
+        "libraries": library_versions(),
+        "python": platform.python_version(),
+        "files": file_hashes(folder),
+        **(extra or {}),
+    }
+    atomic_write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def manifest_digest(manifest: dict) -> str:
+    """One hash naming an artifact's content: the sha256 of its sorted file-hash table."""
+    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: no {MANIFEST}; not an emoverse artifact (or an interrupted write)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}:{e.lineno}: invalid manifest JSON: {e.msg}") from None
+
+
+def verify(folder: str | os.PathLike, *, kind: str | None = None) -> dict:
+    """Check every file against the manifest; no file may be missing, changed, extra or outside."""
+    folder = Path(folder).resolve()
+    manifest = read_manifest(folder)
+    if kind and manifest.get("kind") != kind:
+        raise ArtifactError(f"{folder}: is a {manifest.get('kind')!r} artifact, expected {kind!r}")
+    files = manifest.get("files", {})
+    for rel, digest in files.items():
+        p = (folder / rel).resolve()
+        if folder not in p.parents:
+            raise ArtifactError(f"{folder}/{MANIFEST}: path {rel!r} escapes the artifact folder")
+        if not p.is_file():
+            raise ArtifactError(f"{folder}: {rel} listed in the manifest is missing")
+        if sha256_file(p) != digest:
+            raise ArtifactError(f"{folder}: {rel} does not match its manifest hash (modified or corrupt)")
+    extra = set(file_hashes(folder)) - set(files)
+    if extra:
+        raise ArtifactError(f"{folder}: files not in the manifest: {sorted(extra)[:5]}")
+    return manifest
