@@ -1,0 +1,111 @@
+"""`emoverse` command line: thin wrappers that parse, call a stage, print."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _data_build(a: argparse.Namespace) -> int:
+    from emoverse.data import build_amt, summary_table
+
+    manifest = build_amt(a.raw, a.out, sources=a.sources, extra=a.extra, skip_bad=a.skip_bad, overwrite=True)
+    print(summary_table(manifest))
+    print(f"wrote {a.out} (manifest: {Path(a.out) / 'manifest.json'})")
+    return 0
+
+
+def _data_validate(a: argparse.Namespace) -> int:
+    from emoverse.validate import validate_files
+
+    problems, n = validate_files(a.files, max_length=a.max_length, llm=a.llm, check_media=not a.no_media)
+    for p in problems:
+        print(p)
+    print(f"{n} records checked, {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def _train(a: argparse.Namespace) -> int:
+    from emoverse.config import load_config, resolve_recipe
+    from emoverse.train.trainer import RECIPES, TrainConfig, train
+
+    cfg = load_config(TrainConfig, resolve_recipe(a.recipe, RECIPES), a.overrides)
+    out = train(cfg)
+    if out is not None:
+        print(f"model artifact: {out}")
+    return 0
+
+
+def _eval(a: argparse.Namespace) -> int:
+    from emoverse.evaluate import evaluate, format_table
+
+    metrics = evaluate(a.model, a.data, a.out, mode=a.mode, split=a.split, limit=a.limit, tasks=a.tasks,
+                       baselines=a.baselines, threads=a.threads)
+    print(format_table(metrics))
+    print(f"wrote {Path(a.out) / 'metrics.json'} and {Path(a.out) / 'predictions.jsonl'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="emoverse", description="EmoVerse Edge: train, compress, export and benchmark "
+                                "an affective multimodal LLM for edge devices.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build or check AMT task files").add_subparsers(dest="data_command", required=True)
+    b = data.add_parser("build", help="raw sources -> AMT JSONL per task and split, with a manifest")
+    b.add_argument("--raw", required=True, help="raw data directory (e.g. ../shared/data/raw)")
+    b.add_argument("--out", default="data/amt", help="output folder (default: data/amt)")
+    b.add_argument("--sources", nargs="*", help="subset of sources (default: all)")
+    b.add_argument("--extra", nargs="*", help="JSON/JSONL files already in ms-swift/AMT form to add")
+    b.add_argument("--skip-bad", action="store_true", help="skip malformed rows and report them instead of failing")
+    b.set_defaults(func=_data_build)
+    v = data.add_parser("validate", help="check record files without loading a model")
+    v.add_argument("files", nargs="+")
+    v.add_argument("--max-length", type=int, default=2048, help="token limit to check prompts against")
+    v.add_argument("--llm", default="smollm2-135m-instruct", help="whose tokenizer counts the tokens")
+    v.add_argument("--no-media", action="store_true", help="do not open images")
+    v.set_defaults(func=_data_validate)
+
+    t = sub.add_parser("train", help="M2SE multitask training -> model artifact")
+    t.add_argument("--recipe", required=True, help="recipe YAML, or a shipped one: nano-quick, nano, tiny")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.0.steps=10 out=runs/x")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="per-task metrics of a model artifact on AMT records")
+    e.add_argument("--model", required=True, help="model artifact folder (or 'zero-shot' for untrained SmolLM2)")
+    e.add_argument("--data", required=True, nargs="+", help="JSONL files or AMT folders")
+    e.add_argument("--out", required=True)
+    e.add_argument("--split", default="test", help="split to take from AMT folders (default: test)")
+    e.add_argument("--mode", choices=["both", "score", "generate"], default="both",
+                   help="closed-label tasks: score the label set, generate freely, or both (default)")
+    e.add_argument("--limit", type=int, help="at most N records per task and source (seeded sample)")
+    e.add_argument("--tasks", nargs="*", help="subset of tasks")
+    e.add_argument("--baselines", nargs="*", default=[], choices=["majority", "zero-shot", "vader"],
+                   help="baselines to score on the same records")
+    e.add_argument("--threads", type=int)
+    e.set_defaults(func=_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from emoverse.artifacts import ArtifactError
+    from emoverse.config import RecipeError
+    from emoverse.records import RecordError
+    from emoverse.sources import SourceError
+
+    try:
+        return args.func(args)
+    except (RecordError, SourceError, RecipeError, ArtifactError, FileNotFoundError, ValueError) as e:
+        print(f"emoverse: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("emoverse: interrupted (finished artifacts and checkpoints are kept)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

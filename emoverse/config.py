@@ -1,0 +1,49 @@
+"""Recipes: YAML files checked against dataclass schemas (unknown keys and wrong types fail up front),
+with `key=value` command-line overrides (OmegaConf dotlist syntax, e.g. `stages.0.steps=10`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class RecipeError(ValueError):
+    pass
+
+
+def resolve_recipe(name_or_path: str | os.PathLike, folder: Path) -> Path:
+    """A recipe path, or the name of a shipped recipe in `folder` (`nano-quick` -> folder/nano-quick.yaml)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = folder / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    known = sorted(x.stem for x in folder.glob("*.yaml"))
+    raise RecipeError(f"{name_or_path}: no such recipe file or shipped recipe (shipped: {', '.join(known)})")
+
+
+def load_config(schema: type[T], path: str | os.PathLike | None, overrides: list[str] | None = None) -> T:
+    try:
+        cfg = OmegaConf.structured(schema)
+        if path is not None:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise RecipeError(f"override {bad[0]!r} is not key=value")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        where = f"{path}: " if path else ""
+        raise RecipeError(f"{where}{type(e).__name__}: {e}".split("\n    full_key")[0]) from None
+
+
+def to_yaml(obj) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(obj))

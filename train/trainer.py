@@ -1,0 +1,269 @@
+"""M2SE multitask training: stages of task-weighted sampling over AMT train records, LoRA + projector.
+
+Stage 1 (multitask pretraining) and stage 2 (multitask reason fine-tuning) are entries of the recipe's
+`stages` list; stage 2 starts from stage 1's weights. Each step draws one task by the stage's weights
+and a batch of that task's records, so batches are length-homogeneous (ECPE prompts are ~8x longer).
+Sampling is a pure function of (seed, stage, step), checkpoints carry optimizer, schedule and RNG state,
+so a resumed run reaches the same weights as an uninterrupted one. Runs under `torchrun` (DDP) unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from emoverse.artifacts import atomic_dir, atomic_write_json, manifest_digest, read_manifest, sha256_file
+from emoverse.model import EmoVerse, ModelConfig
+from emoverse.prompting import Encoded, PromptTooLong
+from emoverse.records import RecordError, load_records
+from emoverse.tasks import TASK_NAMES
+
+RECIPES = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class StageConfig:
+    name: str = "stage"
+    steps: int = 100
+    lr: float = 2e-4
+    warmup_steps: int = 10
+    task_weights: dict[str, float] = field(default_factory=lambda: {"msa": 1.0})
+    max_minutes: float | None = None  # CPU time budget: the stage ends early (checkpointed) when spent
+
+
+@dataclass
+class TrainConfig:
+    data: str = "data/amt"
+    out: str = "runs/nano"
+    seed: int = 0
+    batch_size: int = 8
+    max_batch_tokens: int = 2048  # long-prompt tasks get smaller batches
+    max_train_length: int = 768  # longer training records are dropped (counted in the manifest)
+    weight_decay: float = 0.0
+    projector_lr_scale: float = 5.0  # the projector starts from random init; LoRA from a trained LLM
+    grad_clip: float = 1.0
+    log_every: int = 10
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    threads: int | None = None
+    halt_after: int | None = None  # stop (as if killed) after this many global steps: resume tests
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+
+
+def _dist() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.rank, self.world = _dist()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        for s in cfg.stages:
+            unknown = set(s.task_weights) - set(TASK_NAMES)
+            if unknown:
+                raise ValueError(f"stage {s.name!r}: unknown task(s) {sorted(unknown)}; known: {list(TASK_NAMES)}")
+            if not any(w > 0 for w in s.task_weights.values()):
+                raise ValueError(f"stage {s.name!r}: task_weights are all zero")
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        torch.manual_seed(cfg.seed)
+        self.model = EmoVerse.build(cfg.model)
+        self.model.freeze_base()
+        self.params = self.model.trainable_parameters()
+        self.data, self.dropped = self._encode_train_records()
+
+    # -- data ------------------------------------------------------------------------------------
+    def _encode_train_records(self) -> tuple[dict[str, list[Encoded]], dict[str, int]]:
+        builder = self.model.prompts
+        orig_max = builder.max_length
+        builder.max_length = min(orig_max, self.cfg.max_train_length)
+        needed = sorted({t for s in self.cfg.stages for t, w in s.task_weights.items() if w > 0})
+        data: dict[str, list[Encoded]] = {}
+        dropped: dict[str, int] = {}
+        try:
+            for task in needed:
+                path = Path(self.cfg.data) / task / "train.jsonl"
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path}: no train records for task {task!r} (run `emoverse data build`)")
+                encoded, n_long = [], 0
+                for rec in load_records(path):
+                    try:
+                        encoded.append(builder.encode(rec.query, rec.response, rec.images, rec.videos))
+                    except PromptTooLong:
+                        n_long += 1
+                    except ValueError as e:
+                        raise RecordError(f"{path}: record {rec.id}: {e}") from None
+                if not encoded:
+                    raise ValueError(f"{path}: no record fits max_train_length={self.cfg.max_train_length}")
+                data[task], dropped[task] = encoded, n_long
+        finally:
+            builder.max_length = orig_max
+        return data, dropped
+
+    def sample_batch(self, stage_idx: int, step: int) -> tuple[str, list[Encoded]]:
+        stage = self.cfg.stages[stage_idx]
+        tasks = [t for t, w in stage.task_weights.items() if w > 0]
+        weights = np.array([stage.task_weights[t] for t in tasks], dtype=float)
+        task = tasks[np.random.default_rng([self.cfg.seed, stage_idx, step]).choice(len(tasks), p=weights / weights.sum())]
+        rng = np.random.default_rng([self.cfg.seed, stage_idx, step, 1 + self.rank])
+        pool = self.data[task]
+        idx = rng.choice(len(pool), size=min(self.cfg.batch_size, len(pool)), replace=False)
+        items = [pool[i] for i in idx]
+        longest = max(len(e.input_ids) for e in items)
+        return task, items[: max(1, min(len(items), self.cfg.max_batch_tokens // longest))]
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _checkpoints(self) -> list[Path]:
+        found = []
+        for p in self.ckpt_dir.glob("stage*-step*"):
+            m = re.fullmatch(r"stage(\d+)-step(\d+)", p.name)
+            if m and (p / "state.json").is_file():
+                found.append((int(m[1]), int(m[2]), p))
+        return [p for *_, p in sorted(found)]
+
+    def save_checkpoint(self, stage_idx: int, step: int, optimizer, scheduler, stats: dict) -> None:
+        if self.rank != 0:
+            return
+        from safetensors.torch import save_file
+
+        with atomic_dir(self.ckpt_dir / f"stage{stage_idx}-step{step}", overwrite=True) as tmp:
+            save_file({k: v.detach().contiguous() for k, v in self.params.items()}, tmp / "trainable.safetensors")
+            # optimizer state is tensors + numbers only: saved with torch.save, read back with weights_only=True
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
+            (tmp / "state.json").write_text(json.dumps({"stage": stage_idx, "step": step, "stats": stats}))
+        for old in self._checkpoints()[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, path: Path) -> tuple[dict, dict]:
+        from safetensors.torch import load_file
+
+        weights = load_file(path / "trainable.safetensors")
+        missing = set(self.params) ^ set(weights)
+        if missing:
+            raise ValueError(f"{path}: checkpoint does not match this model/recipe (parameters {sorted(missing)[:3]})")
+        with torch.no_grad():
+            for k, v in weights.items():
+                self.params[k].copy_(v)
+        return json.loads((path / "state.json").read_text()), torch.load(path / "optim.pt", weights_only=True)
+
+    # -- loop ------------------------------------------------------------------------------------
+    def _optimizer(self, stage: StageConfig):
+        proj = [p for n, p in self.params.items() if n.startswith("projector.")]
+        rest = [p for n, p in self.params.items() if not n.startswith("projector.")]
+        groups = [{"params": rest, "lr": stage.lr}, {"params": proj, "lr": stage.lr * self.cfg.projector_lr_scale}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=self.cfg.weight_decay)
+
+        def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 10%
+            if step < stage.warmup_steps:
+                return (step + 1) / stage.warmup_steps
+            progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+    def run(self) -> Path | None:
+        cfg = self.cfg
+        net = self.model
+        if self.world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
+        resume = self._checkpoints()
+        state, saved = self.load_checkpoint(resume[-1]) if resume else ({"stage": 0, "step": -1, "stats": {}}, None)
+        stats = state["stats"] or {"tokens": 0, "seconds": 0.0, "steps": 0, "stages": {}}
+        log_path = self.out / "train_log.jsonl"
+        self.out.mkdir(parents=True, exist_ok=True)
+        global_step = stats["steps"]
+        for si, stage in enumerate(cfg.stages):
+            if si < state["stage"]:
+                continue
+            opt, sched = self._optimizer(stage)
+            start = 0
+            if saved is not None and si == state["stage"]:
+                opt.load_state_dict(saved["optimizer"])
+                sched.load_state_dict(saved["scheduler"])
+                torch.set_rng_state(saved["torch_rng"])
+                start = state["step"] + 1
+                if stats["stages"].get(stage.name, {}).get("ended_early"):
+                    start = stage.steps
+            t_stage = time.monotonic() - stats["stages"].get(stage.name, {}).get("seconds", 0.0)
+            bar = tqdm(range(start, stage.steps), desc=f"{stage.name}", unit="step", disable=self.rank != 0, initial=start,
+                       total=stage.steps)
+            net.train()
+            if self.model.vision is not None:
+                self.model.vision.eval()  # frozen BatchNorm statistics
+            step = start - 1
+            for step in bar:
+                t0 = time.monotonic()
+                task, items = self.sample_batch(si, step)
+                batch = self.model.prompts.collate(items)
+                loss = net(batch, cache_features=True).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip)
+                opt.step()
+                sched.step()
+                n_tok = int(batch["attention_mask"].sum()) * self.world
+                stats["tokens"] += n_tok
+                stats["seconds"] += time.monotonic() - t0
+                stats["steps"] += 1
+                global_step += 1
+                st = stats["stages"].setdefault(stage.name, {})
+                st["steps"], st["seconds"] = step + 1, time.monotonic() - t_stage
+                bar.set_postfix(task=task, loss=f"{loss.item():.3f}")
+                if self.rank == 0 and (step % cfg.log_every == 0 or step == stage.steps - 1):
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"stage": stage.name, "step": step, "task": task, "loss": round(loss.item(), 5),
+                                            "lr": sched.get_last_lr()[0], "tokens": stats["tokens"],
+                                            "tokens_per_s": round(stats["tokens"] / max(stats["seconds"], 1e-9), 1)}) + "\n")
+                over_time = stage.max_minutes is not None and time.monotonic() - t_stage > 60 * stage.max_minutes
+                if over_time:
+                    st["ended_early"] = True
+                if (step + 1) % cfg.checkpoint_every == 0 or step == stage.steps - 1 or over_time:
+                    self.save_checkpoint(si, step, opt, sched, stats)
+                if cfg.halt_after is not None and global_step >= cfg.halt_after:
+                    return None
+                if over_time:
+                    break
+            saved = None
+        return self.finish(stats)
+
+    def finish(self, stats: dict) -> Path | None:
+        if self.rank != 0:
+            return None
+        data_manifest = {}
+        mpath = Path(self.cfg.data) / "manifest.json"
+        if mpath.is_file():
+            m = read_manifest(self.cfg.data)
+            data_manifest = {"path": str(Path(self.cfg.data).resolve()), "digest": manifest_digest(m),
+                             "manifest_sha256": sha256_file(mpath)}
+        stats["tokens_per_s"] = round(stats["tokens"] / max(stats["seconds"], 1e-9), 1)
+        out = self.out / "model"
+        self.model.save(out, overwrite=True,
+                        producer={"stage": "train", "recipe": asdict(self.cfg)},
+                        inputs={"data": data_manifest},
+                        extra={"training": stats, "dropped_too_long": self.dropped})
+        atomic_write_json(self.out / "train_summary.json", {"model": str(out), **stats, "dropped_too_long": self.dropped})
+        return out
+
+
+def train(cfg: TrainConfig) -> Path | None:
+    return Trainer(cfg).run()
