@@ -1,0 +1,235 @@
+"""`emoverse eval`: predictions and per-task metrics for a model artifact and baselines, on any AMT records.
+
+Closed-label tasks (MSA, MER, FER) are answered two ways: `score` ranks the task's candidate answers by
+log-probability (one prefill), `generate` decodes greedily and parses the text. Open tasks (ERI, ECPE)
+are generated. Predictions are appended to a partial file as they are made, so an interrupted eval
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from emoverse.artifacts import atomic_write_json, read_manifest
+from emoverse.records import Record, load_records
+from emoverse.tasks import INVALID, TASKS, get_task
+
+ZERO_SHOT = "zero-shot"
+
+
+def select_records(records: list[Record], *, tasks: list[str] | None, limit: int | None, seed: int = 0) -> list[Record]:
+    """Filter by task; keep at most `limit` per (task, source), a seeded sample in file order."""
+    if tasks:
+        for t in tasks:
+            get_task(t)
+        records = [r for r in records if r.task in tasks]
+    if not limit:
+        return records
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        groups[(r.task, r.source)].append(i)
+    keep: set[int] = set()
+    for key, idx in sorted(groups.items()):
+        keep.update(random.Random(f"{seed}:{key}").sample(idx, min(limit, len(idx))))
+    return [r for i, r in enumerate(records) if i in keep]
+
+
+def compute_metrics(records: list[Record], preds: dict[str, str]) -> dict[str, float]:
+    """Flat '<task>.<metric>' plus '<task>/<source>.<metric>' for every task and source present."""
+    out: dict[str, float] = {}
+    by_task: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        if r.id in preds:
+            by_task[r.task].append(r)
+    for task, recs in sorted(by_task.items()):
+        t = TASKS[task]
+        groups = {task: recs}
+        sources = sorted({r.source for r in recs})
+        if len(sources) > 1:
+            groups.update({f"{task}/{s}": [r for r in recs if r.source == s] for s in sources})
+        for name, rs in groups.items():
+            m = t.metrics([r.response for r in rs], [preds[r.id] for r in rs], [r.label for r in rs])
+            out.update({f"{name}.{k}": round(float(v), 4) if k != "n" else int(v) for k, v in m.items()})
+    return out
+
+
+class Predictor:
+    """Answers records with a model: `score` or `generate` for closed tasks, `generate` for open ones."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, rec: Record, mode: str) -> str:
+        task = TASKS[rec.task]
+        if task.closed and mode == "score":
+            cands = task.candidates(rec.query)
+            scores = self.model.score(rec.query, cands, rec.images, rec.videos)
+            return cands[max(range(len(cands)), key=scores.__getitem__)]
+        return self.model.generate(rec.query, rec.images, rec.videos, max_new_tokens=task.max_new_tokens)
+
+
+def majority_predictions(records: list[Record], train: list[Record]) -> dict[str, str]:
+    """Most frequent training answer per task (per source's candidate set for FER); ECPE: the target
+    utterance causes itself (its most frequent cause); ERI: the majority emotion in EMER's reason form."""
+    pool = train or records
+    common: dict[str, str] = {}
+    for task in TASKS:
+        answers = Counter(r.response for r in pool if r.task == task and task in ("msa", "mer"))
+        if answers:
+            common[task] = answers.most_common(1)[0][0]
+    fer_labels = Counter(r.label for r in pool if r.task == "fer" and r.label)
+    eri_label = Counter(r.label for r in pool if r.task == "eri" and r.label).most_common(1)
+    preds = {}
+    for r in records:
+        t = TASKS[r.task]
+        if r.task in common:
+            preds[r.id] = common[r.task]
+        elif r.task == "fer":
+            allowed = {c.lower().rstrip(".") for c in t.candidates(r.query)}
+            best = next((lbl for lbl, _ in fer_labels.most_common() if lbl in allowed), sorted(allowed)[0])
+            preds[r.id] = t.format_label(best)
+        elif r.task == "ecpe":
+            k = r.id.rsplit("-", 1)[-1]
+            preds[r.id] = f"{k}_{r.label},{k}" if r.label else ""
+        elif r.task == "eri":
+            lbl = eri_label[0][0] if eri_label else "neutral"
+            preds[r.id] = f"Therefore, it is inferred that the emotional state is {lbl}."
+    return preds
+
+
+def vader_predictions(records: list[Record]) -> dict[str, str]:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    sia = SentimentIntensityAnalyzer()
+    msa = TASKS["msa"]
+    out = {}
+    for r in records:
+        if r.task == "msa":
+            text = r.query.split("'", 1)[1].rsplit("'", 1)[0] if r.query.count("'") >= 2 else r.query
+            out[r.id] = msa.format_label("positive" if sia.polarity_scores(text)["compound"] >= 0 else "negative")
+    return out
+
+
+def _load_model(spec: str):
+    from emoverse.model import EmoVerse, ModelConfig
+
+    if spec == ZERO_SHOT:
+        return EmoVerse.build(ModelConfig(), lora=False).eval()
+    return EmoVerse.load(spec)
+
+
+def _run_model(name: str, model, records: list[Record], modes: list[str], partial: Path, done: dict) -> dict[str, dict[str, str]]:
+    predictor = Predictor(model)
+    results: dict[str, dict[str, str]] = {}
+    with open(partial, "a", encoding="utf-8") as f:
+        for mode in modes:
+            system = f"{name}/{mode}"
+            preds = results.setdefault(system, {})
+            todo = []
+            for r in records:
+                if mode == "score" and not TASKS[r.task].closed:
+                    continue
+                if (system, r.id) in done:
+                    preds[r.id] = done[(system, r.id)]
+                else:
+                    todo.append(r)
+            for r in tqdm(todo, desc=system, unit="rec"):
+                try:
+                    preds[r.id] = predictor(r, mode)
+                except ValueError as e:
+                    raise ValueError(f"record {r.id} ({r.task}): {e}") from None
+                f.write(json.dumps({"system": system, "id": r.id, "prediction": preds[r.id]}, ensure_ascii=False) + "\n")
+                f.flush()
+    # open tasks count under both modes so each system's row covers all five tasks
+    if "score" in results and "generate" in results:
+        for rid, p in results[f"{name}/generate"].items():
+            results[f"{name}/score"].setdefault(rid, p)
+    return results
+
+
+def evaluate(model: str, data: list[str], out: str | os.PathLike, *, mode: str = "both", split: str | None = "test",
+             limit: int | None = None, tasks: list[str] | None = None, baselines: list[str] | None = None,
+             threads: int | None = None, seed: int = 0) -> dict:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    all_records = load_records(data, split=split if any(Path(d).is_dir() for d in data) else None)
+    records = select_records(all_records, tasks=tasks, limit=limit, seed=seed)
+    if not records:
+        raise ValueError(f"no records to evaluate in {data} (split={split}, tasks={tasks})")
+    modes = ["score", "generate"] if mode == "both" else [mode]
+    partial = out / "predictions.partial.jsonl"
+    done: dict[tuple[str, str], str] = {}
+    if partial.exists():
+        for line in partial.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                done[(row["system"], row["id"])] = row["prediction"]
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut by a crash
+    systems: dict[str, dict[str, str]] = {}
+    name = "zero-shot" if model == ZERO_SHOT else "emoverse"
+    systems.update(_run_model(name, _load_model(model), records, modes, partial, done))
+    baselines = baselines or []
+    if "zero-shot" in baselines and model != ZERO_SHOT:
+        systems.update(_run_model("zero-shot", _load_model(ZERO_SHOT), records, modes, partial, done))
+    if "majority" in baselines:
+        train = []
+        for d in data:
+            if Path(d).is_dir():
+                train += [r for r in load_records(d, split="train") if not tasks or r.task in tasks]
+        systems["majority"] = majority_predictions(records, train)
+    if "vader" in baselines:
+        systems["vader"] = vader_predictions(records)
+
+    by_id = {r.id: r for r in records}
+    lines = []
+    for system, preds in systems.items():
+        for rid, p in preds.items():
+            r = by_id[rid]
+            parsed = TASKS[r.task].parse(p)
+            lines.append(json.dumps({"system": system, "id": rid, "task": r.task, "source": r.source, "prediction": p,
+                                     "parsed_label": None if parsed.label in (None, INVALID) else parsed.label,
+                                     "response": r.response, "label": r.label}, ensure_ascii=False))
+    from emoverse.artifacts import atomic_write_text
+
+    atomic_write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
+    model_info: dict = {"spec": model}
+    if model != ZERO_SHOT:
+        m = read_manifest(model)
+        model_info.update({"training": m.get("training"), "created": m.get("created")})
+    metrics = {
+        "model": model_info,
+        "data": [str(d) for d in data], "split": split, "limit": limit, "seed": seed,
+        "records": dict(sorted(Counter(f"{r.task}/{r.source}" for r in records).items())),
+        "results": {s: compute_metrics(records, p) for s, p in systems.items()},
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    partial.unlink(missing_ok=True)
+    return metrics
+
+
+HEADLINE = ["msa.accuracy", "msa.f1", "mer.accuracy", "mer.weighted_f1", "fer.accuracy", "fer.weighted_f1",
+            "fer.au_f1", "eri.label_accuracy", "eri.rouge_l", "ecpe.pair_f1", "ecpe.weighted_f1"]
+
+
+def format_table(metrics: dict, keys: list[str] | None = None) -> str:
+    """Markdown table: one row per metric, one column per system."""
+    results = metrics["results"]
+    systems = list(results)
+    keys = keys or [k for k in HEADLINE if any(k in r for r in results.values())]
+    extra = sorted({k for r in results.values() for k in r if "/" in k.split(".")[0] and not k.endswith(".n")})
+    rows = ["| metric | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
+    for k in keys + extra:
+        cells = [f"{results[s][k]:.3f}" if k in results[s] else "–" for s in systems]
+        rows.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
