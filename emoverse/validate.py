@@ -36,7 +36,7 @@ def validate_files(files: list[str], *, max_length: int = 2048, llm: str = "smol
             except (json.JSONDecodeError, TypeError) as e:
                 problems.append(f"{path}: invalid JSON list ({e})")
                 continue
-            where = lambda i: f"{path}: record {i}"  # noqa: E731
+            fmt = "{}: record {}"
         else:
             items = []
             for lineno, line in enumerate(text.splitlines(), start=1):
@@ -46,9 +46,10 @@ def validate_files(files: list[str], *, max_length: int = 2048, llm: str = "smol
                     items.append((lineno, json.loads(line)))
                 except json.JSONDecodeError as e:
                     problems.append(f"{path}:{lineno}: invalid JSON: {e.msg}")
-            where = lambda i: f"{path}:{i}"  # noqa: E731
+            fmt = "{}:{}"
         for i, obj in items:
             n += 1
+            where = fmt.format(path, i)
             try:
                 rec = record_from_dict(obj, index=i)
                 if check_media:
@@ -56,7 +57,7 @@ def validate_files(files: list[str], *, max_length: int = 2048, llm: str = "smol
                         load_image(img, 32)
                 builder.encode(rec.query, rec.response, rec.images if check_media else [], [])
             except PromptTooLong as e:
-                problems.append(f"{where(i)}: prompt too long: {e}")
+                problems.append(f"{where}: prompt too long: {e}")
             except (ValueError, MediaError) as e:
-                problems.append(f"{where(i)}: {e}")
+                problems.append(f"{where}: {e}")
     return problems, n
