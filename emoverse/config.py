@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -38,11 +39,16 @@ def load_config(schema: type[T], path: str | os.PathLike | None, overrides: list
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise RecipeError(f"override {bad[0]!r} is not key=value")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            for item in overrides:
+                key, value = item.split("=", 1)
+                # update() (unlike from_dotlist) walks list indices: `stages.1.steps=5`
+                OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=True, force_add=False)
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, TypeError) as e:
         where = f"{path}: " if path else ""
-        raise RecipeError(f"{where}{type(e).__name__}: {e}".split("\n    full_key")[0]) from None
+        key = getattr(e, "full_key", None)
+        msg = str(e).split("\n")[0]
+        raise RecipeError(f"{where}{key + ': ' if key else ''}{msg}") from None
 
 
 def to_yaml(obj) -> str:

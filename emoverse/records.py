@@ -72,8 +72,8 @@ def record_from_dict(obj: dict, *, default_split: str = "test", default_source: 
         query=obj["query"],
         response=obj["response"],
         label=label,
-        images=list(obj.get("images") or []),
-        videos=list(obj.get("videos") or []),
+        images=obj.get("images") or [],
+        videos=obj.get("videos") or [],
     )
     unknown = set(obj) - known - {"system", "history"}
     if unknown:

@@ -249,12 +249,11 @@ class Trainer:
     def finish(self, stats: dict) -> Path | None:
         if self.rank != 0:
             return None
-        data_manifest = {}
-        mpath = Path(self.cfg.data) / "manifest.json"
-        if mpath.is_file():
-            m = read_manifest(self.cfg.data)
-            data_manifest = {"path": str(Path(self.cfg.data).resolve()), "digest": manifest_digest(m),
-                             "manifest_sha256": sha256_file(mpath)}
+        data_dir = Path(self.cfg.data)
+        data_manifest: dict = {"path": str(data_dir.resolve()),
+                               "train_files": {t: sha256_file(data_dir / t / "train.jsonl") for t in self.data}}
+        if (data_dir / "manifest.json").is_file():
+            data_manifest["digest"] = manifest_digest(read_manifest(data_dir))
         stats["tokens_per_s"] = round(stats["tokens"] / max(stats["seconds"], 1e-9), 1)
         out = self.out / "model"
         self.model.save(out, overwrite=True,

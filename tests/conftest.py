@@ -1,0 +1,70 @@
+"""Shared fixtures: the real raw data (skipped when absent), a built AMT folder, a tiny trained model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RAW = Path(os.environ.get("EMOVERSE_RAW", ROOT.parent / "shared" / "data" / "raw"))
+
+torch.set_num_threads(2)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "real_data" in item.keywords and not RAW.is_dir():
+            item.add_marker(pytest.mark.skip(reason=f"raw data not found at {RAW} (set EMOVERSE_RAW)"))
+
+
+@pytest.fixture(scope="session")
+def raw_dir() -> Path:
+    if not RAW.is_dir():
+        pytest.skip(f"raw data not found at {RAW}")
+    return RAW
+
+
+@pytest.fixture(scope="session")
+def amt_dir(raw_dir, tmp_path_factory) -> Path:
+    from emoverse.data import build_amt
+
+    out = tmp_path_factory.mktemp("amt") / "amt"
+    build_amt(raw_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_amt(amt_dir, tmp_path_factory) -> Path:
+    """A few records per task and split, in the same folder layout (fast training/eval)."""
+    from emoverse.records import load_records, write_records
+
+    out = tmp_path_factory.mktemp("small") / "amt"
+    for f in sorted(amt_dir.rglob("*.jsonl")):
+        recs = load_records(f)
+        by_source: dict[str, list] = {}
+        for r in recs:
+            by_source.setdefault(r.source, []).append(r)
+        keep = [r for rs in by_source.values() for r in rs[:3]]
+        write_records(out / f.parent.name / f.name, keep)
+    return out
+
+
+def tiny_train_config(data: Path, out: Path, **over):
+    from emoverse.config import load_config
+    from emoverse.train.trainer import RECIPES, TrainConfig
+
+    overrides = [f"data={data}", f"out={out}"] + [f"{k}={v}" for k, v in over.items()]
+    return load_config(TrainConfig, RECIPES / "tiny.yaml", overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(small_amt, tmp_path_factory) -> Path:
+    from emoverse.train.trainer import train
+
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    model = train(tiny_train_config(small_amt, out))
+    assert model is not None
+    return model

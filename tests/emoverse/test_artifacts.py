@@ -1,0 +1,57 @@
+import json
+
+import pytest
+
+from emoverse.artifacts import ArtifactError, atomic_dir, verify, write_manifest
+
+
+def _make(tmp_path):
+    with atomic_dir(tmp_path / "art") as d:
+        (d / "a.txt").write_text("hello")
+        (d / "sub").mkdir()
+        (d / "sub" / "b.bin").write_bytes(b"\x00\x01")
+        write_manifest(d, kind="test", producer={"stage": "unit"})
+    return tmp_path / "art"
+
+
+def test_manifest_verifies(tmp_path):
+    art = _make(tmp_path)
+    m = verify(art, kind="test")
+    assert set(m["files"]) == {"a.txt", "sub/b.bin"}
+    assert "torch" in m["libraries"]
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "art") as d:
+            (d / "a.txt").write_text("half")
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("tamper,msg", [
+    (lambda a: (a / "a.txt").write_text("changed"), "does not match its manifest"),
+    (lambda a: (a / "extra.txt").write_text("x"), "not in the manifest"),
+    (lambda a: (a / "sub" / "b.bin").unlink(), "missing"),
+    (lambda a: (a / "manifest.json").unlink(), "no manifest.json"),
+])
+def test_tampering_is_detected(tmp_path, tamper, msg):
+    art = _make(tmp_path)
+    tamper(art)
+    with pytest.raises(ArtifactError, match=msg):
+        verify(art)
+
+
+def test_manifest_paths_cannot_escape(tmp_path):
+    art = _make(tmp_path)
+    (tmp_path / "outside.txt").write_text("x")
+    m = json.loads((art / "manifest.json").read_text())
+    m["files"]["../outside.txt"] = "0" * 64
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="escapes"):
+        verify(art)
+
+
+def test_wrong_kind(tmp_path):
+    with pytest.raises(ArtifactError, match="expected 'emoverse-model'"):
+        verify(_make(tmp_path), kind="emoverse-model")

@@ -1,0 +1,83 @@
+import pytest
+
+from emoverse.tasks import INVALID, TASKS, get_task, infer_task
+
+
+def test_msa_metrics_hand_computed():
+    t = TASKS["msa"]
+    gold = ["Positive.", "Positive.", "Negative.", "Negative."]
+    pred = ["Positive.", "Negative.", "Negative.", "I think positive"]
+    m = t.metrics(gold, pred, [None] * 4)
+    assert m["accuracy"] == 0.5
+    # per-class F1: positive P=1/2 R=1/2 -> .5 ; negative .5 ; weighted by support 2/2 -> .5
+    assert m["f1"] == pytest.approx(0.5)
+
+
+def test_mer_joy_label_is_scored():
+    """The paper's scorer lists 'Happy.' and crashes on MELD's 'Joy.'; ours scores it."""
+    t = TASKS["mer"]
+    m = t.metrics(["Joy.", "Anger.", "Neutral."], ["Joy.", "Joy.", "nonsense"], [None] * 3)
+    assert m["accuracy"] == pytest.approx(1 / 3)
+    # joy: P=1/2 R=1 F=2/3 (support 1); anger F=0; neutral F=0 -> weighted = 2/9
+    assert m["weighted_f1"] == pytest.approx(2 / 9)
+
+
+def test_parse_label_first_whole_word():
+    t = TASKS["mer"]
+    assert t.parse_label("Fear. Maybe surprise.") == "fear"
+    assert t.parse_label("fearless") == INVALID
+
+
+def test_candidates_follow_the_query():
+    fer = TASKS["fer"]
+    q = fer.query(("anger", "happy", "sadness"), with_aus=True)
+    assert fer.candidates(q) == ["Anger.", "Happy.", "Sadness."]
+    mer = TASKS["mer"]
+    assert len(mer.candidates(mer.query("hi"))) == 7
+
+
+def test_fer_au_f1_hand_computed():
+    fer = TASKS["fer"]
+    gold = [fer.response("happy", [6, 12]), fer.response("anger", [4, 7, 23])]
+    pred = ["Happy. Facial action units: AU6 cheek raiser, AU25 lips part.", "Anger. AU4, AU7."]
+    m = fer.metrics(gold, pred, ["happy", "anger"])
+    # tp = 1 + 2 = 3, fp = 1, fn = 1 + 1 = 2 -> F1 = 6 / (6 + 1 + 2)
+    assert m["au_f1"] == pytest.approx(6 / 9)
+    assert m["accuracy"] == 1.0
+
+
+def test_ecpe_pair_and_weighted_f1_hand_computed():
+    t = TASKS["ecpe"]
+    gold = ["5_surprise,2;5_surprise,5", "7_joy,7", ""]
+    pred = ["5_surprise,5", "7_joy,6;7_joy,7", "3_anger,3"]
+    m = t.metrics(gold, pred, [None] * 3)
+    # gold 3 pairs, pred 4 pairs (the one on the empty-gold record counts), hits 2 -> F1 = 4/7
+    assert m["pair_f1"] == pytest.approx(4 / 7)
+    # surprise: g2 p1 h1 -> 2/3 ; joy: g1 p2 h1 -> 2/3 ; anger: g0 -> weight 0 -> WF1 = 2/3
+    assert m["weighted_f1"] == pytest.approx(2 / 3)
+
+
+def test_ecpe_parse_tolerates_spacing_and_duplicates():
+    t = TASKS["ecpe"]
+    assert t.parse("5_Surprise, 2 ; 5_surprise,2;x").pairs == ("5_surprise,2",)
+
+
+def test_eri_label_accuracy_reads_the_conclusion():
+    t = TASKS["eri"]
+    pred = ["He smiles. Therefore, his emotional state is happy.", "She was happy before. Therefore she is angry."]
+    m = t.metrics(["x", "y"], pred, ["happy", "sad"])
+    assert m["label_accuracy"] == 0.5
+    assert 0 <= m["rouge_l"] <= 1
+
+
+def test_unknown_task_and_label_errors():
+    with pytest.raises(ValueError, match="unknown task 'xyz'"):
+        get_task("xyz")
+    with pytest.raises(ValueError, match="not one of the mer labels"):
+        TASKS["mer"].check_label("happy")
+
+
+def test_infer_task_from_tag():
+    assert infer_task(TASKS["mer"].query("hi")) == "mer"
+    assert infer_task(TASKS["ecpe"].query([("joy", "A", "hi")], 1)) == "ecpe"
+    assert infer_task("what is this") is None
