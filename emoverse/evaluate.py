@@ -147,7 +147,7 @@ def _run_model(name: str, model, records: list[Record], modes: list[str], partia
                 f.write(json.dumps({"system": system, "id": r.id, "prediction": preds[r.id]}, ensure_ascii=False) + "\n")
                 f.flush()
     # open tasks count under both modes so each system's row covers all five tasks
-    if "score" in results and "generate" in results:
+    if f"{name}/score" in results and f"{name}/generate" in results:
         for rid, p in results[f"{name}/generate"].items():
             results[f"{name}/score"].setdefault(rid, p)
     return results

@@ -45,6 +45,7 @@ def validate_files(files: list[str], *, max_length: int = 2048, llm: str = "smol
                 try:
                     items.append((lineno, json.loads(line)))
                 except json.JSONDecodeError as e:
+                    n += 1
                     problems.append(f"{path}:{lineno}: invalid JSON: {e.msg}")
             fmt = "{}:{}"
         for i, obj in items:

@@ -52,7 +52,7 @@ def small_amt(amt_dir, tmp_path_factory) -> Path:
     return out
 
 
-def tiny_train_config(data: Path, out: Path, **over):
+def _tiny_train_config(data: Path, out: Path, **over):
     from emoverse.config import load_config
     from emoverse.train.trainer import RECIPES, TrainConfig
 
@@ -65,6 +65,12 @@ def tiny_model_dir(small_amt, tmp_path_factory) -> Path:
     from emoverse.train.trainer import train
 
     out = tmp_path_factory.mktemp("tiny") / "run"
-    model = train(tiny_train_config(small_amt, out))
+    model = train(_tiny_train_config(small_amt, out))
     assert model is not None
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """tiny_config(data, out, key=value...) -> TrainConfig from the shipped tiny recipe."""
+    return _tiny_train_config

@@ -13,9 +13,6 @@ from emoverse.artifacts import verify
 from emoverse.config import RecipeError, load_config
 from emoverse.train.trainer import RECIPES, TrainConfig, Trainer, train
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from conftest import tiny_train_config  # noqa: E402
-
 pytestmark = pytest.mark.real_data
 
 
@@ -35,27 +32,27 @@ def test_train_writes_artifact_and_log(tiny_model_dir):
     assert stage2_tasks <= {"msa", "eri", "mer", "ecpe"}
 
 
-def test_resume_reaches_the_same_weights(small_amt, tmp_path):
+def test_resume_reaches_the_same_weights(small_amt, tmp_path, tiny_config):
     full = tmp_path / "full"
-    train(tiny_train_config(small_amt, full, checkpoint_every=1))
+    train(tiny_config(small_amt, full, checkpoint_every=1))
     part = tmp_path / "part"
-    assert train(tiny_train_config(small_amt, part, checkpoint_every=1, halt_after=4)) is None  # "killed" mid stage 2
+    assert train(tiny_config(small_amt, part, checkpoint_every=1, halt_after=4)) is None  # "killed" mid stage 2
     assert not (part / "model").exists()
-    train(tiny_train_config(small_amt, part, checkpoint_every=1))
+    train(tiny_config(small_amt, part, checkpoint_every=1))
     a, b = _trainable(full), _trainable(part)
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] == b[k]).all(), k  # bit-identical on CPU
 
 
-def test_sampling_follows_stage_weights(small_amt, tmp_path):
-    cfg = tiny_train_config(small_amt, tmp_path, **{"stages.0.task_weights.fer": 0.0, "stages.0.task_weights.mer": 0.0})
+def test_sampling_follows_stage_weights(small_amt, tmp_path, tiny_config):
+    cfg = tiny_config(small_amt, tmp_path, **{"stages.0.task_weights.fer": 0.0, "stages.0.task_weights.mer": 0.0})
     tr = Trainer(cfg)
     assert {tr.sample_batch(0, s)[0] for s in range(20)} == {"msa"}
 
 
-def test_unknown_task_in_recipe(small_amt, tmp_path):
-    cfg = tiny_train_config(small_amt, tmp_path, **{"stages.0.task_weights.xyz": 1.0})
+def test_unknown_task_in_recipe(small_amt, tmp_path, tiny_config):
+    cfg = tiny_config(small_amt, tmp_path, **{"stages.0.task_weights.xyz": 1.0})
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['xyz'\]"):
         Trainer(cfg)
 
