@@ -4,7 +4,13 @@ import json
 
 import pytest
 
-from emoverse.evaluate import compute_metrics, evaluate, majority_predictions, select_records, vader_predictions
+from emoverse.evaluate import (
+    compute_metrics,
+    evaluate,
+    majority_predictions,
+    select_records,
+    vader_predictions,
+)
 from emoverse.records import Record, load_records
 from emoverse.tasks import TASKS
 
