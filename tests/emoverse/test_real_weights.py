@@ -25,7 +25,7 @@ def test_smollm2_scores_sentiment_sensibly(zero_shot):
     neg = zero_shot.generate(ask.format("This is awful, I hate it, the worst thing ever"), max_new_tokens=12)
     assert "positive" in pos.lower() and "negative" not in pos.lower()
     assert "negative" in neg.lower() and "positive" not in neg.lower()
-    text = zero_shot.generate("What is the capital of France? Answer in one word.", max_new_tokens=5)
+    text = zero_shot.generate("What is the capital of France?", max_new_tokens=16)
     assert "paris" in text.lower()
 
 
