@@ -219,7 +219,8 @@ class EmoVerse(nn.Module):
         as one batch over a copy of its KV cache."""
         enc = self.prompts.encode(query, None, list(images), list(videos))
         ids = torch.tensor([enc.input_ids])
-        out = self.llm(inputs_embeds=self.embed(ids, torch.tensor([enc.visual_mask]), enc.media), use_cache=True)
+        out = self.llm(inputs_embeds=self.embed(ids, torch.tensor([enc.visual_mask]), enc.media), use_cache=True,
+                       logits_to_keep=1)
         first = out.logits[0, -1].log_softmax(-1)
         cand = [self.tokenizer.encode(c, add_special_tokens=False) for c in candidates]
         scores = [float(first[c[0]]) for c in cand]
