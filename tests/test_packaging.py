@@ -30,3 +30,17 @@ def test_recipes_ship_as_package_data():
 
     assert {p.stem for p in RECIPES.glob("*.yaml")} >= {"tiny", "nano-quick", "nano"}
     assert emoverse.__version__
+
+
+def test_wheel_contains_the_namespaced_stages(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (whl,) = tmp_path.glob("emoverse_edge-*.whl")
+    names = zipfile.ZipFile(whl).namelist()
+    assert "emoverse/train/trainer.py" in names and "emoverse/train/recipes/nano-quick.yaml" in names
+    assert not any(n.startswith(("train/", "compress/", "export/", "runtime/", "bench/")) for n in names)

@@ -125,3 +125,35 @@ def test_text_only_model_rejects_images(face):
     m = EmoVerse.build(ModelConfig(**{**TINY, "vision": "none"}), lora=False)
     with pytest.raises(ValueError, match="no vision encoder"):
         m.generate("<image> q", [face], max_new_tokens=1)
+
+
+def test_video_frames_become_visual_tokens(model, tmp_path):
+    """A video is N frames sampled at load time, each spliced in as grid*grid visual tokens."""
+    frames = [Image.new("RGB", (40, 40), (i * 40, 0, 0)) for i in range(6)]
+    gif = tmp_path / "clip.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=40)
+    enc = model.prompts.encode(TASKS["mer"].query("hi"), "Joy.", [], [str(gif)])
+    assert [m.frame for m in enc.media] == [0, 2, 3, 5]  # max_video_frames=4, evenly spaced
+    assert sum(enc.visual_mask) == 4 * model.cfg.n_visual
+    out = model(model.prompts.collate([enc]))
+    assert torch.isfinite(out.loss)
+    with pytest.raises(MediaError, match="missing.mp4: video file not found"):
+        model.prompts.encode("q", None, [], [str(tmp_path / "missing.mp4")])
+
+
+def test_any_local_hf_causal_lm_folder(tmp_path, face):
+    """A Qwen2-style model from a local folder goes through the same code path (LoRA, visual tokens)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from emoverse.model import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "qwen")
+    tok.save_pretrained(tmp_path / "qwen")
+    m = EmoVerse.build(ModelConfig(**{**TINY, "llm": str(tmp_path / "qwen")}))
+    m.freeze_base()
+    assert type(m.llm.base_model.model).__name__ == "Qwen2ForCausalLM"
+    enc = m.prompts.encode(TASKS["fer"].query(("happy", "anger"), False), "Happy.", [face], [])
+    m(m.prompts.collate([enc])).loss.backward()
+    assert m.projector.fc1.weight.grad is not None
