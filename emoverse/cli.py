@@ -47,6 +47,15 @@ def _eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _table(a: argparse.Namespace) -> int:
+    from emoverse.evaluate import format_table, merge_metrics
+
+    merged = merge_metrics(a.metrics)
+    print(format_table(merged))
+    print("\nrecords: " + ", ".join(f"{k} {v}" for k, v in merged["records"].items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="emoverse", description="EmoVerse Edge: train, compress, export and benchmark "
                                 "an affective multimodal LLM for edge devices.")
@@ -85,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="baselines to score on the same records")
     e.add_argument("--threads", type=int)
     e.set_defaults(func=_eval)
+
+    tb = sub.add_parser("table", help="one markdown table from several metrics.json (same records)")
+    tb.add_argument("metrics", nargs="+")
+    tb.set_defaults(func=_table)
     return p
 
 

@@ -233,3 +233,16 @@ def format_table(metrics: dict, keys: list[str] | None = None) -> str:
         cells = [f"{results[s][k]:.3f}" if k in results[s] else "–" for s in systems]
         rows.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def merge_metrics(paths: list[str | os.PathLike]) -> dict:
+    """Several metrics.json files (same records) as one: their systems side by side."""
+    merged: dict = {"results": {}, "records": None, "sources": [str(p) for p in paths]}
+    for p in paths:
+        m = json.loads(Path(p).read_text(encoding="utf-8"))
+        if merged["records"] is not None and m["records"] != merged["records"]:
+            raise ValueError(f"{p}: evaluated on different records than {paths[0]}; not comparable side by side")
+        merged["records"] = m["records"]
+        for system, res in m["results"].items():
+            merged["results"].setdefault(system, res)
+    return merged

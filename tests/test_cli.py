@@ -12,7 +12,7 @@ def run(*args):
     return subprocess.run([sys.executable, "-m", "emoverse.cli", *args], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("args", [[], ["data"], ["data", "build"], ["data", "validate"], ["train"], ["eval"]])
+@pytest.mark.parametrize("args", [[], ["data"], ["data", "build"], ["data", "validate"], ["train"], ["eval"], ["table"]])
 def test_help(args):
     r = run(*args, "--help")
     assert r.returncode == 0 and "usage: emoverse" in r.stdout

@@ -77,3 +77,17 @@ def test_baselines():
     assert v == {"m1": "Positive.", "m2": "Negative."}
     maj = majority_predictions(recs, [recs[1]])
     assert maj["m1"] == "Negative." and maj["ecf-1-3"] == "3_joy,3"
+
+
+def test_merge_metrics_side_by_side(tmp_path):
+    from emoverse.evaluate import format_table, merge_metrics
+
+    a = {"records": {"msa/x": 2}, "results": {"emoverse/score": {"msa.accuracy": 0.9}}}
+    b = {"records": {"msa/x": 2}, "results": {"majority": {"msa.accuracy": 0.5}}}
+    c = {"records": {"msa/x": 3}, "results": {"vader": {"msa.accuracy": 0.6}}}
+    for name, m in zip("abc", (a, b, c), strict=True):
+        (tmp_path / f"{name}.json").write_text(json.dumps(m))
+    merged = merge_metrics([tmp_path / "a.json", tmp_path / "b.json"])
+    assert "| msa.accuracy | 0.900 | 0.500 |" in format_table(merged)
+    with pytest.raises(ValueError, match="different records"):
+        merge_metrics([tmp_path / "a.json", tmp_path / "c.json"])
