@@ -52,7 +52,8 @@ def build_amt(raw: str | os.PathLike, out: str | os.PathLike, *, sources: list[s
         manifest = write_manifest(
             tmp, kind="amt-data",
             producer={"stage": "data build", "sources": names, "skip_bad": skip_bad},
-            inputs={"raw_dir": str(raw), "raw_files": report.files, "extra": [str(e) for e in extra or []]},
+            inputs={"raw_dir": str(raw), "raw_files": report.files, "raw_images": report.image_digests(raw),
+                    "extra": [str(e) for e in extra or []]},
             extra={"counts": counts, "dropped": dict(sorted(report.dropped.items())), "skipped": report.skipped},
         )
     return manifest

@@ -116,12 +116,12 @@ def vader_predictions(records: list[Record]) -> dict[str, str]:
     return out
 
 
-def _load_model(spec: str):
+def _load_model(spec: str, missing_media: str = "error"):
     from emoverse.model import EmoVerse, ModelConfig
 
-    if spec == ZERO_SHOT:
-        return EmoVerse.build(ModelConfig(), lora=False).eval()
-    return EmoVerse.load(spec)
+    model = EmoVerse.build(ModelConfig(), lora=False).eval() if spec == ZERO_SHOT else EmoVerse.load(spec)
+    model.prompts.missing_media = missing_media
+    return model
 
 
 def _run_model(name: str, model, records: list[Record], modes: list[str], partial: Path, done: dict) -> dict[str, dict[str, str]]:
@@ -155,7 +155,7 @@ def _run_model(name: str, model, records: list[Record], modes: list[str], partia
 
 def evaluate(model: str, data: list[str], out: str | os.PathLike, *, mode: str = "both", split: str | None = "test",
              limit: int | None = None, tasks: list[str] | None = None, baselines: list[str] | None = None,
-             threads: int | None = None, seed: int = 0) -> dict:
+             threads: int | None = None, seed: int = 0, missing_media: str = "error") -> dict:
     import torch
 
     if threads:
@@ -178,10 +178,10 @@ def evaluate(model: str, data: list[str], out: str | os.PathLike, *, mode: str =
                 continue  # a line cut by a crash
     systems: dict[str, dict[str, str]] = {}
     name = "zero-shot" if model == ZERO_SHOT else "emoverse"
-    systems.update(_run_model(name, _load_model(model), records, modes, partial, done))
+    systems.update(_run_model(name, _load_model(model, missing_media), records, modes, partial, done))
     baselines = baselines or []
     if "zero-shot" in baselines and model != ZERO_SHOT:
-        systems.update(_run_model("zero-shot", _load_model(ZERO_SHOT), records, modes, partial, done))
+        systems.update(_run_model("zero-shot", _load_model(ZERO_SHOT, missing_media), records, modes, partial, done))
     if "majority" in baselines:
         train = []
         for d in data:
@@ -209,7 +209,7 @@ def evaluate(model: str, data: list[str], out: str | os.PathLike, *, mode: str =
         model_info.update({"training": m.get("training"), "created": m.get("created")})
     metrics = {
         "model": model_info,
-        "data": [str(d) for d in data], "split": split, "limit": limit, "seed": seed,
+        "data": [str(d) for d in data], "split": split, "limit": limit, "seed": seed, "missing_media": missing_media,
         "records": dict(sorted(Counter(f"{r.task}/{r.source}" for r in records).items())),
         "results": {s: compute_metrics(records, p) for s, p in systems.items()},
     }

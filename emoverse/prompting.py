@@ -104,9 +104,15 @@ class PromptBuilder:
         self.image_size = image_size
         self.max_video_frames = max_video_frames
         self.pad_id = tokenizer.pad_token_id
+        # "error": a listed image/video that does not exist fails the record; "drop": the record is used
+        # without it (e.g. the paper's test files list MELD videos that are distributed separately)
+        self.missing_media = "error"
         self.end = tokenizer.eos_token or ""
 
     def media_refs(self, images: list[str], videos: list[str]) -> list[MediaRef]:
+        if self.missing_media == "drop":
+            images = [p for p in images if Path(p).is_file()]
+            videos = [v for v in videos if Path(v).is_file()]
         refs = [MediaRef(p) for p in images]
         for v in videos:
             n = video_frame_count(v)
@@ -121,6 +127,9 @@ class PromptBuilder:
     def render(self, query: str, n_media: int) -> str:
         """Chat-template text of the prompt, with one IMAGE_PLACEHOLDER per media item."""
         have = query.count(IMAGE_PLACEHOLDER)
+        if have > n_media and self.missing_media == "drop":
+            query = query.replace(IMAGE_PLACEHOLDER, "", have - n_media).lstrip()
+            have = n_media
         if have > n_media:
             raise ValueError(f"query has {have} {IMAGE_PLACEHOLDER} placeholders but only {n_media} images/frames")
         user = IMAGE_PLACEHOLDER * (n_media - have) + query  # media not placed in the query go first

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -25,12 +26,22 @@ class BuildReport:
     files: dict[str, str] = field(default_factory=dict)
     dropped: Counter = field(default_factory=Counter)  # (source, reason) -> count, rule-based drops
     skipped: list[str] = field(default_factory=list)  # "file:line: reason" for malformed rows
+    images: dict[str, str] = field(default_factory=dict)  # image path -> sha256 (digested per folder)
 
     def read_file(self, path: Path, raw: Path) -> Path:
         if not path.is_file():
             raise SourceError(f"{path}: missing source file")
         self.files[path.relative_to(raw).as_posix()] = sha256_file(path)
         return path
+
+    def image_digests(self, raw: Path) -> dict[str, dict]:
+        """One digest per top-level image folder (too many images to list one by one)."""
+        groups: dict[str, list[str]] = {}
+        for path, digest in sorted(self.images.items()):
+            rel = Path(path).relative_to(raw).as_posix()
+            groups.setdefault(rel.split("/")[0], []).append(f"{rel} {digest}")
+        return {k: {"files": len(v), "sha256": hashlib.sha256("\n".join(v).encode()).hexdigest()}
+                for k, v in groups.items()}
 
     def drop(self, source: str, reason: str) -> None:
         self.dropped[f"{source}: {reason}"] += 1
@@ -70,8 +81,10 @@ def check_image(path: Path, report: BuildReport, where: str) -> bool:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
+        report.images[str(path)] = hashlib.sha256(data).hexdigest()
         return True
     except (OSError, SyntaxError) as e:
         report.bad(where, f"unreadable image {path} ({e})")

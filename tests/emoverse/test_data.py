@@ -129,3 +129,8 @@ def test_corrupt_image_is_named(raw_dir, tmp_path):
 def test_unknown_source():
     with pytest.raises(ValueError, match="unknown source"):
         build_amt(".", "/tmp/x", sources=["nope"])
+
+
+def test_image_folders_are_digested(amt_dir):
+    imgs = read_manifest(amt_dir)["inputs"]["raw_images"]
+    assert imgs["ck_plus_48"]["files"] == 981 and imgs["fer2013_subset"]["files"] == 3589

@@ -157,3 +157,16 @@ def test_any_local_hf_causal_lm_folder(tmp_path, face):
     enc = m.prompts.encode(TASKS["fer"].query(("happy", "anger"), False), "Happy.", [face], [])
     m(m.prompts.collate([enc])).loss.backward()
     assert m.projector.fc1.weight.grad is not None
+
+
+def test_missing_media_can_be_dropped(model, tmp_path):
+    """The paper's files list videos the mirror lacks: 'drop' answers text-only instead of failing."""
+    q = TASKS["fer"].query(("happy", "anger"), False)
+    with pytest.raises(MediaError, match="not found"):
+        model.prompts.encode(q, None, [str(tmp_path / "gone.png")], [str(tmp_path / "gone.mp4")])
+    model.prompts.missing_media = "drop"
+    try:
+        enc = model.prompts.encode(q, None, [str(tmp_path / "gone.png")], [str(tmp_path / "gone.mp4")])
+    finally:
+        model.prompts.missing_media = "error"
+    assert enc.media == [] and not any(enc.visual_mask)
