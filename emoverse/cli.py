@@ -47,6 +47,16 @@ def _eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _compress(a: argparse.Namespace) -> int:
+    from emoverse.compress.pipeline import compress
+
+    m = compress(a.recipe, a.model, a.data, a.out, overwrite=a.overwrite)
+    sizes = m["sizes"]
+    print(f"wrote {a.out}: {sizes['bytes'] / 1e6:.1f} MB (parent {sizes['parent_bytes'] / 1e6:.1f} MB, "
+          f"{sizes['parent_bytes'] / max(sizes['bytes'], 1):.2f}x smaller)")
+    return 0
+
+
 def _table(a: argparse.Namespace) -> int:
     from emoverse.evaluate import format_table, merge_metrics
 
@@ -96,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--missing-media", choices=["error", "drop"], default="error",
                    help="a listed image/video that does not exist: fail (default) or answer without it")
     e.set_defaults(func=_eval)
+
+    c = sub.add_parser("compress", help="run a compression recipe on a model artifact")
+    c.add_argument("--recipe", required=True, help="recipe YAML or a shipped one: gptq-w4a16, fp8-dynamic")
+    c.add_argument("--model", required=True, help="model artifact folder")
+    c.add_argument("--data", default="data/amt", help="AMT folder (calibration from its train records)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=_compress)
 
     tb = sub.add_parser("table", help="one markdown table from several metrics.json (same records)")
     tb.add_argument("metrics", nargs="+")

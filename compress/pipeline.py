@@ -1,0 +1,118 @@
+"""`emoverse compress`: run a recipe (an ordered list of stages, as data) on a model artifact.
+
+Every stage's type and parameters are checked before any work; the result is written atomically and
+its manifest names the recipe, the parent artifact's digest, the calibration set's hash and sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import yaml
+
+from emoverse.artifacts import atomic_dir, manifest_digest, verify, write_manifest
+from emoverse.compress.stages import STAGES, run_stage
+from emoverse.config import RecipeError
+from emoverse.records import load_records
+
+RECIPES = Path(__file__).parent / "recipes"
+
+
+def parse_recipe(path: str | os.PathLike) -> list[tuple[str, object]]:
+    """[(stage type, typed params)], or RecipeError naming the stage and key."""
+    path = Path(path)
+    if not path.is_file():
+        shipped = RECIPES / f"{path}.yaml"
+        if not shipped.is_file():
+            known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+            raise RecipeError(f"{path}: no such recipe file or shipped compress recipe ({known})")
+        path = shipped
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("stages"), list) or not doc["stages"]:
+        raise RecipeError(f"{path}: expected a mapping with a non-empty 'stages' list")
+    out = []
+    for i, st in enumerate(doc["stages"]):
+        if not isinstance(st, dict) or "type" not in st:
+            raise RecipeError(f"{path}: stages[{i}] needs a 'type'")
+        kind = st["type"]
+        if kind not in STAGES:
+            raise RecipeError(f"{path}: stages[{i}]: unknown stage type {kind!r}; known: {sorted(STAGES)}")
+        schema = STAGES[kind]
+        names = {f.name: f for f in fields(schema)}
+        params = {k: v for k, v in st.items() if k != "type"}
+        for k, v in params.items():
+            if k not in names:
+                raise RecipeError(f"{path}: stages[{i}] ({kind}): unknown parameter {k!r}; known: {sorted(names)}")
+            default = getattr(schema(), k)
+            if isinstance(default, bool) != isinstance(v, bool) or (
+                    isinstance(default, (int, float)) and not isinstance(v, (int, float))) or (
+                    isinstance(default, list) and not isinstance(v, list)):
+                raise RecipeError(f"{path}: stages[{i}] ({kind}): {k}={v!r} should be {type(default).__name__}")
+            if isinstance(default, (int, float)) and not isinstance(default, bool) and v <= 0:
+                raise RecipeError(f"{path}: stages[{i}] ({kind}): {k}={v!r} must be positive")
+        out.append((kind, schema(**params)))
+    return out
+
+
+def calibration_set(data: str | os.PathLike, tokenizer_dir: Path, n_per_task: int = 16, seed: int = 0) -> tuple[list[dict], str]:
+    """Chat-rendered AMT train records of every task (text part; image slots as pad tokens), and their hash."""
+    import random
+
+    from emoverse.model import load_tokenizer
+    from emoverse.prompting import PromptBuilder
+    from emoverse.tasks import TASK_NAMES
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    builder = PromptBuilder(tok, n_visual=4, max_length=4096, image_size=32, max_video_frames=1)
+    builder.missing_media = "drop"
+    calib = []
+    for task in TASK_NAMES:
+        recs = load_records(Path(data) / task / "train.jsonl")
+        for r in random.Random(f"{seed}:{task}").sample(recs, min(n_per_task, len(recs))):
+            enc = builder.encode(r.query, r.response, [], [])
+            calib.append({"task": task, "id": r.id, "input_ids": enc.input_ids})
+    digest = hashlib.sha256(json.dumps([(c["id"], c["input_ids"]) for c in calib]).encode()).hexdigest()
+    return calib, digest
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def compress(recipe: str | os.PathLike, model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
+             *, overwrite: bool = False) -> dict:
+    stages = parse_recipe(recipe)  # fails before any work
+    model = Path(model)
+    parent = verify(model, kind="emoverse-model")
+    calib, calib_hash = calibration_set(data, model / "llm")
+    infos = []
+    with tempfile.TemporaryDirectory(prefix="emoverse-compress-", dir=Path(out).parent if Path(out).parent.exists() else None) as work:
+        src = model
+        for i, (kind, params) in enumerate(stages):
+            dst = Path(work) / f"stage{i}"
+            dst.mkdir()
+            infos.append({**run_stage(kind, params, src, dst, calib), "params": asdict(params)})
+            src = dst
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            for p in src.iterdir():
+                os.replace(p, tmp / p.name)
+            from emoverse.artifacts import library_versions
+
+            manifest = write_manifest(
+                tmp, kind="emoverse-model",
+                producer={"stage": "compress", "recipe": str(recipe), "stages": infos},
+                inputs={"parent": {"path": str(model.resolve()), "digest": manifest_digest(parent)},
+                        "calibration": {"sha256": calib_hash, "records": len(calib),
+                                        "tasks": sorted({c["task"] for c in calib})}},
+                extra={"sizes": {"bytes": folder_size(tmp), "parent_bytes": folder_size(model)},
+                       "compress_libraries": library_versions(("llmcompressor", "compressed-tensors", "transformers"))},
+            )
+    return manifest

@@ -1,0 +1,84 @@
+"""Compression stages. Each takes a model artifact folder and writes a new one; the LLM is quantized,
+the vision encoder and affective projector stay in full precision (maintainers' advice for VLMs).
+
+Quantization is llm-compressor's (GPTQModifier, QuantizationModifier), saved in compressed-tensors form,
+which transformers reloads; nothing here re-implements a quantizer.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class GPTQW4A16:
+    """4-bit weights (groups along the input dim), 16-bit activations; GPTQ error correction."""
+
+    group_size: int = 64  # must divide every quantized layer's input width (SmolLM2: 576, 1536)
+    calibration_samples: int = 64
+    max_seq_length: int = 384
+    dampening_frac: float = 0.01
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])
+
+
+@dataclass
+class FP8Dynamic:
+    """W8A8 FP8: per-channel FP8 weights, per-token dynamic FP8 activations; needs no calibration."""
+
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])
+
+
+STAGES: dict[str, type] = {"gptq_w4a16": GPTQW4A16, "fp8_dynamic": FP8Dynamic}
+
+
+def _copy_non_llm(src: Path, dst: Path) -> None:
+    for name in ("vision.safetensors", "projector.safetensors", "emoverse.json"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def _linear_widths(model) -> set[int]:
+    return {m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+
+
+def run_stage(kind: str, params, src: Path, dst: Path, calibration: list[dict]) -> dict:
+    """Quantize src/llm into dst/llm (compressed-tensors) and copy the rest; returns stage info."""
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src / "llm", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src / "llm")
+    info: dict = {"type": kind}
+    if kind == "gptq_w4a16":
+        from llmcompressor.modifiers.quantization import GPTQModifier
+
+        bad = sorted(w for w in _linear_widths(model) if w % params.group_size)
+        if bad:
+            raise ValueError(f"gptq_w4a16: group_size {params.group_size} does not divide layer widths {bad}")
+        scheme = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                                                   "strategy": "group", "group_size": params.group_size},
+                              "input_activations": None, "output_activations": None}}
+        recipe = GPTQModifier(config_groups=scheme, ignore=list(params.ignore), dampening_frac=params.dampening_frac)
+        from datasets import Dataset
+
+        calib = calibration[: params.calibration_samples]
+        ds = Dataset.from_list([{"input_ids": c["input_ids"][: params.max_seq_length],
+                                 "attention_mask": [1] * min(len(c["input_ids"]), params.max_seq_length)} for c in calib])
+        oneshot(model=model, recipe=recipe, dataset=ds, num_calibration_samples=len(calib),
+                max_seq_length=params.max_seq_length, pipeline="basic")
+        info["calibration_samples"] = len(calib)
+    elif kind == "fp8_dynamic":
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+
+        oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=list(params.ignore)))
+    else:  # validated before any work; kept as a guard
+        raise ValueError(f"unknown stage {kind!r}")
+    (dst / "llm").mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dst / "llm", save_compressed=True)
+    tok.save_pretrained(dst / "llm")
+    _copy_non_llm(src, dst)
+    return info

@@ -1,0 +1,54 @@
+"""Compression recipes end to end on the tiny random model: reload, generate, manifest chain, errors."""
+
+import pytest
+
+from emoverse.artifacts import manifest_digest, read_manifest, verify
+from emoverse.compress.pipeline import calibration_set, compress, parse_recipe
+from emoverse.config import RecipeError
+from emoverse.model import EmoVerse
+from emoverse.tasks import TASK_NAMES, TASKS
+
+pytestmark = pytest.mark.real_data
+
+
+@pytest.mark.parametrize("recipe", ["gptq-w4a16", "fp8-dynamic"])
+def test_recipe_end_to_end(recipe, tiny_model_dir, small_amt, tmp_path):
+    out = tmp_path / recipe
+    m = compress(recipe, tiny_model_dir, small_amt, out)
+    assert verify(out, kind="emoverse-model") == m
+    assert m["inputs"]["parent"]["digest"] == manifest_digest(read_manifest(tiny_model_dir))
+    assert m["inputs"]["calibration"]["tasks"] == sorted(TASK_NAMES)
+    cfg = (out / "llm" / "config.json").read_text()
+    assert "quantization_config" in cfg and "compressed-tensors" in cfg
+    model = EmoVerse.load(out)
+    q = TASKS["msa"].query("great")
+    assert len(model.score(q, ["Positive.", "Negative."])) == 2
+    assert isinstance(model.generate(q, max_new_tokens=3), str)
+
+
+def test_calibration_covers_every_task(small_amt, tiny_model_dir):
+    calib, digest = calibration_set(small_amt, tiny_model_dir / "llm", n_per_task=2)
+    assert sorted({c["task"] for c in calib}) == sorted(TASK_NAMES)
+    assert calibration_set(small_amt, tiny_model_dir / "llm", n_per_task=2)[1] == digest  # deterministic
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("stages:\n  - type: prune_everything\n", "unknown stage type 'prune_everything'"),
+    ("stages:\n  - type: gptq_w4a16\n    group_sise: 64\n", "unknown parameter 'group_sise'"),
+    ("stages:\n  - type: gptq_w4a16\n    group_size: big\n", "group_size='big' should be int"),
+    ("stages:\n  - type: gptq_w4a16\n    group_size: 0\n", "must be positive"),
+    ("stages: []\n", "non-empty 'stages'"),
+])
+def test_bad_recipes_fail_before_work(tmp_path, text, msg):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    with pytest.raises(RecipeError, match=msg):
+        parse_recipe(p)
+
+
+def test_group_size_must_divide_widths(tiny_model_dir, small_amt, tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("stages:\n  - type: gptq_w4a16\n    group_size: 48\n    calibration_samples: 2\n")
+    with pytest.raises(ValueError, match="does not divide layer widths"):
+        compress(p, tiny_model_dir, small_amt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
