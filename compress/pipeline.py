@@ -54,9 +54,10 @@ def parse_recipe(path: str | os.PathLike) -> list[tuple[str, object]]:
             default = getattr(schema(), k)
             if isinstance(default, bool) != isinstance(v, bool) or (
                     isinstance(default, (int, float)) and not isinstance(v, (int, float))) or (
-                    isinstance(default, list) and not isinstance(v, list)):
+                    isinstance(default, list) and not isinstance(v, list)) or (
+                    isinstance(default, dict) and not isinstance(v, dict)):
                 raise RecipeError(f"{path}: stages[{i}] ({kind}): {k}={v!r} should be {type(default).__name__}")
-            if isinstance(default, (int, float)) and not isinstance(default, bool) and v <= 0:
+            if isinstance(default, (int, float)) and not isinstance(default, bool) and v <= 0 and k not in ("seed", "max_minutes"):
                 raise RecipeError(f"{path}: stages[{i}] ({kind}): {k}={v!r} must be positive")
         out.append((kind, schema(**params)))
     return out
@@ -99,7 +100,7 @@ def compress(recipe: str | os.PathLike, model: str | os.PathLike, data: str | os
         for i, (kind, params) in enumerate(stages):
             dst = Path(work) / f"stage{i}"
             dst.mkdir()
-            infos.append({**run_stage(kind, params, src, dst, calib), "params": asdict(params)})
+            infos.append({**run_stage(kind, params, src, dst, calib, data), "params": asdict(params)})
             src = dst
         with atomic_dir(out, overwrite=overwrite) as tmp:
             for p in src.iterdir():

@@ -32,7 +32,9 @@ class FP8Dynamic:
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
 
 
-STAGES: dict[str, type] = {"gptq_w4a16": GPTQW4A16, "fp8_dynamic": FP8Dynamic}
+from emoverse.compress.distill import Distill, run_distill  # noqa: E402
+
+STAGES: dict[str, type] = {"distill": Distill, "gptq_w4a16": GPTQW4A16, "fp8_dynamic": FP8Dynamic}
 
 
 def _copy_non_llm(src: Path, dst: Path) -> None:
@@ -45,8 +47,10 @@ def _linear_widths(model) -> set[int]:
     return {m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
 
 
-def run_stage(kind: str, params, src: Path, dst: Path, calibration: list[dict]) -> dict:
-    """Quantize src/llm into dst/llm (compressed-tensors) and copy the rest; returns stage info."""
+def run_stage(kind: str, params, src: Path, dst: Path, calibration: list[dict], data: str | Path) -> dict:
+    """Distil, or quantize src/llm into dst/llm (compressed-tensors), and copy the rest; returns stage info."""
+    if kind == "distill":
+        return run_distill(params, src, dst, data)
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -52,3 +52,24 @@ def test_group_size_must_divide_widths(tiny_model_dir, small_amt, tmp_path):
     with pytest.raises(ValueError, match="does not divide layer widths"):
         compress(p, tiny_model_dir, small_amt, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_distill_then_gptq(tiny_model_dir, small_amt, tmp_path):
+    """Distil the 2-layer tiny teacher to 1 layer (chosen by measured importance), then quantize it."""
+    p = tmp_path / "r.yaml"
+    p.write_text("stages:\n  - type: distill\n    keep_layers: 1\n    steps: 3\n    batch_size: 2\n"
+                 "    importance_samples: 2\n  - type: gptq_w4a16\n    calibration_samples: 8\n")
+    m = compress(p, tiny_model_dir, small_amt, tmp_path / "out")
+    d = m["producer"]["stages"][0]
+    assert d["type"] == "distill" and len(d["kept_layers"]) == 1 and len(d["layer_importance"]) == 2
+    assert d["kept_layers"][0] == max(range(2), key=d["layer_importance"].__getitem__)
+    model = EmoVerse.load(tmp_path / "out")
+    assert model.llm.config.num_hidden_layers == 1
+    assert isinstance(model.generate(TASKS["mer"].query("hi"), max_new_tokens=3), str)
+
+
+def test_distill_keep_layers_bounds(tiny_model_dir, small_amt, tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("stages:\n  - type: distill\n    keep_layers: 5\n")
+    with pytest.raises(ValueError, match="keep_layers=5 must be between 1 and 1"):
+        compress(p, tiny_model_dir, small_amt, tmp_path / "out")
