@@ -54,6 +54,22 @@ def _compress(a: argparse.Namespace) -> int:
     sizes = m["sizes"]
     print(f"wrote {a.out}: {sizes['bytes'] / 1e6:.1f} MB (parent {sizes['parent_bytes'] / 1e6:.1f} MB, "
           f"{sizes['parent_bytes'] / max(sizes['bytes'], 1):.2f}x smaller)")
+    if a.eval_limit > 0:
+        from emoverse.compress.compare import compare, format_compare
+        from emoverse.evaluate import evaluate
+
+        ev = Path(f"{a.out}-eval")
+        evaluate(str(a.out), [a.data], ev, mode="score", limit=a.eval_limit)
+        print(f"evaluated on the test split: {ev / 'metrics.json'}")
+        if a.reference:
+            print(format_compare(compare([a.reference, ev / "metrics.json"], out=ev)))
+    return 0
+
+
+def _compare(a: argparse.Namespace) -> int:
+    from emoverse.compress.compare import compare, format_compare
+
+    print(format_compare(compare(a.metrics, out=a.out, system=a.system)))
     return 0
 
 
@@ -113,7 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", default="data/amt", help="AMT folder (calibration from its train records)")
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--eval-limit", type=int, default=100,
+                   help="then evaluate on N test records per task and source (0: skip; default 100)")
+    c.add_argument("--reference", help="metrics.json of the FP32 teacher (same --eval-limit) for a comparison row")
     c.set_defaults(func=_compress)
+
+    cp = sub.add_parser("compare", help="table of variants vs the FP32 reference: metric ratio, size, parameters")
+    cp.add_argument("metrics", nargs="+", help="metrics.json files from emoverse eval; the first is the reference")
+    cp.add_argument("--out", help="write compare.md and compare.json here")
+    cp.add_argument("--system", default="emoverse/score", help="which system's results to compare")
+    cp.set_defaults(func=_compare)
 
     tb = sub.add_parser("table", help="one markdown table from several metrics.json (same records)")
     tb.add_argument("metrics", nargs="+")

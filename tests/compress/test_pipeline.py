@@ -73,3 +73,24 @@ def test_distill_keep_layers_bounds(tiny_model_dir, small_amt, tmp_path):
     p.write_text("stages:\n  - type: distill\n    keep_layers: 5\n")
     with pytest.raises(ValueError, match="keep_layers=5 must be between 1 and 1"):
         compress(p, tiny_model_dir, small_amt, tmp_path / "out")
+
+
+def test_compare_table(tiny_model_dir, small_amt, tmp_path):
+    from emoverse.compress.compare import compare, format_compare
+    from emoverse.evaluate import evaluate
+
+    q = tmp_path / "fp8"
+    compress("fp8-dynamic", tiny_model_dir, small_amt, q)
+    evaluate(str(tiny_model_dir), [str(small_amt)], tmp_path / "ref-eval", mode="score", limit=1, tasks=["msa", "mer"])
+    evaluate(str(q), [str(small_amt)], tmp_path / "q-eval", mode="score", limit=1, tasks=["msa", "mer"])
+    rep = compare([tmp_path / "ref-eval" / "metrics.json", tmp_path / "q-eval" / "metrics.json"], out=tmp_path / "cmp")
+    ref, row = rep["rows"]
+    assert ref["size_ratio"] == 1.0 and row["variant"] == "fp8_dynamic"
+    assert row["parameters"] == ref["parameters"]  # quantization keeps the logical parameter count
+    assert row["llm_size_ratio"] > 1.0  # the tiny model is mostly its FP32 embedding table
+    from safetensors import safe_open
+
+    with safe_open(str(q / "llm" / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert "F8_E4M3" in dtypes
+    assert "| fp8_dynamic |" in format_compare(rep) and (tmp_path / "cmp" / "compare.md").is_file()
