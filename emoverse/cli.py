@@ -41,7 +41,8 @@ def _eval(a: argparse.Namespace) -> int:
     from emoverse.evaluate import evaluate, format_table
 
     metrics = evaluate(a.model, a.data, a.out, mode=a.mode, split=a.split, limit=a.limit, tasks=a.tasks,
-                       baselines=a.baselines, threads=a.threads, missing_media=a.missing_media)
+                       baselines=a.baselines, threads=a.threads, missing_media=a.missing_media,
+                       batch_size=a.batch_size)
     print(format_table(metrics))
     print(f"wrote {Path(a.out) / 'metrics.json'} and {Path(a.out) / 'predictions.jsonl'}")
     return 0
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--baselines", nargs="*", default=[], choices=["majority", "zero-shot", "vader"],
                    help="baselines to score on the same records")
     e.add_argument("--threads", type=int)
+    e.add_argument("--batch-size", type=int, default=8, help="records generated together (default 8)")
     e.add_argument("--missing-media", choices=["error", "drop"], default="error",
                    help="a listed image/video that does not exist: fail (default) or answer without it")
     e.set_defaults(func=_eval)

@@ -66,12 +66,19 @@ class Predictor:
         self.model = model
 
     def __call__(self, rec: Record, mode: str) -> str:
-        task = TASKS[rec.task]
+        return self.many([rec], mode)[0]
+
+    def many(self, recs: list[Record], mode: str) -> list[str]:
+        """Answers for records of one task: scored one by one, generated as one batch."""
+        task = TASKS[recs[0].task]
         if task.closed and mode == "score":
-            cands = task.candidates(rec.query)
-            scores = self.model.score(rec.query, cands, rec.images, rec.videos)
-            return cands[max(range(len(cands)), key=scores.__getitem__)]
-        return self.model.generate(rec.query, rec.images, rec.videos, max_new_tokens=task.max_new_tokens)
+            out = []
+            for rec in recs:
+                cands = task.candidates(rec.query)
+                scores = self.model.score(rec.query, cands, rec.images, rec.videos)
+                out.append(cands[max(range(len(cands)), key=scores.__getitem__)])
+            return out
+        return self.model.generate_batch([(r.query, r.images, r.videos) for r in recs], max_new_tokens=task.max_new_tokens)
 
 
 def majority_predictions(records: list[Record], train: list[Record]) -> dict[str, str]:
@@ -124,7 +131,22 @@ def _load_model(spec: str, missing_media: str = "error"):
     return model
 
 
-def _run_model(name: str, model, records: list[Record], modes: list[str], partial: Path, done: dict) -> dict[str, dict[str, str]]:
+def _chunks(records: list[Record], mode: str, size: int) -> list[list[Record]]:
+    """Generation batches of one task (one max_new_tokens) and similar prompt length; scoring one by one."""
+    if mode == "score":
+        return [[r] for r in records]
+    chunks = []
+    by_task: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        by_task[r.task].append(r)
+    for recs in by_task.values():
+        recs = sorted(recs, key=lambda r: len(r.query))
+        chunks += [recs[i:i + size] for i in range(0, len(recs), size)]
+    return chunks
+
+
+def _run_model(name: str, model, records: list[Record], modes: list[str], partial: Path, done: dict,
+               batch_size: int = 8) -> dict[str, dict[str, str]]:
     predictor = Predictor(model)
     results: dict[str, dict[str, str]] = {}
     with open(partial, "a", encoding="utf-8") as f:
@@ -139,13 +161,23 @@ def _run_model(name: str, model, records: list[Record], modes: list[str], partia
                     preds[r.id] = done[(system, r.id)]
                 else:
                     todo.append(r)
-            for r in tqdm(todo, desc=system, unit="rec"):
+            bar = tqdm(total=len(todo), desc=system, unit="rec")
+            for chunk in _chunks(todo, mode, batch_size):
                 try:
-                    preds[r.id] = predictor(r, mode)
-                except ValueError as e:
-                    raise ValueError(f"record {r.id} ({r.task}): {e}") from None
-                f.write(json.dumps({"system": system, "id": r.id, "prediction": preds[r.id]}, ensure_ascii=False) + "\n")
+                    answers = predictor.many(chunk, mode)
+                except ValueError:  # find and name the bad record
+                    for r in chunk:
+                        try:
+                            predictor.many([r], mode)
+                        except ValueError as e:
+                            raise ValueError(f"record {r.id} ({r.task}, {r.source}): {e}") from None
+                    raise
+                for r, answer in zip(chunk, answers, strict=True):
+                    preds[r.id] = answer
+                    f.write(json.dumps({"system": system, "id": r.id, "prediction": answer}, ensure_ascii=False) + "\n")
                 f.flush()
+                bar.update(len(chunk))
+            bar.close()
     # open tasks count under both modes so each system's row covers all five tasks
     if f"{name}/score" in results and f"{name}/generate" in results:
         for rid, p in results[f"{name}/generate"].items():
@@ -155,7 +187,7 @@ def _run_model(name: str, model, records: list[Record], modes: list[str], partia
 
 def evaluate(model: str, data: list[str], out: str | os.PathLike, *, mode: str = "both", split: str | None = "test",
              limit: int | None = None, tasks: list[str] | None = None, baselines: list[str] | None = None,
-             threads: int | None = None, seed: int = 0, missing_media: str = "error") -> dict:
+             threads: int | None = None, seed: int = 0, missing_media: str = "error", batch_size: int = 8) -> dict:
     import torch
 
     if threads:
@@ -178,10 +210,10 @@ def evaluate(model: str, data: list[str], out: str | os.PathLike, *, mode: str =
                 continue  # a line cut by a crash
     systems: dict[str, dict[str, str]] = {}
     name = "zero-shot" if model == ZERO_SHOT else "emoverse"
-    systems.update(_run_model(name, _load_model(model, missing_media), records, modes, partial, done))
+    systems.update(_run_model(name, _load_model(model, missing_media), records, modes, partial, done, batch_size))
     baselines = baselines or []
     if "zero-shot" in baselines and model != ZERO_SHOT:
-        systems.update(_run_model("zero-shot", _load_model(ZERO_SHOT, missing_media), records, modes, partial, done))
+        systems.update(_run_model("zero-shot", _load_model(ZERO_SHOT, missing_media), records, modes, partial, done, batch_size))
     if "majority" in baselines:
         train = []
         for d in data:

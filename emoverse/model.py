@@ -205,13 +205,23 @@ class EmoVerse(nn.Module):
     # -- inference -------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, query: str, images=(), videos=(), max_new_tokens: int = 32) -> str:
-        enc = self.prompts.encode(query, None, list(images), list(videos))
-        ids = torch.tensor([enc.input_ids])
-        embeds = self.embed(ids, torch.tensor([enc.visual_mask]), enc.media)
-        out = self.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                do_sample=False, eos_token_id=self.tokenizer.eos_token_id,
-                                pad_token_id=self.tokenizer.pad_token_id)
-        return self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+        return self.generate_batch([(query, list(images), list(videos))], max_new_tokens)[0]
+
+    @torch.no_grad()
+    def generate_batch(self, requests: list[tuple[str, list, list]], max_new_tokens: int = 32) -> list[str]:
+        """Greedy answers for (query, images, videos) requests, decoded together (left-padded)."""
+        encs = [self.prompts.encode(q, None, list(i), list(v)) for q, i, v in requests]
+        embeds = [self.embed(torch.tensor([e.input_ids]), torch.tensor([e.visual_mask]), e.media)[0] for e in encs]
+        width = max(e.shape[0] for e in embeds)
+        hidden = embeds[0].shape[-1]
+        batch = torch.zeros(len(embeds), width, hidden, dtype=embeds[0].dtype)
+        mask = torch.zeros(len(embeds), width, dtype=torch.long)
+        for i, e in enumerate(embeds):
+            batch[i, width - e.shape[0]:] = e
+            mask[i, width - e.shape[0]:] = 1
+        out = self.llm.generate(inputs_embeds=batch, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
 
     @torch.no_grad()
     def score(self, query: str, candidates: list[str], images=(), videos=()) -> list[float]:

@@ -170,3 +170,13 @@ def test_missing_media_can_be_dropped(model, tmp_path):
     finally:
         model.prompts.missing_media = "error"
     assert enc.media == [] and not any(enc.visual_mask)
+
+
+@torch.no_grad()
+def test_batched_generation_equals_one_by_one(model, face):
+    model.eval()
+    reqs = [(TASKS["mer"].query("hello there"), [], []), (TASKS["fer"].query(("happy", "anger"), True), [face], []),
+            (TASKS["msa"].query("a much longer sentence " * 5), [], [])]
+    batched = model.generate_batch(reqs, max_new_tokens=6)
+    single = [model.generate(q, i, v, max_new_tokens=6) for q, i, v in reqs]
+    assert batched == single
