@@ -32,9 +32,35 @@ class FP8Dynamic:
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
 
 
+@dataclass
+class Int8WeightOnly:
+    """INT8 weights per output channel (W8A16), round-to-nearest: the CPU-friendly variant that keeps accuracy."""
+
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])
+
+
+@dataclass
+class W8A8SmoothQuant:
+    """INT8 weights and activations after SmoothQuant migration + GPTQ (kept to measure how it degrades)."""
+
+    smoothing_strength: float = 0.8
+    calibration_samples: int = 64
+    max_seq_length: int = 384
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])
+
+
 from emoverse.compress.distill import Distill, run_distill  # noqa: E402
 
-STAGES: dict[str, type] = {"distill": Distill, "gptq_w4a16": GPTQW4A16, "fp8_dynamic": FP8Dynamic}
+STAGES: dict[str, type] = {"distill": Distill, "gptq_w4a16": GPTQW4A16, "fp8_dynamic": FP8Dynamic,
+                           "int8_weight_only": Int8WeightOnly, "w8a8_smoothquant": W8A8SmoothQuant}
+
+
+def _calibration_dataset(calibration: list[dict], n: int, max_len: int):
+    from datasets import Dataset
+
+    calib = calibration[:n]
+    return Dataset.from_list([{"input_ids": c["input_ids"][:max_len],
+                               "attention_mask": [1] * min(len(c["input_ids"]), max_len)} for c in calib])
 
 
 def _copy_non_llm(src: Path, dst: Path) -> None:
@@ -67,14 +93,24 @@ def run_stage(kind: str, params, src: Path, dst: Path, calibration: list[dict], 
                                                                    "strategy": "group", "group_size": params.group_size},
                               "input_activations": None, "output_activations": None}}
         recipe = GPTQModifier(config_groups=scheme, ignore=list(params.ignore), dampening_frac=params.dampening_frac)
-        from datasets import Dataset
-
-        calib = calibration[: params.calibration_samples]
-        ds = Dataset.from_list([{"input_ids": c["input_ids"][: params.max_seq_length],
-                                 "attention_mask": [1] * min(len(c["input_ids"]), params.max_seq_length)} for c in calib])
-        oneshot(model=model, recipe=recipe, dataset=ds, num_calibration_samples=len(calib),
+        ds = _calibration_dataset(calibration, params.calibration_samples, params.max_seq_length)
+        oneshot(model=model, recipe=recipe, dataset=ds, num_calibration_samples=len(ds),
                 max_seq_length=params.max_seq_length, pipeline="basic")
-        info["calibration_samples"] = len(calib)
+        info["calibration_samples"] = len(ds)
+    elif kind == "int8_weight_only":
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+
+        oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="W8A16", ignore=list(params.ignore)))
+    elif kind == "w8a8_smoothquant":
+        from llmcompressor.modifiers.quantization import GPTQModifier
+        from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+        recipe = [SmoothQuantModifier(smoothing_strength=params.smoothing_strength),
+                  GPTQModifier(targets="Linear", scheme="W8A8", ignore=list(params.ignore))]
+        ds = _calibration_dataset(calibration, params.calibration_samples, params.max_seq_length)
+        oneshot(model=model, recipe=recipe, dataset=ds, num_calibration_samples=len(ds),
+                max_seq_length=params.max_seq_length, pipeline="basic")
+        info["calibration_samples"] = len(ds)
     elif kind == "fp8_dynamic":
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
