@@ -1,0 +1,71 @@
+"""kill -9 in the middle of real runs: no half-written artifact is ever taken for one, and `train`
+resumes from its last checkpoint to the same final weights as an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from emoverse.artifacts import ArtifactError, verify
+
+pytestmark = pytest.mark.real_data
+
+
+def _train_cmd(data, out, steps=8):
+    return [sys.executable, "-m", "emoverse.cli", "train", "--recipe", "tiny", f"data={data}", f"out={out}",
+            "checkpoint_every=1", f"stages.0.steps={steps}", f"stages.1.steps={steps}", "threads=1"]
+
+
+def _run(cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def _kill_when(cmd, ready, timeout=300):
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    t0 = time.monotonic()
+    while not ready():
+        assert proc.poll() is None, "finished before it could be killed"
+        assert time.monotonic() - t0 < timeout
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_kill_during_train_then_resume_is_bit_identical(small_amt, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    _run(_train_cmd(small_amt, full))
+    ckpts = part / "checkpoints"
+    _kill_when(_train_cmd(small_amt, part), lambda: ckpts.is_dir() and len(list(ckpts.glob("stage1-*"))) >= 1)
+    assert not (part / "model").exists()
+    _run(_train_cmd(small_amt, part))
+    a = load_file(full / "model" / "projector.safetensors")
+    b = load_file(part / "model" / "projector.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)
+    a = load_file(full / "model" / "llm" / "model.safetensors")
+    b = load_file(part / "model" / "llm" / "model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_kill_during_data_build_leaves_no_artifact(raw_dir, tmp_path):
+    out = tmp_path / "amt"
+    cmd = [sys.executable, "-m", "emoverse.cli", "data", "build", "--raw", str(raw_dir), "--out", str(out)]
+    _kill_when(cmd, lambda: any(p.name.startswith(".amt.tmp-") for p in tmp_path.iterdir()))
+    assert not out.exists()
+    with pytest.raises(ArtifactError):
+        verify(out)
+
+
+def test_kill_during_compress_leaves_no_artifact(tiny_model_dir, small_amt, tmp_path):
+    out = tmp_path / "q"
+    cmd = [sys.executable, "-m", "emoverse.cli", "compress", "--recipe", "gptq-w4a16", "--model", str(tiny_model_dir),
+           "--data", str(small_amt), "--out", str(out), "--eval-limit", "0"]
+    started = Path(tmp_path)
+    _kill_when(cmd, lambda: any(p.name.startswith("emoverse-compress-") for p in started.iterdir()), timeout=300)
+    assert not out.exists()
