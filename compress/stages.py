@@ -55,12 +55,17 @@ STAGES: dict[str, type] = {"distill": Distill, "gptq_w4a16": GPTQW4A16, "fp8_dyn
                            "int8_weight_only": Int8WeightOnly, "w8a8_smoothquant": W8A8SmoothQuant}
 
 
-def _calibration_dataset(calibration: list[dict], n: int, max_len: int):
+def _calibrated_oneshot(model, recipe, calibration: list[dict], params) -> int:
+    """llm-compressor oneshot over the first `calibration_samples` records; returns how many were used."""
     from datasets import Dataset
+    from llmcompressor import oneshot
 
-    calib = calibration[:n]
-    return Dataset.from_list([{"input_ids": c["input_ids"][:max_len],
-                               "attention_mask": [1] * min(len(c["input_ids"]), max_len)} for c in calib])
+    n, max_len = params.calibration_samples, params.max_seq_length
+    ds = Dataset.from_list([{"input_ids": c["input_ids"][:max_len],
+                             "attention_mask": [1] * min(len(c["input_ids"]), max_len)} for c in calibration[:n]])
+    oneshot(model=model, recipe=recipe, dataset=ds, num_calibration_samples=len(ds), max_seq_length=max_len,
+            pipeline="basic")
+    return len(ds)
 
 
 def _copy_non_llm(src: Path, dst: Path) -> None:
@@ -93,10 +98,7 @@ def run_stage(kind: str, params, src: Path, dst: Path, calibration: list[dict], 
                                                                    "strategy": "group", "group_size": params.group_size},
                               "input_activations": None, "output_activations": None}}
         recipe = GPTQModifier(config_groups=scheme, ignore=list(params.ignore), dampening_frac=params.dampening_frac)
-        ds = _calibration_dataset(calibration, params.calibration_samples, params.max_seq_length)
-        oneshot(model=model, recipe=recipe, dataset=ds, num_calibration_samples=len(ds),
-                max_seq_length=params.max_seq_length, pipeline="basic")
-        info["calibration_samples"] = len(ds)
+        info["calibration_samples"] = _calibrated_oneshot(model, recipe, calibration, params)
     elif kind == "int8_weight_only":
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
@@ -107,10 +109,7 @@ def run_stage(kind: str, params, src: Path, dst: Path, calibration: list[dict], 
 
         recipe = [SmoothQuantModifier(smoothing_strength=params.smoothing_strength),
                   GPTQModifier(targets="Linear", scheme="W8A8", ignore=list(params.ignore))]
-        ds = _calibration_dataset(calibration, params.calibration_samples, params.max_seq_length)
-        oneshot(model=model, recipe=recipe, dataset=ds, num_calibration_samples=len(ds),
-                max_seq_length=params.max_seq_length, pipeline="basic")
-        info["calibration_samples"] = len(ds)
+        info["calibration_samples"] = _calibrated_oneshot(model, recipe, calibration, params)
     elif kind == "fp8_dynamic":
         from llmcompressor.modifiers.quantization import QuantizationModifier
 

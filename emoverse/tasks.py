@@ -88,46 +88,45 @@ class Task:
         raise NotImplementedError
 
 
-class SentimentTask(Task):
+class LabelTask(Task):
+    """A closed label set asked about what the person says (MSA, MER): the paper's query wording."""
+
+    kind = ""  # "sentiment" / "emotion": the word in the query
+    f1_name = "weighted_f1"
+
+    def query(self, text: str) -> str:
+        return (
+            f"The person says: '{text}' {self.tag} Please determine which {self.kind} label in the video "
+            f"represents: {join_labels(self.labels)}."
+        )
+
+    def metrics(self, gold, pred, labels):
+        g = [self.parse_label(x) for x in gold]
+        p = [self.parse_label(x) for x in pred]
+        return {"accuracy": _accuracy(g, p), self.f1_name: _weighted_f1(g, p), "n": len(g)}
+
+
+class SentimentTask(LabelTask):
     """MSA: binary sentiment. MOSI scores > 0 are positive, < 0 negative (zeros dropped)."""
 
     name = "msa"
     tag = "<sentiment>"
+    kind = "sentiment"
     labels = ("positive", "negative")
     closed = True
     max_new_tokens = 4
-
-    def query(self, text: str) -> str:
-        return (
-            f"The person says: '{text}' {self.tag} Please determine which sentiment label in the video "
-            f"represents: {join_labels(self.labels)}."
-        )
-
-    def metrics(self, gold, pred, labels):
-        g = [self.parse_label(x) for x in gold]
-        p = [self.parse_label(x) for x in pred]
-        return {"accuracy": _accuracy(g, p), "f1": _weighted_f1(g, p), "n": len(g)}
+    f1_name = "f1"  # weighted over the two classes
 
 
-class EmotionTask(Task):
+class EmotionTask(LabelTask):
     """MER: MELD's 7 emotions, in the paper's exact query wording and label order."""
 
     name = "mer"
     tag = "<emotion>"
+    kind = "emotion"
     labels = ("anger", "sadness", "surprise", "disgust", "joy", "neutral", "fear")
     closed = True
     max_new_tokens = 5
-
-    def query(self, text: str) -> str:
-        return (
-            f"The person says: '{text}' {self.tag} Please determine which emotion label in the video "
-            f"represents: {join_labels(self.labels)}."
-        )
-
-    def metrics(self, gold, pred, labels):
-        g = [self.parse_label(x) for x in gold]
-        p = [self.parse_label(x) for x in pred]
-        return {"accuracy": _accuracy(g, p), "weighted_f1": _weighted_f1(g, p), "n": len(g)}
 
 
 # FACS action-unit names (Ekman & Friesen's FACS manual); a fixed public table, so written out here.
