@@ -74,6 +74,42 @@ def _compare(a: argparse.Namespace) -> int:
     return 0
 
 
+def _export(a: argparse.Namespace) -> int:
+    from emoverse.export.bundle import export_bundle
+
+    m = export_bundle(a.model, a.out, target=a.target, overwrite=a.overwrite)
+    print(f"wrote bundle {a.out} (parity: {m['parity']})")
+    return 0
+
+
+def _run(a: argparse.Namespace) -> int:
+    from emoverse.runtime.ort import OrtRuntime, RequestError
+    from emoverse.tasks import get_task
+
+    task = get_task(a.task)
+    if a.query:
+        query = a.query
+    elif a.task in ("msa", "mer", "eri") and a.text:
+        query = task.query(a.text)
+    elif a.task == "fer":
+        query = task.query(task.labels, with_aus=True)
+    else:
+        raise ValueError("give --text (msa, mer, eri) or --query (any task)")
+    rt = OrtRuntime(a.bundle, threads=a.threads)
+    try:
+        if a.stream and not task.closed:
+            for piece in rt.stream(query, a.image or [], task.max_new_tokens):
+                print(piece, end="", flush=True)
+            print()
+            return 0
+        ans = rt.answer(a.task, query, a.image or [], mode=a.mode)
+    except RequestError as e:
+        print(f"emoverse: request error: {e}", file=sys.stderr)
+        return 2
+    print(ans.text)
+    return 0
+
+
 def _table(a: argparse.Namespace) -> int:
     from emoverse.evaluate import format_table, merge_metrics
 
@@ -141,6 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--out", help="write compare.md and compare.json here")
     cp.add_argument("--system", default="emoverse/score", help="which system's results to compare")
     cp.set_defaults(func=_compare)
+
+    x = sub.add_parser("export", help="model artifact -> ONNX bundle (graphs, tokenizer, config, manifest)")
+    x.add_argument("--model", required=True)
+    x.add_argument("--target", default="cpu", help="deployment target (cpu)")
+    x.add_argument("--out", required=True)
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(func=_export)
+
+    r = sub.add_parser("run", help="answer one request from a bundle with the ONNX Runtime backend (no torch)")
+    r.add_argument("--bundle", required=True)
+    r.add_argument("--task", required=True, help="msa, mer, fer, eri or ecpe")
+    r.add_argument("--text", help="what the person says (msa, mer, eri)")
+    r.add_argument("--query", help="a full query in the AMT form instead of --text")
+    r.add_argument("--image", action="append", help="image path (repeatable)")
+    r.add_argument("--mode", choices=["score", "generate"], default="score")
+    r.add_argument("--stream", action="store_true", help="print generated text as it is decoded (eri, ecpe)")
+    r.add_argument("--threads", type=int)
+    r.set_defaults(func=_run)
 
     tb = sub.add_parser("table", help="one markdown table from several metrics.json (same records)")
     tb.add_argument("metrics", nargs="+")

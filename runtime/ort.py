@@ -1,0 +1,244 @@
+"""A lean EmoVerse runtime on ONNX Runtime: numpy, onnxruntime, tokenizers and pillow — no torch, no
+transformers — so it runs where the training stack does not (Jetson, a slim container).
+
+KV-cache greedy decoding, closed-label answers by scoring the candidate labels in one prefill, ECPE
+answers constrained to the `k_emotion,c;...` grammar, token streaming for ERI, and batched requests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from emoverse.artifacts import verify
+from emoverse.tasks import IMAGE_PLACEHOLDER, TASKS, get_task
+
+
+class RequestError(ValueError):
+    """A request the runtime cannot answer (bad image, unknown task, too long); the runtime keeps serving."""
+
+
+@dataclass
+class Answer:
+    task: str
+    text: str
+    label: str | None = None
+    scores: dict[str, float] | None = None
+
+
+def _pixels(path: str, size: int) -> np.ndarray:
+    # Same preprocessing as emoverse.prompting (RGB, bilinear, [-1, 1]); numpy only.
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            img = im.convert("RGB").resize((size, size), Image.BILINEAR)
+    except FileNotFoundError:
+        raise RequestError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise RequestError(f"{path}: unreadable image ({e})") from None
+    return (np.asarray(img, dtype=np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+
+
+class OrtRuntime:
+    def __init__(self, bundle: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None,
+                 check: bool = True):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.dir = Path(bundle)
+        if check:
+            verify(self.dir, kind="emoverse-bundle")
+        self.cfg = json.loads((self.dir / "runtime.json").read_text())
+        self.tok = Tokenizer.from_file(str(self.dir / "tokenizer.json"))
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        providers = providers or ["CPUExecutionProvider"]
+        graphs = self.cfg["graphs"]
+        self.decoder = ort.InferenceSession(str(self.dir / graphs["decoder"]), opts, providers=providers)
+        self.embedder = ort.InferenceSession(str(self.dir / graphs["embed"]), opts, providers=providers)
+        self.vision = (ort.InferenceSession(str(self.dir / graphs["vision"]), opts, providers=providers)
+                       if graphs.get("vision") else None)
+        self.n_layers, self.kv_heads, self.head_dim = self.cfg["kv_shape"]
+        self.eos = self.cfg["eos_token_id"]
+        self.pad = self.cfg["pad_token_id"]
+        self._lock = threading.Lock()  # sessions are thread-safe; this guards nothing but lazy caches
+        self._label_ids: dict[str, list[int]] = {}
+
+    # -- prompt --------------------------------------------------------------------------------
+    def encode(self, query: str, images: list[str]) -> tuple[list[int], list[bool]]:
+        have = query.count(IMAGE_PLACEHOLDER)
+        if have > len(images):
+            raise RequestError(f"query has {have} {IMAGE_PLACEHOLDER} placeholders but only {len(images)} images")
+        text = self.cfg["chat_prefix"] + IMAGE_PLACEHOLDER * (len(images) - have) + query + self.cfg["chat_suffix"]
+        ids: list[int] = []
+        vis: list[bool] = []
+        n_visual = self.cfg["n_visual"]
+        for i, seg in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if i:
+                ids += [self.pad] * n_visual
+                vis += [True] * n_visual
+            seg_ids = self.tok.encode(seg, add_special_tokens=False).ids
+            ids += seg_ids
+            vis += [False] * len(seg_ids)
+        if len(ids) > self.cfg["max_length"]:
+            raise RequestError(f"prompt is {len(ids)} tokens, over the bundle's max_length {self.cfg['max_length']}")
+        return ids, vis
+
+    def embed(self, query: str, images: list[str]) -> np.ndarray:
+        ids, vis = self.encode(query, images)
+        emb = self.embedder.run(None, {"input_ids": np.array([ids], dtype=np.int64)})[0][0]
+        if images:
+            if self.vision is None:
+                raise RequestError("this bundle has no vision encoder but the request has images")
+            pixels = np.stack([_pixels(p, self.cfg["image_size"]) for p in images])
+            tokens = self.vision.run(None, {"pixels": pixels})[0].reshape(-1, emb.shape[-1])
+            emb[np.array(vis)] = tokens
+        return emb
+
+    # -- decoder -------------------------------------------------------------------------------
+    def empty_cache(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32) for _ in range(2 * self.n_layers)]
+
+    def forward(self, embeds: np.ndarray, mask: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        past = cache[0].shape[2]
+        t = embeds.shape[1]
+        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, past:past + t].astype(np.int64)
+        feeds = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": mask.astype(np.int64), "position_ids": pos}
+        for i in range(self.n_layers):
+            feeds[f"past_key_{i}"] = cache[2 * i]
+            feeds[f"past_value_{i}"] = cache[2 * i + 1]
+        out = self.decoder.run(None, feeds)
+        return out[0], out[1:]
+
+    def token_embeds(self, ids: np.ndarray) -> np.ndarray:
+        return self.embedder.run(None, {"input_ids": ids.astype(np.int64)})[0]
+
+    # -- answers -------------------------------------------------------------------------------
+    def stream(self, query: str, images: list[str] = (), max_new_tokens: int = 32,
+               allowed: Callable[[str], Callable[[int], bool]] | None = None) -> Iterator[str]:
+        """Greedy decoding with a KV cache, yielding text pieces as tokens are chosen."""
+        emb = self.embed(query, list(images))[None]
+        mask = np.ones((1, emb.shape[1]), dtype=np.int64)
+        logits, cache = self.forward(emb, mask, self.empty_cache(1))
+        ids: list[int] = []
+        text = ""
+        for _ in range(max_new_tokens):
+            row = logits[0, -1]
+            if allowed is not None:
+                row = self._constrain(row, allowed(text))
+            nxt = int(row.argmax())
+            if nxt == self.eos:
+                break
+            ids.append(nxt)
+            new_text = self.tok.decode(ids, skip_special_tokens=True)
+            piece, text = new_text[len(text):], new_text
+            if piece:
+                yield piece
+            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+            logits, cache = self.forward(self.token_embeds(np.array([[nxt]])), mask, cache)
+
+    def _constrain(self, row: np.ndarray, ok: Callable[[int], bool]) -> np.ndarray:
+        order = np.argsort(-row)
+        out = np.full_like(row, -np.inf)
+        for tid in order[:64]:  # the best-scoring tokens that keep the answer in the grammar
+            if ok(int(tid)):
+                out[tid] = row[tid]
+                return out
+        out[self.eos] = 0.0
+        return out
+
+    def generate(self, query: str, images: list[str] = (), max_new_tokens: int = 32, allowed=None) -> str:
+        return "".join(self.stream(query, images, max_new_tokens, allowed)).strip()
+
+    def score(self, query: str, candidates: list[str], images: list[str] = ()) -> list[float]:
+        """Sum log-probability of each candidate: one prefill, then all candidates in one batch over its cache."""
+        emb = self.embed(query, list(images))[None]
+        n_prompt = emb.shape[1]
+        logits, cache = self.forward(emb, np.ones((1, n_prompt), dtype=np.int64), self.empty_cache(1))
+        first = _log_softmax(logits[0, -1])
+        cand = [self.tok.encode(c, add_special_tokens=False).ids for c in candidates]
+        scores = [float(first[c[0]]) for c in cand]
+        longest = max(len(c) for c in cand)
+        if longest > 1:
+            n = len(cand)
+            rest = np.array([c[:-1] + [self.pad] * (longest - len(c)) for c in cand], dtype=np.int64)
+            mask = np.concatenate([np.ones((n, n_prompt), dtype=np.int64),
+                                   np.array([[1] * (len(c) - 1) + [0] * (longest - len(c)) for c in cand])], axis=1)
+            big = [np.repeat(x, n, axis=0) for x in cache]
+            lg, _ = self.forward(self.token_embeds(rest), mask, big)
+            lp = _log_softmax(lg)
+            for i, c in enumerate(cand):
+                scores[i] += sum(float(lp[i, j, c[j + 1]]) for j in range(len(c) - 1))
+        return scores
+
+    def ecpe_grammar(self, target: int, emotion: str) -> Callable[[str], Callable[[int], bool]]:
+        """Allowed next tokens: the answer must stay a prefix of '{target}_{emotion},c(;{target}_{emotion},c)*'
+        with cause indices c in 1..target (the paper's candidates are the utterances up to the target)."""
+        head = f"{target}_{emotion},"
+        full = re.compile(rf"(?:{re.escape(head)}\d+;)*(?:{re.escape(head)}\d*)?")
+
+        def ok_prefix(text: str) -> bool:
+            if not full.fullmatch(text):
+                # also accept a partially written head
+                parts = text.split(";")
+                if not all(re.fullmatch(rf"{re.escape(head)}\d+", p) for p in parts[:-1]):
+                    return False
+                if not head.startswith(parts[-1]) and not re.fullmatch(rf"{re.escape(head)}\d*", parts[-1]):
+                    return False
+            return all(1 <= int(c) <= target for c in re.findall(rf"{re.escape(head)}(\d+)(?=;|$)", text))
+
+        def allowed(text: str) -> Callable[[int], bool]:
+            def ok(tid: int) -> bool:
+                if tid == self.eos:
+                    return bool(re.fullmatch(rf"(?:{re.escape(head)}\d+)(?:;{re.escape(head)}\d+)*", text))
+                return ok_prefix(text + self.tok.decode([tid]))
+            return ok
+
+        return allowed
+
+    def answer(self, task: str, query: str, images: list[str] = (), mode: str = "score") -> Answer:
+        try:
+            t = get_task(task)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        images = list(images)
+        if t.closed and mode == "score":
+            cands = t.candidates(query)
+            s = self.score(query, cands, images)
+            best = cands[int(np.argmax(s))]
+            return Answer(task, best, t.parse_label(best), dict(zip(cands, s, strict=True)))
+        allowed = None
+        if task == "ecpe":
+            m = re.search(r"Target utterance:(\d+)_([a-z]+)\.", query)
+            if m:
+                allowed = self.ecpe_grammar(int(m.group(1)), m.group(2))
+        text = self.generate(query, images, t.max_new_tokens, allowed)
+        parsed = t.parse(text)
+        return Answer(task, text, parsed.label if t.closed else None)
+
+    def answer_many(self, requests: list[dict], mode: str = "score") -> list[Answer | RequestError]:
+        """Batched requests; a bad one yields its error in place and the others are still answered."""
+        out: list[Answer | RequestError] = []
+        for r in requests:
+            try:
+                out.append(self.answer(r["task"], r["query"], r.get("images", []), mode))
+            except RequestError as e:
+                out.append(e)
+        return out
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+__all__ = ["OrtRuntime", "Answer", "RequestError", "TASKS"]

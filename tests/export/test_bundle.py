@@ -1,0 +1,128 @@
+"""ONNX export of the tiny model: valid graphs, parity with PyTorch, manifest; runtime behaviour on it."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from emoverse.artifacts import ArtifactError, verify
+from emoverse.export.bundle import export_bundle
+from emoverse.model import EmoVerse
+from emoverse.tasks import TASKS
+
+pytestmark = pytest.mark.real_data
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "cpu"
+    export_bundle(tiny_model_dir, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runtime(bundle):
+    from emoverse.runtime.ort import OrtRuntime
+
+    return OrtRuntime(bundle)
+
+
+@pytest.fixture()
+def face(tmp_path):
+    from PIL import Image
+
+    p = tmp_path / "face.png"
+    Image.new("L", (48, 48), 90).save(p)
+    return str(p)
+
+
+def test_bundle_is_valid_and_verified(bundle):
+    m = verify(bundle, kind="emoverse-bundle")
+    for name in ("vision", "embed", "decoder"):
+        model = onnx.load(str(bundle / "graphs" / f"{name}.onnx"))
+        onnx.checker.check_model(model)
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert m["parity"]["max_abs_logit_diff"] < 1e-3
+    cfg = json.loads((bundle / "runtime.json").read_text())
+    assert cfg["tasks"]["mer"]["labels"] == list(TASKS["mer"].labels)
+    dec = onnx.load(str(bundle / "graphs" / "decoder.onnx"))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in dec.graph.input}
+    assert dims["inputs_embeds"][:2] == ["batch", "seq"] and dims["past_key_0"][2] == "past"
+
+
+@torch.no_grad()
+def test_runtime_matches_torch(tiny_model_dir, runtime, face):
+    model = EmoVerse.load(tiny_model_dir).eval()
+    fer = TASKS["fer"]
+    q = fer.query(("happy", "anger", "sadness"), False)
+    ref = model.score(q, fer.candidates(q), [face])
+    got = runtime.score(q, fer.candidates(q), [face])
+    assert np.allclose(ref, got, atol=1e-3)
+    mer_q = TASKS["mer"].query("you did what?")
+    assert runtime.generate(mer_q, [], 8) == model.generate(mer_q, [], 8)
+
+
+def test_kv_cache_decode_equals_full_forward(runtime):
+    emb = runtime.embed(TASKS["msa"].query("fine"), [])[None]
+    n = emb.shape[1]
+    full, _ = runtime.forward(emb, np.ones((1, n), dtype=np.int64), runtime.empty_cache(1))
+    first, cache = runtime.forward(emb[:, : n - 3], np.ones((1, n - 3), dtype=np.int64), runtime.empty_cache(1))
+    rest, _ = runtime.forward(emb[:, n - 3:], np.ones((1, n), dtype=np.int64), cache)
+    assert np.allclose(full[0, -3:], rest[0], atol=1e-4)
+    assert np.allclose(full[0, : n - 3], first[0], atol=1e-4)
+
+
+def test_ecpe_output_follows_the_grammar(runtime):
+    ecpe = TASKS["ecpe"]
+    utts = [("neutral", "A", "hi"), ("joy", "B", "great news"), ("surprise", "A", "really?")]
+    ans = runtime.answer("ecpe", ecpe.query(utts, 3))
+    pairs = ecpe.parse(ans.text).pairs
+    assert ans.text == "" or all(p.startswith("3_surprise,") and 1 <= int(p.split(",")[1]) <= 3 for p in pairs)
+    assert ans.text == ";".join(pairs)
+
+
+def test_bad_requests_are_named_and_serving_continues(runtime, face, tmp_path):
+    from emoverse.runtime.ort import RequestError
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    res = runtime.answer_many([
+        {"task": "fer", "query": TASKS["fer"].query(("happy", "anger"), False), "images": [str(tmp_path / "gone.png")]},
+        {"task": "fer", "query": TASKS["fer"].query(("happy", "anger"), False), "images": [str(bad)]},
+        {"task": "nope", "query": "x"},
+        {"task": "mer", "query": "word " * 5000},
+        {"task": "fer", "query": TASKS["fer"].query(("happy", "anger"), False), "images": [face]},
+    ])
+    assert [type(r).__name__ for r in res] == ["RequestError"] * 4 + ["Answer"]
+    assert "gone.png: image file not found" in str(res[0]) and "bad.png: unreadable" in str(res[1])
+    assert "unknown task 'nope'" in str(res[2]) and "over the bundle's max_length" in str(res[3])
+    assert res[4].label in ("happy", "anger")
+    with pytest.raises(RequestError, match="2 <image> placeholders but only 1"):
+        runtime.answer("fer", "<image><image> q", [face])
+
+
+def test_tampered_bundle_is_refused(bundle, tmp_path):
+    import shutil
+
+    from emoverse.runtime.ort import OrtRuntime
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    cfg = json.loads((copy / "runtime.json").read_text())
+    cfg["eos_token_id"] = 0
+    (copy / "runtime.json").write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError, match="runtime.json does not match"):
+        OrtRuntime(copy)
+
+
+def test_runtime_imports_no_torch(bundle):
+    code = ("import sys; from emoverse.runtime.ort import OrtRuntime; OrtRuntime(sys.argv[1]).answer('msa', "
+            "\"The person says: 'ok' <sentiment> Please determine which sentiment label in the video represents: "
+            "positive or negative.\"); bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
