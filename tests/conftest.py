@@ -11,7 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RAW = Path(os.environ.get("EMOVERSE_RAW", ROOT.parent / "shared" / "data" / "raw"))
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("EMOVERSE_TEST_THREADS", "2")))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -63,7 +63,7 @@ def test_runtime_matches_torch(tiny_model_dir, runtime, face):
     got = runtime.score(q, fer.candidates(q), [face])
     assert np.allclose(ref, got, atol=1e-3)
     mer_q = TASKS["mer"].query("you did what?")
-    assert runtime.generate(mer_q, [], 8) == model.generate(mer_q, [], 8)
+    assert runtime.generate(mer_q, [], 8) == model.generate(mer_q, [], max_new_tokens=8)
 
 
 def test_kv_cache_decode_equals_full_forward(runtime):
