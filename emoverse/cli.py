@@ -77,8 +77,20 @@ def _compare(a: argparse.Namespace) -> int:
 def _export(a: argparse.Namespace) -> int:
     from emoverse.export.bundle import export_bundle
 
-    m = export_bundle(a.model, a.out, target=a.target, overwrite=a.overwrite)
-    print(f"wrote bundle {a.out} (parity: {m['parity']})")
+    images: list[str] = []
+    if a.calibration_data:
+        from emoverse.records import load_records
+
+        images = [img for r in load_records(Path(a.calibration_data) / "fer" / "train.jsonl") for img in r.images]
+    m = export_bundle(a.model, a.out, target=a.target, precision=a.precision, calibration_images=images,
+                      overwrite=a.overwrite)
+    print(f"wrote bundle {a.out}: target {a.target}, precision {m['precision']}")
+    print(f"parity of the fp32 graphs with PyTorch: {m['parity_fp32']}")
+    if "parity" in m:
+        print(f"after {m['precision']} quantization: {m['parity']}")
+    if "tensorrt_plan" in m:
+        print(f"TensorRT plan: {a.out}/tensorrt/plan.json; build on the device with "
+              f"python3 tensorrt/build_engines.py or tensorrt/trtexec.sh")
     return 0
 
 
@@ -180,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="model artifact -> ONNX bundle (graphs, tokenizer, config, manifest)")
     x.add_argument("--model", required=True)
-    x.add_argument("--target", default="cpu", help="deployment target (cpu)")
+    x.add_argument("--target", default="cpu", help="cpu, jetson-orin-nano, jetson-agx-orin, h100 (export/targets.yaml)")
+    x.add_argument("--precision", help="cpu: fp32, int8 or int4 (default fp32)")
+    x.add_argument("--calibration-data", help="AMT folder whose FER train images calibrate Q/DQ (TensorRT targets)")
     x.add_argument("--out", required=True)
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(func=_export)

@@ -26,7 +26,8 @@ def runtime_config(model, graphs: dict[str, str]) -> dict:
         "chat_prefix": prefix, "chat_suffix": suffix,
         "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
         "n_visual": model.cfg.n_visual, "image_size": model.cfg.image_size, "max_length": model.cfg.max_length,
-        "kv_shape": list(kv_shape(model.llm)), "opset": OPSET, "graphs": graphs,
+        "kv_shape": list(kv_shape(model.llm)), "hidden_size": model.llm.config.hidden_size, "opset": OPSET,
+        "graphs": graphs,
         "tasks": {name: {"tag": t.tag, "labels": list(t.labels), "closed": t.closed, "max_new_tokens": t.max_new_tokens}
                   for name, t in TASKS.items()},
     }
@@ -51,14 +52,55 @@ def parity(model, bundle_dir: Path, probes: list[tuple[str, list[str], str]]) ->
     return {"max_abs_logit_diff": worst, "greedy_identical": same, "probes": len(probes)}
 
 
-def export_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, *, target: str = "cpu",
+def quantize_for_cpu(decoder: Path, precision: str) -> None:
+    """ORT weight quantization of the decoder in place: int8 = dynamic INT8, int4 = MatMulNBits (block 32)."""
+    tmp = decoder.with_suffix(".q.onnx")
+    if precision == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(decoder), str(tmp), weight_type=QuantType.QInt8)
+    elif precision == "int4":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        q = MatMulNBitsQuantizer(str(decoder), bits=4, block_size=32, is_symmetric=True, accuracy_level=4)
+        q.process()
+        q.model.save_model_to_file(str(tmp), use_external_data_format=False)
+    else:
+        raise ValueError(f"unknown CPU precision {precision!r} (fp32, int8, int4)")
+    os.replace(tmp, decoder)
+
+
+def quantize_vision_qdq(vision: Path, out: Path, mode: str, pixels: np.ndarray) -> None:
+    """nvidia-modelopt ONNX PTQ: explicit Q/DQ nodes (int8 / fp8) that TensorRT turns into low-precision kernels."""
+    from modelopt.onnx.quantization import quantize
+
+    quantize(str(vision), quantize_mode=mode, calibration_data={"pixels": pixels}, output_path=str(out),
+             calibration_eps=["cpu"], log_level="WARNING")
+
+
+def calibration_pixels(images: list[str], size: int, n: int = 16) -> np.ndarray:
+    from emoverse.runtime.ort import _pixels
+
+    if not images:
+        raise ValueError("Q/DQ calibration needs images (pass --data with FER train records)")
+    return np.stack([_pixels(p, size) for p in images[:n]])
+
+
+def export_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, *, target: str = "cpu", precision: str | None = None,
                   probes: list[tuple[str, list[str], str]] | None = None, max_abs_diff: float = 1e-3,
-                  overwrite: bool = False) -> dict:
+                  calibration_images: list[str] | None = None, overwrite: bool = False) -> dict:
+    from emoverse.export.tensorrt import get_target, write_plan
     from emoverse.model import EmoVerse
 
+    tgt = get_target(target)
+    if target == "cpu":
+        precision = precision or "fp32"
+        if precision not in tgt["precisions"]:
+            raise ValueError(f"target cpu: precision {precision!r} not in {tgt['precisions']}")
     model_dir = Path(model_dir)
     parent = verify(model_dir, kind="emoverse-model")
     model = EmoVerse.load(model_dir, check=False).eval()
+    probes = probes or [(TASKS["msa"].query("What a lovely day"), [], "msa")]
     with atomic_dir(out, overwrite=overwrite) as tmp:
         paths = export_all(model, tmp / "graphs")
         graphs = {k: str(p.relative_to(tmp)) for k, p in paths.items()}
@@ -67,13 +109,26 @@ def export_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, *, targe
         for f in (tmp / "tokenizer-hf").iterdir():
             f.unlink()
         (tmp / "tokenizer-hf").rmdir()
-        (tmp / "runtime.json").write_text(json.dumps(runtime_config(model, graphs), indent=2) + "\n")
-        report = parity(model, tmp, probes or [(TASKS["msa"].query("What a lovely day"), [], "msa")])
+        cfg = runtime_config(model, graphs)
+        (tmp / "runtime.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        report = parity(model, tmp, probes)  # the exported fp32 graphs against PyTorch
         if report["max_abs_logit_diff"] > max_abs_diff:
             raise ValueError(f"ONNX parity failed: max |logit diff| {report['max_abs_logit_diff']:.2e} > {max_abs_diff}")
-        (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
-        manifest = write_manifest(tmp, kind="emoverse-bundle", producer={"stage": "export", "target": target},
+        extra: dict = {"parity_fp32": report, "target": target}
+        if target == "cpu" and precision != "fp32":
+            quantize_for_cpu(tmp / graphs["decoder"], precision)
+            extra["parity"] = parity(model, tmp, probes)  # what quantization costs, recorded, not gated
+        if tgt.get("runtime") == "tensorrt":
+            mode = tgt.get("vision_quantization")
+            if mode and "vision" in graphs:
+                qdq = tmp / "graphs" / f"vision.{mode}.qdq.onnx"
+                quantize_vision_qdq(tmp / graphs["vision"], qdq, mode,
+                                    calibration_pixels(calibration_images or [], model.cfg.image_size))
+                graphs["vision"] = str(qdq.relative_to(tmp))
+            extra["tensorrt_plan"] = write_plan(tmp, cfg, graphs, target)
+        extra["precision"] = precision or tgt.get("decoder_precision")
+        manifest = write_manifest(tmp, kind="emoverse-bundle", producer={"stage": "export", "target": target,
+                                                                         "precision": extra["precision"]},
                                   inputs={"model": {"path": str(model_dir.resolve()), "digest": manifest_digest(parent)}},
-                                  extra={"parity": report})
+                                  extra=extra)
     return manifest
-

@@ -1,0 +1,83 @@
+"""Export targets: CPU precisions run in ONNX Runtime; TensorRT plans match the graphs; Q/DQ placement."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from emoverse.artifacts import verify
+from emoverse.export.bundle import export_bundle
+from emoverse.export.tensorrt import load_targets, trtexec_lines
+from emoverse.tasks import TASKS
+
+pytestmark = pytest.mark.real_data
+
+
+@pytest.fixture(scope="module")
+def fer_images(small_amt):
+    from emoverse.records import load_records
+
+    return [i for r in load_records(small_amt / "fer" / "train.jsonl") for i in r.images]
+
+
+@pytest.mark.parametrize("precision,op", [("int8", "MatMulInteger"), ("int4", "MatMulNBits")])
+def test_cpu_quantized_bundles_run(tiny_model_dir, tmp_path, precision, op):
+    from emoverse.runtime.ort import OrtRuntime
+
+    m = export_bundle(tiny_model_dir, tmp_path / precision, precision=precision)
+    assert m["precision"] == precision and "parity" in m
+    ops = {n.op_type for n in onnx.load(str(tmp_path / precision / "graphs" / "decoder.onnx")).graph.node}
+    assert op in ops
+    ans = OrtRuntime(tmp_path / precision).answer("msa", TASKS["msa"].query("nice"))
+    assert ans.label in ("positive", "negative")
+
+
+def test_unknown_target_and_precision(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="unknown target 'tpu'"):
+        export_bundle(tiny_model_dir, tmp_path / "x", target="tpu")
+    with pytest.raises(ValueError, match="precision 'fp8' not in"):
+        export_bundle(tiny_model_dir, tmp_path / "x", precision="fp8")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("target", ["jetson-agx-orin", "jetson-orin-nano", "h100"])
+def test_tensorrt_plan_matches_graphs(tiny_model_dir, tmp_path, fer_images, target):
+    out = tmp_path / target
+    m = export_bundle(tiny_model_dir, out, target=target, calibration_images=fer_images)
+    verify(out, kind="emoverse-bundle")
+    plan = json.loads((out / "tensorrt" / "plan.json").read_text())
+    tgt = load_targets()[target]
+    for b in plan["builds"]:
+        graph = onnx.load(str(out / b["onnx"]))
+        inputs = {i.name: len(i.type.tensor_type.shape.dim) for i in graph.graph.input}
+        assert set(b["shapes"]) == set(inputs), b["graph"]
+        for name, (mn, opt, mx) in b["shapes"].items():
+            assert len(mn) == len(opt) == len(mx) == inputs[name]
+            assert all(a <= o <= c for a, o, c in zip(mn, opt, mx, strict=True)), name
+        if b["graph"] == "vision":
+            ops = {n.op_type for n in graph.graph.node}
+            assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # explicit quantization for TensorRT
+            assert tgt["vision_quantization"] in b["flags"]
+            assert (b["dla_core"] is not None) == (tgt["dla_cores"] > 0)
+    lines = trtexec_lines(plan)
+    assert all("--minShapes=" in x and "--fp16" in x for x in lines)
+    script = (out / "tensorrt" / "build_engines.py").read_text()
+    compile(script, "build_engines.py", "exec")
+    assert "build_serialized_network" in script and m["tensorrt_plan"] == plan
+
+
+def test_int8_qdq_vision_runs_in_onnxruntime(tiny_model_dir, tmp_path, fer_images):
+    """polygraphy-style check: the Q/DQ graph TensorRT will consume also runs in ONNX Runtime, close to fp32."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    out = tmp_path / "agx"
+    export_bundle(tiny_model_dir, out, target="jetson-agx-orin", calibration_images=fer_images)
+    from emoverse.export.bundle import calibration_pixels
+
+    pixels = calibration_pixels(fer_images, 32, n=2)
+    with OnnxrtRunner(SessionFromOnnx(str(out / "graphs" / "vision.int8.qdq.onnx"))) as runner:
+        q = runner.infer({"pixels": pixels})["visual_tokens"]
+    ref = ort.InferenceSession(str(out / "graphs" / "vision.onnx")).run(None, {"pixels": pixels})[0]
+    assert q.shape == ref.shape and np.isfinite(q).all()
