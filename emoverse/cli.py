@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -122,6 +123,28 @@ def _run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(a: argparse.Namespace) -> int:
+    from emoverse.bench.runner import BUDGETS, BenchConfig, run_bench
+
+    cfg = BenchConfig(limit=a.limit, warmup=a.warmup, repetitions=a.repetitions, threads=a.threads)
+    report, failures = run_bench(a.bundle, a.data, a.budgets or BUDGETS, a.target, a.out, cfg)
+    print(f"wrote {a.out}/report.md, report.json, report.csv, pareto.png")
+    for f in failures:
+        print(f"BUDGET FAIL {f}")
+    return 1 if failures else 0
+
+
+def _bench_compare(a: argparse.Namespace) -> int:
+    from emoverse.bench.runner import compare_reports
+
+    old, new = (json.loads(Path(p).read_text()) for p in (a.old, a.new))
+    problems = compare_reports(old, new, a.max_latency_regression, a.max_accuracy_drop)
+    for p in problems:
+        print(f"REGRESSION {p}")
+    print(f"{len(problems)} regression(s)")
+    return 1 if problems else 0
+
+
 def _table(a: argparse.Namespace) -> int:
     from emoverse.evaluate import format_table, merge_metrics
 
@@ -210,6 +233,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int)
     r.set_defaults(func=_run)
 
+    bn = sub.add_parser("bench", help="accuracy + latency + memory + size of bundles against budgets "
+                        "(and `emoverse bench compare OLD.json NEW.json`)")
+    bn.add_argument("--bundle", required=True, action="append", help="bundle folder (repeat; the first is the reference)")
+    bn.add_argument("--data", default="data/amt", help="AMT folder (its test split) or JSONL files")
+    bn.add_argument("--budgets", help="budgets YAML (default: the shipped bench/budgets.yaml)")
+    bn.add_argument("--target", default="cpu")
+    bn.add_argument("--out", required=True)
+    bn.add_argument("--limit", type=int, default=20, help="test records per task and source (default 20)")
+    bn.add_argument("--warmup", type=int, default=2)
+    bn.add_argument("--repetitions", type=int, default=1)
+    bn.add_argument("--threads", type=int)
+    bn.set_defaults(func=_bench)
+    bc = sub.add_parser("bench-compare", help=argparse.SUPPRESS)
+    bc.add_argument("old")
+    bc.add_argument("new")
+    bc.add_argument("--max-latency-regression", default="5%")
+    bc.add_argument("--max-accuracy-drop", default="1pt")
+    bc.set_defaults(func=_bench_compare)
+
     tb = sub.add_parser("table", help="one markdown table from several metrics.json (same records)")
     tb.add_argument("metrics", nargs="+")
     tb.set_defaults(func=_table)
@@ -217,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "compare"]:  # `emoverse bench compare OLD NEW`
+        argv = ["bench-compare", *argv[2:]]
     args = build_parser().parse_args(argv)
     from emoverse.artifacts import ArtifactError
     from emoverse.config import RecipeError

@@ -27,6 +27,7 @@ def runtime_config(model, graphs: dict[str, str]) -> dict:
         "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
         "n_visual": model.cfg.n_visual, "image_size": model.cfg.image_size, "max_length": model.cfg.max_length,
         "kv_shape": list(kv_shape(model.llm)), "hidden_size": model.llm.config.hidden_size, "opset": OPSET,
+        "llm_parameters": sum(p.numel() for p in model.llm.parameters()),
         "graphs": graphs,
         "tasks": {name: {"tag": t.tag, "labels": list(t.labels), "closed": t.closed, "max_new_tokens": t.max_new_tokens}
                   for name, t in TASKS.items()},

@@ -1,0 +1,398 @@
+"""`emoverse bench`: accuracy on every AMT task held against latency, memory and size budgets.
+
+Scenarios after MLPerf Inference: SingleStream (one query at a time; p50/p90/p99 per task; TTFT and
+time per output token for generative tasks) and Offline (all queries back to back; throughput). Every
+bundle is run in the same process, one after another, on the same records, so numbers compare side by side.
+Targets not present here (Jetson, H100) get roofline *estimates*, always labelled as such.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from emoverse.artifacts import atomic_write_json, atomic_write_text, library_versions, read_manifest
+from emoverse.records import Record, load_records
+from emoverse.tasks import TASKS
+
+BUDGETS = Path(__file__).parent / "budgets.yaml"
+PRIMARY = {"msa": "accuracy", "mer": "weighted_f1", "fer": "accuracy", "eri": "label_accuracy", "ecpe": "pair_f1"}
+BUDGET_TASK_KEYS = {"p90_ms", "min_accuracy_ratio"}
+BUDGET_TARGET_KEYS = {"bundle_size_mb", "peak_memory_mb", "tasks"}
+
+
+class BudgetError(ValueError):
+    pass
+
+
+# -- budgets ---------------------------------------------------------------------------------------
+def load_budgets(path: str | os.PathLike) -> dict:
+    """Parse and check a budgets file; a wrong key or type is named with its path in the file."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise BudgetError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(doc, dict):
+        raise BudgetError(f"{path}: expected a mapping of targets")
+    for target, spec in doc.items():
+        if not isinstance(spec, dict):
+            raise BudgetError(f"{path}: {target}: expected a mapping")
+        for k, v in spec.items():
+            if k not in BUDGET_TARGET_KEYS:
+                raise BudgetError(f"{path}: {target}.{k}: unknown key (known: {sorted(BUDGET_TARGET_KEYS)})")
+            if k != "tasks" and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
+                raise BudgetError(f"{path}: {target}.{k}: expected a positive number, got {v!r}")
+        for task, tb in (spec.get("tasks") or {}).items():
+            if task not in TASKS:
+                raise BudgetError(f"{path}: {target}.tasks.{task}: unknown task (known: {list(TASKS)})")
+            if not isinstance(tb, dict):
+                raise BudgetError(f"{path}: {target}.tasks.{task}: expected a mapping")
+            for k, v in tb.items():
+                if k not in BUDGET_TASK_KEYS:
+                    raise BudgetError(f"{path}: {target}.tasks.{task}.{k}: unknown key (known: {sorted(BUDGET_TASK_KEYS)})")
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+                    raise BudgetError(f"{path}: {target}.tasks.{task}.{k}: expected a positive number, got {v!r}")
+    return doc
+
+
+def verdicts(result: dict, budget: dict) -> list[str]:
+    """One line per failed budget of one bundle's result; empty when everything passes."""
+    fails = []
+    name = result["bundle"]
+    if "bundle_size_mb" in budget and result["size_mb"] > budget["bundle_size_mb"]:
+        fails.append(f"{name}: size {result['size_mb']:.1f} MB > budget {budget['bundle_size_mb']} MB")
+    if "peak_memory_mb" in budget and result["peak_memory_mb"] > budget["peak_memory_mb"]:
+        fails.append(f"{name}: peak memory {result['peak_memory_mb']:.0f} MB > budget {budget['peak_memory_mb']} MB")
+    for task, tb in (budget.get("tasks") or {}).items():
+        r = result["tasks"].get(task)
+        if r is None:
+            continue
+        if "p90_ms" in tb and r["single_stream"]["p90_ms"] > tb["p90_ms"]:
+            fails.append(f"{name}: {task} p90 {r['single_stream']['p90_ms']:.1f} ms > budget {tb['p90_ms']} ms")
+        ratio = r.get("accuracy_ratio")
+        if "min_accuracy_ratio" in tb and ratio is not None and ratio < tb["min_accuracy_ratio"]:
+            fails.append(f"{name}: {task} {PRIMARY[task]} at {ratio:.1%} of the reference < {tb['min_accuracy_ratio']:.1%}")
+    return fails
+
+
+# -- measurement -----------------------------------------------------------------------------------
+def percentiles(samples_ms: list[float]) -> dict[str, float]:
+    a = np.asarray(samples_ms, dtype=float)
+    if a.size == 0:
+        return {"p50_ms": float("nan"), "p90_ms": float("nan"), "p99_ms": float("nan"), "mean_ms": float("nan"), "n": 0}
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(a.mean()), "n": int(a.size)}
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+            "libraries": library_versions(("onnxruntime", "numpy", "tokenizers", "onnx", "emoverse-edge"))}
+
+
+def measure_cpu_roofline(seconds: float = 1.0) -> dict:
+    """This CPU's peak fp32 matmul throughput and memory bandwidth, measured with numpy."""
+    n = 1024
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = a.copy()
+    a @ b
+    t0, reps = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds / 2:
+        a @ b
+        reps += 1
+    gflops = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    big = np.ones(64 * 1024 * 1024 // 4, dtype=np.float32)  # 64 MiB, beyond the caches
+    dst = np.empty_like(big)
+    np.copyto(dst, big)
+    t0, reps = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds / 2:
+        np.copyto(dst, big)
+        reps += 1
+    gbs = 2 * big.nbytes * reps / (time.perf_counter() - t0) / 1e9  # read + write
+    return {"peak_gflops": gflops, "bandwidth_gbs": gbs}
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 1e6
+
+
+def folder_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+
+
+@dataclass
+class BenchConfig:
+    limit: int = 20  # records per task and source
+    warmup: int = 2
+    repetitions: int = 1
+    threads: int | None = None
+
+
+def _answer(rt, rec: Record) -> tuple[str, float, float | None, int]:
+    """(prediction, latency ms, time-to-first-token ms or None, output tokens)."""
+    task = TASKS[rec.task]
+    t0 = time.perf_counter()
+    if task.closed:
+        ans = rt.answer(rec.task, rec.query, rec.images, mode="score")
+        return ans.text, (time.perf_counter() - t0) * 1e3, None, 0
+    allowed = None
+    if rec.task == "ecpe":
+        import re
+
+        m = re.search(r"Target utterance:(\d+)_([a-z]+)\.", rec.query)
+        allowed = rt.ecpe_grammar(int(m.group(1)), m.group(2)) if m else None
+    ttft, pieces = None, []
+    for piece in rt.stream(rec.query, rec.images, task.max_new_tokens, allowed):
+        if ttft is None:
+            ttft = (time.perf_counter() - t0) * 1e3
+        pieces.append(piece)
+    text = "".join(pieces).strip()
+    return text, (time.perf_counter() - t0) * 1e3, ttft, len(rt.tok.encode(text, add_special_tokens=False).ids)
+
+
+def bench_bundle(bundle: Path, records: list[Record], cfg: BenchConfig) -> dict:
+    from emoverse.runtime.ort import OrtRuntime
+
+    before = rss_mb()
+    t_load = time.perf_counter()
+    rt = OrtRuntime(bundle, threads=cfg.threads)
+    start_s = time.perf_counter() - t_load
+    peak = rss_mb()
+    by_task: dict[str, list[Record]] = {}
+    for r in records:
+        by_task.setdefault(r.task, []).append(r)
+    out_tasks = {}
+    for task, recs in by_task.items():
+        for r in recs[: cfg.warmup]:
+            _answer(rt, r)
+        lat, ttft, tpot, preds = [], [], [], {}
+        for _ in range(cfg.repetitions):
+            for r in recs:
+                text, ms, first, n_out = _answer(rt, r)
+                preds[r.id] = text
+                lat.append(ms)
+                if first is not None:
+                    ttft.append(first)
+                    if n_out > 1:
+                        tpot.append((ms - first) / (n_out - 1))
+                peak = max(peak, rss_mb())
+        t0 = time.perf_counter()
+        for r in recs:
+            _answer(rt, r)
+        offline_s = time.perf_counter() - t0
+        metrics = TASKS[task].metrics([r.response for r in recs], [preds[r.id] for r in recs], [r.label for r in recs])
+        out_tasks[task] = {"n": len(recs), "metrics": metrics, "primary": metrics.get(PRIMARY[task]),
+                           "single_stream": percentiles(lat),
+                           "ttft": percentiles(ttft) if ttft else None, "tpot": percentiles(tpot) if tpot else None,
+                           "offline_qps": len(recs) / offline_s}
+    manifest = read_manifest(bundle)
+    return {"bundle": bundle.name, "path": str(bundle), "target": manifest.get("target"),
+            "precision": manifest.get("precision"), "size_mb": folder_mb(bundle), "start_s": start_s,
+            "peak_memory_mb": peak - before + 0.0, "tasks": out_tasks}
+
+
+BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5625}  # int4: + a scale per 32 weights
+
+
+def roofline(flops: float, bytes_moved: float, peak_flops: float, bandwidth: float) -> float:
+    """Lower bound on time (s): the slower of compute and memory traffic."""
+    return max(flops / peak_flops, bytes_moved / bandwidth)
+
+
+def roofline_estimates(result: dict, bundle: Path, targets: dict, cpu: dict, ctx: int = 256) -> dict:
+    """Decode step (one token at `ctx` tokens of context) and 128-token prefill, from the LLM's FLOPs
+    (2 x parameters per token) and bytes moved (weights once + KV cache), per target's published peak
+    compute and bandwidth; also scaled by how far this CPU's measured decode step sits from its own
+    roofline. Estimates, never measurements."""
+    cfg = json.loads((bundle / "runtime.json").read_text())
+    params = cfg["llm_parameters"]
+    n_layers, kv_heads, head_dim = cfg["kv_shape"]
+    weights_here = (bundle / cfg["graphs"]["decoder"]).stat().st_size
+    kv = lambda width: 2 * n_layers * kv_heads * head_dim * ctx * width  # noqa: E731
+    cpu_ms = roofline(2 * params, weights_here + kv(4), cpu["peak_gflops"] * 1e9, cpu["bandwidth_gbs"] * 1e9) * 1e3
+    measured = [t["tpot"]["p50_ms"] for t in result["tasks"].values() if t.get("tpot")]
+    fraction = cpu_ms / float(np.median(measured)) if measured else None
+    out = {}
+    for name, tgt in targets.items():
+        if "peak_tflops" not in tgt:
+            continue
+        prec = tgt.get("decoder_precision", "fp16")
+        peak = tgt["peak_tflops"].get(prec, max(tgt["peak_tflops"].values())) * 1e12
+        bw = tgt["memory_bandwidth_gbs"] * 1e9
+        wbytes = params * BYTES_PER_PARAM[prec]
+        dec = roofline(2 * params, wbytes + kv(2), peak, bw) * 1e3
+        pre = roofline(2 * params * 128, wbytes, peak, bw) * 1e3
+        out[name] = {"estimate": True, "precision": prec, "decode_step_ms_roofline": dec, "prefill_128_ms_roofline": pre,
+                     "decode_step_ms_at_cpu_efficiency": dec / fraction if fraction else None}
+    return {"cpu_decode_step_ms_roofline": cpu_ms, "cpu_roofline_fraction": fraction, "targets": out}
+
+
+def run_bench(bundles: list[str | os.PathLike], data: str | os.PathLike, budgets_path: str | os.PathLike, target: str,
+              out: str | os.PathLike, cfg: BenchConfig | None = None, reference: int = 0) -> tuple[dict, list[str]]:
+    from emoverse.evaluate import select_records
+    from emoverse.export.tensorrt import load_targets
+
+    cfg = cfg or BenchConfig()
+    budgets = load_budgets(budgets_path)
+    if target not in budgets:
+        raise BudgetError(f"{budgets_path}: no budgets for target {target!r} (have {list(budgets)})")
+    records = select_records(load_records(data, split="test"), tasks=None, limit=cfg.limit)
+    cpu = measure_cpu_roofline()
+    results = [bench_bundle(Path(b), records, cfg) for b in bundles]
+    ref = results[reference]
+    for r in results:
+        for task, t in r["tasks"].items():
+            base = ref["tasks"].get(task, {}).get("primary")
+            t["accuracy_ratio"] = (t["primary"] / base) if base else None
+    targets = load_targets()
+    for r, b in zip(results, bundles, strict=True):
+        r["roofline"] = roofline_estimates(r, Path(b), {k: v for k, v in targets.items() if k != target}, cpu)
+    failures = [f for r in results for f in verdicts(r, budgets[target])]
+    report = {"machine": machine_info(), "cpu_roofline": cpu, "target": target, "config": cfg.__dict__,
+              "records": {t: sum(1 for r in records if r.task == t) for t in TASKS}, "reference": ref["bundle"],
+              "results": results, "failures": failures}
+    write_report(report, Path(out), budgets[target])
+    return report, failures
+
+
+# -- report ----------------------------------------------------------------------------------------
+def write_report(report: dict, out: Path, budget: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "report.json", report)
+    rows = []
+    for r in report["results"]:
+        for task, t in r["tasks"].items():
+            ss = t["single_stream"]
+            rows.append({"bundle": r["bundle"], "precision": r["precision"], "task": task, "primary_metric": PRIMARY[task],
+                         "value": t["primary"], "ratio_to_reference": t["accuracy_ratio"], "p50_ms": ss["p50_ms"],
+                         "p90_ms": ss["p90_ms"], "p99_ms": ss["p99_ms"],
+                         "ttft_p50_ms": t["ttft"]["p50_ms"] if t["ttft"] else None,
+                         "tpot_p50_ms": t["tpot"]["p50_ms"] if t["tpot"] else None, "offline_qps": t["offline_qps"],
+                         "size_mb": r["size_mb"], "peak_memory_mb": r["peak_memory_mb"]})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["bundle"])
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "report.csv", buf.getvalue())
+    atomic_write_text(out / "report.md", format_report(report) + "\n")
+    pareto_plot(report, out / "pareto.png", budget)
+
+
+def _fmt(v, spec=".3f"):
+    return "–" if v is None else format(v, spec)
+
+
+def format_report(report: dict) -> str:
+    m = report["machine"]
+    cpu = report["cpu_roofline"]
+    lines = [f"# Bench: target {report['target']}", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores; measured peak {cpu['peak_gflops']:.1f} GFLOP/s fp32 matmul, "
+             f"{cpu['bandwidth_gbs']:.1f} GB/s copy bandwidth. Reference: {report['reference']}.", "",
+             "| bundle | task | metric | value (ratio) | p50 ms | p90 ms | p99 ms | TTFT p50 | TPOT p50 | offline q/s |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        for task, t in r["tasks"].items():
+            ss = t["single_stream"]
+            ratio = f" ({t['accuracy_ratio']:.1%})" if t["accuracy_ratio"] is not None else ""
+            lines.append(f"| {r['bundle']} | {task} | {PRIMARY[task]} | {_fmt(t['primary'])}{ratio} | {ss['p50_ms']:.1f} | "
+                         f"{ss['p90_ms']:.1f} | {ss['p99_ms']:.1f} | {_fmt(t['ttft'] and t['ttft']['p50_ms'], '.1f')} | "
+                         f"{_fmt(t['tpot'] and t['tpot']['p50_ms'], '.1f')} | {t['offline_qps']:.2f} |")
+    lines += ["", "| bundle | precision | size MB | peak memory MB | start s | decode step: fraction of this CPU's roofline |",
+              "|---|---|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        frac = r["roofline"]["cpu_roofline_fraction"]
+        lines.append(f"| {r['bundle']} | {r['precision']} | {r['size_mb']:.1f} | {r['peak_memory_mb']:.0f} | "
+                     f"{r['start_s']:.2f} | {_fmt(frac, '.1%')} |")
+    lines += ["", "Roofline **estimates** for targets not on this machine (decode step / 128-token prefill, ms):", "",
+              "| bundle | target | decode roofline | decode at this CPU's efficiency | prefill-128 roofline |",
+              "|---|---|---:|---:|---:|"]
+    for r in report["results"]:
+        for name, e in r["roofline"]["targets"].items():
+            lines.append(f"| {r['bundle']} | {name} (estimate) | {e['decode_step_ms_roofline']:.3f} | "
+                         f"{_fmt(e['decode_step_ms_at_cpu_efficiency'], '.3f')} | {e['prefill_128_ms_roofline']:.3f} |")
+    lines += ["", "Budget failures:" if report["failures"] else "All budgets pass."]
+    lines += [f"- {f}" for f in report["failures"]]
+    return "\n".join(lines)
+
+
+def pareto_plot(report: dict, path: Path, budget: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in report["results"]:
+        ratios = [t["accuracy_ratio"] for t in r["tasks"].values() if t["accuracy_ratio"] is not None]
+        acc = float(np.mean(ratios)) if ratios else float("nan")
+        p90 = float(np.mean([t["single_stream"]["p90_ms"] for t in r["tasks"].values()]))
+        axes[0].scatter(p90, acc, s=50)
+        axes[0].annotate(r["bundle"], (p90, acc), fontsize=8)
+        axes[1].scatter(r["size_mb"], acc, s=50)
+        axes[1].annotate(r["bundle"], (r["size_mb"], acc), fontsize=8)
+    ratios = [tb.get("min_accuracy_ratio") for tb in (budget.get("tasks") or {}).values() if tb.get("min_accuracy_ratio")]
+    for ax in axes:
+        if ratios:
+            ax.axhline(min(ratios), color="red", linestyle="--", linewidth=1, label=f"min accuracy ratio {min(ratios):.2f}")
+        ax.set_ylabel("mean accuracy ratio to reference")
+        ax.grid(alpha=0.3)
+    if "bundle_size_mb" in budget:
+        axes[1].axvline(budget["bundle_size_mb"], color="red", linestyle=":", linewidth=1, label="size budget")
+    axes[0].set_xlabel("mean p90 latency per task (ms)")
+    axes[1].set_xlabel("bundle size (MB)")
+    for ax in axes:
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Accuracy vs latency and size — target {report['target']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- regression mode -------------------------------------------------------------------------------
+def _pct(text: str) -> float:
+    text = str(text).strip()
+    return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+
+
+def _pts(text: str) -> float:
+    text = str(text).strip()
+    return float(text[:-2]) / 100 if text.endswith("pt") else float(text)
+
+
+def compare_reports(old: dict, new: dict, max_latency_regression: str = "5%", max_accuracy_drop: str = "1pt") -> list[str]:
+    """Regressions of NEW against OLD, per bundle and task: p90 latency up by more than the allowed fraction,
+    or the primary metric down by more than the allowed points."""
+    lat_tol, acc_tol = _pct(max_latency_regression), _pts(max_accuracy_drop)
+    old_by = {(r["bundle"], t): v for r in old["results"] for t, v in r["tasks"].items()}
+    problems = []
+    for r in new["results"]:
+        for task, v in r["tasks"].items():
+            o = old_by.get((r["bundle"], task))
+            if o is None:
+                continue
+            ol, nl = o["single_stream"]["p90_ms"], v["single_stream"]["p90_ms"]
+            if ol > 0 and (nl - ol) / ol > lat_tol:
+                problems.append(f"{r['bundle']}: {task} p90 {ol:.1f} -> {nl:.1f} ms (+{(nl - ol) / ol:.1%} > {lat_tol:.0%})")
+            oa, na = o.get("primary"), v.get("primary")
+            if oa is not None and na is not None and oa - na > acc_tol:
+                problems.append(f"{r['bundle']}: {task} {PRIMARY[task]} {oa:.3f} -> {na:.3f} "
+                                f"(-{(oa - na) * 100:.1f} pt > {acc_tol * 100:.1f} pt)")
+    return problems
