@@ -145,6 +145,16 @@ def _bench_compare(a: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _pipeline(a: argparse.Namespace) -> int:
+    from emoverse.pipeline import run_pipeline
+
+    report, failures = run_pipeline(a.recipe, a.raw, a.out, a.overrides)
+    print(f"bench report: {Path(a.out) / 'bench' / 'report.md'}")
+    for f in failures:
+        print(f"BUDGET FAIL {f}")
+    return 1 if failures else 0
+
+
 def _table(a: argparse.Namespace) -> int:
     from emoverse.evaluate import format_table, merge_metrics
 
@@ -251,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--max-latency-regression", default="5%")
     bc.add_argument("--max-accuracy-drop", default="1pt")
     bc.set_defaults(func=_bench_compare)
+
+    pl = sub.add_parser("pipeline", help="raw data -> data -> train -> compress -> export -> bench, resumable")
+    pl.add_argument("--recipe", required=True, help="pipeline YAML or a shipped one: nano-quick, tiny")
+    pl.add_argument("--raw", required=True, help="raw data directory")
+    pl.add_argument("--out", required=True)
+    pl.add_argument("overrides", nargs="*", help="key=value overrides, e.g. bench.limit=5")
+    pl.set_defaults(func=_pipeline)
 
     tb = sub.add_parser("table", help="one markdown table from several metrics.json (same records)")
     tb.add_argument("metrics", nargs="+")

@@ -100,6 +100,11 @@ def export_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, *, targe
             raise ValueError(f"target cpu: precision {precision!r} not in {tgt['precisions']}")
     model_dir = Path(model_dir)
     parent = verify(model_dir, kind="emoverse-model")
+    llm_cfg = json.loads((model_dir / "llm" / "config.json").read_text())
+    if "quantization_config" in llm_cfg:
+        raise ValueError(f"{model_dir}: is quantized ({llm_cfg['quantization_config'].get('quant_method')}); export "
+                         "takes a full-precision model (a teacher or a distilled student) and quantizes for the "
+                         "target itself: --precision int8/int4 for cpu, Q/DQ + TensorRT precisions for GPUs")
     model = EmoVerse.load(model_dir, check=False).eval()
     probes = probes or [(TASKS["msa"].query("What a lovely day"), [], "msa")]
     with atomic_dir(out, overwrite=overwrite) as tmp:

@@ -81,3 +81,11 @@ def test_int8_qdq_vision_runs_in_onnxruntime(tiny_model_dir, tmp_path, fer_image
         q = runner.infer({"pixels": pixels})["visual_tokens"]
     ref = ort.InferenceSession(str(out / "graphs" / "vision.onnx")).run(None, {"pixels": pixels})[0]
     assert q.shape == ref.shape and np.isfinite(q).all()
+
+
+def test_quantized_artifacts_are_refused(tiny_model_dir, small_amt, tmp_path):
+    from emoverse.compress.pipeline import compress
+
+    compress("fp8-dynamic", tiny_model_dir, small_amt, tmp_path / "fp8")
+    with pytest.raises(ValueError, match="is quantized"):
+        export_bundle(tmp_path / "fp8", tmp_path / "b")

@@ -1,0 +1,153 @@
+"""`emoverse pipeline`: raw data to bench report in one command — data build -> train -> compress ->
+export -> bench. Each stage records a key (its configuration + the digests of its inputs); on a rerun a
+stage whose artifact still verifies under the same key is skipped, so a run that failed continues where
+it stopped, and a changed setting redoes only what depends on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from emoverse.artifacts import ArtifactError, atomic_write_json, manifest_digest, verify
+from emoverse.config import load_config
+
+PIPELINES = Path(__file__).parent / "pipelines"
+
+
+@dataclass
+class ExportSpec:
+    name: str = "cpu-fp32"
+    target: str = "cpu"
+    precision: str | None = None
+    model: str = "teacher"  # "teacher" or the name of a compress entry
+
+
+@dataclass
+class CompressSpec:
+    name: str = "gptq-w4a16"
+    recipe: str = "gptq-w4a16"
+    model: str = "teacher"  # chain from another compress entry by its name
+
+
+@dataclass
+class BenchSpec:
+    target: str = "cpu"
+    limit: int = 20
+    warmup: int = 2
+    budgets: str | None = None
+
+
+@dataclass
+class PipelineConfig:
+    train_recipe: str = "nano-quick"
+    train_overrides: list[str] = field(default_factory=list)
+    sources: list[str] | None = None
+    eval_limit: int = 50  # per task and source, for the teacher and every compressed model
+    compress: list[CompressSpec] = field(default_factory=list)
+    exports: list[ExportSpec] = field(default_factory=lambda: [ExportSpec()])
+    bench: BenchSpec = field(default_factory=BenchSpec)
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, raw: str | os.PathLike, out: str | os.PathLike, log=print):
+        self.cfg, self.raw, self.out, self.log = cfg, Path(raw), Path(out), log
+        self.state_dir = self.out / ".pipeline"
+
+    def _done(self, stage: str, key: str, artifact: Path, kind: str) -> str | None:
+        """The artifact's digest when it was made under `key` and still verifies; else None."""
+        state = self.state_dir / f"{stage}.json"
+        if not state.is_file() or json.loads(state.read_text()).get("key") != key:
+            return None
+        try:
+            return manifest_digest(verify(artifact, kind=kind))
+        except ArtifactError:
+            return None
+
+    def _record(self, stage: str, key: str, artifact: Path, kind: str) -> str:
+        digest = manifest_digest(verify(artifact, kind=kind))
+        atomic_write_json(self.state_dir / f"{stage}.json", {"key": key, "artifact": str(artifact), "digest": digest})
+        return digest
+
+    def stage(self, name: str, key: str, artifact: Path, kind: str, run) -> str:
+        digest = self._done(name, key, artifact, kind)
+        if digest:
+            self.log(f"[pipeline] {name}: up to date ({artifact}), skipped")
+            return digest
+        self.log(f"[pipeline] {name}: running -> {artifact}")
+        run()
+        return self._record(name, key, artifact, kind)
+
+    def run(self) -> tuple[dict, list[str]]:
+        from emoverse.bench.runner import BUDGETS, BenchConfig, run_bench
+        from emoverse.compress.pipeline import compress
+        from emoverse.config import resolve_recipe
+        from emoverse.data import build_amt
+        from emoverse.evaluate import evaluate
+        from emoverse.export.bundle import export_bundle
+        from emoverse.records import load_records
+        from emoverse.train.trainer import RECIPES, TrainConfig, train
+
+        cfg = self.cfg
+        data = self.out / "data"
+        d_data = self.stage("data", _key(str(self.raw.resolve()), cfg.sources), data, "amt-data",
+                            lambda: build_amt(self.raw, data, sources=cfg.sources, overwrite=True))
+        recipe = resolve_recipe(cfg.train_recipe, RECIPES)
+        run_dir = self.out / "train"
+        overrides = [f"data={data}", f"out={run_dir}", *cfg.train_overrides]
+        tcfg = load_config(TrainConfig, recipe, overrides)
+        teacher = run_dir / "model"
+        d_model = self.stage("train", _key(d_data, recipe.read_text(), overrides), teacher, "emoverse-model",
+                             lambda: train(tcfg))
+        models = {"teacher": (teacher, d_model)}
+        evals = {}
+        for spec in [None, *cfg.compress]:
+            name = "teacher" if spec is None else spec.name
+            if spec is not None:
+                parent, d_parent = models[spec.model]
+                art = self.out / "compress" / spec.name
+                models[name] = (art, self.stage(f"compress-{name}", _key(d_parent, d_data, spec.recipe), art,
+                                                "emoverse-model",
+                                                lambda s=spec, p=parent, a=art: compress(s.recipe, p, data, a, overwrite=True)))
+            art, digest = models[name]
+            ev = self.out / "eval" / name
+            key = _key(digest, d_data, cfg.eval_limit)
+            state = self.state_dir / f"eval-{name}.json"
+            if not (state.is_file() and json.loads(state.read_text()).get("key") == key and (ev / "metrics.json").is_file()):
+                self.log(f"[pipeline] eval {name}: running -> {ev}")
+                evaluate(str(art), [str(data)], ev, mode="score", limit=cfg.eval_limit)
+                atomic_write_json(state, {"key": key})
+            evals[name] = ev / "metrics.json"
+        bundles = []
+        fer_images = [i for r in load_records(data / "fer" / "train.jsonl") for i in r.images]
+        for spec in cfg.exports:
+            art, digest = models[spec.model]
+            b = self.out / "bundles" / spec.name
+            self.stage(f"export-{spec.name}", _key(digest, spec.target, spec.precision), b, "emoverse-bundle",
+                       lambda s=spec, a=art, bb=b: export_bundle(a, bb, target=s.target, precision=s.precision,
+                                                                 calibration_images=fer_images, overwrite=True))
+            bundles.append(b)
+        runnable = [b for b, s in zip(bundles, cfg.exports, strict=True) if s.target in ("cpu", cfg.bench.target)]
+        bcfg = BenchConfig(limit=cfg.bench.limit, warmup=cfg.bench.warmup)
+        report, failures = run_bench(runnable, data, cfg.bench.budgets or BUDGETS, cfg.bench.target,
+                                     self.out / "bench", bcfg)
+        if len(evals) > 1:
+            from emoverse.compress.compare import compare
+
+            compare([evals["teacher"], *[v for k, v in evals.items() if k != "teacher"]], out=self.out / "compare")
+        return report, failures
+
+
+def run_pipeline(recipe: str | os.PathLike, raw: str | os.PathLike, out: str | os.PathLike,
+                 overrides: list[str] | None = None) -> tuple[dict, list[str]]:
+    from emoverse.config import resolve_recipe
+
+    cfg = load_config(PipelineConfig, resolve_recipe(recipe, PIPELINES), overrides)
+    return Pipeline(cfg, raw, out).run()
