@@ -126,3 +126,24 @@ def test_runtime_imports_no_torch(bundle):
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_concurrent_requests_match_sequential(runtime):
+    """Several threads share one runtime; answers equal the sequential ones, memory stays flat."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from emoverse.bench.runner import rss_mb
+
+    reqs = [("msa", TASKS["msa"].query(f"sentence number {i}")) for i in range(12)]
+    reqs += [("mer", TASKS["mer"].query(f"line {i}")) for i in range(12)]
+    sequential = [runtime.answer(t, q).text for t, q in reqs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(lambda r: runtime.answer(*r).text, reqs))
+    assert concurrent == sequential
+    for t, q in reqs[:5]:  # warm
+        runtime.answer(t, q)
+    before = rss_mb()
+    for _ in range(10):
+        for t, q in reqs:
+            runtime.answer(t, q)
+    assert rss_mb() - before < 50  # 240 requests: no growth beyond allocator noise
