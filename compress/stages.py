@@ -34,7 +34,7 @@ class FP8Dynamic:
 
 @dataclass
 class Int8WeightOnly:
-    """INT8 weights per output channel (W8A16), round-to-nearest: the CPU-friendly variant that keeps accuracy."""
+    """INT8 weights per output channel, 16-bit activations, round-to-nearest: the CPU-friendly variant."""
 
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
 
@@ -102,7 +102,11 @@ def run_stage(kind: str, params, src: Path, dst: Path, calibration: list[dict], 
     elif kind == "int8_weight_only":
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
-        oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="W8A16", ignore=list(params.ignore)))
+        # explicit per-output-channel INT8 (the W8A16 preset is grouped by 128, which SmolLM2's 576 does not divide)
+        scheme = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "int", "symmetric": True,
+                                                                   "strategy": "channel"},
+                              "input_activations": None, "output_activations": None}}
+        oneshot(model=model, recipe=QuantizationModifier(config_groups=scheme, ignore=list(params.ignore)))
     elif kind == "w8a8_smoothquant":
         from llmcompressor.modifiers.quantization import GPTQModifier
         from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier

@@ -56,6 +56,12 @@ def record_from_dict(obj: dict, *, default_split: str = "test", default_source: 
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     if "query" not in obj or "response" not in obj:
         raise ValueError("missing 'query' or 'response'")
+    for key in ("query", "response"):
+        if not isinstance(obj[key], str):
+            raise ValueError(f"'{key}' must be a string, got {type(obj[key]).__name__}")
+    for key in ("task", "label", "id", "source", "split"):
+        if obj.get(key) is not None and not isinstance(obj[key], (str, int)) or isinstance(obj.get(key), bool):
+            raise ValueError(f"'{key}' must be a string, got {type(obj[key]).__name__}")
     task = obj.get("task") or infer_task(str(obj["query"]))
     if task is None:
         raise ValueError("no 'task' field and the query carries no known task tag")
