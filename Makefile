@@ -28,8 +28,12 @@ eval:
 	$(VENV)/bin/emoverse eval --model $(RUN)/model --data data/amt --out $(RUN)/eval --limit $(EVAL_LIMIT) \
 		--baselines majority vader
 
-# The main job: install, build the AMT data, train EmoVerse-Nano (nano-quick), evaluate on every task.
-quickstart: train eval
+# The main job: raw data -> AMT data -> EmoVerse-Nano (nano-quick) -> eval -> GPTQ W4A16 + compare ->
+# ONNX bundles (cpu fp32/int4, Jetson AGX Orin plan) -> bench report against the cpu budgets.
+PIPELINE ?= nano-quick
+PIPELINE_OUT ?= runs/pipeline
+quickstart: install
+	$(VENV)/bin/emoverse pipeline --recipe $(PIPELINE) --raw $(RAW) --out $(PIPELINE_OUT) $(PIPELINE_ARGS)
 
 test: install
 	$(PY) -m pytest -q tests
