@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emoverse.artifacts import verify
+from emoverse.artifacts import ArtifactError, verify
 from emoverse.tasks import IMAGE_PLACEHOLDER, TASKS, get_task
 
 
@@ -57,6 +57,8 @@ class OrtRuntime:
         if check:
             verify(self.dir, kind="emoverse-bundle")
         self.cfg = json.loads((self.dir / "runtime.json").read_text())
+        for graph in self.cfg["graphs"].values():
+            check_graph_paths(self.dir, graph)
         self.tok = Tokenizer.from_file(str(self.dir / "tokenizer.json"))
         opts = ort.SessionOptions()
         if threads:
@@ -234,6 +236,21 @@ class OrtRuntime:
             except RequestError as e:
                 out.append(e)
         return out
+
+
+def check_graph_paths(bundle: Path, graph: str) -> None:
+    """A graph, and any external-data file it references, must lie inside the bundle folder."""
+    import onnx
+
+    root = bundle.resolve()
+    path = (bundle / graph).resolve()
+    if root not in path.parents:
+        raise ArtifactError(f"{bundle}/runtime.json: graph path {graph!r} escapes the bundle folder")
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and root not in (path.parent / entry.value).resolve().parents:
+                raise ArtifactError(f"{path}: external data {entry.value!r} of {tensor.name!r} escapes the bundle folder")
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

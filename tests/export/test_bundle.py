@@ -147,3 +147,25 @@ def test_concurrent_requests_match_sequential(runtime):
         for t, q in reqs:
             runtime.answer(t, q)
     assert rss_mb() - before < 50  # 240 requests: no growth beyond allocator noise
+
+
+def test_external_data_cannot_escape_the_bundle(bundle, tmp_path):
+    import shutil
+
+    from emoverse.runtime.ort import OrtRuntime, check_graph_paths
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    model = onnx.load(str(copy / "graphs" / "embed.onnx"))
+    init = model.graph.initializer[0]
+    init.data_location = onnx.TensorProto.EXTERNAL
+    del init.external_data[:]
+    init.external_data.add(key="location", value="../../../../etc/passwd")
+    (copy / "graphs" / "embed.onnx").write_bytes(model.SerializeToString())  # onnx.save would refuse it
+    with pytest.raises(ArtifactError, match="escapes the bundle folder"):
+        check_graph_paths(copy, "graphs/embed.onnx")
+    cfg = json.loads((copy / "runtime.json").read_text())
+    cfg["graphs"]["embed"] = "../../elsewhere.onnx"
+    (copy / "runtime.json").write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError, match="escapes the bundle folder"):
+        OrtRuntime(copy, check=False)

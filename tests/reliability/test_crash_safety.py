@@ -69,3 +69,24 @@ def test_kill_during_compress_leaves_no_artifact(tiny_model_dir, small_amt, tmp_
     started = Path(tmp_path)
     _kill_when(cmd, lambda: any(p.name.startswith("emoverse-compress-") for p in started.iterdir()), timeout=300)
     assert not out.exists()
+
+
+def test_kill_during_export_leaves_no_bundle(tiny_model_dir, tmp_path):
+    out = tmp_path / "bundle"
+    cmd = [sys.executable, "-m", "emoverse.cli", "export", "--model", str(tiny_model_dir), "--out", str(out)]
+    _kill_when(cmd, lambda: any(p.name.startswith(".bundle.tmp-") for p in tmp_path.iterdir()))
+    assert not out.exists()
+
+
+def test_kill_during_bench_keeps_the_previous_report(tiny_model_dir, small_amt, tmp_path):
+    from emoverse.export.bundle import export_bundle
+
+    export_bundle(tiny_model_dir, tmp_path / "b")
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "report.json").write_text('{"previous": true}')
+    cmd = [sys.executable, "-m", "emoverse.cli", "bench", "--bundle", str(tmp_path / "b"), "--data", str(small_amt),
+           "--out", str(out), "--limit", "5", "--repetitions", "5"]
+    t0 = time.monotonic()
+    _kill_when(cmd, lambda: time.monotonic() - t0 > 6)
+    assert (out / "report.json").read_text() == '{"previous": true}'  # untouched until a run completes
