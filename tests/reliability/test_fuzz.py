@@ -56,3 +56,46 @@ def test_mosi_reader_on_arbitrary_bytes(tmp_path, blob):
                 assert rec.task == "msa" and rec.label in ("positive", "negative")
         except SourceError as e:
             assert "label.csv" in str(e)
+
+
+ecf_line = st.sampled_from(["1 3", "(1,1),(2,1)", "1 | A | joy | hi | t", "2 | B | neutral | ok | t", "x | y", "",
+                            "3 | C | happy | no | t", "99 2", "1 | A | joy |  | t"]) | st.text(max_size=30)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(ecf_line, max_size=12))
+def test_ecf1_reader_on_arbitrary_lines(tmp_path, lines):
+    from emoverse.sources.ecf import read_ecf1
+
+    (tmp_path / "ecf1_mecpe").mkdir(exist_ok=True)
+    for name in ("train.txt", "dev.txt", "test.txt"):
+        (tmp_path / "ecf1_mecpe" / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    try:
+        for rec in read_ecf1(tmp_path, BuildReport(skip_bad=False)):
+            assert rec.task == "ecpe" and rec.label in TASKS["ecpe"].labels
+    except SourceError as e:
+        assert ".txt:" in str(e)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.text(max_size=15), st.sampled_from(["joy", "anger", "happy", ""]),
+                          st.sampled_from(["positive", "neutral", "bad"]), st.text(max_size=3)), max_size=5))
+def test_meld_reader_on_arbitrary_rows(tmp_path, rows):
+    import csv
+    import io
+
+    from emoverse.sources.meld import FILES, read_meld
+
+    (tmp_path / "meld").mkdir(exist_ok=True)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["Utterance", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID"])
+    w.writerows(rows)
+    for name in FILES.values():
+        (tmp_path / "meld" / name).write_text(buf.getvalue(), encoding="utf-8")
+    for skip_bad in (False, True):
+        try:
+            for rec in read_meld(tmp_path, BuildReport(skip_bad=skip_bad)):
+                assert rec.task in ("mer", "msa") and rec.query.strip()
+        except SourceError as e:
+            assert "_sent_emo.csv:" in str(e)
