@@ -74,3 +74,13 @@ def tiny_model_dir(small_amt, tmp_path_factory) -> Path:
 def tiny_config():
     """tiny_config(data, out, key=value...) -> TrainConfig from the shipped tiny recipe."""
     return _tiny_train_config
+
+
+@pytest.fixture()
+def face(tmp_path) -> str:
+    """A small grey face-sized PNG."""
+    from PIL import Image
+
+    p = tmp_path / "face.png"
+    Image.new("L", (48, 48), 128).save(p)
+    return str(p)

@@ -20,12 +20,6 @@ def model():
     return m
 
 
-@pytest.fixture()
-def face(tmp_path):
-    p = tmp_path / "face.png"
-    Image.new("L", (48, 48), 128).save(p)
-    return str(p)
-
 
 def test_only_projector_and_lora_train(model):
     names = list(model.trainable_parameters())

@@ -31,15 +31,6 @@ def runtime(bundle):
     return OrtRuntime(bundle)
 
 
-@pytest.fixture()
-def face(tmp_path):
-    from PIL import Image
-
-    p = tmp_path / "face.png"
-    Image.new("L", (48, 48), 90).save(p)
-    return str(p)
-
-
 def test_bundle_is_valid_and_verified(bundle):
     m = verify(bundle, kind="emoverse-bundle")
     for name in ("vision", "embed", "decoder"):
