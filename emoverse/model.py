@@ -119,6 +119,19 @@ def load_vision(cfg: ModelConfig) -> nn.Module | None:
     return net
 
 
+def grid_pool(fmap: torch.Tensor, grid: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, grid*grid, C): adaptive average pooling written as static slices, so the ONNX
+    graph holds plain Slice/ReduceMean ops (ONNX has no adaptive pooling for sizes that do not divide)."""
+    h, w = int(fmap.shape[-2]), int(fmap.shape[-1])
+    cells = []
+    for i in range(grid):
+        for j in range(grid):
+            r0, r1 = (i * h) // grid, -(-((i + 1) * h) // grid)
+            c0, c1 = (j * w) // grid, -(-((j + 1) * w) // grid)
+            cells.append(fmap[:, :, r0:r1, c0:c1].mean(dim=(2, 3)))
+    return torch.stack(cells, dim=1)
+
+
 class AffectiveProjector(nn.Module):
     """Pooled feature map (grid x grid cells of 1280-d) -> LLM-width visual tokens (LLaVA-style 2-layer MLP)."""
 
@@ -172,8 +185,7 @@ class EmoVerse(nn.Module):
         """(N, 3, S, S) normalised images -> (N, grid*grid, 1280) pooled frozen features."""
         if self.vision is None:
             raise ValueError("this model has no vision encoder (vision: none) but the input has images")
-        fmap = self.vision.extract_features(pixels)
-        return F.adaptive_avg_pool2d(fmap, self.cfg.visual_grid).flatten(2).transpose(1, 2)
+        return grid_pool(self.vision.extract_features(pixels), self.cfg.visual_grid)
 
     def media_features(self, media: list, cache: bool = False) -> torch.Tensor:
         """Frozen features for MediaRefs, cached by key when asked (the encoder never changes in training)."""

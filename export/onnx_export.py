@@ -28,9 +28,9 @@ class VisionGraph(nn.Module):
         self.grid = model.cfg.visual_grid
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        fmap = self.vision.extract_features(pixels)
-        pooled = nn.functional.adaptive_avg_pool2d(fmap, self.grid).flatten(2).transpose(1, 2)
-        return self.projector(pooled)
+        from emoverse.model import grid_pool
+
+        return self.projector(grid_pool(self.vision.extract_features(pixels), self.grid))
 
 
 class EmbedGraph(nn.Module):

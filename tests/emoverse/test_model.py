@@ -174,3 +174,12 @@ def test_batched_generation_equals_one_by_one(model, face):
     batched = model.generate_batch(reqs, max_new_tokens=6)
     single = [model.generate(q, i, v, max_new_tokens=6) for q, i, v in reqs]
     assert batched == single
+
+
+@pytest.mark.parametrize("size,grid", [(7, 2), (7, 3), (4, 2), (1, 2), (5, 1)])
+def test_grid_pool_equals_adaptive_avg_pool(size, grid):
+    from emoverse.model import grid_pool
+
+    x = torch.randn(2, 3, size, size)
+    ref = torch.nn.functional.adaptive_avg_pool2d(x, grid).flatten(2).transpose(1, 2)
+    assert torch.allclose(grid_pool(x, grid), ref, atol=1e-6)
