@@ -155,8 +155,8 @@ def _run_model(name: str, model, records: list[Record], modes: list[str], partia
             preds = results.setdefault(system, {})
             todo = []
             for r in records:
-                if mode == "score" and not TASKS[r.task].closed:
-                    continue
+                if mode == "score" and not TASKS[r.task].closed and "generate" in modes:
+                    continue  # generated once, under the generate mode, and counted under both
                 if (system, r.id) in done:
                     preds[r.id] = done[(system, r.id)]
                 else:

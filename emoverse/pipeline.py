@@ -16,6 +16,7 @@ from emoverse.artifacts import ArtifactError, atomic_write_json, manifest_digest
 from emoverse.config import load_config
 
 PIPELINES = Path(__file__).parent / "pipelines"
+EVAL_VERSION = 2  # bump when eval semantics change, so pipelines re-evaluate
 
 
 @dataclass
@@ -118,7 +119,7 @@ class Pipeline:
                                                 lambda s=spec, p=parent, a=art: compress(s.recipe, p, data, a, overwrite=True)))
             art, digest = models[name]
             ev = self.out / "eval" / name
-            key = _key(digest, d_data, cfg.eval_limit)
+            key = _key(digest, d_data, cfg.eval_limit, EVAL_VERSION)
             state = self.state_dir / f"eval-{name}.json"
             if not (state.is_file() and json.loads(state.read_text()).get("key") == key and (ev / "metrics.json").is_file()):
                 self.log(f"[pipeline] eval {name}: running -> {ev}")

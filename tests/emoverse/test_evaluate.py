@@ -47,6 +47,7 @@ def test_eval_accepts_foreign_jsonl_and_resumes(tiny_model_dir, tmp_path):
     (out / "predictions.partial.jsonl").write_text(
         json.dumps({"system": "emoverse/score", "id": "mine-1", "prediction": "Negative."}) + "\n{cut-off line")
     m = evaluate(str(tiny_model_dir), [str(f)], out, mode="score")
+    assert set(m["results"]) == {"emoverse/score"}
     preds = {json.loads(x)["id"]: json.loads(x)["prediction"] for x in (out / "predictions.jsonl").read_text().splitlines()}
     assert preds["mine-1"] == "Negative."
     assert m["results"]["emoverse/score"]["msa.n"] == 2
@@ -91,3 +92,9 @@ def test_merge_metrics_side_by_side(tmp_path):
     assert "| msa.accuracy | 0.900 | 0.500 |" in format_table(merged)
     with pytest.raises(ValueError, match="different records"):
         merge_metrics([tmp_path / "a.json", tmp_path / "c.json"])
+
+
+def test_score_mode_alone_still_answers_open_tasks(tiny_model_dir, small_amt, tmp_path):
+    m = evaluate(str(tiny_model_dir), [str(small_amt)], tmp_path, mode="score", limit=1, tasks=["eri", "ecpe", "msa"])
+    res = m["results"]["emoverse/score"]
+    assert "eri.rouge_l" in res and "ecpe.pair_f1" in res and "msa.accuracy" in res
