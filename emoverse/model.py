@@ -35,7 +35,7 @@ class ModelConfig:
     image_size: int = 224
     visual_grid: int = 2  # visual tokens per image/frame = grid * grid
     max_video_frames: int = 4
-    max_length: int = 1024
+    max_length: int = 2048  # ECF prompts reach ~1,500 tokens; SmolLM2 reads 8,192
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
