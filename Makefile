@@ -32,8 +32,9 @@ eval:
 # ONNX bundles (cpu fp32/int4, Jetson AGX Orin plan) -> bench report against the cpu budgets.
 PIPELINE ?= nano-quick
 PIPELINE_OUT ?= runs/pipeline
+# Exit 1 from the pipeline means "ran, and some budget failed" (listed in the report): not a failed job here.
 quickstart: install
-	$(VENV)/bin/emoverse pipeline --recipe $(PIPELINE) --raw $(RAW) --out $(PIPELINE_OUT) $(PIPELINE_ARGS)
+	$(VENV)/bin/emoverse pipeline --recipe $(PIPELINE) --raw $(RAW) --out $(PIPELINE_OUT) $(PIPELINE_ARGS) || test $$? -eq 1
 
 test: install
 	$(PY) -m pytest -q tests
