@@ -243,10 +243,17 @@ def evaluate(model: str, data: list[str], out: str | os.PathLike, *, mode: str =
         "model": model_info,
         "data": [str(d) for d in data], "split": split, "limit": limit, "seed": seed, "missing_media": missing_media,
         "records": dict(sorted(Counter(f"{r.task}/{r.source}" for r in records).items())),
-        "results": {s: compute_metrics(records, p) for s, p in systems.items()},
+        "results": {s: _drop_generated_only(s, compute_metrics(records, p)) for s, p in systems.items()},
     }
     atomic_write_json(out / "metrics.json", metrics)
     partial.unlink(missing_ok=True)
+    return metrics
+
+
+def _drop_generated_only(system: str, metrics: dict) -> dict:
+    """Label scoring answers with the label alone: FER's action-unit F1 is a generation metric."""
+    if system.endswith("/score"):
+        return {k: v for k, v in metrics.items() if not k.endswith(".au_f1")}
     return metrics
 
 
