@@ -26,7 +26,17 @@ def parameter_count(artifact: Path) -> int:
     model = EmoVerse.load(artifact, check=False)
     # quantization metadata (scales, zero points, group indices) is not model capacity
     extra = re.compile(r"(_scale|_zero_point|_g_idx|weight_shape)$")
-    return sum(p.numel() for n, p in model.named_parameters() if not extra.search(n))
+    bits = 0
+    qcfg = json.loads((artifact / "llm" / "config.json").read_text()).get("quantization_config") or {}
+    for group in qcfg.get("config_groups", {}).values():
+        bits = (group.get("weights") or {}).get("num_bits") or bits
+    total = 0
+    for n, p in model.named_parameters():
+        if extra.search(n):
+            continue
+        # compressed-tensors packs 32 // num_bits weights into each int32 of `weight_packed`
+        total += p.numel() * (32 // bits if n.endswith("weight_packed") and bits else 1)
+    return total
 
 
 def folder_bytes(path: Path) -> int:
