@@ -153,14 +153,8 @@ def _answer(rt, rec: Record) -> tuple[str, float, float | None, int]:
     if task.closed:
         ans = rt.answer(rec.task, rec.query, rec.images, mode="score")
         return ans.text, (time.perf_counter() - t0) * 1e3, None, 0
-    allowed = None
-    if rec.task == "ecpe":
-        import re
-
-        m = re.search(r"Target utterance:(\d+)_([a-z]+)\.", rec.query)
-        allowed = rt.ecpe_grammar(int(m.group(1)), m.group(2)) if m else None
     ttft, pieces = None, []
-    for piece in rt.stream(rec.query, rec.images, task.max_new_tokens, allowed):
+    for piece in rt.stream(rec.query, rec.images, task.max_new_tokens, rt.grammar_for(rec.task, rec.query)):
         if ttft is None:
             ttft = (time.perf_counter() - t0) * 1e3
         pieces.append(piece)

@@ -65,9 +65,6 @@ class Predictor:
     def __init__(self, model):
         self.model = model
 
-    def __call__(self, rec: Record, mode: str) -> str:
-        return self.many([rec], mode)[0]
-
     def many(self, recs: list[Record], mode: str) -> list[str]:
         """Answers for records of one task: scored one by one, generated as one batch."""
         task = TASKS[recs[0].task]

@@ -43,26 +43,10 @@ class Encoded:
     media: list[MediaRef] = field(default_factory=list)
 
 
-def _to_pixels(img, size: int) -> torch.Tensor:
-    # Hand-written because torchvision cannot be installed beside this torch build: RGB, bilinear resize,
-    # scaled to [-1, 1] as EfficientNet-Lite's TF weights expect (mean 0.5, std 0.5).
-    from PIL import Image
-
-    img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
 def load_image(path: str, size: int) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
+    from emoverse.imaging import load_pixels
 
-    try:
-        with Image.open(path) as im:
-            return _to_pixels(im, size)
-    except FileNotFoundError:
-        raise MediaError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise MediaError(f"{path}: unreadable image ({e})") from None
+    return torch.from_numpy(load_pixels(path, size, MediaError))
 
 
 def video_frame_count(path: str) -> int:
@@ -93,7 +77,9 @@ def load_video_frame(ref: MediaRef, size: int) -> torch.Tensor:
         frame = iio.imread(ref.path, index=ref.frame)
     except Exception as e:  # noqa: BLE001
         raise MediaError(f"{ref.path}: cannot read frame {ref.frame} ({e})") from None
-    return _to_pixels(Image.fromarray(frame), size)
+    from emoverse.imaging import to_pixels
+
+    return torch.from_numpy(to_pixels(Image.fromarray(frame), size))
 
 
 class PromptBuilder:

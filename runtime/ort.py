@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,17 +33,9 @@ class Answer:
 
 
 def _pixels(path: str, size: int) -> np.ndarray:
-    # Same preprocessing as emoverse.prompting (RGB, bilinear, [-1, 1]); numpy only.
-    from PIL import Image, UnidentifiedImageError
+    from emoverse.imaging import load_pixels
 
-    try:
-        with Image.open(path) as im:
-            img = im.convert("RGB").resize((size, size), Image.BILINEAR)
-    except FileNotFoundError:
-        raise RequestError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise RequestError(f"{path}: unreadable image ({e})") from None
-    return (np.asarray(img, dtype=np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+    return load_pixels(path, size, RequestError)
 
 
 class OrtRuntime:
@@ -72,8 +63,6 @@ class OrtRuntime:
         self.n_layers, self.kv_heads, self.head_dim = self.cfg["kv_shape"]
         self.eos = self.cfg["eos_token_id"]
         self.pad = self.cfg["pad_token_id"]
-        self._lock = threading.Lock()  # sessions are thread-safe; this guards nothing but lazy caches
-        self._label_ids: dict[str, list[int]] = {}
 
     # -- prompt --------------------------------------------------------------------------------
     def encode(self, query: str, images: list[str]) -> tuple[list[int], list[bool]]:
@@ -207,6 +196,13 @@ class OrtRuntime:
 
         return allowed
 
+    def grammar_for(self, task: str, query: str):
+        """The output constraint of a task's query: ECPE answers follow its pair grammar; others are free."""
+        if task != "ecpe":
+            return None
+        m = re.search(r"Target utterance:(\d+)_([a-z]+)\.", query)
+        return self.ecpe_grammar(int(m.group(1)), m.group(2)) if m else None
+
     def answer(self, task: str, query: str, images: list[str] = (), mode: str = "score") -> Answer:
         try:
             t = get_task(task)
@@ -218,12 +214,7 @@ class OrtRuntime:
             s = self.score(query, cands, images)
             best = cands[int(np.argmax(s))]
             return Answer(task, best, t.parse_label(best), dict(zip(cands, s, strict=True)))
-        allowed = None
-        if task == "ecpe":
-            m = re.search(r"Target utterance:(\d+)_([a-z]+)\.", query)
-            if m:
-                allowed = self.ecpe_grammar(int(m.group(1)), m.group(2))
-        text = self.generate(query, images, t.max_new_tokens, allowed)
+        text = self.generate(query, images, t.max_new_tokens, self.grammar_for(task, query))
         parsed = t.parse(text)
         return Answer(task, text, parsed.label if t.closed else None)
 
