@@ -20,7 +20,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from emoverse.artifacts import atomic_write_json, atomic_write_text, library_versions, read_manifest
+from emoverse.artifacts import (
+    atomic_write_json,
+    atomic_write_text,
+    folder_bytes,
+    library_versions,
+    read_manifest,
+)
 from emoverse.records import Record, load_records
 from emoverse.tasks import TASKS
 
@@ -134,10 +140,6 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 1e6
 
 
-def folder_mb(path: Path) -> float:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
-
-
 @dataclass
 class BenchConfig:
     limit: int = 20  # records per task and source
@@ -199,7 +201,7 @@ def bench_bundle(bundle: Path, records: list[Record], cfg: BenchConfig) -> dict:
                            "offline_qps": len(recs) / offline_s}
     manifest = read_manifest(bundle)
     return {"bundle": bundle.name, "path": str(bundle), "target": manifest.get("target"),
-            "precision": manifest.get("precision"), "size_mb": folder_mb(bundle), "start_s": start_s,
+            "precision": manifest.get("precision"), "size_mb": folder_bytes(bundle) / 1e6, "start_s": start_s,
             "peak_memory_mb": peak - before + 0.0, "tasks": out_tasks}
 
 

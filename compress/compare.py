@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from emoverse.artifacts import atomic_write_json, atomic_write_text, read_manifest
+from emoverse.artifacts import atomic_write_json, atomic_write_text, folder_bytes, read_manifest
 
 # the one metric per task the comparison (and MLPerf's 99% rule) is judged on
 PRIMARY = {"msa": "msa.accuracy", "mer": "mer.weighted_f1", "fer": "fer.accuracy", "eri": "eri.label_accuracy",
@@ -37,10 +37,6 @@ def parameter_count(artifact: Path) -> int:
         # compressed-tensors packs 32 // num_bits weights into each int32 of `weight_packed`
         total += p.numel() * (32 // bits if n.endswith("weight_packed") and bits else 1)
     return total
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def compare(metrics_files: list[str | os.PathLike], out: str | os.PathLike | None = None, system: str = SYSTEM) -> dict:

@@ -136,7 +136,8 @@ def run_distill(params: Distill, src: Path, dst: Path, data: str | Path) -> dict
     t0 = time.monotonic()
     log = []
     student.train()
-    student.vision.eval() if student.vision is not None else None
+    if student.vision is not None:
+        student.vision.eval()  # frozen BatchNorm statistics
     bar = tqdm(range(params.steps), desc="distill", unit="step")
     for step in bar:
         task, batch = batch_for(step)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from emoverse.artifacts import atomic_dir, manifest_digest, verify, write_manifest
+from emoverse.artifacts import atomic_dir, folder_bytes, manifest_digest, verify, write_manifest
 from emoverse.compress.stages import STAGES, run_stage
 from emoverse.config import RecipeError
 from emoverse.records import load_records
@@ -84,10 +84,6 @@ def calibration_set(data: str | os.PathLike, tokenizer_dir: Path, n_per_task: in
     return calib, digest
 
 
-def folder_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def compress(recipe: str | os.PathLike, model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
              *, overwrite: bool = False) -> dict:
     stages = parse_recipe(recipe)  # fails before any work
@@ -113,7 +109,7 @@ def compress(recipe: str | os.PathLike, model: str | os.PathLike, data: str | os
                 inputs={"parent": {"path": str(model.resolve()), "digest": manifest_digest(parent)},
                         "calibration": {"sha256": calib_hash, "records": len(calib),
                                         "tasks": sorted({c["task"] for c in calib})}},
-                extra={"sizes": {"bytes": folder_size(tmp), "parent_bytes": folder_size(model)},
+                extra={"sizes": {"bytes": folder_bytes(tmp), "parent_bytes": folder_bytes(model)},
                        "compress_libraries": library_versions(("llmcompressor", "compressed-tensors", "transformers"))},
             )
     return manifest

@@ -102,6 +102,11 @@ def library_versions(names=("torch", "transformers", "peft", "safetensors", "num
     return out
 
 
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """Size on disk of every file below `folder`."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
 def file_hashes(folder: Path) -> dict[str, str]:
     return {
         p.relative_to(folder).as_posix(): sha256_file(p)
