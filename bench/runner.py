@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import platform
 import time
@@ -164,12 +163,19 @@ def _answer(rt, rec: Record) -> tuple[str, float, float | None, int]:
     return text, (time.perf_counter() - t0) * 1e3, ttft, len(rt.tok.encode(text, add_special_tokens=False).ids)
 
 
-def bench_bundle(bundle: Path, records: list[Record], cfg: BenchConfig) -> dict:
-    from emoverse.runtime.ort import OrtRuntime
+def variant_name(path: Path) -> str:
+    """A readable name: the folder, or its parent for a training run's `model` folder (runs/nano/model -> nano)."""
+    return path.parent.name if path.name == "model" and path.parent.name else path.name
 
+
+def bench_bundle(bundle: Path, records: list[Record], cfg: BenchConfig) -> dict:
+    """One variant: a bundle (ONNX Runtime) or a model artifact (PyTorch, the usual FP32 reference)."""
+    from emoverse.runtime.backends import detect_backend, open_runtime
+
+    backend = detect_backend(bundle)
     before = rss_mb()
     t_load = time.perf_counter()
-    rt = OrtRuntime(bundle, threads=cfg.threads)
+    rt = open_runtime(bundle, backend, threads=cfg.threads)
     start_s = time.perf_counter() - t_load
     peak = rss_mb()
     by_task: dict[str, list[Record]] = {}
@@ -179,30 +185,54 @@ def bench_bundle(bundle: Path, records: list[Record], cfg: BenchConfig) -> dict:
     for task, recs in by_task.items():
         for r in recs[: cfg.warmup]:
             _answer(rt, r)
-        lat, ttft, tpot, preds = [], [], [], {}
+        lat, ttft, tpot, preds, n_out = [], [], [], {}, []
         for _ in range(cfg.repetitions):
             for r in recs:
-                text, ms, first, n_out = _answer(rt, r)
+                text, ms, first, n_tokens = _answer(rt, r)
                 preds[r.id] = text
                 lat.append(ms)
+                n_out.append(n_tokens)
                 if first is not None:
                     ttft.append(first)
-                    if n_out > 1:
-                        tpot.append((ms - first) / (n_out - 1))
+                    if n_tokens > 1:
+                        tpot.append((ms - first) / (n_tokens - 1))
                 peak = max(peak, rss_mb())
         t0 = time.perf_counter()
         for r in recs:
             _answer(rt, r)
         offline_s = time.perf_counter() - t0
-        metrics = TASKS[task].metrics([r.response for r in recs], [preds[r.id] for r in recs], [r.label for r in recs])
+        t = TASKS[task]
+        metrics = t.metrics([r.response for r in recs], [preds[r.id] for r in recs], [r.label for r in recs])
+        answers = {r.id: (t.parse(preds[r.id]).label if t.closed else preds[r.id]) for r in recs}
+        prompt_tokens = [len(rt.encode(r.query, r.images)[0]) for r in recs]
+        cand_tokens = (max(len(rt.tok.encode(c, add_special_tokens=False).ids) for c in t.candidates(recs[0].query))
+                       if t.closed else 0)
         out_tasks[task] = {"n": len(recs), "metrics": metrics, "primary": metrics.get(PRIMARY[task]),
                            "single_stream": percentiles(lat),
                            "ttft": percentiles(ttft) if ttft else None, "tpot": percentiles(tpot) if tpot else None,
-                           "offline_qps": len(recs) / offline_s}
-    manifest = read_manifest(bundle)
-    return {"bundle": bundle.name, "path": str(bundle), "target": manifest.get("target"),
-            "precision": manifest.get("precision"), "size_mb": folder_bytes(bundle) / 1e6, "start_s": start_s,
-            "peak_memory_mb": peak - before + 0.0, "tasks": out_tasks}
+                           "offline_qps": len(recs) / offline_s, "answers": answers,
+                           "mean_prompt_tokens": float(np.mean(prompt_tokens)), "candidate_tokens": cand_tokens,
+                           "mean_output_tokens": float(np.mean(n_out))}
+    if backend == "torch":
+        precision, target = "fp32 (torch)", "torch"
+        weights = folder_bytes(bundle / "llm")
+    else:
+        manifest = read_manifest(bundle)
+        precision, target = manifest.get("precision"), manifest.get("target")
+        weights = (bundle / rt.cfg["graphs"]["decoder"]).stat().st_size
+    return {"bundle": variant_name(bundle), "path": str(bundle), "backend": backend, "target": target,
+            "precision": precision, "size_mb": folder_bytes(bundle) / 1e6, "start_s": start_s,
+            "peak_memory_mb": peak - before + 0.0, "tasks": out_tasks,
+            "llm": {"parameters": rt.cfg["llm_parameters"], "kv_shape": rt.cfg["kv_shape"], "decoder_bytes": weights}}
+
+
+def agreement(result: dict, reference: dict) -> None:
+    """Per task, the fraction of records answered as the reference answered them (closed tasks: the parsed
+    label; generative tasks: the exact text)."""
+    for task, t in result["tasks"].items():
+        ref = reference["tasks"].get(task, {}).get("answers", {})
+        common = [i for i in t["answers"] if i in ref]
+        t["agreement"] = sum(t["answers"][i] == ref[i] for i in common) / len(common) if common else None
 
 
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5625}  # int4: + a scale per 32 weights
@@ -213,19 +243,36 @@ def roofline(flops: float, bytes_moved: float, peak_flops: float, bandwidth: flo
     return max(flops / peak_flops, bytes_moved / bandwidth)
 
 
-def roofline_estimates(result: dict, bundle: Path, targets: dict, cpu: dict, ctx: int = 256) -> dict:
+def request_roofline_ms(params: float, weight_bytes: float, prompt_tokens: float, candidate_tokens: int,
+                        output_tokens: float, cpu: dict) -> float:
+    """Lower bound on one request on this CPU: the prefill, the candidate pass (closed tasks) and each decode
+    step, each bounded by compute (2 x parameters per token) or by reading the weights once."""
+    peak, bw = cpu["peak_gflops"] * 1e9, cpu["bandwidth_gbs"] * 1e9
+    ms = roofline(2 * params * prompt_tokens, weight_bytes, peak, bw)
+    if candidate_tokens > 1:
+        ms += roofline(2 * params * (candidate_tokens - 1) * 7, weight_bytes, peak, bw)  # up to 7 candidates
+    ms += output_tokens * roofline(2 * params, weight_bytes, peak, bw)
+    return ms * 1e3
+
+
+def roofline_estimates(result: dict, targets: dict, cpu: dict, ctx: int = 256) -> dict:
     """Decode step (one token at `ctx` tokens of context) and 128-token prefill, from the LLM's FLOPs
     (2 x parameters per token) and bytes moved (weights once + KV cache), per target's published peak
     compute and bandwidth; also scaled by how far this CPU's measured decode step sits from its own
-    roofline. Estimates, never measurements."""
-    cfg = json.loads((bundle / "runtime.json").read_text())
-    params = cfg["llm_parameters"]
-    n_layers, kv_heads, head_dim = cfg["kv_shape"]
-    weights_here = (bundle / cfg["graphs"]["decoder"]).stat().st_size
+    roofline. Estimates, never measurements. Also, per task here, the measured p50 as a fraction of its
+    roofline on this CPU (1.0 = at the roofline)."""
+    params = result["llm"]["parameters"]
+    n_layers, kv_heads, head_dim = result["llm"]["kv_shape"]
+    weights_here = result["llm"]["decoder_bytes"]
     kv = lambda width: 2 * n_layers * kv_heads * head_dim * ctx * width  # noqa: E731
     cpu_ms = roofline(2 * params, weights_here + kv(4), cpu["peak_gflops"] * 1e9, cpu["bandwidth_gbs"] * 1e9) * 1e3
     measured = [t["tpot"]["p50_ms"] for t in result["tasks"].values() if t.get("tpot")]
     fraction = cpu_ms / float(np.median(measured)) if measured else None
+    for t in result["tasks"].values():
+        if "mean_prompt_tokens" in t:
+            t["roofline_ms"] = request_roofline_ms(params, weights_here, t["mean_prompt_tokens"], t["candidate_tokens"],
+                                                   t["mean_output_tokens"], cpu)
+            t["roofline_fraction"] = t["roofline_ms"] / t["single_stream"]["p50_ms"]
     out = {}
     for name, tgt in targets.items():
         if "peak_tflops" not in tgt:
@@ -258,9 +305,10 @@ def run_bench(bundles: list[str | os.PathLike], data: str | os.PathLike, budgets
         for task, t in r["tasks"].items():
             base = ref["tasks"].get(task, {}).get("primary")
             t["accuracy_ratio"] = (t["primary"] / base) if base else None
+        agreement(r, ref)
     targets = load_targets()
-    for r, b in zip(results, bundles, strict=True):
-        r["roofline"] = roofline_estimates(r, Path(b), {k: v for k, v in targets.items() if k != target}, cpu)
+    for r in results:
+        r["roofline"] = roofline_estimates(r, {k: v for k, v in targets.items() if k != target}, cpu)
     failures = [f for r in results for f in verdicts(r, budgets[target])]
     report = {"machine": machine_info(), "cpu_roofline": cpu, "target": target, "config": cfg.__dict__,
               "records": {t: sum(1 for r in records if r.task == t) for t in TASKS}, "reference": ref["bundle"],
@@ -278,10 +326,12 @@ def write_report(report: dict, out: Path, budget: dict) -> None:
         for task, t in r["tasks"].items():
             ss = t["single_stream"]
             rows.append({"bundle": r["bundle"], "precision": r["precision"], "task": task, "primary_metric": PRIMARY[task],
-                         "value": t["primary"], "ratio_to_reference": t["accuracy_ratio"], "p50_ms": ss["p50_ms"],
+                         "value": t["primary"], "ratio_to_reference": t["accuracy_ratio"],
+                         "agreement_with_reference": t.get("agreement"), "p50_ms": ss["p50_ms"],
                          "p90_ms": ss["p90_ms"], "p99_ms": ss["p99_ms"],
                          "ttft_p50_ms": t["ttft"]["p50_ms"] if t["ttft"] else None,
                          "tpot_p50_ms": t["tpot"]["p50_ms"] if t["tpot"] else None, "offline_qps": t["offline_qps"],
+                         "roofline_fraction_p50": t.get("roofline_fraction"),
                          "size_mb": r["size_mb"], "peak_memory_mb": r["peak_memory_mb"]})
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["bundle"])
@@ -302,16 +352,21 @@ def format_report(report: dict) -> str:
     lines = [f"# Bench: target {report['target']}", "",
              f"Machine: {m['cpu']}, {m['cores']} cores; measured peak {cpu['peak_gflops']:.1f} GFLOP/s fp32 matmul, "
              f"{cpu['bandwidth_gbs']:.1f} GB/s copy bandwidth. Reference: {report['reference']}.", "",
-             "| bundle | task | metric | value (ratio) | p50 ms | p90 ms | p99 ms | TTFT p50 | TPOT p50 | offline q/s |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| variant | task | metric | value (ratio) | same answer as ref. | p50 ms | p90 ms | p99 ms | "
+             "p50 / roofline | TTFT p50 | TPOT p50 | offline q/s |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         for task, t in r["tasks"].items():
             ss = t["single_stream"]
             ratio = f" ({t['accuracy_ratio']:.1%})" if t["accuracy_ratio"] is not None else ""
-            lines.append(f"| {r['bundle']} | {task} | {PRIMARY[task]} | {_fmt(t['primary'])}{ratio} | {ss['p50_ms']:.1f} | "
-                         f"{ss['p90_ms']:.1f} | {ss['p99_ms']:.1f} | {_fmt(t['ttft'] and t['ttft']['p50_ms'], '.1f')} | "
+            lines.append(f"| {r['bundle']} | {task} | {PRIMARY[task]} | {_fmt(t['primary'])}{ratio} | "
+                         f"{_fmt(t.get('agreement'), '.1%')} | {ss['p50_ms']:.1f} | "
+                         f"{ss['p90_ms']:.1f} | {ss['p99_ms']:.1f} | {_fmt(t.get('roofline_fraction'), '.0%')} | "
+                         f"{_fmt(t['ttft'] and t['ttft']['p50_ms'], '.1f')} | "
                          f"{_fmt(t['tpot'] and t['tpot']['p50_ms'], '.1f')} | {t['offline_qps']:.2f} |")
-    lines += ["", "| bundle | precision | size MB | peak memory MB | start s | decode step: fraction of this CPU's roofline |",
+    lines += ["", "p50 / roofline: this CPU's lower bound for the request (prefill, candidate pass, decode steps; "
+              "measured peak matmul and bandwidth above) over the measured p50.", "",
+              "| variant | precision | size MB | peak memory MB | start s | decode step: fraction of this CPU's roofline |",
               "|---|---|---:|---:|---:|---:|"]
     for r in report["results"]:
         frac = r["roofline"]["cpu_roofline_fraction"]

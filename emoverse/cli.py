@@ -96,7 +96,8 @@ def _export(a: argparse.Namespace) -> int:
 
 
 def _run(a: argparse.Namespace) -> int:
-    from emoverse.runtime.ort import OrtRuntime, RequestError
+    from emoverse.runtime.backends import open_runtime
+    from emoverse.runtime.ort import RequestError
     from emoverse.tasks import get_task
 
     task = get_task(a.task)
@@ -108,7 +109,7 @@ def _run(a: argparse.Namespace) -> int:
         query = task.query(task.labels, with_aus=True)
     else:
         raise ValueError("give --text (msa, mer, eri) or --query (any task)")
-    rt = OrtRuntime(a.bundle, threads=a.threads)
+    rt = open_runtime(a.bundle, a.backend, threads=a.threads, providers=a.providers)
     try:
         if a.stream and not task.closed:
             for piece in rt.stream(query, a.image or [], task.max_new_tokens):
@@ -232,8 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(func=_export)
 
-    r = sub.add_parser("run", help="answer one request from a bundle with the ONNX Runtime backend (no torch)")
-    r.add_argument("--bundle", required=True)
+    r = sub.add_parser("run", help="answer one request from a bundle (ONNX Runtime, no torch; or its TensorRT "
+                       "engines) or from a model artifact (PyTorch reference)")
+    r.add_argument("--bundle", required=True, help="bundle folder, or a model artifact folder for --backend torch")
+    r.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"],
+                   help="auto: onnxruntime for a bundle, torch for a model artifact")
+    r.add_argument("--providers", default="cpu", choices=["cpu", "cuda", "tensorrt"],
+                   help="ONNX Runtime execution providers (cuda/tensorrt need onnxruntime-gpu)")
     r.add_argument("--task", required=True, help="msa, mer, fer, eri or ecpe")
     r.add_argument("--text", help="what the person says (msa, mer, eri)")
     r.add_argument("--query", help="a full query in the AMT form instead of --text")
@@ -245,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bn = sub.add_parser("bench", help="accuracy + latency + memory + size of bundles against budgets "
                         "(and `emoverse bench compare OLD.json NEW.json`)")
-    bn.add_argument("--bundle", required=True, action="append", help="bundle folder (repeat; the first is the reference)")
+    bn.add_argument("--bundle", required=True, action="append", help="bundle folder or model artifact (PyTorch); repeat; the first is the reference")
     bn.add_argument("--data", default="data/amt", help="AMT folder (its test split) or JSONL files")
     bn.add_argument("--budgets", help="budgets YAML (default: the shipped bench/budgets.yaml)")
     bn.add_argument("--target", default="cpu")

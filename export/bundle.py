@@ -132,6 +132,7 @@ def export_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, *, targe
                                     calibration_pixels(calibration_images or [], model.cfg.image_size))
                 graphs["vision"] = str(qdq.relative_to(tmp))
             extra["tensorrt_plan"] = write_plan(tmp, cfg, graphs, target)
+            extra["device_files"] = ["tensorrt/*.engine", "tensorrt/timing.cache"]  # built on the device later
         extra["precision"] = precision or tgt.get("decoder_precision")
         manifest = write_manifest(tmp, kind="emoverse-bundle", producer={"stage": "export", "target": target,
                                                                          "precision": extra["precision"]},

@@ -41,7 +41,6 @@ def _pixels(path: str, size: int) -> np.ndarray:
 class OrtRuntime:
     def __init__(self, bundle: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None,
                  check: bool = True):
-        import onnxruntime as ort
         from tokenizers import Tokenizer
 
         self.dir = Path(bundle)
@@ -51,18 +50,23 @@ class OrtRuntime:
         for graph in self.cfg["graphs"].values():
             check_graph_paths(self.dir, graph)
         self.tok = Tokenizer.from_file(str(self.dir / "tokenizer.json"))
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        providers = providers or ["CPUExecutionProvider"]
         graphs = self.cfg["graphs"]
-        self.decoder = ort.InferenceSession(str(self.dir / graphs["decoder"]), opts, providers=providers)
-        self.embedder = ort.InferenceSession(str(self.dir / graphs["embed"]), opts, providers=providers)
-        self.vision = (ort.InferenceSession(str(self.dir / graphs["vision"]), opts, providers=providers)
-                       if graphs.get("vision") else None)
+        self.decoder = self._open_graph("decoder", graphs["decoder"], providers, threads)
+        self.embedder = self._open_graph("embed", graphs["embed"], providers, threads)
+        self.vision = self._open_graph("vision", graphs["vision"], providers, threads) if graphs.get("vision") else None
         self.n_layers, self.kv_heads, self.head_dim = self.cfg["kv_shape"]
         self.eos = self.cfg["eos_token_id"]
         self.pad = self.cfg["pad_token_id"]
+
+    def _open_graph(self, key: str, rel_path: str, providers: list[str] | None, threads: int | None):
+        """A session for one bundle graph with ORT's `run(output_names, feeds) -> list` interface; the
+        TensorRT backend overrides this to open the engine built from the same graph."""
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        return ort.InferenceSession(str(self.dir / rel_path), opts, providers=providers or ["CPUExecutionProvider"])
 
     # -- prompt --------------------------------------------------------------------------------
     def encode(self, query: str, images: list[str]) -> tuple[list[int], list[bool]]:
@@ -100,10 +104,8 @@ class OrtRuntime:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32) for _ in range(2 * self.n_layers)]
 
     def forward(self, embeds: np.ndarray, mask: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        past = cache[0].shape[2]
-        t = embeds.shape[1]
-        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, past:past + t].astype(np.int64)
-        feeds = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": mask.astype(np.int64), "position_ids": pos}
+        feeds = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": mask.astype(np.int64),
+                 "position_ids": positions(mask, cache[0].shape[2], embeds.shape[1])}
         for i in range(self.n_layers):
             feeds[f"past_key_{i}"] = cache[2 * i]
             feeds[f"past_value_{i}"] = cache[2 * i + 1]
@@ -151,25 +153,41 @@ class OrtRuntime:
         return "".join(self.stream(query, images, max_new_tokens, allowed)).strip()
 
     def score(self, query: str, candidates: list[str], images: list[str] = ()) -> list[float]:
-        """Sum log-probability of each candidate: one prefill, then all candidates in one batch over its cache."""
-        emb = self.embed(query, list(images))[None]
-        n_prompt = emb.shape[1]
-        logits, cache = self.forward(emb, np.ones((1, n_prompt), dtype=np.int64), self.empty_cache(1))
-        first = _log_softmax(logits[0, -1])
-        cand = [self.tok.encode(c, add_special_tokens=False).ids for c in candidates]
-        scores = [float(first[c[0]]) for c in cand]
-        longest = max(len(c) for c in cand)
-        if longest > 1:
-            n = len(cand)
-            rest = np.array([c[:-1] + [self.pad] * (longest - len(c)) for c in cand], dtype=np.int64)
-            mask = np.concatenate([np.ones((n, n_prompt), dtype=np.int64),
-                                   np.array([[1] * (len(c) - 1) + [0] * (longest - len(c)) for c in cand])], axis=1)
-            big = [np.repeat(x, n, axis=0) for x in cache]
-            lg, _ = self.forward(self.token_embeds(rest), mask, big)
+        """Sum log-probability of each candidate answer after the prompt."""
+        return self.score_batch([(query, candidates, list(images))])[0]
+
+    def score_batch(self, items: list[tuple[str, list[str], list[str]]]) -> list[list[float]]:
+        """Closed-label scoring of several requests at once: one prefill of all prompts (left-padded, so
+        every prompt ends in the last column), then every candidate of every request in one batch over
+        the prompts' KV cache."""
+        return self.score_embedded([self.embed(q, list(images)) for q, _, images in items], [c for _, c, _ in items])
+
+    def score_embedded(self, embs: list[np.ndarray], candidates: list[list[str]]) -> list[list[float]]:
+        n, longest = len(embs), max(e.shape[0] for e in embs)
+        x = np.zeros((n, longest, embs[0].shape[1]), dtype=np.float32)
+        mask = np.zeros((n, longest), dtype=np.int64)
+        for i, e in enumerate(embs):
+            x[i, longest - len(e):] = e
+            mask[i, longest - len(e):] = 1
+        logits, cache = self.forward(x, mask, self.empty_cache(n))
+        first = _log_softmax(logits[:, -1])
+        rows = [i for i, cands in enumerate(candidates) for _ in cands]
+        cand = [self.tok.encode(c, add_special_tokens=False).ids for cands in candidates for c in cands]
+        flat = [float(first[r, c[0]]) for r, c in zip(rows, cand, strict=True)]
+        rest_len = max(len(c) for c in cand) - 1
+        if rest_len > 0:  # teacher-force each candidate's remaining tokens over its request's cache
+            rest = np.array([c[:-1] + [self.pad] * (rest_len + 1 - len(c)) for c in cand], dtype=np.int64)
+            cand_mask = np.array([[1] * (len(c) - 1) + [0] * (rest_len + 1 - len(c)) for c in cand], dtype=np.int64)
+            lg, _ = self.forward(self.token_embeds(rest), np.concatenate([mask[rows], cand_mask], axis=1),
+                                 [kv[rows] for kv in cache])
             lp = _log_softmax(lg)
-            for i, c in enumerate(cand):
-                scores[i] += sum(float(lp[i, j, c[j + 1]]) for j in range(len(c) - 1))
-        return scores
+            for k, c in enumerate(cand):
+                flat[k] += sum(float(lp[k, j, c[j + 1]]) for j in range(len(c) - 1))
+        out, k = [], 0
+        for cands in candidates:
+            out.append(flat[k:k + len(cands)])
+            k += len(cands)
+        return out
 
     def ecpe_grammar(self, target: int, emotion: str) -> Callable[[str], Callable[[int], bool]]:
         """Allowed next tokens: the answer must stay a prefix of '{target}_{emotion},c(;{target}_{emotion},c)*'
@@ -218,15 +236,29 @@ class OrtRuntime:
         parsed = t.parse(text)
         return Answer(task, text, parsed.label if t.closed else None)
 
-    def answer_many(self, requests: list[dict], mode: str = "score") -> list[Answer | RequestError]:
-        """Batched requests; a bad one yields its error in place and the others are still answered."""
-        out: list[Answer | RequestError] = []
-        for r in requests:
+    def answer_many(self, requests: list[dict], mode: str = "score", batch_size: int = 8) -> list[Answer | RequestError]:
+        """Batched requests: closed-label ones are scored `batch_size` at a time in one prefill; a bad
+        request yields its error in its place and the others are still answered."""
+        out: list[Answer | RequestError | None] = [None] * len(requests)
+        batch: list[tuple[int, np.ndarray, list[str], object]] = []
+        for i, r in enumerate(requests):
             try:
-                out.append(self.answer(r["task"], r["query"], r.get("images", []), mode))
+                t = get_task(r["task"])
+                if t.closed and mode == "score":  # embedded alone, so a bad image or prompt fails alone
+                    batch.append((i, self.embed(r["query"], list(r.get("images", []))), t.candidates(r["query"]), t))
+                else:
+                    out[i] = self.answer(r["task"], r["query"], r.get("images", []), mode)
             except RequestError as e:
-                out.append(e)
-        return out
+                out[i] = e
+            except (ValueError, KeyError, TypeError) as e:
+                out[i] = RequestError(f"request {i}: {type(e).__name__}: {e}")
+        for start in range(0, len(batch), batch_size):
+            chunk = batch[start:start + batch_size]
+            scored = self.score_embedded([e for _, e, _, _ in chunk], [c for _, _, c, _ in chunk])
+            for (i, _, cands, t), s in zip(chunk, scored, strict=True):
+                best = cands[int(np.argmax(s))]
+                out[i] = Answer(t.name, best, t.parse_label(best), dict(zip(cands, s, strict=True)))
+        return out  # type: ignore[return-value]
 
 
 def check_graph_paths(bundle: Path, graph: str) -> None:
@@ -242,6 +274,11 @@ def check_graph_paths(bundle: Path, graph: str) -> None:
         for entry in tensor.external_data:
             if entry.key == "location" and root not in (path.parent / entry.value).resolve().parents:
                 raise ArtifactError(f"{path}: external data {entry.value!r} of {tensor.name!r} escapes the bundle folder")
+
+
+def positions(mask: np.ndarray, past: int, t: int) -> np.ndarray:
+    """Position ids of the `t` new tokens: count of attended tokens before each (padding does not count)."""
+    return np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, past:past + t].astype(np.int64)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

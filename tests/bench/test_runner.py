@@ -68,6 +68,16 @@ def test_shipped_budgets_parse():
     assert {"cpu", "jetson-orin-nano", "jetson-agx-orin", "h100"} <= set(load_budgets(BUDGETS))
 
 
+def test_request_roofline_by_hand():
+    from emoverse.bench.runner import request_roofline_ms
+
+    cpu = {"peak_gflops": 100.0, "bandwidth_gbs": 10.0}
+    # prefill of 50 tokens, 1e8 params: 1e10 FLOP / 1e11 = 100 ms (compute-bound; weights 4e8 B / 1e10 = 40 ms)
+    assert request_roofline_ms(1e8, 4e8, 50, 1, 0, cpu) == pytest.approx(100.0)
+    # + 10 decode steps, each bound by reading the weights: 40 ms each
+    assert request_roofline_ms(1e8, 4e8, 50, 0, 10, cpu) == pytest.approx(100.0 + 400.0)
+
+
 def _report(p90, value):
     return {"results": [{"bundle": "b", "tasks": {"mer": {"single_stream": {"p90_ms": p90}, "primary": value}}}]}
 
@@ -92,14 +102,20 @@ def test_bench_end_to_end_on_tiny_bundles(tiny_model_dir, small_amt, tmp_path):
     budgets = tmp_path / "budgets.yaml"
     budgets.write_text("cpu:\n  bundle_size_mb: 1000\n  tasks:\n    msa: {p90_ms: 100000, min_accuracy_ratio: 0.01}\n")
     out = tmp_path / "report"
-    rc = main(["bench", "--bundle", str(tmp_path / "fp32"), "--bundle", str(tmp_path / "int4"), "--data", str(small_amt),
-               "--budgets", str(budgets), "--out", str(out), "--limit", "1", "--warmup", "0"])
+    rc = main(["bench", "--bundle", str(tiny_model_dir), "--bundle", str(tmp_path / "fp32"), "--bundle",
+               str(tmp_path / "int4"), "--data", str(small_amt), "--budgets", str(budgets), "--out", str(out),
+               "--limit", "1", "--warmup", "0"])
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
-    assert [r["bundle"] for r in rep["results"]] == ["fp32", "int4"]
-    assert set(rep["results"][0]["tasks"]) == {"msa", "mer", "fer", "eri", "ecpe"}
-    assert rep["results"][0]["roofline"]["targets"]["h100"]["estimate"] is True
-    assert (out / "pareto.png").stat().st_size > 10_000 and (out / "report.csv").read_text().count("\n") == 11
+    assert [r["bundle"] for r in rep["results"]] == ["run", "fp32", "int4"]  # torch reference (runs/X/model -> X)
+    assert [r["backend"] for r in rep["results"]] == ["torch", "onnxruntime", "onnxruntime"]
+    ref, fp32 = rep["results"][0], rep["results"][1]
+    assert set(ref["tasks"]) == {"msa", "mer", "fer", "eri", "ecpe"}
+    for task in ("msa", "mer", "fer"):  # the fp32 bundle answers as the PyTorch model does
+        assert fp32["tasks"][task]["agreement"] == 1.0 and ref["tasks"][task]["agreement"] == 1.0
+    assert all(0 < t["roofline_fraction"] for t in fp32["tasks"].values())
+    assert ref["roofline"]["targets"]["h100"]["estimate"] is True
+    assert (out / "pareto.png").stat().st_size > 10_000 and (out / "report.csv").read_text().count("\n") == 16
     assert "(estimate)" in (out / "report.md").read_text()
     budgets.write_text("cpu:\n  bundle_size_mb: 0.001\n")
     assert main(["bench", "--bundle", str(tmp_path / "fp32"), "--data", str(small_amt), "--budgets", str(budgets),

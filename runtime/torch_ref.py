@@ -1,0 +1,59 @@
+"""The PyTorch backend: a model artifact behind the same runtime API as the bundles (prompt, label
+scoring, KV-cache decoding, ECPE grammar, batching), so "same answers as torch fp32" compares like with
+like. The decoder step is the very module the ONNX decoder is exported from."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emoverse.runtime.ort import OrtRuntime, RequestError, positions
+
+
+class TorchRuntime(OrtRuntime):
+    def __init__(self, model_dir: str | os.PathLike, threads: int | None = None, check: bool = True):
+        from tokenizers import Tokenizer
+
+        from emoverse.export.bundle import runtime_config
+        from emoverse.export.onnx_export import DecoderGraph
+        from emoverse.model import EmoVerse
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.dir = Path(model_dir)
+        self.model = EmoVerse.load(self.dir, check=check).eval()
+        self.cfg = runtime_config(self.model, {})
+        self.tok = Tokenizer.from_str(self.model.tokenizer.backend_tokenizer.to_str())
+        self.decoder_module = DecoderGraph(self.model.llm).eval()
+        self.embedder = self.model.llm.get_input_embeddings()
+        self.vision = self.model.vision
+        self.n_layers, self.kv_heads, self.head_dim = self.cfg["kv_shape"]
+        self.eos = self.cfg["eos_token_id"]
+        self.pad = self.cfg["pad_token_id"]
+
+    @torch.no_grad()
+    def embed(self, query: str, images: list[str]) -> np.ndarray:
+        ids, vis = self.encode(query, images)
+        emb = self.embedder(torch.tensor([ids]))[0]
+        if images:
+            if self.vision is None:
+                raise RequestError("this model has no vision encoder but the request has images")
+            from emoverse.runtime.ort import _pixels
+
+            pixels = torch.from_numpy(np.stack([_pixels(p, self.cfg["image_size"]) for p in images]))
+            emb[torch.tensor(vis)] = self.model.projector(self.model.vision_features(pixels)).reshape(-1, emb.shape[-1])
+        return emb.numpy()
+
+    @torch.no_grad()
+    def forward(self, embeds: np.ndarray, mask: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        pos = positions(mask, cache[0].shape[2], embeds.shape[1])
+        out = self.decoder_module(torch.from_numpy(embeds.astype(np.float32)), torch.from_numpy(mask.astype(np.int64)),
+                                  torch.from_numpy(pos), *(torch.from_numpy(np.ascontiguousarray(c)) for c in cache))
+        return out[0].numpy(), [t.numpy() for t in out[1:]]
+
+    @torch.no_grad()
+    def token_embeds(self, ids: np.ndarray) -> np.ndarray:
+        return self.embedder(torch.from_numpy(ids.astype(np.int64))).numpy()

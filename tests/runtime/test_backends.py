@@ -1,0 +1,141 @@
+"""The runtime API over its backends: torch reference == ONNX bundle, batched scoring == one by one,
+and the TensorRT backend's wiring (engines from the plan, outputs by name) with a stand-in engine runner."""
+
+import json
+from collections import OrderedDict
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from emoverse.artifacts import ArtifactError
+from emoverse.export.bundle import export_bundle
+from emoverse.runtime.backends import detect_backend, open_runtime
+from emoverse.runtime.ort import Answer, RequestError
+from emoverse.tasks import TASKS
+
+pytestmark = pytest.mark.real_data
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rt") / "cpu"
+    export_bundle(tiny_model_dir, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runtime(bundle):
+    return open_runtime(bundle)
+
+
+def _requests(face):
+    fer, msa, mer = TASKS["fer"], TASKS["msa"], TASKS["mer"]
+    return [{"task": "msa", "query": msa.query("what a lovely day")},
+            {"task": "fer", "query": fer.query(("happy", "anger", "sadness"), False), "images": [face]},
+            {"task": "mer", "query": mer.query("you did what? I can't believe it, after all we said")},
+            {"task": "msa", "query": msa.query("no")}]
+
+
+def test_backend_is_detected_from_the_folder(bundle, tiny_model_dir, tmp_path):
+    assert detect_backend(bundle) == "onnxruntime" and detect_backend(tiny_model_dir) == "torch"
+    with pytest.raises(ValueError, match="neither a bundle"):
+        detect_backend(tmp_path)
+    with pytest.raises(ValueError, match="unknown backend 'tflite'"):
+        open_runtime(bundle, "tflite")
+
+
+def test_torch_reference_answers_like_the_bundle(tiny_model_dir, runtime, face):
+    ref = open_runtime(tiny_model_dir, "torch")
+    for r in _requests(face):
+        t = TASKS[r["task"]]
+        cands = t.candidates(r["query"])
+        assert np.allclose(ref.score(r["query"], cands, r.get("images", [])),
+                           runtime.score(r["query"], cands, r.get("images", [])), atol=1e-3)
+    q = TASKS["ecpe"].query([("neutral", "A", "hi"), ("joy", "B", "great news")], 2)
+    assert ref.answer("ecpe", q, mode="generate").text == runtime.answer("ecpe", q, mode="generate").text
+
+
+def test_scores_equal_the_full_sequence_likelihood(runtime):
+    """KV-cached candidate scoring == log-likelihood of prompt + candidate run in one pass without cache."""
+    q = TASKS["mer"].query("you did what?")
+    cands = TASKS["mer"].candidates(q)
+    got = runtime.score(q, cands)
+    prompt = runtime.embed(q, [])
+    for cand, s in zip(cands, got, strict=True):
+        ids = runtime.tok.encode(cand, add_special_tokens=False).ids
+        x = np.concatenate([prompt, runtime.token_embeds(np.array([ids]))[0]])[None]
+        logits, _ = runtime.forward(x, np.ones((1, x.shape[1]), dtype=np.int64), runtime.empty_cache(1))
+        lp = logits[0] - np.log(np.exp(logits[0] - logits[0].max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits[0].max(-1, keepdims=True)
+        n = len(prompt)
+        assert s == pytest.approx(sum(lp[n - 1 + j, t] for j, t in enumerate(ids)), abs=1e-3)
+
+
+def test_batched_scoring_equals_one_by_one(runtime, face):
+    reqs = _requests(face)
+    items = [(r["query"], TASKS[r["task"]].candidates(r["query"]), r.get("images", [])) for r in reqs]
+    batched = runtime.score_batch(items)
+    for (q, c, im), b in zip(items, batched, strict=True):
+        assert np.allclose(runtime.score(q, c, im), b, atol=1e-4)
+
+
+def test_answer_many_batches_and_isolates_a_bad_request(runtime, face, tmp_path, monkeypatch):
+    reqs = _requests(face)
+    bad = {"task": "fer", "query": reqs[1]["query"], "images": [str(tmp_path / "gone.png")]}
+    calls = []
+    real = runtime.score_embedded
+    monkeypatch.setattr(runtime, "score_embedded", lambda embs, cands: calls.append(len(embs)) or real(embs, cands))
+    out = runtime.answer_many(reqs[:2] + [bad] + reqs[2:], batch_size=8)
+    assert isinstance(out[2], RequestError) and "gone.png" in str(out[2])
+    assert calls == [4]  # one batch: the bad image was refused before the prefill
+    singles = [runtime.answer(r["task"], r["query"], r.get("images", [])) for r in reqs]
+    assert [a.label for a in out[:2] + out[3:]] == [a.label for a in singles]
+
+
+# -- TensorRT backend ------------------------------------------------------------------------------
+class _OrtAsEngine:
+    """Stands in for polygraphy's TrtRunner: the "engine" file names the ONNX graph it was built from;
+    outputs come back as a dict in reversed order, as an engine may order them differently."""
+
+    def __init__(self, loader, name=None):
+        self.loader = loader
+
+    def activate(self):
+        path = self.loader().decode()
+        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+    def infer(self, feed_dict):
+        names = [o.name for o in self.session.get_outputs()]
+        outs = self.session.run(None, feed_dict)
+        return OrderedDict(reversed(list(zip(names, outs, strict=True))))
+
+
+def test_tensorrt_backend_runs_the_engines_of_its_plan(tiny_model_dir, small_amt, tmp_path, runtime, face,
+                                                       monkeypatch):
+    import polygraphy.backend.trt as ptrt
+
+    from emoverse.records import load_records
+
+    images = [i for r in load_records(small_amt / "fer" / "train.jsonl") for i in r.images]
+    out = tmp_path / "agx"
+    export_bundle(tiny_model_dir, out, target="jetson-agx-orin", calibration_images=images)
+    with pytest.raises(ArtifactError, match="engine not built.*build_engines.py"):
+        open_runtime(out, "tensorrt")
+    plan = json.loads((out / "tensorrt" / "plan.json").read_text())
+    for b in plan["builds"]:
+        (out / b["engine"]).write_bytes(str(out / b["onnx"]).encode())
+    with pytest.raises(RuntimeError, match="cannot load the TensorRT engine"):
+        open_runtime(out, "tensorrt")  # no tensorrt here: a clear error, not an ImportError deep inside
+    monkeypatch.setattr(ptrt, "TrtRunner", _OrtAsEngine)
+    monkeypatch.setattr(ptrt, "EngineFromBytes", lambda load_bytes: load_bytes)
+    rt = open_runtime(out, "tensorrt")
+    assert {type(g).__name__ for g in (rt.decoder, rt.embedder, rt.vision)} == {"TrtGraph"}
+    q = TASKS["msa"].query("what a lovely day")
+    assert np.allclose(rt.score(q, ["Positive.", "Negative."]), runtime.score(q, ["Positive.", "Negative."]), atol=1e-4)
+    assert isinstance(rt.answer("fer", TASKS["fer"].query(("happy", "anger"), False), [face]), Answer)
+
+
+def test_tensorrt_backend_needs_a_tensorrt_bundle(bundle):
+    with pytest.raises(ArtifactError, match="no tensorrt/plan.json"):
+        open_runtime(bundle, "tensorrt")
