@@ -49,10 +49,20 @@ class W8A8SmoothQuant:
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
 
 
+@dataclass
+class ModelOptFP8:
+    """nvidia-modelopt FP8 (E4M3 per-tensor weights, static per-tensor inputs from max calibration), written as
+    modelopt's unified HF checkpoint: the form TensorRT-LLM builds FP8 engines from."""
+
+    calibration_samples: int = 64
+    max_seq_length: int = 384
+
+
 from emoverse.compress.distill import Distill, run_distill  # noqa: E402
 
 STAGES: dict[str, type] = {"distill": Distill, "gptq_w4a16": GPTQW4A16, "fp8_dynamic": FP8Dynamic,
-                           "int8_weight_only": Int8WeightOnly, "w8a8_smoothquant": W8A8SmoothQuant}
+                           "int8_weight_only": Int8WeightOnly, "w8a8_smoothquant": W8A8SmoothQuant,
+                           "modelopt_fp8": ModelOptFP8}
 
 
 def _calibrated_oneshot(model, recipe, calibration: list[dict], params) -> int:
@@ -82,12 +92,21 @@ def run_stage(kind: str, params, src: Path, dst: Path, calibration: list[dict], 
     """Distil, or quantize src/llm into dst/llm (compressed-tensors), and copy the rest; returns stage info."""
     if kind == "distill":
         return run_distill(params, src, dst, data)
-    from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(src / "llm", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src / "llm")
     info: dict = {"type": kind}
+    if kind == "modelopt_fp8":
+        from emoverse.compress.modelopt_fp8 import quantize_fp8
+
+        info["calibration_samples"] = quantize_fp8(model, calibration, dst / "llm", params.calibration_samples,
+                                                   params.max_seq_length)
+        tok.save_pretrained(dst / "llm")
+        _copy_non_llm(src, dst)
+        return info
+    from llmcompressor import oneshot
+
     if kind == "gptq_w4a16":
         from llmcompressor.modifiers.quantization import GPTQModifier
 

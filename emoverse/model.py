@@ -294,7 +294,12 @@ class EmoVerse(nn.Module):
             raise ArtifactError(f"{path}: no emoverse.json; not an EmoVerse model artifact")
         cfg = ModelConfig(**json.loads(cfg_path.read_text()))
         tok = AutoTokenizer.from_pretrained(path / "llm")
-        llm = AutoModelForCausalLM.from_pretrained(path / "llm", dtype=torch.float32)
+        from emoverse.compress.modelopt_fp8 import is_fp8_checkpoint, load_fp8_checkpoint
+
+        if is_fp8_checkpoint(path / "llm"):  # ModelOpt FP8 (TensorRT-LLM's form): emulated exactly on CPU
+            llm = load_fp8_checkpoint(path / "llm")
+        else:
+            llm = AutoModelForCausalLM.from_pretrained(path / "llm", dtype=torch.float32)
         vision = None
         if cfg.vision != "none":
             vision = load_vision(ModelConfig(**{**asdict(cfg), "vision": "efficientnet-lite0-random"}))

@@ -94,3 +94,29 @@ def test_compare_table(tiny_model_dir, small_amt, tmp_path):
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
     assert "F8_E4M3" in dtypes
     assert "| fp8_dynamic |" in format_compare(rep) and (tmp_path / "cmp" / "compare.md").is_file()
+
+
+def test_modelopt_fp8_checkpoint_reloads_with_fp8_numerics(tiny_model_dir, small_amt, tmp_path):
+    """ModelOpt's FP8 checkpoint (TensorRT-LLM's form) is read back with FP8 weights and FP8-rounded inputs."""
+    import json
+
+    import torch
+
+    out = tmp_path / "mo-fp8"
+    m = compress("modelopt-fp8", tiny_model_dir, small_amt, out)
+    assert verify(out, kind="emoverse-model") == m and m["producer"]["stages"][0]["calibration_samples"] > 0
+    quant = json.loads((out / "llm" / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == "FP8" and "lm_head" in quant["exclude_modules"]
+    model = EmoVerse.load(out)
+    info = model.llm.config.emoverse_quantization
+    assert info["producer"] == "modelopt" and info["fp8_linears"] == 7 * model.llm.config.num_hidden_layers
+    w = model.llm.model.layers[0].mlp.up_proj.weight
+    from safetensors.torch import load_file
+
+    sd = load_file(next((out / "llm").glob("*.safetensors")))
+    scale = sd["model.layers.0.mlp.up_proj.weight_scale"]
+    assert torch.equal((w / scale).to(torch.float8_e4m3fn).float() * scale, w)  # on the E4M3 grid
+    ref = EmoVerse.load(tiny_model_dir)
+    q = TASKS["msa"].query("great")
+    got, want = model.score(q, ["Positive.", "Negative."]), ref.score(q, ["Positive.", "Negative."])
+    assert got != want and abs(got[0] - want[0]) < 1.0  # quantized, and close
