@@ -87,6 +87,11 @@ def calibration_set(data: str | os.PathLike, tokenizer_dir: Path, n_per_task: in
 def compress(recipe: str | os.PathLike, model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
              *, overwrite: bool = False) -> dict:
     stages = parse_recipe(recipe)  # fails before any work
+    for kind, params in stages:
+        if kind == "gptqmodel_w4a16":  # its separate environment must exist before hours of distillation
+            from emoverse.compress.stages import gptqmodel_python
+
+            gptqmodel_python(params)
     model = Path(model)
     parent = verify(model, kind="emoverse-model")
     calib, calib_hash = calibration_set(data, model / "llm")
@@ -110,6 +115,7 @@ def compress(recipe: str | os.PathLike, model: str | os.PathLike, data: str | os
                         "calibration": {"sha256": calib_hash, "records": len(calib),
                                         "tasks": sorted({c["task"] for c in calib})}},
                 extra={"sizes": {"bytes": folder_bytes(tmp), "parent_bytes": folder_bytes(model)},
-                       "compress_libraries": library_versions(("llmcompressor", "compressed-tensors", "transformers"))},
+                       "compress_libraries": library_versions(("llmcompressor", "compressed-tensors", "nvidia-modelopt",
+                                                                            "transformers"))},
             )
     return manifest

@@ -58,11 +58,62 @@ class ModelOptFP8:
     max_seq_length: int = 384
 
 
+@dataclass
+class GPTQModelW4A16:
+    """GPTQ W4A16 in the classic on-disk GPTQ format (auto-gptq's; vLLM, TGI, ExLlama read it), made by
+    GPTQModel. GPTQModel wants transformers 5.24, llm-compressor caps it at 5.17: it runs in its own
+    environment, `python` (default $EMOVERSE_GPTQMODEL_PYTHON, else .venv-gptq/bin/python; `make gptq-env`)."""
+
+    bits: int = 4
+    group_size: int = 64
+    desc_act: bool = False
+    damp_percent: float = 0.01
+    calibration_samples: int = 64
+    max_seq_length: int = 384
+    python: str = ""
+
+
+def gptqmodel_python(params: GPTQModelW4A16) -> Path:
+    """The GPTQModel environment's interpreter, or a clear error before any work."""
+    import os
+
+    py = Path(params.python or os.environ.get("EMOVERSE_GPTQMODEL_PYTHON") or ".venv-gptq/bin/python")
+    if not py.is_file():
+        raise ValueError(f"gptqmodel_w4a16: no GPTQModel environment at {py} (GPTQModel needs transformers 5.24, "
+                         "which conflicts with llm-compressor's <=5.17): run `make gptq-env`, or set "
+                         "EMOVERSE_GPTQMODEL_PYTHON / the stage's `python`")
+    return py
+
+
+def _run_gptqmodel(params: GPTQModelW4A16, src: Path, dst: Path, calibration: list[dict]) -> dict:
+    import json
+    import subprocess
+    import tempfile
+
+    py = gptqmodel_python(params)
+    worker = Path(__file__).parent / "gptqmodel_worker.py"
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        calib = Path(tmp) / "calibration.jsonl"
+        calib.write_text("".join(json.dumps({"input_ids": c["input_ids"][: params.max_seq_length]}) + "\n"
+                                 for c in calibration[: params.calibration_samples]))
+        cmd = [str(py), str(worker), "--llm", str(src / "llm"), "--calibration", str(calib), "--out", str(dst / "llm"),
+               "--bits", str(params.bits), "--group-size", str(params.group_size),
+               "--damp-percent", str(params.damp_percent)] + (["--desc-act"] if params.desc_act else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ,
+                                                                       "GPTQMODEL_CPU_WORKERS": "2"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"gptqmodel_w4a16: the GPTQModel worker failed (exit {proc.returncode}):\n"
+                           + proc.stderr[-3000:])
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    _copy_non_llm(src, dst)
+    return {"type": "gptqmodel_w4a16", **info}
+
+
 from emoverse.compress.distill import Distill, run_distill  # noqa: E402
 
 STAGES: dict[str, type] = {"distill": Distill, "gptq_w4a16": GPTQW4A16, "fp8_dynamic": FP8Dynamic,
                            "int8_weight_only": Int8WeightOnly, "w8a8_smoothquant": W8A8SmoothQuant,
-                           "modelopt_fp8": ModelOptFP8}
+                           "modelopt_fp8": ModelOptFP8, "gptqmodel_w4a16": GPTQModelW4A16}
 
 
 def _calibrated_oneshot(model, recipe, calibration: list[dict], params) -> int:
@@ -92,6 +143,8 @@ def run_stage(kind: str, params, src: Path, dst: Path, calibration: list[dict], 
     """Distil, or quantize src/llm into dst/llm (compressed-tensors), and copy the rest; returns stage info."""
     if kind == "distill":
         return run_distill(params, src, dst, data)
+    if kind == "gptqmodel_w4a16":
+        return _run_gptqmodel(params, src, dst, calibration)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(src / "llm", dtype=torch.float32)

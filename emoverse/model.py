@@ -296,6 +296,11 @@ class EmoVerse(nn.Module):
         tok = AutoTokenizer.from_pretrained(path / "llm")
         from emoverse.compress.modelopt_fp8 import is_fp8_checkpoint, load_fp8_checkpoint
 
+        quant = json.loads((path / "llm" / "config.json").read_text()).get("quantization_config") or {}
+        if quant.get("quant_method") == "gptq" and importlib.util.find_spec("gptqmodel") is None:
+            raise ArtifactError(f"{path}: its LLM is in the classic GPTQ format (GPTQModel), which this environment "
+                                "cannot run (no gptqmodel; it needs transformers 5.24): use the GPTQModel environment "
+                                "(`make gptq-env`; .venv-gptq/bin/emoverse), or the compressed-tensors recipe gptq-w4a16")
         if is_fp8_checkpoint(path / "llm"):  # ModelOpt FP8 (TensorRT-LLM's form): emulated exactly on CPU
             llm = load_fp8_checkpoint(path / "llm")
         else:

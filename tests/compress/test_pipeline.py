@@ -120,3 +120,38 @@ def test_modelopt_fp8_checkpoint_reloads_with_fp8_numerics(tiny_model_dir, small
     q = TASKS["msa"].query("great")
     got, want = model.score(q, ["Positive.", "Negative."]), ref.score(q, ["Positive.", "Negative."])
     assert got != want and abs(got[0] - want[0]) < 1.0  # quantized, and close
+
+
+def test_gptqmodel_stage_needs_its_environment_before_any_work(tiny_model_dir, small_amt, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - type: distill\n    keep_layers: 1\n    steps: 1\n"
+                      f"  - type: gptqmodel_w4a16\n    python: {tmp_path / 'nope' / 'python'}\n")
+    with pytest.raises(ValueError, match="no GPTQModel environment at .*make gptq-env"):
+        compress(recipe, tiny_model_dir, small_amt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+GPTQ_ENV = __import__("pathlib").Path(__file__).resolve().parents[2] / ".venv-gptq"
+GPTQ_PY = GPTQ_ENV / "bin" / "python"
+
+
+@pytest.mark.skipif(not any(GPTQ_ENV.glob("lib/python*/site-packages/gptqmodel/__init__.py")),
+                    reason="no GPTQModel environment (make gptq-env)")
+def test_gptqmodel_classic_format(tiny_model_dir, small_amt, tmp_path):
+    """Runs only where `make gptq-env` was done: GPTQ in the classic format, through the worker."""
+    import json
+
+    from safetensors import safe_open
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"stages:\n  - type: gptqmodel_w4a16\n    group_size: 32\n    calibration_samples: 8\n"
+                      f"    python: {GPTQ_PY}\n")
+    m = compress(recipe, tiny_model_dir, small_amt, tmp_path / "out")
+    q = json.loads((tmp_path / "out" / "llm" / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "gptq" and q["bits"] == 4 and q["group_size"] == 32
+    st = next((tmp_path / "out" / "llm").glob("*.safetensors"))
+    with safe_open(str(st), "pt") as f:
+        keys = set(f.keys())
+    assert {"model.layers.0.mlp.up_proj.qweight", "model.layers.0.mlp.up_proj.qzeros",
+            "model.layers.0.mlp.up_proj.scales"} <= keys
+    assert m["producer"]["stages"][0]["libraries"]["gptqmodel"]
