@@ -44,11 +44,11 @@ def test_decode_tokens_per_s_ratio(benchmark):
 
         emb = rt.embed(PROMPT, [])[None]
         mask = np.ones((1, emb.shape[1]), dtype=np.int64)
-        logits, cache = rt.forward(emb, mask, rt.empty_cache(1))
+        logits, cache = rt.forward(emb, mask, rt.empty_cache(1), [emb.shape[1] - 1])  # last position's logits
         for _ in range(NEW_TOKENS):
             nxt = np.array([[int(logits[0, -1].argmax())]])
             mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-            logits, cache = rt.forward(rt.token_embeds(nxt), mask, cache)
+            logits, cache = rt.forward(rt.token_embeds(nxt), mask, cache, [0])
 
     torch_tps = _tokens_per_s(torch_decode, NEW_TOKENS)
     ort_tps = benchmark.pedantic(lambda: _tokens_per_s(ort_decode, NEW_TOKENS), rounds=1, iterations=1)

@@ -31,7 +31,7 @@ def test_vision_encode(benchmark, rt):
 def test_prefill_mer_prompt(benchmark, rt):
     emb = rt.embed(TASKS["mer"].query("Why do all your coffee mugs have numbers on the bottom?"), [])[None]
     mask = np.ones((1, emb.shape[1]), dtype=np.int64)
-    benchmark(lambda: rt.forward(emb, mask, rt.empty_cache(1)))
+    benchmark(lambda: rt.forward(emb, mask, rt.empty_cache(1), [emb.shape[1] - 1]))
     benchmark.extra_info["prompt_tokens"] = emb.shape[1]
 
 
@@ -40,7 +40,7 @@ def test_decode_step_at_256_context(benchmark, rt):
     _, cache = rt.forward(emb, np.ones((1, emb.shape[1]), dtype=np.int64), rt.empty_cache(1))
     step = rt.token_embeds(np.array([[rt.pad]]))
     mask = np.ones((1, emb.shape[1] + 1), dtype=np.int64)
-    benchmark(lambda: rt.forward(step, mask, cache))
+    benchmark(lambda: rt.forward(step, mask, cache, [0]))
     benchmark.extra_info["context"] = emb.shape[1]
 
 

@@ -15,6 +15,7 @@ from emoverse.export.onnx_export import OPSET, export_all, kv_shape
 from emoverse.tasks import TASKS
 
 SENTINEL = "\u2063QUERY\u2063"
+RUNTIME_FORMAT = "emoverse-runtime/2"  # 2: the decoder takes logits_index
 
 
 def runtime_config(model, graphs: dict[str, str]) -> dict:
@@ -22,7 +23,7 @@ def runtime_config(model, graphs: dict[str, str]) -> dict:
     prefix, suffix = text.split(SENTINEL)
     tok = model.tokenizer
     return {
-        "format": "emoverse-runtime/1",
+        "format": RUNTIME_FORMAT,
         "chat_prefix": prefix, "chat_suffix": suffix,
         "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
         "n_visual": model.cfg.n_visual, "image_size": model.cfg.image_size, "max_length": model.cfg.max_length,

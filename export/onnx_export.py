@@ -3,9 +3,12 @@
 Three graphs, so a runtime needs no torch:
 - vision.onnx   pixels (N, 3, S, S) -> visual_tokens (N, grid*grid, H)   encoder + pooling + projector
 - embed.onnx    input_ids (B, T) -> inputs_embeds (B, T, H)
-- decoder.onnx  inputs_embeds (B, T, H), attention_mask (B, P+T), position_ids (B, T),
+- decoder.onnx  inputs_embeds (B, T, H), attention_mask (B, P+T), position_ids (B, T), logits_index (K,),
                 past_key_i / past_value_i (B, kv_heads, P, head_dim) for every layer
-                -> logits (B, T, V), present_key_i / present_value_i (B, kv_heads, P+T, head_dim)
+                -> logits (B, K, V) at the positions in logits_index,
+                   present_key_i / present_value_i (B, kv_heads, P+T, head_dim)
+                (a prefill needs the last position's logits only: the vocabulary projection is ~20% of
+                SmolLM2's FLOPs per token, so computing it for every prompt token is waste)
 Batch, sequence and past lengths are dynamic axes. The decoder is given a ready 4D additive mask built
 here with plain tensor ops, so the exported graph holds no data-dependent mask code.
 """
@@ -50,7 +53,7 @@ class DecoderGraph(nn.Module):
         self.llm = llm
         self.n_layers = llm.config.num_hidden_layers
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+    def forward(self, inputs_embeds, attention_mask, position_ids, logits_index, *past):
         from transformers import DynamicCache
 
         cache = DynamicCache()
@@ -65,7 +68,7 @@ class DecoderGraph(nn.Module):
         allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
         mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype).masked_fill(~allowed, torch.finfo(inputs_embeds.dtype).min)
         out = self.llm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
-                       past_key_values=cache, use_cache=True)
+                       past_key_values=cache, use_cache=True, logits_to_keep=logits_index)
         presents = []
         for i in range(self.n_layers):
             layer = out.past_key_values.layers[i]
@@ -104,9 +107,10 @@ def export_all(model, out: Path, opset: int = OPSET) -> dict[str, Path]:
         hidden = llm.config.hidden_size
         b, t, p = 2, 3, 4
         past = []
-        names_in, names_out = ["inputs_embeds", "attention_mask", "position_ids"], ["logits"]
+        names_in, names_out = ["inputs_embeds", "attention_mask", "position_ids", "logits_index"], ["logits"]
         axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
-                "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
+                "position_ids": {0: "batch", 1: "seq"}, "logits_index": {0: "n_logits"},
+                "logits": {0: "batch", 1: "n_logits"}}
         for i in range(n_layers):
             for kind in ("key", "value"):
                 past.append(torch.zeros(b, kv_heads, p, head_dim))
@@ -115,7 +119,7 @@ def export_all(model, out: Path, opset: int = OPSET) -> dict[str, Path]:
                 axes[f"past_{kind}_{i}"] = {0: "batch", 2: "past"}
                 axes[f"present_{kind}_{i}"] = {0: "batch", 2: "total"}
         args = (torch.zeros(b, t, hidden), torch.ones(b, p + t, dtype=torch.long),
-                torch.arange(p, p + t).repeat(b, 1), *past)
+                torch.arange(p, p + t).repeat(b, 1), torch.tensor([0, t - 1]), *past)
         paths["decoder"] = out / "decoder.onnx"
         torch.onnx.export(DecoderGraph(llm), args, paths["decoder"], opset_version=opset, input_names=names_in,
                           output_names=names_out, dynamic_axes=axes, dynamo=False)

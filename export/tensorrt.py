@@ -40,7 +40,8 @@ def input_shapes(runtime_cfg: dict, graph: str, profiles: dict) -> dict[str, lis
     hidden = runtime_cfg.get("hidden_size")
     shapes = {"inputs_embeds": [[b[i], s[i], hidden] for i in range(3)],
               "attention_mask": [[b[i], p[i] + s[i]] for i in range(3)],
-              "position_ids": [[b[i], s[i]] for i in range(3)]}
+              "position_ids": [[b[i], s[i]] for i in range(3)],
+              "logits_index": [[1], [1], [s[2]]]}  # prefill/decode: 1 position; candidate pass: up to seq
     for layer in range(n_layers):
         for kind in ("key", "value"):
             shapes[f"past_{kind}_{layer}"] = [[b[i], kv_heads, p[i], head_dim] for i in range(3)]

@@ -19,6 +19,8 @@ import numpy as np
 from emoverse.artifacts import ArtifactError, verify
 from emoverse.tasks import IMAGE_PLACEHOLDER, TASKS, get_task
 
+RUNTIME_FORMAT = "emoverse-runtime/2"  # the decoder takes logits_index (export.bundle writes the same)
+
 
 class RequestError(ValueError):
     """A request the runtime cannot answer (bad image, unknown task, too long); the runtime keeps serving."""
@@ -47,6 +49,9 @@ class OrtRuntime:
         if check:
             verify(self.dir, kind="emoverse-bundle")
         self.cfg = json.loads((self.dir / "runtime.json").read_text())
+        if self.cfg.get("format") != RUNTIME_FORMAT:
+            raise ArtifactError(f"{self.dir}/runtime.json: bundle format {self.cfg.get('format')!r}, this runtime reads "
+                                f"{RUNTIME_FORMAT!r}: export the bundle again")
         for graph in self.cfg["graphs"].values():
             check_graph_paths(self.dir, graph)
         self.tok = Tokenizer.from_file(str(self.dir / "tokenizer.json"))
@@ -103,9 +108,13 @@ class OrtRuntime:
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32) for _ in range(2 * self.n_layers)]
 
-    def forward(self, embeds: np.ndarray, mask: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def forward(self, embeds: np.ndarray, mask: np.ndarray, cache: list[np.ndarray],
+                logits_index: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One decoder call; logits only at `logits_index` (positions among the new tokens; default all)."""
+        t = embeds.shape[1]
         feeds = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": mask.astype(np.int64),
-                 "position_ids": positions(mask, cache[0].shape[2], embeds.shape[1])}
+                 "position_ids": positions(mask, cache[0].shape[2], t),
+                 "logits_index": np.arange(t, dtype=np.int64) if logits_index is None else np.asarray(logits_index, np.int64)}
         for i in range(self.n_layers):
             feeds[f"past_key_{i}"] = cache[2 * i]
             feeds[f"past_value_{i}"] = cache[2 * i + 1]
@@ -115,17 +124,45 @@ class OrtRuntime:
     def token_embeds(self, ids: np.ndarray) -> np.ndarray:
         return self.embedder.run(None, {"input_ids": ids.astype(np.int64)})[0]
 
+    def _prefix(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Embeddings and KV cache of the chat prefix (system prompt + user turn opening) that starts every
+        prompt: computed once, so a request's prefill runs only over its own tokens."""
+        if getattr(self, "_prefix_kv", None) is None:
+            ids = self.tok.encode(self.cfg["chat_prefix"], add_special_tokens=False).ids
+            emb = self.token_embeds(np.array([ids]))
+            _, kv = self.forward(emb, np.ones((1, len(ids)), dtype=np.int64), self.empty_cache(1), [len(ids) - 1])
+            self._prefix_emb, self._prefix_kv = emb[0], kv
+        return self._prefix_emb, self._prefix_kv
+
+    def prefill(self, embs: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """Prompts (each (T_i, H)) -> last-position logits (B, V), KV cache, attention mask. The shared chat
+        prefix comes from its cache when every prompt starts with it; prompts are left-padded after it, so
+        every prompt ends in the last column (padding is masked and does not advance positions)."""
+        pre_emb, pre_kv = self._prefix()
+        n_pre = len(pre_emb)
+        if not all(len(e) > n_pre and np.array_equal(e[:n_pre], pre_emb) for e in embs):
+            n_pre = 0  # a prompt that does not start with the prefix: plain prefill
+        n, longest = len(embs), max(len(e) for e in embs) - n_pre
+        x = np.zeros((n, longest, embs[0].shape[1]), dtype=np.float32)
+        mask = np.zeros((n, n_pre + longest), dtype=np.int64)
+        mask[:, :n_pre] = 1
+        for i, e in enumerate(embs):
+            rest = e[n_pre:]
+            x[i, longest - len(rest):] = rest
+            mask[i, n_pre + longest - len(rest):] = 1
+        cache = [np.repeat(kv, n, axis=0) for kv in pre_kv] if n_pre else self.empty_cache(n)
+        logits, cache = self.forward(x, mask, cache, [longest - 1])
+        return logits[:, -1], cache, mask
+
     # -- answers -------------------------------------------------------------------------------
     def stream(self, query: str, images: list[str] = (), max_new_tokens: int = 32,
                allowed: Callable[[str], Callable[[int], bool]] | None = None) -> Iterator[str]:
         """Greedy decoding with a KV cache, yielding text pieces as tokens are chosen."""
-        emb = self.embed(query, list(images))[None]
-        mask = np.ones((1, emb.shape[1]), dtype=np.int64)
-        logits, cache = self.forward(emb, mask, self.empty_cache(1))
+        last, cache, mask = self.prefill([self.embed(query, list(images))])
         ids: list[int] = []
         text = ""
         for _ in range(max_new_tokens):
-            row = logits[0, -1]
+            row = last[0]
             if allowed is not None:
                 row = self._constrain(row, allowed(text))
             nxt = int(row.argmax())
@@ -136,8 +173,9 @@ class OrtRuntime:
             piece, text = new_text[len(text):], new_text
             if piece:
                 yield piece
-            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-            logits, cache = self.forward(self.token_embeds(np.array([[nxt]])), mask, cache)
+            mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
+            logits, cache = self.forward(self.token_embeds(np.array([[nxt]])), mask, cache, [0])
+            last = logits[:, -1]
 
     def _constrain(self, row: np.ndarray, ok: Callable[[int], bool]) -> np.ndarray:
         order = np.argsort(-row)
@@ -163,14 +201,8 @@ class OrtRuntime:
         return self.score_embedded([self.embed(q, list(images)) for q, _, images in items], [c for _, c, _ in items])
 
     def score_embedded(self, embs: list[np.ndarray], candidates: list[list[str]]) -> list[list[float]]:
-        n, longest = len(embs), max(e.shape[0] for e in embs)
-        x = np.zeros((n, longest, embs[0].shape[1]), dtype=np.float32)
-        mask = np.zeros((n, longest), dtype=np.int64)
-        for i, e in enumerate(embs):
-            x[i, longest - len(e):] = e
-            mask[i, longest - len(e):] = 1
-        logits, cache = self.forward(x, mask, self.empty_cache(n))
-        first = _log_softmax(logits[:, -1])
+        last, cache, mask = self.prefill(embs)
+        first = _log_softmax(last)
         rows = [i for i, cands in enumerate(candidates) for _ in cands]
         cand = [self.tok.encode(c, add_special_tokens=False).ids for cands in candidates for c in cands]
         flat = [float(first[r, c[0]]) for r, c in zip(rows, cand, strict=True)]

@@ -48,10 +48,14 @@ class TorchRuntime(OrtRuntime):
         return emb.numpy()
 
     @torch.no_grad()
-    def forward(self, embeds: np.ndarray, mask: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        pos = positions(mask, cache[0].shape[2], embeds.shape[1])
+    def forward(self, embeds: np.ndarray, mask: np.ndarray, cache: list[np.ndarray],
+                logits_index: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        t = embeds.shape[1]
+        pos = positions(mask, cache[0].shape[2], t)
+        index = torch.arange(t) if logits_index is None else torch.as_tensor(np.asarray(logits_index, np.int64))
         out = self.decoder_module(torch.from_numpy(embeds.astype(np.float32)), torch.from_numpy(mask.astype(np.int64)),
-                                  torch.from_numpy(pos), *(torch.from_numpy(np.ascontiguousarray(c)) for c in cache))
+                                  torch.from_numpy(pos), index,
+                                  *(torch.from_numpy(np.ascontiguousarray(c)) for c in cache))
         return out[0].numpy(), [t.numpy() for t in out[1:]]
 
     @torch.no_grad()

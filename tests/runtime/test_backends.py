@@ -139,3 +139,26 @@ def test_tensorrt_backend_runs_the_engines_of_its_plan(tiny_model_dir, small_amt
 def test_tensorrt_backend_needs_a_tensorrt_bundle(bundle):
     with pytest.raises(ArtifactError, match="no tensorrt/plan.json"):
         open_runtime(bundle, "tensorrt")
+
+
+def test_prefix_cached_prefill_equals_a_full_prefill(runtime, face):
+    """The chat prefix's cached KV + the request's own tokens == one pass over the whole prompt."""
+    for q, images in [(TASKS["msa"].query("fine"), []), (TASKS["fer"].query(("happy", "anger"), False), [face])]:
+        emb = runtime.embed(q, images)
+        full, _ = runtime.forward(emb[None], np.ones((1, len(emb)), dtype=np.int64), runtime.empty_cache(1))
+        last, cache, mask = runtime.prefill([emb])
+        assert np.allclose(full[0, -1], last[0], atol=1e-4)
+        assert cache[0].shape[2] == len(emb) and mask.sum() == len(emb)
+    assert len(runtime._prefix()[0]) > 5  # the system prompt and user-turn opening really are cached
+
+
+def test_old_bundle_format_is_refused(bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "old"
+    shutil.copytree(bundle, copy)
+    cfg = json.loads((copy / "runtime.json").read_text())
+    cfg["format"] = "emoverse-runtime/1"
+    (copy / "runtime.json").write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError, match="bundle format 'emoverse-runtime/1'.*export the bundle again"):
+        open_runtime(copy, check=False)
