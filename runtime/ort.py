@@ -178,12 +178,15 @@ class OrtRuntime:
             last = logits[:, -1]
 
     def _constrain(self, row: np.ndarray, ok: Callable[[int], bool]) -> np.ndarray:
-        order = np.argsort(-row)
+        """Keep only the best-scoring token the grammar allows (the top 64 first; the whole vocabulary in the
+        rare case none of them fits), else end the answer."""
         out = np.full_like(row, -np.inf)
-        for tid in order[:64]:  # the best-scoring tokens that keep the answer in the grammar
-            if ok(int(tid)):
-                out[tid] = row[tid]
-                return out
+        top = np.argpartition(-row, 64)[:64] if row.size > 64 else np.arange(row.size)
+        for candidates in (top[np.argsort(-row[top])], np.argsort(-row)):
+            for tid in candidates:
+                if ok(int(tid)):
+                    out[tid] = row[tid]
+                    return out
         out[self.eos] = 0.0
         return out
 

@@ -162,3 +162,22 @@ def test_old_bundle_format_is_refused(bundle, tmp_path):
     (copy / "runtime.json").write_text(json.dumps(cfg))
     with pytest.raises(ArtifactError, match="bundle format 'emoverse-runtime/1'.*export the bundle again"):
         open_runtime(copy, check=False)
+
+
+def test_label_scoring_equals_argmax_of_generation(runtime, face):
+    """On a fixed set of prompts, with single-token candidates, the scored label is the token that greedy
+    generation restricted to the candidates emits: the two paths agree on the prefill's logits."""
+    words = ["yes", "no", "maybe", "happy", "sad"]
+    ids = {w: runtime.tok.encode(w, add_special_tokens=False).ids for w in words}
+    cands = [w for w in words if len(ids[w]) == 1]
+    assert len(cands) >= 3
+    allowed_ids = {ids[w][0] for w in cands}
+
+    def only_candidates(text):
+        return lambda tid: (tid in allowed_ids) if text == "" else tid == runtime.eos
+
+    for q, images in [(TASKS["msa"].query("what a day"), []), (TASKS["mer"].query("no way!"), []),
+                      (TASKS["fer"].query(("happy", "sad"), False), [face])]:
+        scores = runtime.score(q, cands, images)
+        generated = runtime.generate(q, images, max_new_tokens=2, allowed=only_candidates)
+        assert generated == cands[int(np.argmax(scores))]
