@@ -127,7 +127,8 @@ def _run(a: argparse.Namespace) -> int:
 def _bench(a: argparse.Namespace) -> int:
     from emoverse.bench.runner import BUDGETS, BenchConfig, run_bench
 
-    cfg = BenchConfig(limit=a.limit, warmup=a.warmup, repetitions=a.repetitions, threads=a.threads)
+    cfg = BenchConfig(limit=a.limit, warmup=a.warmup, repetitions=a.repetitions, threads=a.threads,
+                      offline_batch=a.offline_batch)
     report, failures = run_bench(a.bundle, a.data, a.budgets or BUDGETS, a.target, a.out, cfg)
     print(f"wrote {a.out}/report.md, report.json, report.csv, pareto.png")
     for f in failures:
@@ -260,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--warmup", type=int, default=2)
     bn.add_argument("--repetitions", type=int, default=1)
     bn.add_argument("--threads", type=int)
+    bn.add_argument("--offline-batch", type=int, default=8, help="closed-label requests per prefill in Offline")
     bn.set_defaults(func=_bench)
     bc = sub.add_parser("bench-compare", help=argparse.SUPPRESS)
     bc.add_argument("old")
