@@ -301,7 +301,11 @@ class EmoVerse(nn.Module):
             raise ArtifactError(f"{path}: its LLM is in the classic GPTQ format (GPTQModel), which this environment "
                                 "cannot run (no gptqmodel; it needs transformers 5.24): use the GPTQModel environment "
                                 "(`make gptq-env`; .venv-gptq/bin/emoverse), or the compressed-tensors recipe gptq-w4a16")
-        if is_fp8_checkpoint(path / "llm"):  # ModelOpt FP8 (TensorRT-LLM's form): emulated exactly on CPU
+        if quant.get("quant_method") == "gptq":  # classic GPTQ format: GPTQModel's kernels (torch on CPU)
+            from gptqmodel import GPTQModel
+
+            llm = GPTQModel.load(str(path / "llm"), device="cpu").model.to(torch.float32)
+        elif is_fp8_checkpoint(path / "llm"):  # ModelOpt FP8 (TensorRT-LLM's form): emulated exactly on CPU
             llm = load_fp8_checkpoint(path / "llm")
         else:
             llm = AutoModelForCausalLM.from_pretrained(path / "llm", dtype=torch.float32)

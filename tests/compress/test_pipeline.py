@@ -2,7 +2,7 @@
 
 import pytest
 
-from emoverse.artifacts import manifest_digest, read_manifest, verify
+from emoverse.artifacts import ArtifactError, manifest_digest, read_manifest, verify
 from emoverse.compress.pipeline import calibration_set, compress, parse_recipe
 from emoverse.config import RecipeError
 from emoverse.model import EmoVerse
@@ -155,3 +155,11 @@ def test_gptqmodel_classic_format(tiny_model_dir, small_amt, tmp_path):
     assert {"model.layers.0.mlp.up_proj.qweight", "model.layers.0.mlp.up_proj.qzeros",
             "model.layers.0.mlp.up_proj.scales"} <= keys
     assert m["producer"]["stages"][0]["libraries"]["gptqmodel"]
+    with pytest.raises(ArtifactError, match="classic GPTQ format"):  # this environment has no gptqmodel
+        EmoVerse.load(tmp_path / "out")
+    import subprocess
+
+    code = ("import sys; from emoverse.model import EmoVerse; from emoverse.tasks import TASKS; "
+            "m = EmoVerse.load(sys.argv[1]); q = TASKS['msa'].query('great'); print(len(m.score(q, ['Positive.', 'Negative.'])))")
+    out = subprocess.run([str(GPTQ_PY), "-c", code, str(tmp_path / "out")], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip().endswith("2"), out.stderr[-2000:]  # reloads and scores there
