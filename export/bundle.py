@@ -111,11 +111,7 @@ def export_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, *, targe
     with atomic_dir(out, overwrite=overwrite) as tmp:
         paths = export_all(model, tmp / "graphs")
         graphs = {k: str(p.relative_to(tmp)) for k, p in paths.items()}
-        model.tokenizer.save_pretrained(tmp / "tokenizer-hf")
-        (tmp / "tokenizer.json").write_bytes((tmp / "tokenizer-hf" / "tokenizer.json").read_bytes())
-        for f in (tmp / "tokenizer-hf").iterdir():
-            f.unlink()
-        (tmp / "tokenizer-hf").rmdir()
+        model.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))  # what the `tokenizers` runtime reads
         cfg = runtime_config(model, graphs)
         (tmp / "runtime.json").write_text(json.dumps(cfg, indent=2) + "\n")
         report = parity(model, tmp, probes)  # the exported fp32 graphs against PyTorch
