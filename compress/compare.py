@@ -46,26 +46,65 @@ def parameter_count(artifact: Path) -> int:
     return total
 
 
+GENERATED_ONLY = ("eri", "ecpe")  # answered by generation in both eval modes
+
+
+def _load_variant(spec: str | os.PathLike, system: str) -> tuple[Path, dict, dict]:
+    """One variant's (artifact, records, results) from `a.json` or `a.json+b.json` (e.g. a closed-label
+    score eval plus a generation eval of ERI/ECPE of the same artifact)."""
+    art, records, res = None, {}, {}
+    for f in str(spec).split("+"):
+        m = json.loads(Path(f).read_text(encoding="utf-8"))
+        this = Path(m["model"]["spec"])
+        if not (this / "manifest.json").is_file():
+            raise ValueError(f"{f}: its model {str(this)!r} is not an artifact folder on this machine")
+        if art is not None and this.resolve() != art.resolve():
+            raise ValueError(f"{spec}: files evaluate different artifacts ({art} and {this})")
+        art = this
+        got = dict(m["results"].get(system) or {})
+        gen = m["results"].get("emoverse/generate") or {}
+        for k, v in gen.items():  # ERI/ECPE are generated in either mode
+            if k.split(".")[0].split("/")[0] in GENERATED_ONLY:
+                got.setdefault(k, v)
+        if not got:
+            raise ValueError(f"{f}: no {system!r} results (have {sorted(m['results'])})")
+        res.update({k: v for k, v in got.items() if k not in res})
+        records.update(m["records"])
+    return art, records, res
+
+
+def variant_name(art: Path) -> str:
+    """The chain of compression stages that made an artifact, parents first (distill+gptq_w4a16), or the
+    training run's name for an uncompressed model (runs/nano/model -> nano)."""
+    stages: list[str] = []
+    seen = set()
+    while art is not None and art.resolve() not in seen:
+        seen.add(art.resolve())
+        m = read_manifest(art)
+        mine = [s["type"] for s in m.get("producer", {}).get("stages") or []]
+        if not mine:
+            base = art.parent.name if art.name == "model" else art.name
+            return "+".join(stages) if stages else base
+        stages = mine + stages
+        parent = (m.get("inputs", {}).get("parent") or {}).get("path")
+        art = Path(parent) if parent and (Path(parent) / "manifest.json").is_file() else None
+    return "+".join(stages)
+
+
 def compare(metrics_files: list[str | os.PathLike], out: str | os.PathLike | None = None, system: str = SYSTEM) -> dict:
+    """One row per variant; ratios to the first. Variants may cover different tasks (a `–` where not
+    evaluated), but every source they share with the reference must have the same records."""
     rows = []
     for f in metrics_files:
-        m = json.loads(Path(f).read_text(encoding="utf-8"))
-        spec = m["model"]["spec"]
-        art = Path(spec)
-        if not (art / "manifest.json").is_file():
-            raise ValueError(f"{f}: its model {spec!r} is not an artifact folder on this machine")
-        res = m["results"].get(system)
-        if res is None:
-            raise ValueError(f"{f}: no {system!r} results (have {sorted(m['results'])})")
-        manifest = read_manifest(art)
-        stages = manifest.get("producer", {}).get("stages")
-        rows.append({"variant": art.name if not stages else "+".join(s["type"] for s in stages), "artifact": str(art),
+        art, records, res = _load_variant(f, system)
+        rows.append({"variant": variant_name(art), "artifact": str(art),
                      "bytes": folder_bytes(art), "llm_bytes": folder_bytes(art / "llm"),
-                     "parameters": parameter_count(art), "records": m["records"],
+                     "parameters": parameter_count(art), "records": records,
                      "metrics": {k: res[k] for k in PRIMARY.values() if k in res}})
     ref = rows[0]
     for r in rows[1:]:
-        if r["records"] != ref["records"]:
+        shared = set(r["records"]) & set(ref["records"])
+        if not shared or any(r["records"][s] != ref["records"][s] for s in shared):
             raise ValueError(f"{r['artifact']}: evaluated on different records than the reference; not comparable")
     for r in rows:
         r["size_ratio"] = ref["bytes"] / r["bytes"]

@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_compress)
 
     cp = sub.add_parser("compare", help="table of variants vs the FP32 reference: metric ratio, size, parameters")
-    cp.add_argument("metrics", nargs="+", help="metrics.json files from emoverse eval; the first is the reference")
+    cp.add_argument("metrics", nargs="+", help="metrics.json files from emoverse eval, one per variant (A.json+B.json: "
+                    "two evals of one artifact, e.g. closed tasks + ERI/ECPE); the first is the reference")
     cp.add_argument("--out", help="write compare.md and compare.json here")
     cp.add_argument("--system", default="emoverse/score", help="which system's results to compare")
     cp.set_defaults(func=_compare)

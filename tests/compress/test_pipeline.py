@@ -66,6 +66,14 @@ def test_distill_then_gptq(tiny_model_dir, small_amt, tmp_path):
     model = EmoVerse.load(tmp_path / "out")
     assert model.llm.config.num_hidden_layers == 1
     assert isinstance(model.generate(TASKS["mer"].query("hi"), max_new_tokens=3), str)
+    from emoverse.compress.compare import variant_name
+
+    assert variant_name(tmp_path / "out") == "distill+gptq_w4a16"
+    p.write_text("stages:\n  - type: distill\n    keep_layers: 1\n    steps: 1\n    batch_size: 2\n"
+                 "    importance_samples: 2\n")
+    compress(p, tiny_model_dir, small_amt, tmp_path / "student")
+    compress("fp8-dynamic", tmp_path / "student", small_amt, tmp_path / "student-fp8")  # a second run on the first
+    assert variant_name(tmp_path / "student-fp8") == "distill+fp8_dynamic"  # lineage through the parent
 
 
 def test_distill_keep_layers_bounds(tiny_model_dir, small_amt, tmp_path):
@@ -81,11 +89,18 @@ def test_compare_table(tiny_model_dir, small_amt, tmp_path):
 
     q = tmp_path / "fp8"
     compress("fp8-dynamic", tiny_model_dir, small_amt, q)
-    evaluate(str(tiny_model_dir), [str(small_amt)], tmp_path / "ref-eval", mode="score", limit=1, tasks=["msa", "mer"])
-    evaluate(str(q), [str(small_amt)], tmp_path / "q-eval", mode="score", limit=1, tasks=["msa", "mer"])
-    rep = compare([tmp_path / "ref-eval" / "metrics.json", tmp_path / "q-eval" / "metrics.json"], out=tmp_path / "cmp")
+    evaluate(str(tiny_model_dir), [str(small_amt)], tmp_path / "ref-eval", mode="score", limit=1,
+             tasks=["msa", "mer", "eri"])
+    evaluate(str(q), [str(small_amt)], tmp_path / "q-eval", mode="score", limit=1, tasks=["msa"])
+    evaluate(str(q), [str(small_amt)], tmp_path / "q-gen", mode="generate", limit=1, tasks=["eri"])
+    both = f"{tmp_path / 'q-eval' / 'metrics.json'}+{tmp_path / 'q-gen' / 'metrics.json'}"
+    rep = compare([tmp_path / "ref-eval" / "metrics.json", both], out=tmp_path / "cmp")
     ref, row = rep["rows"]
-    assert ref["size_ratio"] == 1.0 and row["variant"] == "fp8_dynamic"
+    assert ref["size_ratio"] == 1.0 and row["variant"] == "fp8_dynamic" and ref["variant"] == "run"
+    assert {"msa.accuracy", "eri.label_accuracy"} <= set(row["metrics"]) and "mer.weighted_f1" not in row["metrics"]
+    with pytest.raises(ValueError, match="files evaluate different artifacts"):
+        compare([tmp_path / "ref-eval" / "metrics.json", f"{tmp_path / 'q-eval' / 'metrics.json'}+"
+                 f"{tmp_path / 'ref-eval' / 'metrics.json'}"])
     assert row["parameters"] == ref["parameters"]  # quantization keeps the logical parameter count
     assert row["llm_size_ratio"] > 1.0  # the tiny model is mostly its FP32 embedding table
     from safetensors import safe_open
