@@ -92,7 +92,7 @@ class Pipeline:
         from emoverse.config import resolve_recipe
         from emoverse.data import build_amt
         from emoverse.evaluate import evaluate
-        from emoverse.export.bundle import export_bundle
+        from emoverse.export.bundle import RUNTIME_FORMAT, export_bundle
         from emoverse.records import load_records
         from emoverse.train.trainer import RECIPES, TrainConfig, train
 
@@ -131,7 +131,7 @@ class Pipeline:
         for spec in cfg.exports:
             art, digest = models[spec.model]
             b = self.out / "bundles" / spec.name
-            self.stage(f"export-{spec.name}", _key(digest, spec.target, spec.precision), b, "emoverse-bundle",
+            self.stage(f"export-{spec.name}", _key(digest, spec.target, spec.precision, RUNTIME_FORMAT), b, "emoverse-bundle",
                        lambda s=spec, a=art, bb=b: export_bundle(a, bb, target=s.target, precision=s.precision,
                                                                  calibration_images=fer_images, overwrite=True))
             bundles.append(b)

@@ -12,10 +12,10 @@ import torch
 
 from emoverse.artifacts import atomic_dir, manifest_digest, verify, write_manifest
 from emoverse.export.onnx_export import OPSET, export_all, kv_shape
+from emoverse.runtime.ort import RUNTIME_FORMAT  # the bundle format the runtime reads, defined beside it
 from emoverse.tasks import TASKS
 
 SENTINEL = "\u2063QUERY\u2063"
-RUNTIME_FORMAT = "emoverse-runtime/2"  # 2: the decoder takes logits_index
 
 
 def runtime_config(model, graphs: dict[str, str]) -> dict:
