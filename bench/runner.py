@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from tqdm import tqdm
 
 from emoverse.artifacts import (
     atomic_write_json,
@@ -187,8 +188,8 @@ def bench_bundle(bundle: Path, records: list[Record], cfg: BenchConfig) -> dict:
         for r in recs[: cfg.warmup]:
             _answer(rt, r)
         lat, ttft, tpot, preds, n_out = [], [], [], {}, []
-        for _ in range(cfg.repetitions):
-            for r in recs:
+        for rep in range(cfg.repetitions):
+            for r in tqdm(recs, desc=f"{variant_name(bundle)}/{task} single-stream {rep + 1}", unit="q", leave=False):
                 text, ms, first, n_tokens = _answer(rt, r)
                 preds[r.id] = text
                 lat.append(ms)
