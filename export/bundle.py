@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from emoverse.artifacts import atomic_dir, manifest_digest, verify, write_manifest
 from emoverse.export.onnx_export import OPSET, export_all, kv_shape
@@ -107,8 +109,15 @@ def export_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, *, targe
                          "takes a full-precision model (a teacher or a distilled student) and quantizes for the "
                          "target itself: --precision int8/int4 for cpu, Q/DQ + TensorRT precisions for GPUs")
     model = EmoVerse.load(model_dir, check=False).eval()
-    probes = probes or [(TASKS["msa"].query("What a lovely day"), [], "msa")]
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    image_dir = tempfile.TemporaryDirectory()  # the probe image must not land in the bundle
+    if probes is None:
+        probes = [(TASKS["msa"].query("What a lovely day"), [], "msa")]
+        if model.vision is not None:  # the vision graph is checked too, through an image probe
+            face = Path(image_dir.name) / "probe.png"
+            rng = np.random.default_rng(0)
+            Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(face)
+            probes.append((TASKS["fer"].query(TASKS["fer"].labels, False), [str(face)], "fer"))
+    with image_dir, atomic_dir(out, overwrite=overwrite) as tmp:
         paths = export_all(model, tmp / "graphs")
         graphs = {k: str(p.relative_to(tmp)) for k, p in paths.items()}
         model.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))  # what the `tokenizers` runtime reads

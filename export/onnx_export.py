@@ -76,6 +76,18 @@ class DecoderGraph(nn.Module):
         return (out.logits, *presents)
 
 
+def _exportable_activations(vision: nn.Module) -> None:
+    """Swap only the memory-efficient swish (a custom autograd op the exporter cannot trace) for the plain
+    one. Not `set_swish(memory_efficient=False)`: in efficientnet-lite it also replaces Lite's ReLU6 with
+    swish, silently changing the network."""
+    for module in vision.modules():
+        act = getattr(module, "_swish", None)
+        if act is not None and type(act).__name__ == "MemoryEfficientSwish":
+            from efficientnet_lite_pytorch.utils import Swish
+
+            module._swish = Swish()
+
+
 def kv_shape(llm) -> tuple[int, int, int]:
     c = llm.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -85,21 +97,20 @@ def kv_shape(llm) -> tuple[int, int, int]:
 def export_all(model, out: Path, opset: int = OPSET) -> dict[str, Path]:
     """Write vision.onnx (when the model has a vision encoder), embed.onnx, decoder.onnx into `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
+    model = model.eval()  # and every wrapper below .eval(): torch.onnx.export restores a wrapper's training mode
     llm = model.llm
     llm.config._attn_implementation = "eager"  # plain MatMul/Softmax: exports everywhere
     paths: dict[str, Path] = {}
     with torch.no_grad():
         if model.vision is not None:
-            if hasattr(model.vision, "set_swish"):
-                model.vision.set_swish(memory_efficient=False)  # the memory-efficient swish is a custom autograd op
+            _exportable_activations(model.vision)
             size = model.cfg.image_size
             paths["vision"] = out / "vision.onnx"
-            torch.onnx.export(VisionGraph(model), (torch.zeros(2, 3, size, size),), paths["vision"], opset_version=opset,
+            torch.onnx.export(VisionGraph(model).eval(), (torch.zeros(2, 3, size, size),), paths["vision"], opset_version=opset,
                               input_names=["pixels"], output_names=["visual_tokens"],
                               dynamic_axes={"pixels": {0: "images"}, "visual_tokens": {0: "images"}}, dynamo=False)
         paths["embed"] = out / "embed.onnx"
-        torch.onnx.export(EmbedGraph(model), (torch.zeros(2, 3, dtype=torch.long),), paths["embed"], opset_version=opset,
+        torch.onnx.export(EmbedGraph(model).eval(), (torch.zeros(2, 3, dtype=torch.long),), paths["embed"], opset_version=opset,
                           input_names=["input_ids"], output_names=["inputs_embeds"],
                           dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "inputs_embeds": {0: "batch", 1: "seq"}},
                           dynamo=False)
@@ -121,7 +132,7 @@ def export_all(model, out: Path, opset: int = OPSET) -> dict[str, Path]:
         args = (torch.zeros(b, t, hidden), torch.ones(b, p + t, dtype=torch.long),
                 torch.arange(p, p + t).repeat(b, 1), torch.tensor([0, t - 1]), *past)
         paths["decoder"] = out / "decoder.onnx"
-        torch.onnx.export(DecoderGraph(llm), args, paths["decoder"], opset_version=opset, input_names=names_in,
+        torch.onnx.export(DecoderGraph(llm).eval(), args, paths["decoder"], opset_version=opset, input_names=names_in,
                           output_names=names_out, dynamic_axes=axes, dynamo=False)
     import onnx
 

@@ -160,3 +160,19 @@ def test_external_data_cannot_escape_the_bundle(bundle, tmp_path):
     (copy / "runtime.json").write_text(json.dumps(cfg))
     with pytest.raises(ArtifactError, match="escapes the bundle folder"):
         OrtRuntime(copy, check=False)
+
+
+@torch.no_grad()
+def test_vision_graph_equals_torch_and_keeps_relu6(tiny_model_dir, runtime, face):
+    """Regression: efficientnet-lite's set_swish(False) turned Lite's ReLU6 into swish in the exported graph."""
+    from emoverse.runtime.ort import _pixels
+
+    model = EmoVerse.load(tiny_model_dir).eval()
+    px = np.stack([_pixels(face, runtime.cfg["image_size"])])
+    ref = model.projector(model.vision_features(torch.from_numpy(px))).numpy()
+    assert np.abs(runtime.vision.run(None, {"pixels": px})[0] - ref).max() < 1e-4
+    graph = onnx.load(str(runtime.dir / "graphs" / "vision.onnx"))
+    ops = {n.op_type for n in graph.graph.node}
+    assert "Clip" in ops and "Sigmoid" not in ops  # ReLU6 as Clip; no swish (x * sigmoid(x)) in Lite
+    m = verify(runtime.dir, kind="emoverse-bundle")
+    assert m["parity_fp32"]["probes"] == 2  # a text probe and an image probe gate the export
