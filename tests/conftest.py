@@ -84,3 +84,20 @@ def face(tmp_path) -> str:
     p = tmp_path / "face.png"
     Image.new("L", (48, 48), 128).save(p)
     return str(p)
+
+
+@pytest.fixture(scope="session")
+def bundle(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model exported as a cpu fp32 bundle (export, runtime and bench tests share it)."""
+    from emoverse.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "cpu"
+    export_bundle(tiny_model_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def runtime(bundle):
+    from emoverse.runtime.backends import open_runtime
+
+    return open_runtime(bundle)

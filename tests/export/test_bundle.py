@@ -10,25 +10,10 @@ import pytest
 import torch
 
 from emoverse.artifacts import ArtifactError, verify
-from emoverse.export.bundle import export_bundle
 from emoverse.model import EmoVerse
 from emoverse.tasks import TASKS
 
 pytestmark = pytest.mark.real_data
-
-
-@pytest.fixture(scope="module")
-def bundle(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundle") / "cpu"
-    export_bundle(tiny_model_dir, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def runtime(bundle):
-    from emoverse.runtime.ort import OrtRuntime
-
-    return OrtRuntime(bundle)
 
 
 def test_bundle_is_valid_and_verified(bundle):

@@ -17,18 +17,6 @@ from emoverse.tasks import TASKS
 pytestmark = pytest.mark.real_data
 
 
-@pytest.fixture(scope="module")
-def bundle(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("rt") / "cpu"
-    export_bundle(tiny_model_dir, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def runtime(bundle):
-    return open_runtime(bundle)
-
-
 def _requests(face):
     fer, msa, mer = TASKS["fer"], TASKS["msa"], TASKS["mer"]
     return [{"task": "msa", "query": msa.query("what a lovely day")},
