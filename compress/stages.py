@@ -7,6 +7,7 @@ which transformers reloads; nothing here re-implements a quantizer.
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,8 +76,6 @@ class GPTQModelW4A16:
 
 def gptqmodel_python(params: GPTQModelW4A16) -> Path:
     """The GPTQModel environment's interpreter, or a clear error before any work."""
-    import os
-
     py = Path(params.python or os.environ.get("EMOVERSE_GPTQMODEL_PYTHON") or ".venv-gptq/bin/python")
     if not py.is_file():
         raise ValueError(f"gptqmodel_w4a16: no GPTQModel environment at {py} (GPTQModel needs transformers 5.24, "
@@ -99,8 +98,7 @@ def _run_gptqmodel(params: GPTQModelW4A16, src: Path, dst: Path, calibration: li
         cmd = [str(py), str(worker), "--llm", str(src / "llm"), "--calibration", str(calib), "--out", str(dst / "llm"),
                "--bits", str(params.bits), "--group-size", str(params.group_size),
                "--damp-percent", str(params.damp_percent)] + (["--desc-act"] if params.desc_act else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ,
-                                                                       "GPTQMODEL_CPU_WORKERS": "2"})
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
     if proc.returncode != 0:
         raise RuntimeError(f"gptqmodel_w4a16: the GPTQModel worker failed (exit {proc.returncode}):\n"
                            + proc.stderr[-3000:])

@@ -297,11 +297,12 @@ class EmoVerse(nn.Module):
         from emoverse.compress.modelopt_fp8 import is_fp8_checkpoint, load_fp8_checkpoint
 
         quant = json.loads((path / "llm" / "config.json").read_text()).get("quantization_config") or {}
-        if quant.get("quant_method") == "gptq" and importlib.util.find_spec("gptqmodel") is None:
-            raise ArtifactError(f"{path}: its LLM is in the classic GPTQ format (GPTQModel), which this environment "
-                                "cannot run (no gptqmodel; it needs transformers 5.24): use the GPTQModel environment "
-                                "(`make gptq-env`; .venv-gptq/bin/emoverse), or the compressed-tensors recipe gptq-w4a16")
         if quant.get("quant_method") == "gptq":  # classic GPTQ format: GPTQModel's kernels (torch on CPU)
+            if importlib.util.find_spec("gptqmodel") is None:
+                raise ArtifactError(f"{path}: its LLM is in the classic GPTQ format (GPTQModel), which this environment "
+                                    "cannot run (no gptqmodel; it needs transformers 5.24): use the GPTQModel environment "
+                                    "(`make gptq-env`; .venv-gptq/bin/emoverse), or the compressed-tensors recipe "
+                                    "gptq-w4a16")
             from gptqmodel import GPTQModel
 
             llm = GPTQModel.load(str(path / "llm"), device="cpu").model.to(torch.float32)

@@ -95,14 +95,17 @@ class OrtRuntime:
 
     def embed(self, query: str, images: list[str]) -> np.ndarray:
         ids, vis = self.encode(query, images)
-        emb = self.embedder.run(None, {"input_ids": np.array([ids], dtype=np.int64)})[0][0]
+        emb = self.token_embeds(np.array([ids]))[0]
         if images:
             if self.vision is None:
-                raise RequestError("this bundle has no vision encoder but the request has images")
+                raise RequestError(f"{self.dir}: has no vision encoder but the request has images")
             pixels = np.stack([_pixels(p, self.cfg["image_size"]) for p in images])
-            tokens = self.vision.run(None, {"pixels": pixels})[0].reshape(-1, emb.shape[-1])
-            emb[np.array(vis)] = tokens
+            emb[np.array(vis)] = self.visual_tokens(pixels).reshape(-1, emb.shape[-1])
         return emb
+
+    def visual_tokens(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, 3, S, S) normalised images -> (N, grid*grid, H) tokens for the LLM."""
+        return self.vision.run(None, {"pixels": pixels})[0]
 
     # -- decoder -------------------------------------------------------------------------------
     def empty_cache(self, batch: int) -> list[np.ndarray]:
@@ -264,9 +267,7 @@ class OrtRuntime:
         images = list(images)
         if t.closed and mode == "score":
             cands = t.candidates(query)
-            s = self.score(query, cands, images)
-            best = cands[int(np.argmax(s))]
-            return Answer(task, best, t.parse_label(best), dict(zip(cands, s, strict=True)))
+            return _label_answer(t, cands, self.score(query, cands, images))
         text = self.generate(query, images, t.max_new_tokens, self.grammar_for(task, query))
         parsed = t.parse(text)
         return Answer(task, text, parsed.label if t.closed else None)
@@ -291,8 +292,7 @@ class OrtRuntime:
             chunk = batch[start:start + batch_size]
             scored = self.score_embedded([e for _, e, _, _ in chunk], [c for _, _, c, _ in chunk])
             for (i, _, cands, t), s in zip(chunk, scored, strict=True):
-                best = cands[int(np.argmax(s))]
-                out[i] = Answer(t.name, best, t.parse_label(best), dict(zip(cands, s, strict=True)))
+                out[i] = _label_answer(t, cands, s)
         return out  # type: ignore[return-value]
 
 
@@ -309,6 +309,12 @@ def check_graph_paths(bundle: Path, graph: str) -> None:
         for entry in tensor.external_data:
             if entry.key == "location" and root not in (path.parent / entry.value).resolve().parents:
                 raise ArtifactError(f"{path}: external data {entry.value!r} of {tensor.name!r} escapes the bundle folder")
+
+
+def _label_answer(task, candidates: list[str], scores: list[float]) -> Answer:
+    """A closed-label answer: the best-scoring candidate, its label, and every candidate's score."""
+    best = candidates[int(np.argmax(scores))]
+    return Answer(task.name, best, task.parse_label(best), dict(zip(candidates, scores, strict=True)))
 
 
 def positions(mask: np.ndarray, past: int, t: int) -> np.ndarray:

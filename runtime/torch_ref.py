@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emoverse.runtime.ort import OrtRuntime, RequestError, positions
+from emoverse.runtime.ort import OrtRuntime, positions
 
 
 class TorchRuntime(OrtRuntime):
@@ -35,17 +35,8 @@ class TorchRuntime(OrtRuntime):
         self.pad = self.cfg["pad_token_id"]
 
     @torch.no_grad()
-    def embed(self, query: str, images: list[str]) -> np.ndarray:
-        ids, vis = self.encode(query, images)
-        emb = self.embedder(torch.tensor([ids]))[0]
-        if images:
-            if self.vision is None:
-                raise RequestError("this model has no vision encoder but the request has images")
-            from emoverse.runtime.ort import _pixels
-
-            pixels = torch.from_numpy(np.stack([_pixels(p, self.cfg["image_size"]) for p in images]))
-            emb[torch.tensor(vis)] = self.model.projector(self.model.vision_features(pixels)).reshape(-1, emb.shape[-1])
-        return emb.numpy()
+    def visual_tokens(self, pixels: np.ndarray) -> np.ndarray:
+        return self.model.projector(self.model.vision_features(torch.from_numpy(pixels))).numpy()
 
     @torch.no_grad()
     def forward(self, embeds: np.ndarray, mask: np.ndarray, cache: list[np.ndarray],
