@@ -55,7 +55,7 @@ def compute_metrics(records: list[Record], preds: dict[str, str]) -> dict[str, f
             groups.update({f"{task}/{s}": [r for r in recs if r.source == s] for s in sources})
         for name, rs in groups.items():
             m = t.metrics([r.response for r in rs], [preds[r.id] for r in rs], [r.label for r in rs])
-            out.update({f"{name}.{k}": round(float(v), 4) if k != "n" else int(v) for k, v in m.items()})
+            out.update({f"{name}.{k}": int(v) if k in ("n", "label_n") else round(float(v), 4) for k, v in m.items()})
     return out
 
 
@@ -263,7 +263,7 @@ def format_table(metrics: dict, keys: list[str] | None = None) -> str:
     results = metrics["results"]
     systems = list(results)
     keys = keys or [k for k in HEADLINE if any(k in r for r in results.values())]
-    extra = sorted({k for r in results.values() for k in r if "/" in k.split(".")[0] and not k.endswith(".n")})
+    extra = sorted({k for r in results.values() for k in r if "/" in k.split(".")[0] and not k.endswith((".n", ".label_n"))})
     rows = ["| metric | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
     for k in keys + extra:
         cells = [f"{results[s][k]:.3f}" if k in results[s] else "–" for s in systems]

@@ -200,16 +200,25 @@ class ReasonTask(Task):
     labels = ()
     closed = False
     max_new_tokens = 96
-    # EMER's open vocabulary -> words that count as naming that emotion in a generated reason
+    # EMER's open vocabulary -> the whole words that name that emotion in a generated conclusion.
+    # Whole words only: "encourage" is not "rage", "enjoy" is not "joy", "unhappy" is not "happy".
     EMOTION_WORDS = {
-        "angry": ("angry", "anger", "furious", "irritat", "annoy", "rage", "dissatisf"),
-        "happy": ("happy", "happiness", "joy", "pleased", "delight", "excite", "cheerful", "glad"),
-        "sad": ("sad", "sorrow", "upset", "grief", "disappoint", "depress"),
-        "worried": ("worr", "anxious", "anxiety", "concern", "nervous", "uneasy"),
-        "surprise": ("surpris", "astonish", "amaz", "shock"),
-        "neutral": ("neutral", "calm"),
-        "fear": ("fear", "afraid", "scared", "frighten"),
+        "angry": ("angry", "anger", "angered", "furious", "fury", "irritated", "irritation", "annoyed", "annoyance",
+                  "rage", "enraged", "outraged", "dissatisfied", "dissatisfaction", "frustrated", "frustration"),
+        "happy": ("happy", "happiness", "joy", "joyful", "pleased", "delighted", "delight", "excited", "excitement",
+                  "cheerful", "glad"),
+        "sad": ("sad", "sadness", "sorrow", "sorrowful", "upset", "grief", "grieving", "disappointed",
+                "disappointment", "depressed", "depression", "unhappy"),
+        "worried": ("worried", "worry", "worrying", "anxious", "anxiety", "concerned", "nervous", "uneasy"),
+        "surprise": ("surprise", "surprised", "surprising", "astonished", "astonishment", "amazed", "amazement",
+                     "shocked", "shock"),
+        "neutral": ("neutral", "calm", "calmness"),
+        "fear": ("fear", "fearful", "afraid", "scared", "frightened", "terrified"),
     }
+    _WORD = re.compile(r"\b(" + "|".join(sorted({w for ws in EMOTION_WORDS.values() for w in ws}, key=len, reverse=True))
+                       + r")\b")
+    _NEGATION = re.compile(r"\b(not|no|never|without|hardly|neither|nor)\b|n't\b")
+    _LABEL_OF = {w: lbl for lbl, ws in EMOTION_WORDS.items() for w in ws}
 
     def query(self, subtitle: str | None) -> str:
         said = f"The person says: '{subtitle}' " if subtitle else ""
@@ -222,18 +231,30 @@ class ReasonTask(Task):
         if label is not None and label not in self.EMOTION_WORDS:
             raise ValueError(f"label {label!r} is not one of the eri labels {sorted(self.EMOTION_WORDS)}")
 
-    def parse_label(self, response: str) -> str:
-        """The emotion the reason concludes with: its last sentence that names one, else the whole text."""
+    @classmethod
+    def conclusion(cls, response: str) -> str:
+        """The concluding part of a reason: after its last 'therefore', else its last sentence."""
         low = response.lower()
-        tail = low.rsplit("therefore", 1)[-1] if "therefore" in low else low
-        hits = [(min((tail.find(w) for w in ws if w in tail), default=-1), lbl) for lbl, ws in self.EMOTION_WORDS.items()]
-        hits = [h for h in hits if h[0] >= 0]
-        return min(hits)[1] if hits else INVALID
+        if "therefore" in low:
+            return low.rsplit("therefore", 1)[-1]
+        sentences = [x for x in re.split(r"(?<=[.!?])\s+", low.strip()) if x.strip()]
+        return sentences[-1] if sentences else ""
+
+    def parse_label(self, response: str) -> str:
+        """The one emotion the conclusion names (negated mentions such as "not angry" do not count); a
+        conclusion naming two or more different emotions, or none, is INVALID: hedging over several
+        emotions scores as wrong, never as right for each."""
+        tail = self.conclusion(response)
+        found = set()
+        for m in self._WORD.finditer(tail):
+            before = tail[max(0, m.start() - 24):m.start()]
+            if self._NEGATION.search(" ".join(before.split()[-3:])):
+                continue
+            found.add(self._LABEL_OF[m.group(1)])
+        return found.pop() if len(found) == 1 else INVALID
 
     def label_matches(self, label: str, response: str) -> bool:
-        low = response.lower()
-        tail = low.rsplit("therefore", 1)[-1] if "therefore" in low else low
-        return any(w in tail for w in self.EMOTION_WORDS.get(label, (label,)))
+        return self.parse_label(response) == label
 
     def metrics(self, gold, pred, labels):
         from rouge_score import rouge_scorer
@@ -242,8 +263,9 @@ class ReasonTask(Task):
         rouge = [scorer.score(g, p)["rougeL"].fmeasure for g, p in zip(gold, pred, strict=True)]
         out = {"rouge_l": sum(rouge) / len(rouge) if rouge else 0.0, "n": len(gold)}
         known = [(lbl, p) for lbl, p in zip(labels, pred, strict=True) if lbl]
-        if known:
+        if known:  # how many labelled records the number rests on is reported beside it
             out["label_accuracy"] = sum(self.label_matches(lbl, p) for lbl, p in known) / len(known)
+            out["label_n"] = len(known)
         return out
 
 

@@ -56,6 +56,10 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     threads: int | None = None
+    # Throughput settings (bench/train_throughput.py measures each against the original ones, side by side):
+    precision: str = "fp32"  # "bf16": autocast matmuls to bfloat16 (fp32 master weights, fp32 loss)
+    response_logits_only: bool = False  # vocabulary projection only at response positions
+    length_buckets: bool = False  # a batch is a run of neighbours in length order: little padding
     halt_after: int | None = None  # stop (as if killed) after this many global steps: resume tests
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
@@ -90,6 +94,7 @@ class Trainer:
         self.model.freeze_base()
         self.params = self.model.trainable_parameters()
         self.data, self.dropped = self._encode_train_records()
+        self._orders: dict[str, list[int]] = {}
 
     # -- data ------------------------------------------------------------------------------------
     def _encode_train_records(self) -> tuple[dict[str, list[Encoded]], dict[str, int]]:
@@ -126,10 +131,38 @@ class Trainer:
         task = tasks[np.random.default_rng([self.cfg.seed, stage_idx, step]).choice(len(tasks), p=weights / weights.sum())]
         rng = np.random.default_rng([self.cfg.seed, stage_idx, step, 1 + self.rank])
         pool = self.data[task]
+        if self.cfg.length_buckets:
+            # A random record and its neighbours in length order, as many as the token budget holds;
+            # every record is equally likely to anchor a batch, padding is a few tokens.
+            order = self._length_order(task)
+            n = min(len(pool), self.cfg.batch_size)
+            start = min(int(rng.integers(len(order))), len(order) - n)
+            while n > 1 and n * len(pool[order[start + n - 1]].input_ids) > self.cfg.max_batch_tokens:
+                n -= 1  # ascending order: the last is the longest
+            return task, [pool[i] for i in order[start:start + n]]
         idx = rng.choice(len(pool), size=min(self.cfg.batch_size, len(pool)), replace=False)
         items = [pool[i] for i in idx]
         longest = max(len(e.input_ids) for e in items)
         return task, items[: max(1, min(len(items), self.cfg.max_batch_tokens // longest))]
+
+    def _length_order(self, task: str) -> list[int]:
+        if task not in self._orders:
+            pool = self.data[task]
+            self._orders[task] = sorted(range(len(pool)), key=lambda i: (len(pool[i].input_ids), i))
+        return self._orders[task]
+
+    def loss(self, net, batch: dict) -> torch.Tensor:
+        """One batch's loss under the recipe's throughput settings."""
+        import contextlib
+
+        if self.cfg.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision={self.cfg.precision!r}: use fp32 or bf16")
+        ctx = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16) \
+            if self.cfg.precision == "bf16" else contextlib.nullcontext()
+        with ctx:
+            if self.cfg.response_logits_only:
+                return net(batch, cache_features=True, response_loss_only=True)
+            return net(batch, cache_features=True).loss
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _checkpoints(self) -> list[Path]:
@@ -215,7 +248,7 @@ class Trainer:
                 t0 = time.monotonic()
                 task, items = self.sample_batch(si, step)
                 batch = self.model.prompts.collate(items)
-                loss = net(batch, cache_features=True).loss
+                loss = self.loss(net, batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip)

@@ -1,0 +1,131 @@
+"""Throughput settings change speed, not results: response-only logits, bf16 autocast, LoRA layer range,
+length buckets — each checked against the original computation on a tiny random model (no raw data)."""
+
+import torch
+
+from emoverse.model import EmoVerse, ModelConfig
+from emoverse.tasks import TASKS
+from emoverse.train.trainer import TrainConfig, Trainer
+
+TINY = dict(llm="tiny-random", vision="efficientnet-lite0-random", image_size=32, visual_grid=2, lora_r=4,
+            lora_alpha=8, lora_dropout=0.0)
+
+
+def _model(**over) -> EmoVerse:
+    torch.manual_seed(0)
+    m = EmoVerse.build(ModelConfig(**{**TINY, **over}))
+    m.freeze_base()
+    with torch.no_grad():  # LoRA B starts at zero; give it weight so the adapters matter in the comparison
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    return m
+
+
+def _batch(m: EmoVerse) -> dict:
+    msa, mer = TASKS["msa"], TASKS["mer"]
+    items = [m.prompts.encode(msa.query("what a lovely day"), "Positive.", [], []),
+             m.prompts.encode(mer.query("I hate this, I really do, go away"), "Anger.", [], []),
+             m.prompts.encode(msa.query("no"), "Negative.", [], [])]
+    return m.prompts.collate(items)
+
+
+def test_response_loss_equals_full_logits_loss():
+    m = _model()
+    batch = _batch(m)
+    full = m(batch).loss
+    fast = m(batch, response_loss_only=True)
+    assert torch.allclose(full, fast, rtol=1e-5, atol=1e-6)
+    g_full = torch.autograd.grad(full, list(m.trainable_parameters().values()), allow_unused=True)
+    g_fast = torch.autograd.grad(m(batch, response_loss_only=True), list(m.trainable_parameters().values()),
+                                 allow_unused=True)
+    for a, b in zip(g_full, g_fast, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_bf16_autocast_loss_within_tolerance_of_fp32():
+    m = _model()
+    batch = _batch(m)
+    fp32 = m(batch, response_loss_only=True).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = m(batch, response_loss_only=True)
+    assert bf16.dtype == torch.float32  # the loss itself is computed in fp32
+    assert abs(bf16.item() - fp32) / fp32 < 0.02
+    # master weights stay fp32
+    assert all(p.dtype == torch.float32 for p in m.trainable_parameters().values())
+
+
+def test_bf16_training_follows_fp32_over_steps():
+    """A few dozen optimiser steps on the same batches: bf16 autocast tracks the fp32 loss curve."""
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        m = _model()
+        m.llm.requires_grad_(True)  # the whole tiny LLM trains, so the loss moves far within a few steps
+        batch = _batch(m)
+        opt = torch.optim.AdamW(list(m.trainable_parameters().values()), lr=1e-3)
+        curve = []
+        for _ in range(40):
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+            with ctx:
+                loss = m(batch, response_loss_only=True)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+        curves[precision] = curve
+    assert curves["fp32"][-1] < 0.6 * curves["fp32"][0]  # it learns
+    for a, b in zip(curves["fp32"], curves["bf16"], strict=True):
+        assert abs(a - b) <= 0.05 * a + 0.05
+
+
+def test_lora_from_layer_puts_adapters_only_on_upper_layers():
+    m = _model(tiny={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                     "num_key_value_heads": 2}, lora_from_layer=2)
+    layers = {int(n.split(".layers.")[1].split(".")[0]) for n in m.trainable_parameters() if "lora_" in n}
+    assert layers == {2, 3}
+    # a text batch's backward stops above the frozen layers: nothing below layer 2 holds a gradient path
+    m(_batch(m), response_loss_only=True).backward()
+    assert all(p.grad is not None for n, p in m.trainable_parameters().items() if "lora_" in n)
+
+
+def test_lora_from_layer_out_of_range_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="lora_from_layer"):
+        _model(lora_from_layer=5)
+
+
+class _Pool(Trainer):
+    """Trainer with a hand-made pool (no model, no data folder): only the sampler is under test."""
+
+    def __init__(self, cfg, lengths):
+        from emoverse.prompting import Encoded
+
+        self.cfg, self.rank, self._orders = cfg, 0, {}
+        self.data = {"msa": [Encoded([1] * n, [1] * n, [False] * n) for n in lengths]}
+
+
+def test_length_buckets_batch_neighbours_and_cover_the_pool():
+    import random
+
+    lengths = [random.Random(i).randint(10, 400) for i in range(200)]
+    cfg = TrainConfig(batch_size=8, max_batch_tokens=10_000, length_buckets=True)
+    pool = _Pool(cfg, lengths)
+    seen = set()
+    for step in range(400):
+        _, items = pool.sample_batch(0, step)
+        widths = [len(e.input_ids) for e in items]
+        assert len(items) == 8
+        assert max(widths) - min(widths) <= 40  # neighbours in length order
+        seen.update(id(e) for e in items)
+    assert len(seen) > 0.9 * len(lengths)
+    # the same step draws the same batch (resume depends on it)
+    assert [id(e) for e in pool.sample_batch(0, 7)[1]] == [id(e) for e in pool.sample_batch(0, 7)[1]]
+    # the token budget caps a batch of long records
+    cfg_small = TrainConfig(batch_size=8, max_batch_tokens=800, length_buckets=True)
+    for step in range(50):
+        _, items = _Pool(cfg_small, lengths).sample_batch(0, step)
+        longest = max(len(e.input_ids) for e in items)
+        assert len(items) * longest <= 800 or len(items) == 1
