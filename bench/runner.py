@@ -31,7 +31,7 @@ from emoverse.records import Record, load_records
 from emoverse.tasks import TASKS
 
 BUDGETS = Path(__file__).parent / "budgets.yaml"
-PRIMARY = {"msa": "accuracy", "mer": "weighted_f1", "fer": "accuracy", "eri": "label_accuracy", "ecpe": "pair_f1"}
+PRIMARY = {name: task.primary for name, task in TASKS.items()}  # defined by each task
 BUDGET_TASK_KEYS = {"p90_ms", "min_accuracy_ratio"}
 BUDGET_TARGET_KEYS = {"bundle_size_mb", "peak_memory_mb", "tasks"}
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -23,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from emoverse.artifacts import atomic_write_json
+from emoverse.artifacts import atomic_write_json, cpu_name
 
 # (name, trainer-setting overrides, model-setting overrides), each row adding one lever to the row before.
 VARIANTS: list[tuple[str, dict, dict]] = [
@@ -34,16 +32,6 @@ VARIANTS: list[tuple[str, dict, dict]] = [
     ("+ LoRA on layers 12-29 (release)", {"precision": "bf16", "response_logits_only": True, "length_buckets": True},
      {"lora_from_layer": 12}),
 ]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:

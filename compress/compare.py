@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from emoverse.artifacts import atomic_write_json, atomic_write_text, folder_bytes, read_manifest
+from emoverse.tasks import TASKS
 
 # the one metric per task the comparison (and MLPerf's 99% rule) is judged on
-PRIMARY = {"msa": "msa.accuracy", "mer": "mer.weighted_f1", "fer": "fer.accuracy", "eri": "eri.label_accuracy",
-           "ecpe": "ecpe.pair_f1"}
+PRIMARY = {name: f"{name}.{task.primary}" for name, task in TASKS.items()}  # defined by each task
 SYSTEM = "emoverse/score"
 
 

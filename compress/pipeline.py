@@ -15,9 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from emoverse.artifacts import atomic_dir, folder_bytes, manifest_digest, verify, write_manifest
+from emoverse.artifacts import MODEL_KINDS, atomic_dir, folder_bytes, manifest_digest, verify, write_manifest
 from emoverse.compress.stages import STAGES, run_stage
 from emoverse.config import RecipeError
+from emoverse.model import EmoVerse
 from emoverse.records import load_records
 
 RECIPES = Path(__file__).parent / "recipes"
@@ -92,8 +93,8 @@ def compress(recipe: str | os.PathLike, model: str | os.PathLike, data: str | os
             from emoverse.compress.stages import gptqmodel_python
 
             gptqmodel_python(params)
-    model = Path(model)
-    parent = verify(model, kind="emoverse-model")
+    model = EmoVerse.full_form(model)  # an adapter-form release is expanded once (cached)
+    parent = verify(model, kind=MODEL_KINDS)
     calib, calib_hash = calibration_set(data, model / "llm")
     infos = []
     with tempfile.TemporaryDirectory(prefix="emoverse-compress-", dir=Path(out).parent if Path(out).parent.exists() else None) as work:

@@ -103,6 +103,17 @@ def library_versions(names=("torch", "transformers", "peft", "safetensors", "num
     return out
 
 
+def cpu_name() -> str:
+    """The CPU model (timings and throughput are only comparable on the same one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def folder_bytes(folder: str | os.PathLike) -> int:
     """Size on disk of every file below `folder`."""
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
@@ -149,12 +160,17 @@ def read_manifest(folder: str | os.PathLike) -> dict:
         raise ArtifactError(f"{path}:{e.lineno}: invalid manifest JSON: {e.msg}") from None
 
 
-def verify(folder: str | os.PathLike, *, kind: str | None = None) -> dict:
+# A model a stage can take: the full form (merged weights) or the adapter-form release.
+MODEL_KINDS = ("emoverse-model", "emoverse-adapter")
+
+
+def verify(folder: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None) -> dict:
     """Check every file against the manifest; no file may be missing, changed, extra or outside."""
     folder = Path(folder).resolve()
     manifest = read_manifest(folder)
-    if kind and manifest.get("kind") != kind:
-        raise ArtifactError(f"{folder}: is a {manifest.get('kind')!r} artifact, expected {kind!r}")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds and manifest.get("kind") not in kinds:
+        raise ArtifactError(f"{folder}: is a {manifest.get('kind')!r} artifact, expected {' or '.join(map(repr, kinds))}")
     files = manifest.get("files", {})
     for rel, digest in files.items():
         p = (folder / rel).resolve()

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from emoverse.baselines import BASELINES
+
 
 def _data_build(a: argparse.Namespace) -> int:
     from emoverse.data import build_amt, summary_table
@@ -35,6 +37,30 @@ def _train(a: argparse.Namespace) -> int:
     out = train(cfg)
     if out is not None:
         print(f"model artifact: {out}")
+    return 0
+
+
+def _release(a: argparse.Namespace) -> int:
+    from emoverse.artifacts import folder_bytes
+    from emoverse.train.release import release
+
+    m = release(a.run, a.out, overwrite=a.overwrite)
+    print(f"wrote {a.out}: {folder_bytes(a.out) / 1e6:.1f} MB, {m['training']['steps']} steps")
+    return 0
+
+
+def _results(a: argparse.Namespace) -> int:
+    from emoverse import results
+
+    if a.markdown:
+        res = json.loads(Path(a.markdown).read_text(encoding="utf-8"))
+        _, md = results.write(res, a.markdown)
+    else:
+        if not (a.metrics and a.out):
+            raise SystemExit("emoverse results: give --metrics ... --out FILE.json, or --markdown FILE.json")
+        _, md = results.write(results.build(a.metrics, model_system=a.system), a.out)
+    print(md.read_text(encoding="utf-8"))
+    print(f"wrote {md}")
     return 0
 
 
@@ -191,8 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.0.steps=10 out=runs/x")
     t.set_defaults(func=_train)
 
+    rl = sub.add_parser("release", help="finished training run -> adapter-form release (LoRA + projector, base by sha256)")
+    rl.add_argument("--run", required=True, help="training run folder (out= of `emoverse train`)")
+    rl.add_argument("--out", required=True, help="release folder, e.g. models/emoverse-nano")
+    rl.add_argument("--overwrite", action="store_true")
+    rl.set_defaults(func=_release)
+
+    rs = sub.add_parser("results", help="eval metrics (full test splits, with CIs) -> docs/results JSON + markdown")
+    rs.add_argument("--metrics", nargs="*", help="metrics.json files of `emoverse eval` (model and baselines)")
+    rs.add_argument("--out", help="results JSON (the .md is written beside it)")
+    rs.add_argument("--system", default="emoverse/score", help="the model's system in the metrics files")
+    rs.add_argument("--markdown", help="only regenerate the markdown table from this results JSON")
+    rs.set_defaults(func=_results)
+
     e = sub.add_parser("eval", help="per-task metrics of a model artifact on AMT records")
-    e.add_argument("--model", required=True, help="model artifact folder (or 'zero-shot' for untrained SmolLM2)")
+    e.add_argument("--model", help="model artifact folder, release folder (models/emoverse-nano) or 'zero-shot' "
+                   "(untrained SmolLM2); leave out to score only the baselines")
     e.add_argument("--data", required=True, nargs="+", help="JSONL files or AMT folders")
     e.add_argument("--out", required=True)
     e.add_argument("--split", default="test", help="split to take from AMT folders (default: test)")
@@ -200,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="closed-label tasks: score the label set, generate freely, or both (default)")
     e.add_argument("--limit", type=int, help="at most N records per task and source (seeded sample)")
     e.add_argument("--tasks", nargs="*", help="subset of tasks")
-    e.add_argument("--baselines", nargs="*", default=[], choices=["majority", "zero-shot", "vader"],
+    e.add_argument("--baselines", nargs="*", default=[], choices=["zero-shot", *BASELINES],
                    help="baselines to score on the same records")
     e.add_argument("--threads", type=int)
     e.add_argument("--batch-size", type=int, default=8, help="records generated together (default 8)")

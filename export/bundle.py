@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from emoverse.artifacts import atomic_dir, manifest_digest, verify, write_manifest
+from emoverse.artifacts import MODEL_KINDS, atomic_dir, manifest_digest, verify, write_manifest
 from emoverse.export.onnx_export import OPSET, export_all, kv_shape
 from emoverse.runtime.ort import RUNTIME_FORMAT  # the bundle format the runtime reads, defined beside it
 from emoverse.tasks import TASKS
@@ -101,8 +101,8 @@ def export_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, *, targe
         precision = precision or "fp32"
         if precision not in tgt["precisions"]:
             raise ValueError(f"target cpu: precision {precision!r} not in {tgt['precisions']}")
-    model_dir = Path(model_dir)
-    parent = verify(model_dir, kind="emoverse-model")
+    model_dir = EmoVerse.full_form(model_dir)  # an adapter-form release is expanded once (cached)
+    parent = verify(model_dir, kind=MODEL_KINDS)
     llm_cfg = json.loads((model_dir / "llm" / "config.json").read_text())
     if "quantization_config" in llm_cfg:
         raise ValueError(f"{model_dir}: is quantized ({llm_cfg['quantization_config'].get('quant_method')}); export "

@@ -1,0 +1,178 @@
+"""Baselines that could embarrass the model, scored on the same records in the same eval run.
+
+Each baseline is a function (records to answer, training records) -> {record id: answer text}, registered by
+name in BASELINES; answers are in the task's own response form, so the task's parser and metrics score them
+exactly as they score the model. All of them learn from the training split only; none looks at test labels.
+
+- majority: the most frequent training answer per task (ECPE: the target causes itself; ERI: majority emotion)
+- vader: VADER lexicon polarity for MSA
+- heuristic: ECPE "the target utterance and the one before it are the causes"
+- tfidf-lr: TF-IDF word/bigram features + logistic regression (scikit-learn) for MSA and MER
+- fer-probe: logistic regression on the frozen encoder's mean-pooled image features (the linear probe the
+  FER path must at least match)
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable
+
+from emoverse.records import Record
+from emoverse.tasks import TASKS
+
+QUOTED = re.compile(r"The person says: '(.*)' <", re.S)
+
+
+class BaselineError(ValueError):
+    pass
+
+
+def utterance(query: str) -> str:
+    """The quoted utterance of an MSA/MER/ERI query (the whole query when none is quoted)."""
+    m = QUOTED.search(query)
+    return m.group(1) if m else query
+
+
+def _need_train(train: list[Record], task: str, name: str) -> list[Record]:
+    rows = [r for r in train if r.task == task]
+    if not rows:
+        raise BaselineError(f"baseline {name!r} needs {task} training records (the train split of the data "
+                            "folder); it is never fitted on the records it is scored on")
+    return rows
+
+
+def majority(records: list[Record], train: list[Record]) -> dict[str, str]:
+    """Most frequent training answer per task (per source's candidate set for FER); ECPE: the target
+    utterance causes itself; ERI: the majority emotion in EMER's reason form."""
+    preds: dict[str, str] = {}
+    present = {r.task for r in records}
+    common = {}
+    for task in ("msa", "mer"):
+        if task in present:
+            common[task] = Counter(r.response for r in _need_train(train, task, "majority")).most_common(1)[0][0]
+    fer_labels = Counter(r.label for r in train if r.task == "fer" and r.label)
+    eri_labels = Counter(r.label for r in train if r.task == "eri" and r.label)
+    if "fer" in present and not fer_labels:
+        _need_train(train, "fer", "majority")
+    if "eri" in present and not eri_labels:
+        _need_train(train, "eri", "majority")
+    for r in records:
+        t = TASKS[r.task]
+        if r.task in common:
+            preds[r.id] = common[r.task]
+        elif r.task == "fer":
+            allowed = {c.lower().rstrip(".") for c in t.candidates(r.query)}
+            best = next((lbl for lbl, _ in fer_labels.most_common() if lbl in allowed), sorted(allowed)[0])
+            preds[r.id] = t.format_label(best)
+        elif r.task == "ecpe":
+            k, emotion = _ecpe_target(r)
+            preds[r.id] = f"{k}_{emotion},{k}"
+        elif r.task == "eri":
+            preds[r.id] = f"Therefore, it is inferred that the emotional state is {eri_labels.most_common(1)[0][0]}."
+    return preds
+
+
+def _ecpe_target(r: Record) -> tuple[int, str]:
+    """(index, emotion) of an ECPE record's target utterance, read from its query."""
+    m = re.search(r"Target utterance:(\d+)_([a-z]+)\.", r.query)
+    if not m:
+        raise BaselineError(f"record {r.id}: ECPE query has no 'Target utterance:<k>_<emotion>.' line")
+    return int(m[1]), m[2]
+
+
+def ecpe_heuristic(records: list[Record], train: list[Record]) -> dict[str, str]:
+    """The target utterance and the one before it are its causes (ECF's two most common cause positions)."""
+    preds = {}
+    for r in records:
+        if r.task == "ecpe":
+            k, emotion = _ecpe_target(r)
+            preds[r.id] = ";".join(f"{k}_{emotion},{c}" for c in ([k, k - 1] if k > 1 else [k]))
+    return preds
+
+
+def vader(records: list[Record], train: list[Record]) -> dict[str, str]:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    sia = SentimentIntensityAnalyzer()
+    msa = TASKS["msa"]
+    return {r.id: msa.format_label("positive" if sia.polarity_scores(utterance(r.query))["compound"] >= 0 else "negative")
+            for r in records if r.task == "msa"}
+
+
+def tfidf_lr(records: list[Record], train: list[Record]) -> dict[str, str]:
+    """TF-IDF (words and bigrams, sublinear tf) + logistic regression per text task, fitted on its train split."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    preds = {}
+    for task in ("msa", "mer"):
+        todo = [r for r in records if r.task == task]
+        if not todo:
+            continue
+        rows = _need_train(train, task, "tfidf-lr")
+        clf = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
+                            LogisticRegression(max_iter=2000, C=4.0))
+        clf.fit([utterance(r.query) for r in rows], [r.label for r in rows])
+        for r, lbl in zip(todo, clf.predict([utterance(r.query) for r in todo]), strict=True):
+            preds[r.id] = TASKS[task].format_label(str(lbl))
+    return preds
+
+
+def image_features(paths: list[str], image_size: int = 224, batch: int = 64) -> np.ndarray:  # noqa: F821
+    """Mean-pooled ImageNet EfficientNet-Lite0 features (the model's frozen encoder, its input scaling)."""
+    import numpy as np
+    import torch
+
+    from emoverse.imaging import load_pixels
+    from emoverse.model import ModelConfig, load_vision
+
+    net = load_vision(ModelConfig()).eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(paths), batch):
+            px = torch.from_numpy(np.stack([load_pixels(p, image_size) for p in paths[i:i + batch]]))
+            out.append(net.extract_features(px).mean(dim=(2, 3)).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1280), dtype=np.float32)
+
+
+def fer_probe(records: list[Record], train: list[Record]) -> dict[str, str]:
+    """Logistic regression on frozen mean-pooled features of the FER training faces; each test face gets the
+    most probable label among those its query offers."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    todo = [r for r in records if r.task == "fer" and r.images]
+    if not todo:
+        return {}
+    rows = [r for r in _need_train(train, "fer", "fer-probe") if r.images and r.label]
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.1))
+    clf.fit(image_features([r.images[0] for r in rows]), [r.label for r in rows])
+    proba = clf.predict_proba(image_features([r.images[0] for r in todo]))
+    classes = list(clf.classes_)
+    fer = TASKS["fer"]
+    preds = {}
+    for r, p in zip(todo, proba, strict=True):
+        allowed = [c.lower().rstrip(".") for c in fer.candidates(r.query)]
+        best = max((lbl for lbl in allowed if lbl in classes), key=lambda lbl: p[classes.index(lbl)],
+                   default=classes[int(np.argmax(p))])
+        preds[r.id] = fer.format_label(best)
+    return preds
+
+
+BASELINES: dict[str, Callable[[list[Record], list[Record]], dict[str, str]]] = {
+    "majority": majority,
+    "vader": vader,
+    "heuristic": ecpe_heuristic,
+    "tfidf-lr": tfidf_lr,
+    "fer-probe": fer_probe,
+}
+
+
+def run_baseline(name: str, records: list[Record], train: list[Record]) -> dict[str, str]:
+    if name not in BASELINES:
+        raise BaselineError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
+    return BASELINES[name](records, train)

@@ -1,0 +1,104 @@
+"""Baselines on hand-made records, the ERI conclusion parser, bootstrap and paired CIs, budget verdicts."""
+
+import numpy as np
+import pytest
+
+from emoverse.baselines import BaselineError, ecpe_heuristic, majority, tfidf_lr, utterance
+from emoverse.records import Record
+from emoverse.stats import bootstrap_ci, paired_ratio, point, verdict
+from emoverse.tasks import INVALID, TASKS
+
+
+def _ecpe(rid: str, k: int, emotion: str, response: str = "") -> Record:
+    lines = [(emotion if i == k else "neutral", "A", f"line {i}") for i in range(1, k + 2)]
+    return Record(rid, "ecpe", "ecf1", "test", TASKS["ecpe"].query(lines, k), response, emotion)
+
+
+def _text(rid: str, task: str, text: str, label: str, split: str = "train") -> Record:
+    t = TASKS[task]
+    return Record(rid, task, "meld", split, t.query(text), t.format_label(label), label)
+
+
+def test_ecpe_heuristic_names_target_and_previous():
+    preds = ecpe_heuristic([_ecpe("a", 3, "joy"), _ecpe("b", 1, "anger")], [])
+    assert preds == {"a": "3_joy,3;3_joy,2", "b": "1_anger,1"}
+    assert set(TASKS["ecpe"].parse(preds["a"]).pairs) == {"3_joy,3", "3_joy,2"}
+
+
+def test_majority_uses_train_labels_and_refuses_without_them():
+    train = [_text("t1", "mer", "x", "joy"), _text("t2", "mer", "y", "joy"), _text("t3", "mer", "z", "anger")]
+    test = [_text("q", "mer", "w", "anger", split="test")]
+    assert majority(test, train) == {"q": "Joy."}
+    with pytest.raises(BaselineError, match="train"):
+        majority(test, [])  # never falls back to the test labels
+
+
+def test_tfidf_lr_learns_words_from_train_split():
+    train = [_text(f"p{i}", "msa", f"I love this {w}", "positive") for i, w in enumerate("abcdefgh")]
+    train += [_text(f"n{i}", "msa", f"I hate that {w}", "negative") for i, w in enumerate("abcdefgh")]
+    test = [_text("q1", "msa", "love it", "positive", "test"), _text("q2", "msa", "hate it", "negative", "test")]
+    assert tfidf_lr(test, train) == {"q1": "Positive.", "q2": "Negative."}
+    assert utterance(test[0].query) == "love it"
+
+
+@pytest.mark.parametrize("text,label", [
+    ("He frowns. Therefore, it is inferred that his emotional state is anger.", "angry"),
+    ("Therefore, she may be happy.", "happy"),  # hedged, one emotion: counts
+    ("Therefore, the person is not angry but sad.", "sad"),  # negated mention dropped
+    ("Therefore, he may be happy, sad, angry or surprised.", INVALID),  # several emotions: wrong
+    ("Therefore, she seems to encourage him and enjoy it.", INVALID),  # no substring matches (rage, joy)
+    ("She smiles widely. She is unhappy though.", "sad"),  # no 'therefore': the last sentence
+    ("Therefore, she is happy and joyful.", "happy"),  # two words, one emotion
+])
+def test_eri_conclusion_parser(text, label):
+    assert TASKS["eri"].parse_label(text) == label
+
+
+def test_eri_metric_counts_labelled_records_and_rejects_hedging():
+    eri = TASKS["eri"]
+    gold = ["x. Therefore anger.", "y. Therefore happy.", "z."]
+    pred = ["Therefore, he is angry or sad.", "Therefore, happy.", "Therefore, sad."]
+    m = eri.metrics(gold, pred, ["angry", "happy", None])
+    assert m["label_accuracy"] == 0.5 and m["label_n"] == 2
+
+
+@pytest.mark.parametrize("task", ["msa", "mer", "fer", "eri", "ecpe"])
+def test_stats_point_equals_task_metrics(task):
+    t = TASKS[task]
+    rng = np.random.default_rng(0)
+    if task == "ecpe":
+        gold = [f"{k}_joy,{k}" for k in range(1, 40)]
+        pred = [f"{k}_joy,{k - int(rng.integers(0, 2))}" for k in range(1, 40)]
+        labels = ["joy"] * len(gold)
+    elif task == "eri":
+        gold = [f"Therefore {w}." for w in rng.choice(["anger", "happy", "sad"], 40)]
+        pred = [f"Therefore {w}." for w in rng.choice(["anger", "happy", "sad"], 40)]
+        labels = [{"anger": "angry"}.get(g.split()[1][:-1], g.split()[1][:-1]) for g in gold]
+    else:
+        labels = list(t.labels) if task != "fer" else ["happy", "anger", "sadness"]
+        gold = [t.format_label(x) for x in rng.choice(labels, 60)]
+        pred = [t.format_label(x) for x in rng.choice(labels, 60)]
+        labels = [None] * 60
+    full = t.metrics(gold, pred, labels)
+    fast = point(t, gold, pred, labels)
+    for k, v in fast.items():
+        assert v == pytest.approx(full[k], abs=1e-9), k
+    ci = bootstrap_ci(t, gold, pred, labels, n_boot=300)
+    lo, hi = ci[t.primary]
+    assert lo <= full[t.primary] <= hi and hi - lo > 0
+
+
+def test_paired_ratio_identical_systems_is_exactly_one():
+    t = TASKS["mer"]
+    gold = [t.format_label(x) for x in ["joy", "anger", "neutral"] * 20]
+    pred = [t.format_label(x) for x in ["joy", "neutral", "neutral"] * 20]
+    r = paired_ratio(t, gold, pred, pred, [None] * 60)
+    assert r["ratio"] == 1.0 and r["ratio_ci"] == [1.0, 1.0]
+    worse = [t.format_label("neutral")] * 60
+    r2 = paired_ratio(t, gold, pred, worse, [None] * 60)
+    assert r2["ratio_ci"][1] < 1.0
+
+
+@pytest.mark.parametrize("ci,verdict_", [([0.995, 1.01], "pass"), ([0.95, 0.98], "fail"), ([0.97, 1.02], "inconclusive")])
+def test_budget_verdict_from_ci(ci, verdict_):
+    assert verdict(ci, 0.99) == verdict_

