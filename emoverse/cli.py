@@ -69,7 +69,7 @@ def _eval(a: argparse.Namespace) -> int:
 
     metrics = evaluate(a.model, a.data, a.out, mode=a.mode, split=a.split, limit=a.limit, tasks=a.tasks,
                        baselines=a.baselines, threads=a.threads, missing_media=a.missing_media,
-                       batch_size=a.batch_size)
+                       batch_size=a.batch_size, precision=a.precision)
     print(format_table(metrics))
     print(f"wrote {Path(a.out) / 'metrics.json'} and {Path(a.out) / 'predictions.jsonl'}")
     return 0
@@ -243,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--baselines", nargs="*", default=[], choices=["zero-shot", *BASELINES],
                    help="baselines to score on the same records")
     e.add_argument("--threads", type=int)
-    e.add_argument("--batch-size", type=int, default=8, help="records generated together (default 8)")
+    e.add_argument("--batch-size", type=int, default=8, help="records scored or generated together (default 8)")
+    e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="fp32 (default, the reference numerics) or bf16 autocast (about 2x faster where the CPU has it)")
     e.add_argument("--missing-media", choices=["error", "drop"], default="error",
                    help="a listed image/video that does not exist: fail (default) or answer without it")
     e.set_defaults(func=_eval)

@@ -82,36 +82,46 @@ def compute_cis(records: list[Record], preds: dict[str, str], n_boot: int = 1000
 
 
 class Predictor:
-    """Answers records with a model: `score` or `generate` for closed tasks, `generate` for open ones."""
+    """Answers records through the runtime API, the code path `emoverse run` and the bench use: a model
+    artifact or release runs on the PyTorch backend (the reference), a bundle on its own backend. Closed
+    tasks by label scoring (or free generation), open ones by batched KV-cache decoding with the task's
+    grammar (ECPE), so eval and bench give the same answers on the same records."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, runtime, missing_media: str = "error"):
+        self.rt = runtime
+        self.missing_media = missing_media
+
+    def _images(self, rec: Record) -> list[str]:
+        if rec.videos and (self.missing_media == "error" or any(Path(v).is_file() for v in rec.videos)):
+            raise ValueError(f"record {rec.id}: has video input; the runtime answers images and text (extract "
+                             "frames as images, or --missing-media drop for videos that are not there)")
+        if self.missing_media == "drop":
+            return [i for i in rec.images if Path(i).is_file()]
+        return list(rec.images)
 
     def many(self, recs: list[Record], mode: str) -> list[str]:
-        """Answers for records of one task: scored one by one, generated as one batch."""
-        task = TASKS[recs[0].task]
-        if task.closed and mode == "score":
-            out = []
-            for rec in recs:
-                cands = task.candidates(rec.query)
-                scores = self.model.score(rec.query, cands, rec.images, rec.videos)
-                out.append(cands[max(range(len(cands)), key=scores.__getitem__)])
-            return out
-        return self.model.generate_batch([(r.query, r.images, r.videos) for r in recs], max_new_tokens=task.max_new_tokens)
+        """Answers for records of one task, as one batch."""
+        answers = self.rt.answer_many([{"task": r.task, "query": r.query, "images": self._images(r)} for r in recs],
+                                      mode=mode, batch_size=len(recs))
+        for r, a in zip(recs, answers, strict=True):
+            if isinstance(a, Exception):
+                raise ValueError(str(a))
+        return [a.text for a in answers]
 
 
-def _load_model(spec: str, missing_media: str = "error"):
-    from emoverse.model import EmoVerse, ModelConfig
+def _load_runtime(spec: str):
+    from emoverse.runtime.backends import open_runtime
 
-    model = EmoVerse.build(ModelConfig(), lora=False).eval() if spec == ZERO_SHOT else EmoVerse.load(spec)
-    model.prompts.missing_media = missing_media
-    return model
+    if spec == ZERO_SHOT:
+        from emoverse.model import EmoVerse, ModelConfig
+        from emoverse.runtime.torch_ref import TorchRuntime
+
+        return TorchRuntime(None, model=EmoVerse.build(ModelConfig(), lora=False))
+    return open_runtime(spec, "auto")
 
 
 def _chunks(records: list[Record], mode: str, size: int) -> list[list[Record]]:
-    """Generation batches of one task (one max_new_tokens) and similar prompt length; scoring one by one."""
-    if mode == "score":
-        return [[r] for r in records]
+    """Batches of one task (one max_new_tokens, one candidate set) and similar prompt length."""
     chunks = []
     by_task: dict[str, list[Record]] = defaultdict(list)
     for r in records:
@@ -122,9 +132,9 @@ def _chunks(records: list[Record], mode: str, size: int) -> list[list[Record]]:
     return chunks
 
 
-def _run_model(name: str, model, records: list[Record], modes: list[str], partial: Path, done: dict,
-               batch_size: int = 8) -> dict[str, dict[str, str]]:
-    predictor = Predictor(model)
+def _run_model(name: str, runtime, records: list[Record], modes: list[str], partial: Path, done: dict,
+               batch_size: int = 8, missing_media: str = "error") -> dict[str, dict[str, str]]:
+    predictor = Predictor(runtime, missing_media)
     results: dict[str, dict[str, str]] = {}
     with open(partial, "a", encoding="utf-8") as f:
         for mode in modes:
@@ -164,8 +174,16 @@ def _run_model(name: str, model, records: list[Record], modes: list[str], partia
 
 def evaluate(model: str | None, data: list[str], out: str | os.PathLike, *, mode: str = "both", split: str | None = "test",
              limit: int | None = None, tasks: list[str] | None = None, baselines: list[str] | None = None,
-             threads: int | None = None, seed: int = 0, missing_media: str = "error", batch_size: int = 8) -> dict:
+             threads: int | None = None, seed: int = 0, missing_media: str = "error", batch_size: int = 8,
+             precision: str = "fp32") -> dict:
+    import contextlib
+
     import torch
+
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision={precision!r}: use fp32 (the reference) or bf16 (autocast; faster on CPUs with "
+                         "AVX-512 BF16 or AMX)")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
     if threads:
         torch.set_num_threads(threads)
@@ -188,12 +206,16 @@ def evaluate(model: str | None, data: list[str], out: str | os.PathLike, *, mode
     systems: dict[str, dict[str, str]] = {}
     if model is not None:
         name = "zero-shot" if model == ZERO_SHOT else "emoverse"
-        systems.update(_run_model(name, _load_model(model, missing_media), records, modes, partial, done, batch_size))
+        with autocast:
+            systems.update(_run_model(name, _load_runtime(model), records, modes, partial, done, batch_size,
+                                      missing_media))
     baselines = baselines or []
     if model is None and not baselines:
         raise ValueError("nothing to evaluate: give --model and/or --baselines")
     if "zero-shot" in baselines and model != ZERO_SHOT:
-        systems.update(_run_model("zero-shot", _load_model(ZERO_SHOT, missing_media), records, modes, partial, done, batch_size))
+        with autocast:
+            systems.update(_run_model("zero-shot", _load_runtime(ZERO_SHOT), records, modes, partial, done, batch_size,
+                                      missing_media))
     fitted = [b for b in baselines if b != "zero-shot"]
     if fitted:
         train = []
@@ -222,6 +244,7 @@ def evaluate(model: str | None, data: list[str], out: str | os.PathLike, *, mode
     metrics = {
         "model": model_info,
         "data": [str(d) for d in data], "split": split, "limit": limit, "seed": seed, "missing_media": missing_media,
+        "precision": precision,
         "records": dict(sorted(Counter(f"{r.task}/{r.source}" for r in records).items())),
         "results": {s: _drop_generated_only(s, compute_metrics(records, p)) for s, p in systems.items()},
         "ci": {s: _drop_generated_only(s, compute_cis(records, p)) for s, p in systems.items()},

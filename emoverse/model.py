@@ -311,27 +311,42 @@ class EmoVerse(nn.Module):
 
     @torch.no_grad()
     def score(self, query: str, candidates: list[str], images=(), videos=()) -> list[float]:
-        """Sum log-probability of each candidate answer: one prefill of the prompt, then the candidates
-        as one batch over a copy of its KV cache."""
-        enc = self.prompts.encode(query, None, list(images), list(videos))
-        ids = torch.tensor([enc.input_ids])
-        out = self.llm(inputs_embeds=self.embed(ids, torch.tensor([enc.visual_mask]), enc.media), use_cache=True,
-                       logits_to_keep=1)
-        first = out.logits[0, -1].log_softmax(-1)
-        cand = [self.tokenizer.encode(c, add_special_tokens=False) for c in candidates]
-        scores = [float(first[c[0]]) for c in cand]
-        longest = max(len(c) for c in cand)
-        if longest > 1:
-            n = len(cand)
-            cache = copy.deepcopy(out.past_key_values)
-            cache.batch_repeat_interleave(n)
+        """Sum log-probability of each candidate answer (see `score_batch`)."""
+        return self.score_batch([(query, list(candidates), list(images), list(videos))])[0]
+
+    @torch.no_grad()
+    def score_batch(self, requests: list[tuple[str, list[str], list, list]]) -> list[list[float]]:
+        """Sum log-probability of each candidate answer of each (query, candidates, images, videos) request:
+        one left-padded prefill for the batch (explicit positions, so padding changes nothing), then every
+        (request, candidate) continuation as one batch over rows of its prompt's KV cache."""
+        encs = [self.prompts.encode(q, None, list(i), list(v)) for q, _, i, v in requests]
+        embeds = [self.embed(torch.tensor([e.input_ids]), torch.tensor([e.visual_mask]), e.media)[0] for e in encs]
+        lengths = [e.shape[0] for e in embeds]
+        width = max(lengths)
+        x = torch.zeros(len(embeds), width, embeds[0].shape[-1], dtype=embeds[0].dtype)
+        mask = torch.zeros(len(embeds), width, dtype=torch.long)
+        for i, e in enumerate(embeds):
+            x[i, width - e.shape[0]:] = e
+            mask[i, width - e.shape[0]:] = 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        out = self.llm(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        first = out.logits[:, -1].float().log_softmax(-1)
+        cands = [[self.tokenizer.encode(c, add_special_tokens=False) for c in cs] for _, cs, _, _ in requests]
+        scores = [[float(first[i, c[0]]) for c in cl] for i, cl in enumerate(cands)]
+        rows = [(i, j) for i, cl in enumerate(cands) for j, c in enumerate(cl) if len(c) > 1]
+        if rows:
+            longest = max(len(cands[i][j]) for i, j in rows)
+            cache = out.past_key_values
+            cache.batch_select_indices(torch.tensor([i for i, _ in rows]))
             pad = self.tokenizer.pad_token_id
-            rest = torch.tensor([c[:-1] + [pad] * (longest - len(c)) for c in cand])  # inputs after the first token
-            mask = torch.cat([torch.ones(n, ids.shape[1], dtype=torch.long),
-                              torch.tensor([[1] * (len(c) - 1) + [0] * (longest - len(c)) for c in cand])], dim=1)
-            logits = self.llm(input_ids=rest, attention_mask=mask, past_key_values=cache).logits.log_softmax(-1)
-            for i, c in enumerate(cand):
-                scores[i] += sum(float(logits[i, j, c[j + 1]]) for j in range(len(c) - 1))
+            rest = torch.tensor([cands[i][j][:-1] + [pad] * (longest - len(cands[i][j])) for i, j in rows])
+            rest_mask = torch.tensor([[1] * (len(cands[i][j]) - 1) + [0] * (longest - len(cands[i][j])) for i, j in rows])
+            rest_pos = torch.tensor([[lengths[i] + k for k in range(longest - 1)] for i, _ in rows])
+            logits = self.llm(input_ids=rest, attention_mask=torch.cat([mask[[i for i, _ in rows]], rest_mask], dim=1),
+                              position_ids=rest_pos, past_key_values=cache).logits.float().log_softmax(-1)
+            for r, (i, j) in enumerate(rows):
+                c = cands[i][j]
+                scores[i][j] += sum(float(logits[r, k, c[k + 1]]) for k in range(len(c) - 1))
         return scores
 
     # -- artifact I/O ----------------------------------------------------------------------------

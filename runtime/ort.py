@@ -180,6 +180,35 @@ class OrtRuntime:
             logits, cache = self.forward(self.token_embeds(np.array([[nxt]])), mask, cache, [0])
             last = logits[:, -1]
 
+    def generate_many(self, items: list[tuple[str, list[str], int, Callable | None]]) -> list[str]:
+        """Greedy answers of several (query, images, max_new_tokens, grammar) requests decoded together: one
+        left-padded prefill, then one decoder step per token for the whole batch. Each row takes exactly
+        the tokens `stream` would take alone (same constraint, same stop rules); finished rows ride along."""
+        last, cache, mask = self.prefill([self.embed(q, list(images)) for q, images, _, _ in items])
+        n = len(items)
+        ids: list[list[int]] = [[] for _ in range(n)]
+        texts = [""] * n
+        done = [False] * n
+        for _ in range(max(m for _, _, m, _ in items)):
+            nxt = np.full((n, 1), self.eos, dtype=np.int64)
+            for i, (_, _, max_new, allowed) in enumerate(items):
+                if done[i]:
+                    continue
+                row = last[i] if allowed is None else self._constrain(last[i], allowed(texts[i]))
+                tid = int(row.argmax())
+                if tid == self.eos or len(ids[i]) >= max_new:
+                    done[i] = True
+                    continue
+                ids[i].append(tid)
+                texts[i] = self.tok.decode(ids[i], skip_special_tokens=True)
+                nxt[i, 0] = tid
+            if all(done):
+                break
+            mask = np.concatenate([mask, np.ones((n, 1), dtype=np.int64)], axis=1)
+            logits, cache = self.forward(self.token_embeds(nxt), mask, cache, [0])
+            last = logits[:, -1]
+        return [t.strip() for t in texts]
+
     def _constrain(self, row: np.ndarray, ok: Callable[[int], bool]) -> np.ndarray:
         """Keep only the best-scoring token the grammar allows (the top 64 first; the whole vocabulary in the
         rare case none of them fits), else end the answer."""
@@ -273,21 +302,29 @@ class OrtRuntime:
         return Answer(task, text, parsed.label if t.closed else None)
 
     def answer_many(self, requests: list[dict], mode: str = "score", batch_size: int = 8) -> list[Answer | RequestError]:
-        """Batched requests: closed-label ones are scored `batch_size` at a time in one prefill; a bad
-        request yields its error in its place and the others are still answered."""
+        """Batched requests, `batch_size` at a time: closed-label ones scored in one prefill, generated ones
+        decoded together (`generate_many`, with each task's grammar); a bad request yields its error in its
+        place and the others are still answered."""
         out: list[Answer | RequestError | None] = [None] * len(requests)
         batch: list[tuple[int, np.ndarray, list[str], object]] = []
+        gen: list[tuple[int, object, tuple]] = []
         for i, r in enumerate(requests):
             try:
                 t = get_task(r["task"])
+                images = list(r.get("images", []))
                 if t.closed and mode == "score":  # embedded alone, so a bad image or prompt fails alone
-                    batch.append((i, self.embed(r["query"], list(r.get("images", []))), t.candidates(r["query"]), t))
+                    batch.append((i, self.embed(r["query"], images), t.candidates(r["query"]), t))
                 else:
-                    out[i] = self.answer(r["task"], r["query"], r.get("images", []), mode)
+                    self.embed(r["query"], images)  # a bad image or prompt fails alone, before the batch
+                    gen.append((i, t, (r["query"], images, t.max_new_tokens, self.grammar_for(t.name, r["query"]))))
             except RequestError as e:
                 out[i] = e
             except (ValueError, KeyError, TypeError) as e:
                 out[i] = RequestError(f"request {i}: {type(e).__name__}: {e}")
+        for start in range(0, len(gen), batch_size):
+            chunk = gen[start:start + batch_size]
+            for (i, t, _), text in zip(chunk, self.generate_many([item for _, _, item in chunk]), strict=True):
+                out[i] = Answer(t.name, text, t.parse(text).label if t.closed else None)
         for start in range(0, len(batch), batch_size):
             chunk = batch[start:start + batch_size]
             scored = self.score_embedded([e for _, e, _, _ in chunk], [c for _, _, c, _ in chunk])

@@ -14,7 +14,8 @@ from emoverse.runtime.ort import OrtRuntime, positions
 
 
 class TorchRuntime(OrtRuntime):
-    def __init__(self, model_dir: str | os.PathLike, threads: int | None = None, check: bool = True):
+    def __init__(self, model_dir: str | os.PathLike | None, threads: int | None = None, check: bool = True,
+                 model=None):
         from tokenizers import Tokenizer
 
         from emoverse.export.bundle import runtime_config
@@ -23,8 +24,8 @@ class TorchRuntime(OrtRuntime):
 
         if threads:
             torch.set_num_threads(threads)
-        self.dir = Path(model_dir)
-        self.model = EmoVerse.load(self.dir, check=check).eval()
+        self.dir = Path(model_dir) if model_dir is not None else None
+        self.model = model.eval() if model is not None else EmoVerse.load(self.dir, check=check).eval()
         self.cfg = runtime_config(self.model, {})
         self.tok = Tokenizer.from_str(self.model.tokenizer.backend_tokenizer.to_str())
         self.decoder_module = DecoderGraph(self.model.llm).eval()
@@ -36,7 +37,7 @@ class TorchRuntime(OrtRuntime):
 
     @torch.no_grad()
     def visual_tokens(self, pixels: np.ndarray) -> np.ndarray:
-        return self.model.projector(self.model.vision_features(torch.from_numpy(pixels))).numpy()
+        return self.model.projector(self.model.vision_features(torch.from_numpy(pixels))).float().numpy()
 
     @torch.no_grad()
     def forward(self, embeds: np.ndarray, mask: np.ndarray, cache: list[np.ndarray],
@@ -47,8 +48,8 @@ class TorchRuntime(OrtRuntime):
         out = self.decoder_module(torch.from_numpy(embeds.astype(np.float32)), torch.from_numpy(mask.astype(np.int64)),
                                   torch.from_numpy(pos), index,
                                   *(torch.from_numpy(np.ascontiguousarray(c)) for c in cache))
-        return out[0].numpy(), [t.numpy() for t in out[1:]]
+        return out[0].float().numpy(), [t.float().numpy() for t in out[1:]]  # fp32 out under bf16 autocast too
 
     @torch.no_grad()
     def token_embeds(self, ids: np.ndarray) -> np.ndarray:
-        return self.embedder(torch.from_numpy(ids.astype(np.int64))).numpy()
+        return self.embedder(torch.from_numpy(ids.astype(np.int64))).float().numpy()

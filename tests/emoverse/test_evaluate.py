@@ -4,13 +4,8 @@ import json
 
 import pytest
 
-from emoverse.evaluate import (
-    compute_metrics,
-    evaluate,
-    majority_predictions,
-    select_records,
-    vader_predictions,
-)
+from emoverse.baselines import majority, vader
+from emoverse.evaluate import compute_metrics, evaluate, select_records
 from emoverse.records import Record, load_records
 from emoverse.tasks import TASKS
 
@@ -74,9 +69,9 @@ def test_baselines():
     recs = [Record("m1", "msa", "s", "test", msa.query("I love this, wonderful!"), "Positive.", "positive"),
             Record("m2", "msa", "s", "test", msa.query("terrible, awful, I hate it"), "Negative.", "negative"),
             Record("ecf-1-3", "ecpe", "s", "test", ecpe.query([("joy", "A", "a")] * 3, 3), "3_joy,3", "joy")]
-    v = vader_predictions(recs)
+    v = vader(recs, [])
     assert v == {"m1": "Positive.", "m2": "Negative."}
-    maj = majority_predictions(recs, [recs[1]])
+    maj = majority(recs, [recs[1]])
     assert maj["m1"] == "Negative." and maj["ecf-1-3"] == "3_joy,3"
 
 

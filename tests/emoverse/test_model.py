@@ -183,3 +183,16 @@ def test_grid_pool_equals_adaptive_avg_pool(size, grid):
     x = torch.randn(2, 3, size, size)
     ref = torch.nn.functional.adaptive_avg_pool2d(x, grid).flatten(2).transpose(1, 2)
     assert torch.allclose(grid_pool(x, grid), ref, atol=1e-6)
+
+
+def test_score_batch_equals_one_by_one(model, face):
+    """Left padding with explicit positions changes no score: a batch of prompts of different lengths (one
+    with an image) scores as each does alone."""
+    mer, fer = TASKS["mer"], TASKS["fer"]
+    reqs = [(mer.query("no"), mer.candidates(mer.query("no")), [], []),
+            (mer.query("I really cannot believe you would do that to me after all these years"),
+             mer.candidates(mer.query("x")), [], []),
+            (fer.query(["happy", "sadness"], False), ["Happy.", "Sadness."], [str(face)], [])]
+    batched = model.score_batch(reqs)
+    for (q, c, i, v), b in zip(reqs, batched, strict=True):
+        assert b == pytest.approx(model.score_batch([(q, c, i, v)])[0], abs=2e-4)

@@ -169,3 +169,37 @@ def test_label_scoring_equals_argmax_of_generation(runtime, face):
         scores = runtime.score(q, cands, images)
         generated = runtime.generate(q, images, max_new_tokens=2, allowed=only_candidates)
         assert generated == cands[int(np.argmax(scores))]
+
+
+def test_generate_many_equals_one_at_a_time_with_grammar(tiny_model_dir):
+    """Batched decoding (left-padded prefill, one step per token for all rows) picks, row by row, the
+    tokens `stream` picks alone: ECPE under its grammar, ERI free, different lengths and budgets."""
+    rt = open_runtime(tiny_model_dir, "torch")
+    ecpe, eri = TASKS["ecpe"], TASKS["eri"]
+    conv = [("neutral", "A", "hi there"), ("joy", "B", "great news, I got the job!"), ("surprise", "A", "really?")]
+    items = [(ecpe.query(conv, 3), [], 12, rt.grammar_for("ecpe", ecpe.query(conv, 3))),
+             (eri.query("leave me alone"), [], 9, None),
+             (ecpe.query(conv[:2], 2), [], 5, rt.grammar_for("ecpe", ecpe.query(conv[:2], 2)))]
+    batched = rt.generate_many(items)
+    alone = [rt.generate(q, i, m, g) for q, i, m, g in items]
+    assert batched == alone
+    assert all(p.startswith("3_surprise,") for p in batched[0].split(";") if p)
+
+
+def test_eval_and_bench_give_the_same_answers(tiny_model_dir, small_amt, tmp_path):
+    """`emoverse eval` and the bench answer through the same runtime path: same records, same answers."""
+    from emoverse.bench.runner import _answer
+    from emoverse.evaluate import evaluate, select_records
+    from emoverse.records import load_records
+
+    m = evaluate(str(tiny_model_dir), [str(small_amt)], tmp_path, mode="score", limit=2)
+    preds = {}
+    for line in (tmp_path / "predictions.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        preds[row["id"]] = row["prediction"]
+    rt = open_runtime(tiny_model_dir, "torch")
+    recs = select_records(load_records(small_amt, split="test"), tasks=None, limit=2)
+    assert {r.task for r in recs} == {"msa", "mer", "fer", "eri", "ecpe"}
+    for r in recs:
+        assert _answer(rt, r)[0] == preds[r.id], r.id
+    assert m["results"]["emoverse/score"]["ecpe.n"] >= 1
