@@ -103,7 +103,7 @@ class Predictor:
         """Answers for records of one task, as one batch."""
         answers = self.rt.answer_many([{"task": r.task, "query": r.query, "images": self._images(r)} for r in recs],
                                       mode=mode, batch_size=len(recs))
-        for r, a in zip(recs, answers, strict=True):
+        for a in answers:
             if isinstance(a, Exception):
                 raise ValueError(str(a))
         return [a.text for a in answers]
