@@ -38,9 +38,9 @@ eval:
 	$(VENV)/bin/emoverse eval --model $(RUN)/model --data data/amt --out $(RUN)/eval --limit $(EVAL_LIMIT) \
 		--baselines majority vader
 
-# The main job: raw data -> AMT data -> EmoVerse-Nano (nano-quick) -> eval -> GPTQ W4A16 + compare ->
+# The main job: raw data -> AMT data -> the shipped EmoVerse-Nano release -> eval -> GPTQ W4A16 + compare ->
 # ONNX bundles (cpu fp32/int4, Jetson AGX Orin plan) -> bench report against the cpu budgets.
-PIPELINE ?= nano-quick
+PIPELINE ?= release
 PIPELINE_OUT ?= runs/pipeline
 # Exit 1 from the pipeline means "ran, and some budget failed" (listed in the report): not a failed job here.
 quickstart: install

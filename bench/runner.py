@@ -219,15 +219,18 @@ def bench_bundle(bundle: Path, records: list[Record], cfg: BenchConfig) -> dict:
                            "offline_qps": len(recs) / offline_s, "answers": answers,
                            "mean_prompt_tokens": float(np.mean(prompt_tokens)), "candidate_tokens": cand_tokens,
                            "mean_output_tokens": float(np.mean(n_out))}
-    if backend == "torch":
+    if backend == "torch":  # a release counts with its base weights: the model as it runs (full form)
+        from emoverse.model import EmoVerse
+
+        full = EmoVerse.full_form(bundle)
         precision, target = "fp32 (torch)", "torch"
-        weights = folder_bytes(bundle / "llm")
+        weights, size = folder_bytes(full / "llm"), folder_bytes(full)
     else:
         manifest = read_manifest(bundle)
         precision, target = manifest.get("precision"), manifest.get("target")
-        weights = (bundle / rt.cfg["graphs"]["decoder"]).stat().st_size
+        weights, size = (bundle / rt.cfg["graphs"]["decoder"]).stat().st_size, folder_bytes(bundle)
     return {"bundle": variant_name(bundle), "path": str(bundle), "backend": backend, "target": target,
-            "precision": precision, "size_mb": folder_bytes(bundle) / 1e6, "start_s": start_s,
+            "precision": precision, "size_mb": size / 1e6, "start_s": start_s,
             "peak_memory_mb": peak - before + 0.0, "tasks": out_tasks,
             "llm": {"parameters": rt.cfg["llm_parameters"], "kv_shape": rt.cfg["kv_shape"], "decoder_bytes": weights}}
 

@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="run a compression recipe on a model artifact")
     c.add_argument("--recipe", required=True, help="recipe YAML or a shipped one: gptq-w4a16, fp8-dynamic")
-    c.add_argument("--model", required=True, help="model artifact folder")
+    c.add_argument("--model", required=True, help="model artifact or release folder (models/emoverse-nano)")
     c.add_argument("--data", default="data/amt", help="AMT folder (calibration from its train records)")
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="answer one request from a bundle (ONNX Runtime, no torch; or its TensorRT "
                        "engines) or from a model artifact (PyTorch reference)")
-    r.add_argument("--bundle", required=True, help="bundle folder, or a model artifact folder for --backend torch")
+    r.add_argument("--bundle", "--model", dest="bundle", required=True,
+                   help="bundle folder, or a model artifact / release folder (PyTorch backend)")
     r.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"],
                    help="auto: onnxruntime for a bundle, torch for a model artifact")
     r.add_argument("--providers", default="cpu", choices=["cpu", "cuda", "tensorrt"],
@@ -295,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bn = sub.add_parser("bench", help="accuracy + latency + memory + size of bundles against budgets "
                         "(and `emoverse bench compare OLD.json NEW.json`)")
-    bn.add_argument("--bundle", required=True, action="append", help="bundle folder or model artifact (PyTorch); repeat; the first is the reference")
+    bn.add_argument("--bundle", "--model", dest="bundle", required=True, action="append",
+                    help="bundle folder, or model artifact / release (PyTorch); repeat; the first is the reference")
     bn.add_argument("--data", default="data/amt", help="AMT folder (its test split) or JSONL files")
     bn.add_argument("--budgets", help="budgets YAML (default: the shipped bench/budgets.yaml)")
     bn.add_argument("--target", default="cpu")

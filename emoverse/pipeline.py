@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from emoverse.artifacts import ArtifactError, atomic_write_json, manifest_digest, verify
+from emoverse.artifacts import MODEL_KINDS, ArtifactError, atomic_write_json, manifest_digest, verify
 from emoverse.config import load_config
 
 PIPELINES = Path(__file__).parent / "pipelines"
@@ -44,6 +44,9 @@ class BenchSpec:
 
 @dataclass
 class PipelineConfig:
+    # A trained model to start from (the shipped release, models/emoverse-nano): no training stage.
+    # null: train one with train_recipe.
+    teacher: str | None = None
     train_recipe: str = "nano-quick"
     train_overrides: list[str] = field(default_factory=list)
     sources: list[str] | None = None
@@ -100,13 +103,18 @@ class Pipeline:
         data = self.out / "data"
         d_data = self.stage("data", _key(str(self.raw.resolve()), cfg.sources), data, "amt-data",
                             lambda: build_amt(self.raw, data, sources=cfg.sources, overwrite=True))
-        recipe = resolve_recipe(cfg.train_recipe, RECIPES)
-        run_dir = self.out / "train"
-        overrides = [f"data={data}", f"out={run_dir}", *cfg.train_overrides]
-        tcfg = load_config(TrainConfig, recipe, overrides)
-        teacher = run_dir / "model"
-        d_model = self.stage("train", _key(d_data, recipe.read_text(), overrides), teacher, "emoverse-model",
-                             lambda: train(tcfg))
+        if cfg.teacher:  # a trained model (the release): verified, never retrained
+            teacher = Path(cfg.teacher)
+            d_model = manifest_digest(verify(teacher, kind=MODEL_KINDS))
+            self.log(f"[pipeline] train: using the trained model {teacher} (teacher=null trains one)")
+        else:
+            recipe = resolve_recipe(cfg.train_recipe, RECIPES)
+            run_dir = self.out / "train"
+            overrides = [f"data={data}", f"out={run_dir}", *cfg.train_overrides]
+            tcfg = load_config(TrainConfig, recipe, overrides)
+            teacher = run_dir / "model"
+            d_model = self.stage("train", _key(d_data, recipe.read_text(), overrides), teacher, "emoverse-model",
+                                 lambda: train(tcfg))
         models = {"teacher": (teacher, d_model)}
         evals = {}
         for spec in [None, *cfg.compress]:

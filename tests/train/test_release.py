@@ -85,3 +85,19 @@ def test_shipped_release_loads_and_verifies():
     q = TASKS["msa"].query("What a wonderful, happy day")
     s = model.score(q, ["Positive.", "Negative."])
     assert s[0] > s[1]
+
+
+def test_release_goes_through_export_and_run(trained, tmp_path):
+    """`export` and `run` take the adapter-form release as they take a full model."""
+    from emoverse.export.bundle import export_bundle
+    from emoverse.runtime.backends import open_runtime
+
+    rel = tmp_path / "rel"
+    trained.save_adapter(rel, producer={"stage": "test"})
+    bundle = tmp_path / "bundle"
+    export_bundle(rel, bundle)
+    q = TASKS["msa"].query("so good")
+    a_bundle = open_runtime(bundle).answer("msa", q)
+    a_torch = open_runtime(rel).answer("msa", q)  # detected as a model: the PyTorch backend
+    assert a_bundle.text == a_torch.text
+    assert a_bundle.scores == pytest.approx(a_torch.scores, abs=1e-3)
