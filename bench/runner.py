@@ -27,7 +27,7 @@ from emoverse.artifacts import (
     library_versions,
     read_manifest,
 )
-from emoverse.records import Record, load_records
+from emoverse.records import Record, load_records, select_records
 from emoverse.tasks import TASKS
 
 BUDGETS = Path(__file__).parent / "budgets.yaml"
@@ -299,7 +299,6 @@ def roofline_estimates(result: dict, targets: dict, cpu: dict, ctx: int = 256) -
 
 def run_bench(bundles: list[str | os.PathLike], data: str | os.PathLike, budgets_path: str | os.PathLike, target: str,
               out: str | os.PathLike, cfg: BenchConfig | None = None, reference: int = 0) -> tuple[dict, list[str]]:
-    from emoverse.evaluate import select_records
     from emoverse.export.tensorrt import load_targets
 
     cfg = cfg or BenchConfig()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -18,27 +17,10 @@ from tqdm import tqdm
 
 from emoverse.artifacts import atomic_write_json, read_manifest
 from emoverse.baselines import run_baseline
-from emoverse.records import Record, load_records
-from emoverse.tasks import INVALID, TASKS, get_task
+from emoverse.records import Record, load_records, select_records  # noqa: F401
+from emoverse.tasks import INVALID, TASKS
 
 ZERO_SHOT = "zero-shot"
-
-
-def select_records(records: list[Record], *, tasks: list[str] | None, limit: int | None, seed: int = 0) -> list[Record]:
-    """Filter by task; keep at most `limit` per (task, source), a seeded sample in file order."""
-    if tasks:
-        for t in tasks:
-            get_task(t)
-        records = [r for r in records if r.task in tasks]
-    if not limit:
-        return records
-    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for i, r in enumerate(records):
-        groups[(r.task, r.source)].append(i)
-    keep: set[int] = set()
-    for key, idx in sorted(groups.items()):
-        keep.update(random.Random(f"{seed}:{key}").sample(idx, min(limit, len(idx))))
-    return [r for i, r in enumerate(records) if i in keep]
 
 
 def compute_metrics(records: list[Record], preds: dict[str, str]) -> dict[str, float]:

@@ -446,7 +446,7 @@ class EmoVerse(nn.Module):
             raise ArtifactError(f"{path}: no emoverse.json; not an EmoVerse model artifact")
         cfg = ModelConfig(**json.loads(cfg_path.read_text()))
         tok = AutoTokenizer.from_pretrained(path / "llm")
-        from emoverse.compress.modelopt_fp8 import is_fp8_checkpoint, load_fp8_checkpoint
+        from emoverse.fp8 import is_fp8_checkpoint, load_fp8_checkpoint
 
         quant = json.loads((path / "llm" / "config.json").read_text()).get("quantization_config") or {}
         if quant.get("quant_method") == "gptq":  # classic GPTQ format: GPTQModel's kernels (torch on CPU)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -149,3 +151,20 @@ def write_records(path: str | os.PathLike, records: Iterable[Record]) -> int:
     lines = [r.to_json() for r in records]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     return len(lines)
+
+
+def select_records(records: list[Record], *, tasks: list[str] | None, limit: int | None, seed: int = 0) -> list[Record]:
+    """Filter by task; keep at most `limit` per (task, source), a seeded sample in file order."""
+    if tasks:
+        for t in tasks:
+            get_task(t)
+        records = [r for r in records if r.task in tasks]
+    if not limit:
+        return records
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        groups[(r.task, r.source)].append(i)
+    keep: set[int] = set()
+    for key, idx in sorted(groups.items()):
+        keep.update(random.Random(f"{seed}:{key}").sample(idx, min(limit, len(idx))))
+    return [r for i, r in enumerate(records) if i in keep]

@@ -13,28 +13,10 @@ import torch
 from PIL import Image
 
 from emoverse.artifacts import MODEL_KINDS, atomic_dir, manifest_digest, verify, write_manifest
-from emoverse.export.onnx_export import OPSET, export_all, kv_shape
-from emoverse.runtime.ort import RUNTIME_FORMAT  # the bundle format the runtime reads, defined beside it
+from emoverse.export.onnx_export import export_all
+from emoverse.runtime.graphs import runtime_config  # noqa: F401  (the bundle format is the runtime's)
+from emoverse.runtime.ort import RUNTIME_FORMAT  # noqa: F401
 from emoverse.tasks import TASKS
-
-SENTINEL = "\u2063QUERY\u2063"
-
-
-def runtime_config(model, graphs: dict[str, str]) -> dict:
-    text = model.prompts.render(SENTINEL, 0)
-    prefix, suffix = text.split(SENTINEL)
-    tok = model.tokenizer
-    return {
-        "format": RUNTIME_FORMAT,
-        "chat_prefix": prefix, "chat_suffix": suffix,
-        "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
-        "n_visual": model.cfg.n_visual, "image_size": model.cfg.image_size, "max_length": model.cfg.max_length,
-        "kv_shape": list(kv_shape(model.llm)), "hidden_size": model.llm.config.hidden_size, "opset": OPSET,
-        "llm_parameters": sum(p.numel() for p in model.llm.parameters()),
-        "graphs": graphs,
-        "tasks": {name: {"tag": t.tag, "labels": list(t.labels), "closed": t.closed, "max_new_tokens": t.max_new_tokens}
-                  for name, t in TASKS.items()},
-    }
 
 
 @torch.no_grad()

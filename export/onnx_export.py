@@ -18,80 +18,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
-OPSET = 17
-
-
-class VisionGraph(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.vision = model.vision
-        self.projector = model.projector
-        self.grid = model.cfg.visual_grid
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        from emoverse.model import grid_pool
-
-        return self.projector(grid_pool(self.vision.extract_features(pixels), self.grid))
-
-
-class EmbedGraph(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.embed = model.llm.get_input_embeddings()
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed(input_ids)
-
-
-class DecoderGraph(nn.Module):
-    """The LLM with explicit KV-cache tensors in and out (a flat list, two per layer)."""
-
-    def __init__(self, llm):
-        super().__init__()
-        self.llm = llm
-        self.n_layers = llm.config.num_hidden_layers
-
-    def forward(self, inputs_embeds, attention_mask, position_ids, logits_index, *past):
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        for i in range(self.n_layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
-        t = inputs_embeds.shape[1]
-        total = attention_mask.shape[1]
-        # additive causal + padding mask (B, 1, T, P+T): query j (absolute P + j) sees keys <= P + j
-        q_pos = torch.arange(t, device=inputs_embeds.device) + (total - t)
-        k_pos = torch.arange(total, device=inputs_embeds.device)
-        causal = k_pos[None, :] <= q_pos[:, None]
-        allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
-        mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype).masked_fill(~allowed, torch.finfo(inputs_embeds.dtype).min)
-        out = self.llm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
-                       past_key_values=cache, use_cache=True, logits_to_keep=logits_index)
-        presents = []
-        for i in range(self.n_layers):
-            layer = out.past_key_values.layers[i]
-            presents += [layer.keys, layer.values]
-        return (out.logits, *presents)
-
-
-def _exportable_activations(vision: nn.Module) -> None:
-    """Swap only the memory-efficient swish (a custom autograd op the exporter cannot trace) for the plain
-    one. Not `set_swish(memory_efficient=False)`: in efficientnet-lite it also replaces Lite's ReLU6 with
-    swish, silently changing the network."""
-    for module in vision.modules():
-        act = getattr(module, "_swish", None)
-        if act is not None and type(act).__name__ == "MemoryEfficientSwish":
-            from efficientnet_lite_pytorch.utils import Swish
-
-            module._swish = Swish()
-
-
-def kv_shape(llm) -> tuple[int, int, int]:
-    c = llm.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return c.num_hidden_layers, c.num_key_value_heads, head_dim
+from emoverse.runtime.graphs import (  # noqa: F401  (the graph modules are the runtime's; re-exported)
+    OPSET,
+    DecoderGraph,
+    EmbedGraph,
+    VisionGraph,
+    _exportable_activations,
+    kv_shape,
+)
 
 
 def export_all(model, out: Path, opset: int = OPSET) -> dict[str, Path]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emoverse.runtime.graphs import DecoderGraph, runtime_config
 from emoverse.runtime.ort import OrtRuntime, positions
 
 
@@ -18,8 +19,6 @@ class TorchRuntime(OrtRuntime):
                  model=None):
         from tokenizers import Tokenizer
 
-        from emoverse.export.bundle import runtime_config
-        from emoverse.export.onnx_export import DecoderGraph
         from emoverse.model import EmoVerse
 
         if threads:
