@@ -28,6 +28,7 @@ from emoverse.artifacts import (
     read_manifest,
 )
 from emoverse.records import Record, load_records, select_records
+from emoverse.stats import paired_ratio, verdict
 from emoverse.tasks import TASKS
 
 BUDGETS = Path(__file__).parent / "budgets.yaml"
@@ -84,10 +85,42 @@ def verdicts(result: dict, budget: dict) -> list[str]:
             continue
         if "p90_ms" in tb and r["single_stream"]["p90_ms"] > tb["p90_ms"]:
             fails.append(f"{name}: {task} p90 {r['single_stream']['p90_ms']:.1f} ms > budget {tb['p90_ms']} ms")
-        ratio = r.get("accuracy_ratio")
-        if "min_accuracy_ratio" in tb and ratio is not None and ratio < tb["min_accuracy_ratio"]:
-            fails.append(f"{name}: {task} {PRIMARY[task]} at {ratio:.1%} of the reference < {tb['min_accuracy_ratio']:.1%}")
+        ratio, ci = r.get("accuracy_ratio"), r.get("accuracy_ratio_ci")
+        if "min_accuracy_ratio" in tb and ratio is not None:
+            # judged on the paired bootstrap CI of the ratio: fail only when all of it lies below the budget
+            v = verdict(ci, tb["min_accuracy_ratio"]) if ci else ("fail" if ratio < tb["min_accuracy_ratio"] else "pass")
+            r["accuracy_verdict"] = v
+            if v == "fail":
+                ci_text = f" (95% CI {ci[0]:.1%}-{ci[1]:.1%})" if ci else ""
+                fails.append(f"{name}: {task} {PRIMARY[task]} at {ratio:.1%}{ci_text} of the reference < "
+                             f"{tb['min_accuracy_ratio']:.1%}")
     return fails
+
+
+def inconclusive(result: dict) -> list[str]:
+    """Accuracy budgets whose ratio CI straddles the budget: neither pass nor fail; more records decide."""
+    return [f"{result['bundle']}: {task} {PRIMARY[task]} ratio CI {t['accuracy_ratio_ci'][0]:.1%}-"
+            f"{t['accuracy_ratio_ci'][1]:.1%} straddles the budget" for task, t in result["tasks"].items()
+            if t.get("accuracy_verdict") == "inconclusive"]
+
+
+def paired_accuracy(result: dict, reference: dict, records: list[Record]) -> None:
+    """Per task: the primary metric's ratio to the reference with its paired bootstrap 95% CI (same records)."""
+    for task, t in result["tasks"].items():
+        ref = reference["tasks"].get(task)
+        if ref is None:
+            continue
+        spec = TASKS[task]
+        recs = [r for r in records if r.task == task and r.id in t["answers"] and r.id in ref["answers"]]
+        if not recs:
+            continue
+
+        def text(answer):  # closed answers are kept as parsed labels; metrics read them in the task's form
+            return spec.format_label(answer) if spec.closed and answer else (answer or "")
+
+        pr = paired_ratio(spec, [r.response for r in recs], [text(ref["answers"][r.id]) for r in recs],
+                          [text(t["answers"][r.id]) for r in recs], [r.label for r in recs])
+        t["accuracy_ratio_ci"] = pr["ratio_ci"] if all(x == x for x in pr["ratio_ci"]) else None
 
 
 # -- measurement -----------------------------------------------------------------------------------
@@ -303,6 +336,13 @@ def run_bench(bundles: list[str | os.PathLike], data: str | os.PathLike, budgets
 
     cfg = cfg or BenchConfig()
     budgets = load_budgets(budgets_path)
+    targets = load_targets()
+    measured_on = os.environ.get("EMOVERSE_BENCH_DEVICE", "cpu")  # set on the device the bench runs on
+    if target != measured_on and targets.get(target, {}).get("runtime") == "tensorrt":
+        # what runs here is measured on this CPU: a GPU target's latency/size budgets would judge the wrong device
+        raise BudgetError(f"target {target!r}: its budgets apply to measurements on that device; this bench measures "
+                          "on this machine's CPU. Bench with --target cpu here (the report carries roofline "
+                          f"*estimates* for {target}, never gated), or run the bench on the {target} itself")
     if target not in budgets:
         raise BudgetError(f"{budgets_path}: no budgets for target {target!r} (have {list(budgets)})")
     records = select_records(load_records(data, split="test"), tasks=None, limit=cfg.limit)
@@ -314,13 +354,14 @@ def run_bench(bundles: list[str | os.PathLike], data: str | os.PathLike, budgets
             base = ref["tasks"].get(task, {}).get("primary")
             t["accuracy_ratio"] = (t["primary"] / base) if base else None
         agreement(r, ref)
-    targets = load_targets()
+        paired_accuracy(r, ref, records)
     for r in results:
         r["roofline"] = roofline_estimates(r, {k: v for k, v in targets.items() if k != target}, cpu)
     failures = [f for r in results for f in verdicts(r, budgets[target])]
+    undecided = [x for r in results for x in inconclusive(r)]
     report = {"machine": machine_info(), "cpu_roofline": cpu, "target": target, "config": cfg.__dict__,
               "records": {t: sum(1 for r in records if r.task == t) for t in TASKS}, "reference": ref["bundle"],
-              "results": results, "failures": failures}
+              "results": results, "failures": failures, "inconclusive": undecided}
     write_report(report, Path(out), budgets[target])
     return report, failures
 

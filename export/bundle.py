@@ -75,10 +75,14 @@ def calibration_pixels(images: list[str], size: int, n: int = 16) -> np.ndarray:
 def export_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, *, target: str = "cpu", precision: str | None = None,
                   probes: list[tuple[str, list[str], str]] | None = None, max_abs_diff: float = 1e-3,
                   calibration_images: list[str] | None = None, overwrite: bool = False) -> dict:
-    from emoverse.export.tensorrt import get_target, write_plan
+    from emoverse.export.tensorrt import check_precision, get_target, write_plan
     from emoverse.model import EmoVerse
 
     tgt = get_target(target)
+    if target != "cpu" and precision is not None:
+        check_precision(target, tgt, precision)
+        if precision not in tgt["precisions"]:
+            raise ValueError(f"target {target}: precision {precision!r} not in {tgt['precisions']}")
     if target == "cpu":
         precision = precision or "fp32"
         if precision not in tgt["precisions"]:

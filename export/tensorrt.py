@@ -21,11 +21,30 @@ def load_targets() -> dict:
     return yaml.safe_load(TARGETS_FILE.read_text())
 
 
+# The lowest CUDA compute capability with hardware for each precision (FP8 tensor cores: Ada 8.9, Hopper 9.0).
+MIN_COMPUTE_CAPABILITY = {"fp8": 8.9, "int8": 6.1, "fp16": 5.3}
+
+
+def check_precision(name: str, target: dict, precision: str) -> None:
+    """Refuse a precision the target's GPU has no kernels for, naming its compute capability."""
+    cc = target.get("compute_capability")
+    need = MIN_COMPUTE_CAPABILITY.get(precision)
+    if cc is not None and need is not None and float(cc) < need:
+        raise ValueError(f"target {name}: {precision.upper()} needs CUDA compute capability >= {need}; this device "
+                         f"is {cc} (e.g. Jetson Orin is 8.7, H100 9.0): use int8 or fp16 for {name}")
+
+
 def get_target(name: str) -> dict:
     targets = load_targets()
     if name not in targets:
         raise ValueError(f"unknown target {name!r}; known: {', '.join(targets)}")
-    return targets[name]
+    target = targets[name]
+    for key in ("vision_quantization", "decoder_precision"):  # the file's own choices must be buildable too
+        if target.get(key):
+            check_precision(name, target, target[key])
+    for prec in target.get("precisions", []):
+        check_precision(name, target, prec)
+    return target
 
 
 def input_shapes(runtime_cfg: dict, graph: str, profiles: dict) -> dict[str, list[list[int]]]:

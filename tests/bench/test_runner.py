@@ -121,3 +121,25 @@ def test_bench_end_to_end_on_tiny_bundles(tiny_model_dir, small_amt, tmp_path):
     assert main(["bench", "--bundle", str(tmp_path / "fp32"), "--data", str(small_amt), "--budgets", str(budgets),
                  "--out", str(out), "--limit", "1", "--warmup", "0"]) == 1
     _ = run_bench  # the API behind the CLI
+
+
+def test_accuracy_budget_verdicts_from_ratio_cis():
+    """pass when the whole CI clears the budget, fail when all of it lies below, inconclusive between."""
+    from emoverse.bench.runner import inconclusive, verdicts
+
+    def result(ci):
+        return {"bundle": "b", "size_mb": 1.0, "peak_memory_mb": 1.0,
+                "tasks": {"msa": {"single_stream": {"p90_ms": 1.0}, "accuracy_ratio": sum(ci) / 2, "accuracy_ratio_ci": ci}}}
+
+    budget = {"tasks": {"msa": {"min_accuracy_ratio": 0.99}}}
+    ok, bad, unsure = result([0.995, 1.01]), result([0.90, 0.95]), result([0.97, 1.02])
+    assert verdicts(ok, budget) == [] and not inconclusive(ok)
+    assert len(verdicts(bad, budget)) == 1 and "95% CI" in verdicts(bad, budget)[0]
+    assert verdicts(unsure, budget) == [] and len(inconclusive(unsure)) == 1
+
+
+def test_gpu_budgets_refused_for_cpu_measurements(tmp_path):
+    from emoverse.bench.runner import BUDGETS, BudgetError, run_bench
+
+    with pytest.raises(BudgetError, match="measurements on that device"):
+        run_bench([tmp_path / "nothing"], tmp_path, BUDGETS, "h100", tmp_path / "out")

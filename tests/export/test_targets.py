@@ -89,3 +89,20 @@ def test_quantized_artifacts_are_refused(tiny_model_dir, small_amt, tmp_path):
     compress("fp8-dynamic", tiny_model_dir, small_amt, tmp_path / "fp8")
     with pytest.raises(ValueError, match="is quantized"):
         export_bundle(tmp_path / "fp8", tmp_path / "b")
+
+
+def test_fp8_refused_for_orin_naming_the_compute_capability():
+    from emoverse.export.tensorrt import check_precision, get_target
+
+    with pytest.raises(ValueError, match=r"FP8 needs CUDA compute capability >= 8.9; this device is 8.7"):
+        check_precision("jetson-agx-orin", get_target("jetson-agx-orin"), "fp8")
+    check_precision("h100", get_target("h100"), "fp8")  # Hopper has FP8 tensor cores
+    check_precision("jetson-agx-orin", get_target("jetson-agx-orin"), "int8")
+
+
+def test_fp8_export_for_orin_is_refused_before_any_work(tmp_path):
+    from emoverse.export.bundle import export_bundle
+
+    with pytest.raises(ValueError, match="compute capability"):
+        export_bundle(tmp_path / "no-model", tmp_path / "out", target="jetson-orin-nano", precision="fp8")
+    assert not (tmp_path / "out").exists()
