@@ -104,6 +104,11 @@ def inconclusive(result: dict) -> list[str]:
             if t.get("accuracy_verdict") == "inconclusive"]
 
 
+def _answer_text(spec, answer: str | None) -> str:
+    """Closed answers are kept as parsed labels; metrics read them back in the task's response form."""
+    return spec.format_label(answer) if spec.closed and answer and answer != "<invalid>" else (answer or "")
+
+
 def paired_accuracy(result: dict, reference: dict, records: list[Record]) -> None:
     """Per task: the primary metric's ratio to the reference with its paired bootstrap 95% CI (same records)."""
     for task, t in result["tasks"].items():
@@ -115,11 +120,8 @@ def paired_accuracy(result: dict, reference: dict, records: list[Record]) -> Non
         if not recs:
             continue
 
-        def text(answer):  # closed answers are kept as parsed labels; metrics read them in the task's form
-            return spec.format_label(answer) if spec.closed and answer else (answer or "")
-
-        pr = paired_ratio(spec, [r.response for r in recs], [text(ref["answers"][r.id]) for r in recs],
-                          [text(t["answers"][r.id]) for r in recs], [r.label for r in recs])
+        pr = paired_ratio(spec, [r.response for r in recs], [_answer_text(spec, ref["answers"][r.id]) for r in recs],
+                          [_answer_text(spec, t["answers"][r.id]) for r in recs], [r.label for r in recs])
         t["accuracy_ratio_ci"] = pr["ratio_ci"] if all(x == x for x in pr["ratio_ci"]) else None
 
 
