@@ -52,6 +52,10 @@ def _release(a: argparse.Namespace) -> int:
 def _results(a: argparse.Namespace) -> int:
     from emoverse import results
 
+    if a.readme:
+        results.update_readme(a.readme)
+        print(f"updated the results table in {a.readme}")
+        return 0
     if a.markdown:
         res = json.loads(Path(a.markdown).read_text(encoding="utf-8"))
         _, md = results.write(res, a.markdown)
@@ -228,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--out", help="results JSON (the .md is written beside it)")
     rs.add_argument("--system", default="emoverse/score", help="the model's system in the metrics files")
     rs.add_argument("--markdown", help="only regenerate the markdown table from this results JSON")
+    rs.add_argument("--readme", help="regenerate the results table in this README from docs/results/*.json")
     rs.set_defaults(func=_results)
 
     e = sub.add_parser("eval", help="per-task metrics of a model artifact on AMT records")

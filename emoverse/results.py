@@ -107,3 +107,44 @@ def write(res: dict, out: str | os.PathLike) -> tuple[Path, Path]:
     md = out.with_suffix(".md")
     atomic_write_text(md, markdown(res))
     return out, md
+
+
+BEGIN, END = "<!-- results:begin (generated: emoverse results --readme README.md) -->", "<!-- results:end -->"
+
+
+def readme_table(results_dir: str | os.PathLike = "docs/results") -> str:
+    """The README's results table: the release's primary metric per task and source with its CI, the best
+    baseline beside it, and the training throughput ratio — all read from the JSON files in results_dir."""
+    results_dir = Path(results_dir)
+    res = json.loads((results_dir / "emoverse-nano.json").read_text(encoding="utf-8"))
+    model = res["model_system"]
+    lines = ["| task / source | metric | n | EmoVerse-Nano (95% CI) | best baseline | target |", "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        if not r["primary"] and r["metric"] != "rouge_l":
+            continue
+        best = r["best_baseline"]
+        target = "–" if r["target"] is None else f"≥ {r['target']:.2f} {'✓' if r['meets_target'] else '✗'}"
+        lines.append(f"| {r['group']} | {r['metric']} | {r['n'] or '–'} | {_cell(r['systems'].get(model))} | "
+                     f"{f'{best[1]:.3f} ({best[0]})' if best else '–'} | {target} |")
+    out = [f"Full test splits, {res['created']}, CPU: {res['machine']['cpu']} "
+           f"(`docs/results/emoverse-nano.md` has every metric and baseline).", "", *lines]
+    tp = results_dir / "train-throughput.json"
+    if tp.is_file():
+        t = json.loads(tp.read_text(encoding="utf-8"))
+        first, last = t["variants"][0], t["variants"][-1]
+        out += ["", f"Training throughput (`docs/results/train-throughput.json`, {t['cpu']}, {t['threads']} threads): "
+                f"{first['tokens_per_s']:.0f} → {last['tokens_per_s']:.0f} tokens/s, "
+                f"**{last['speedup_vs_original']:.2f}×** the original settings in the same run."]
+    return "\n".join(out)
+
+
+def update_readme(readme: str | os.PathLike, results_dir: str | os.PathLike = "docs/results") -> str:
+    path = Path(readme)
+    text = path.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{readme}: no results markers ({BEGIN} ... {END})")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    new = head + BEGIN + "\n" + readme_table(results_dir) + "\n" + END + tail
+    atomic_write_text(path, new)
+    return new

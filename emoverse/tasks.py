@@ -46,6 +46,43 @@ class Parsed:
     text: str = ""
 
 
+class Grammar:
+    """A text-level output constraint: which prefixes may still grow into an answer, which are complete.
+    The runtime turns it into a token filter for constrained decoding."""
+
+    def ok_prefix(self, text: str) -> bool:
+        raise NotImplementedError
+
+    def complete(self, text: str) -> bool:
+        raise NotImplementedError
+
+
+class PairGrammar(Grammar):
+    """ECPE answers: '{target}_{emotion},c(;{target}_{emotion},c)*' with cause indices c in 1..target (the
+    paper's candidates are the utterances up to the target)."""
+
+    def __init__(self, target: int, emotion: str):
+        self.target = target
+        self.head = f"{target}_{emotion},"
+        h = re.escape(self.head)
+        self._full = re.compile(rf"(?:{h}\d+;)*(?:{h}\d*)?")
+        self._pair = re.compile(rf"{h}\d+")
+        self._done = re.compile(rf"(?:{h}\d+)(?:;{h}\d+)*")
+        self._causes = re.compile(rf"{h}(\d+)(?=;|$)")
+
+    def ok_prefix(self, text: str) -> bool:
+        if not self._full.fullmatch(text):
+            parts = text.split(";")  # also accept a partially written head
+            if not all(self._pair.fullmatch(p) for p in parts[:-1]):
+                return False
+            if not self.head.startswith(parts[-1]) and not re.fullmatch(rf"{re.escape(self.head)}\d*", parts[-1]):
+                return False
+        return all(1 <= int(c) <= self.target for c in self._causes.findall(text))
+
+    def complete(self, text: str) -> bool:
+        return bool(self._done.fullmatch(text))
+
+
 class Task:
     name: str = ""
     tag: str | None = None
@@ -76,6 +113,10 @@ class Task:
 
     def parse(self, response: str) -> Parsed:
         return Parsed(label=self.parse_label(response), text=response)
+
+    def grammar(self, query: str) -> Grammar | None:
+        """The form a generated answer to this query must keep (None: free text)."""
+        return None
 
     def parse_label(self, response: str) -> str:
         """First label word in the response (whole word, any case); INVALID if none."""
@@ -367,6 +408,10 @@ class CausePairTask(Task):
 
     def response(self, pairs: Sequence[tuple[str, int]]) -> str:
         return ";".join(f"{emo},{cause}" for emo, cause in pairs)
+
+    def grammar(self, query: str) -> Grammar | None:
+        m = re.search(r"Target utterance:(\d+)_([a-z]+)\.", query)
+        return PairGrammar(int(m.group(1)), m.group(2)) if m else None
 
     def parse(self, response: str) -> Parsed:
         pairs = tuple(dict.fromkeys(f"{k}_{e},{c}" for k, e, c in self.PAIR.findall(response.lower())))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,37 +255,21 @@ class OrtRuntime:
             k += len(cands)
         return out
 
-    def ecpe_grammar(self, target: int, emotion: str) -> Callable[[str], Callable[[int], bool]]:
-        """Allowed next tokens: the answer must stay a prefix of '{target}_{emotion},c(;{target}_{emotion},c)*'
-        with cause indices c in 1..target (the paper's candidates are the utterances up to the target)."""
-        head = f"{target}_{emotion},"
-        full = re.compile(rf"(?:{re.escape(head)}\d+;)*(?:{re.escape(head)}\d*)?")
-
-        def ok_prefix(text: str) -> bool:
-            if not full.fullmatch(text):
-                # also accept a partially written head
-                parts = text.split(";")
-                if not all(re.fullmatch(rf"{re.escape(head)}\d+", p) for p in parts[:-1]):
-                    return False
-                if not head.startswith(parts[-1]) and not re.fullmatch(rf"{re.escape(head)}\d*", parts[-1]):
-                    return False
-            return all(1 <= int(c) <= target for c in re.findall(rf"{re.escape(head)}(\d+)(?=;|$)", text))
+    def grammar_for(self, task: str, query: str) -> Callable[[str], Callable[[int], bool]] | None:
+        """The task's output grammar (tasks.py owns it; ECPE's pair form) as a token filter: given the text so
+        far, which next token ids keep it a valid prefix, and whether end-of-answer is allowed yet."""
+        grammar = get_task(task).grammar(query)
+        if grammar is None:
+            return None
 
         def allowed(text: str) -> Callable[[int], bool]:
             def ok(tid: int) -> bool:
                 if tid == self.eos:
-                    return bool(re.fullmatch(rf"(?:{re.escape(head)}\d+)(?:;{re.escape(head)}\d+)*", text))
-                return ok_prefix(text + self.tok.decode([tid]))
+                    return grammar.complete(text)
+                return grammar.ok_prefix(text + self.tok.decode([tid]))
             return ok
 
         return allowed
-
-    def grammar_for(self, task: str, query: str):
-        """The output constraint of a task's query: ECPE answers follow its pair grammar; others are free."""
-        if task != "ecpe":
-            return None
-        m = re.search(r"Target utterance:(\d+)_([a-z]+)\.", query)
-        return self.ecpe_grammar(int(m.group(1)), m.group(2)) if m else None
 
     def answer(self, task: str, query: str, images: list[str] = (), mode: str = "score") -> Answer:
         try:

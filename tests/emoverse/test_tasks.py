@@ -81,3 +81,13 @@ def test_infer_task_from_tag():
     assert infer_task(TASKS["mer"].query("hi")) == "mer"
     assert infer_task(TASKS["ecpe"].query([("joy", "A", "hi")], 1)) == "ecpe"
     assert infer_task("what is this") is None
+
+
+def test_ecpe_grammar_owned_by_the_task():
+    ecpe = TASKS["ecpe"]
+    q = ecpe.query([("neutral", "A", "x"), ("joy", "B", "y"), ("joy", "A", "z")], 3)
+    g = ecpe.grammar(q)
+    assert g.ok_prefix("") and g.ok_prefix("3_jo") and g.ok_prefix("3_joy,2;3_joy,")
+    assert not g.ok_prefix("3_sad") and not g.ok_prefix("3_joy,4") and not g.ok_prefix("2_joy,1")
+    assert g.complete("3_joy,3;3_joy,2") and not g.complete("3_joy,") and not g.complete("")
+    assert TASKS["msa"].grammar(TASKS["msa"].query("x")) is None
