@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--raw", required=True, help="raw data directory (e.g. ../shared/data/raw)")
     b.add_argument("--out", default="data/amt", help="output folder (default: data/amt)")
     b.add_argument("--sources", nargs="*", help="subset of sources (default: all)")
-    b.add_argument("--extra", nargs="*", help="JSON/JSONL files already in ms-swift/AMT form to add")
+    b.add_argument("--extra", nargs="*", help="JSON/JSONL files already in ms-swift/AMT form to add, as FILE:SPLIT (train, dev or test) "
+                   "unless every record has a 'split' field")
     b.add_argument("--skip-bad", action="store_true", help="skip malformed rows and report them instead of failing")
     b.set_defaults(func=_data_build)
     v = data.add_parser("validate", help="check record files without loading a model")

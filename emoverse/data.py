@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from emoverse.artifacts import atomic_dir, write_manifest
-from emoverse.records import Record, load_records, write_records
+from emoverse.records import SPLITS, Record, read_records, write_records
 from emoverse.sources import SOURCES, BuildReport
 
 
@@ -30,8 +30,10 @@ def build_amt(raw: str | os.PathLike, out: str | os.PathLike, *, sources: list[s
     records: list[Record] = []
     for name in tqdm(names, desc="sources", unit="src"):
         records.extend(SOURCES[name](raw, report))
-    for path in extra or []:
-        records.extend(load_records(path))
+    for entry in extra or []:
+        # FILE:SPLIT names the split of records that carry none; records without either are refused
+        path, _, split = entry.rpartition(":") if entry.rpartition(":")[2] in SPLITS else (entry, "", "")
+        records.extend(read_records(path, split=split or None, require_split=True))
     seen: set[str] = set()
     for r in records:
         if r.id in seen:

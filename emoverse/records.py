@@ -52,7 +52,7 @@ def validate(rec: Record) -> None:
     task.check_label(rec.label)
 
 
-def record_from_dict(obj: dict, *, default_split: str = "test", default_source: str = "external", index: int = 0) -> Record:
+def record_from_dict(obj: dict, *, default_split: str | None = "test", default_source: str = "external", index: int = 0) -> Record:
     """Accept our own form or the bare ms-swift form ({query, response, images?, videos?})."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
@@ -72,6 +72,9 @@ def record_from_dict(obj: dict, *, default_split: str = "test", default_source: 
         parsed = get_task(task).parse_label(obj["response"])
         label = None if parsed.startswith("<") else parsed
     known = {"id", "task", "source", "split", "query", "response", "label", "images", "videos"}
+    if not obj.get("split") and default_split is None:
+        raise ValueError("no 'split' field: name the file's split (--extra FILE:train|dev|test) or give each "
+                         "record one; a record never becomes a test record by default")
     rec = Record(
         id=str(obj.get("id") or f"{default_source}-{index}"),
         task=task,
@@ -90,8 +93,9 @@ def record_from_dict(obj: dict, *, default_split: str = "test", default_source: 
     return rec
 
 
-def read_records(path: str | os.PathLike, *, split: str | None = None) -> Iterator[Record]:
-    """Read a JSONL file (our form or ms-swift form) or a JSON list (the paper's files)."""
+def read_records(path: str | os.PathLike, *, split: str | None = None, require_split: bool = False) -> Iterator[Record]:
+    """Read a JSONL file (our form or ms-swift form) or a JSON list (the paper's files). A record without a
+    'split' field takes `split`, else "test" — or, with require_split, is an error naming the record."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -107,7 +111,8 @@ def read_records(path: str | os.PathLike, *, split: str | None = None) -> Iterat
             raise RecordError(f"{path}:1: expected a JSON list of records")
         for i, obj in enumerate(items):
             try:
-                yield record_from_dict(obj, default_split=split or "test", default_source=source, index=i)
+                yield record_from_dict(obj, default_split=split or (None if require_split else "test"),
+                                      default_source=source, index=i)
             except ValueError as e:
                 raise RecordError(f"{path}: record {i}: {e}") from None
         return
@@ -119,7 +124,8 @@ def read_records(path: str | os.PathLike, *, split: str | None = None) -> Iterat
         except json.JSONDecodeError as e:
             raise RecordError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
         try:
-            yield record_from_dict(obj, default_split=split or "test", default_source=source, index=lineno)
+            yield record_from_dict(obj, default_split=split or (None if require_split else "test"),
+                                  default_source=source, index=lineno)
         except ValueError as e:
             raise RecordError(f"{path}:{lineno}: {e}") from None
 

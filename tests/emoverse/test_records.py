@@ -49,3 +49,19 @@ def test_non_utf8_file(tmp_path):
 def test_load_records_missing_path():
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_records("/nonexistent/x.jsonl")
+
+
+def test_extra_records_need_an_explicit_split(tmp_path):
+    """--extra FILE:SPLIT names the split; a record with neither is refused, never silently a test record."""
+    import json
+
+    import pytest
+
+    from emoverse.records import RecordError, read_records
+
+    f = tmp_path / "more.jsonl"
+    f.write_text(json.dumps({"query": "The person says: 'hi' <sentiment> Please determine which sentiment label in "
+                             "the video represents: positive or negative.", "response": "Positive."}) + "\n")
+    with pytest.raises(RecordError, match=r"more.jsonl:1: no 'split' field"):
+        list(read_records(f, require_split=True))
+    assert [r.split for r in read_records(f, split="train", require_split=True)] == ["train"]
