@@ -35,3 +35,16 @@ def test_results_rows_targets_and_baselines(tmp_path):
 def test_results_refuse_sampled_evals(tmp_path):
     with pytest.raises(ValueError, match="sample"):
         results.build([_metrics(tmp_path, limit=100)])
+
+
+def test_readme_table_matches_the_results_files():
+    """README's results table is exactly what `emoverse results --readme` generates from docs/results."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "docs" / "results" / "emoverse-nano.json").is_file():
+        pytest.skip("no docs/results/emoverse-nano.json yet")
+    text = (root / "README.md").read_text(encoding="utf-8")
+    table = text.split(results.BEGIN, 1)[1].split(results.END, 1)[0].strip()
+    assert table == results.readme_table(root / "docs" / "results").strip()
+    assert len(text.splitlines()) <= 200
