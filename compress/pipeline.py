@@ -17,15 +17,16 @@ import yaml
 
 from emoverse.artifacts import MODEL_KINDS, atomic_dir, folder_bytes, manifest_digest, verify, write_manifest
 from emoverse.compress.stages import STAGES, run_stage
-from emoverse.config import RecipeError
+from emoverse.config import RecipeError, load_config
 from emoverse.model import EmoVerse
 from emoverse.records import load_records
 
 RECIPES = Path(__file__).parent / "recipes"
 
 
-def parse_recipe(path: str | os.PathLike) -> list[tuple[str, object]]:
-    """[(stage type, typed params)], or RecipeError naming the stage and key."""
+def parse_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> list[tuple[str, object]]:
+    """[(stage type, typed stage object)], or RecipeError naming the stage and key. Each stage's parameters
+    go through the same typed loader as training recipes; overrides address them as `stages.0.group_size=128`."""
     path = Path(path)
     if not path.is_file():
         shipped = RECIPES / f"{path}.yaml"
@@ -39,6 +40,13 @@ def parse_recipe(path: str | os.PathLike) -> list[tuple[str, object]]:
         raise RecipeError(f"{path}: invalid YAML ({e})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("stages"), list) or not doc["stages"]:
         raise RecipeError(f"{path}: expected a mapping with a non-empty 'stages' list")
+    per_stage: dict[int, list[str]] = {}
+    for item in overrides or []:
+        key, _, value = item.partition("=")
+        parts = key.split(".", 2)
+        if len(parts) != 3 or parts[0] != "stages" or not parts[1].isdigit() or not _:
+            raise RecipeError(f"override {item!r}: expected stages.<index>.<parameter>=<value>")
+        per_stage.setdefault(int(parts[1]), []).append(f"{parts[2]}={value}")
     out = []
     for i, st in enumerate(doc["stages"]):
         if not isinstance(st, dict) or "type" not in st:
@@ -46,21 +54,15 @@ def parse_recipe(path: str | os.PathLike) -> list[tuple[str, object]]:
         kind = st["type"]
         if kind not in STAGES:
             raise RecipeError(f"{path}: stages[{i}]: unknown stage type {kind!r}; known: {sorted(STAGES)}")
-        schema = STAGES[kind]
-        names = {f.name: f for f in fields(schema)}
         params = {k: v for k, v in st.items() if k != "type"}
-        for k, v in params.items():
-            if k not in names:
-                raise RecipeError(f"{path}: stages[{i}] ({kind}): unknown parameter {k!r}; known: {sorted(names)}")
-            default = getattr(schema(), k)
-            if isinstance(default, bool) != isinstance(v, bool) or (
-                    isinstance(default, (int, float)) and not isinstance(v, (int, float))) or (
-                    isinstance(default, list) and not isinstance(v, list)) or (
-                    isinstance(default, dict) and not isinstance(v, dict)):
-                raise RecipeError(f"{path}: stages[{i}] ({kind}): {k}={v!r} should be {type(default).__name__}")
-            if isinstance(default, (int, float)) and not isinstance(default, bool) and v <= 0 and k not in ("seed", "max_minutes"):
-                raise RecipeError(f"{path}: stages[{i}] ({kind}): {k}={v!r} must be positive")
-        out.append((kind, schema(**params)))
+        stage = load_config(STAGES[kind], params, per_stage.pop(i, None), where=f"{path}: stages[{i}] ({kind})")
+        for f in fields(stage):
+            v = getattr(stage, f.name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0 and f.name not in ("seed", "max_minutes"):
+                raise RecipeError(f"{path}: stages[{i}] ({kind}): {f.name}={v!r} must be positive")
+        out.append((kind, stage))
+    if per_stage:
+        raise RecipeError(f"{path}: overrides for stages {sorted(per_stage)}, which the recipe does not have")
     return out
 
 
@@ -86,8 +88,8 @@ def calibration_set(data: str | os.PathLike, tokenizer_dir: Path, n_per_task: in
 
 
 def compress(recipe: str | os.PathLike, model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
-             *, overwrite: bool = False) -> dict:
-    stages = parse_recipe(recipe)  # fails before any work
+             *, overwrite: bool = False, overrides: list[str] | None = None) -> dict:
+    stages = parse_recipe(recipe, overrides)  # fails before any work
     for kind, params in stages:
         if kind == "gptqmodel_w4a16":  # its separate environment must exist before hours of distillation
             from emoverse.compress.stages import gptqmodel_python
@@ -111,7 +113,7 @@ def compress(recipe: str | os.PathLike, model: str | os.PathLike, data: str | os
 
             manifest = write_manifest(
                 tmp, kind="emoverse-model",
-                producer={"stage": "compress", "recipe": str(recipe), "stages": infos},
+                producer={"stage": "compress", "recipe": str(recipe), "overrides": overrides or [], "stages": infos},
                 inputs={"parent": {"path": str(model.resolve()), "digest": manifest_digest(parent)},
                         "calibration": {"sha256": calib_hash, "records": len(calib),
                                         "tasks": sorted({c["task"] for c in calib})}},

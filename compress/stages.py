@@ -1,5 +1,7 @@
-"""Compression stages. Each takes a model artifact folder and writes a new one; the LLM is quantized,
-the vision encoder and affective projector stay in full precision (maintainers' advice for VLMs).
+"""Compression stages, as in llm-compressor's modifiers: each stage is a class that owns its parameters
+(dataclass fields, parsed from a recipe by the typed config loader) and its behaviour (`run`), registered
+by name in STAGES. Each takes a model artifact folder and writes a new one; the LLM is quantized, the
+vision encoder and affective projector stay in full precision (maintainers' advice for VLMs).
 
 Quantization is llm-compressor's (GPTQModifier, QuantizationModifier), saved in compressed-tensors form,
 which transformers reloads; nothing here re-implements a quantizer.
@@ -11,13 +13,52 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
+STAGES: dict[str, type[Stage]] = {}
 
+
+def register(cls):
+    """Add a stage class to STAGES under its `kind`."""
+    STAGES[cls.kind] = cls
+    return cls
+
+
+class Stage:
+    kind: ClassVar[str] = ""
+
+    def run(self, src: Path, dst: Path, calibration: list[dict], data: str | Path) -> dict:
+        """Read the artifact folder `src`, write the compressed one into `dst`; return what to record."""
+        raise NotImplementedError
+
+
+class LLMCompressorStage(Stage):
+    """A stage done by llm-compressor on the LLM alone: load, `quantize` in place, save compressed-tensors."""
+
+    def quantize(self, model, calibration: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def run(self, src, dst, calibration, data):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(src / "llm", dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(src / "llm")
+        info = {"type": self.kind, **self.quantize(model, calibration)}
+        (dst / "llm").mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(dst / "llm", save_compressed=True)
+        tok.save_pretrained(dst / "llm")
+        _copy_non_llm(src, dst)
+        return info
+
+
+@register
 @dataclass
-class GPTQW4A16:
+class GPTQW4A16(LLMCompressorStage):
     """4-bit weights (groups along the input dim), 16-bit activations; GPTQ error correction."""
+
+    kind: ClassVar[str] = "gptq_w4a16"
 
     group_size: int = 64  # must divide every quantized layer's input width (SmolLM2: 576, 1536)
     calibration_samples: int = 64
@@ -25,46 +66,105 @@ class GPTQW4A16:
     dampening_frac: float = 0.01
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
 
+    def quantize(self, model, calibration):
+        from llmcompressor.modifiers.quantization import GPTQModifier
 
+        bad = sorted(w for w in _linear_widths(model) if w % self.group_size)
+        if bad:
+            raise ValueError(f"gptq_w4a16: group_size {self.group_size} does not divide layer widths {bad}")
+        scheme = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                                                   "strategy": "group", "group_size": self.group_size},
+                              "input_activations": None, "output_activations": None}}
+        recipe = GPTQModifier(config_groups=scheme, ignore=list(self.ignore), dampening_frac=self.dampening_frac)
+        return {"calibration_samples": _calibrated_oneshot(model, recipe, calibration, self)}
+
+
+@register
 @dataclass
-class FP8Dynamic:
+class FP8Dynamic(LLMCompressorStage):
     """W8A8 FP8: per-channel FP8 weights, per-token dynamic FP8 activations; needs no calibration."""
 
+    kind: ClassVar[str] = "fp8_dynamic"
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
 
+    def quantize(self, model, calibration):
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.quantization import QuantizationModifier
 
+        oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=list(self.ignore)))
+        return {}
+
+
+@register
 @dataclass
-class Int8WeightOnly:
+class Int8WeightOnly(LLMCompressorStage):
     """INT8 weights per output channel, 16-bit activations, round-to-nearest: the CPU-friendly variant."""
 
+    kind: ClassVar[str] = "int8_weight_only"
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
 
+    def quantize(self, model, calibration):
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.quantization import QuantizationModifier
 
+        # explicit per-output-channel INT8 (the W8A16 preset is grouped by 128, which SmolLM2's 576 does not divide)
+        scheme = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "int", "symmetric": True,
+                                                                   "strategy": "channel"},
+                              "input_activations": None, "output_activations": None}}
+        oneshot(model=model, recipe=QuantizationModifier(config_groups=scheme, ignore=list(self.ignore)))
+        return {}
+
+
+@register
 @dataclass
-class W8A8SmoothQuant:
+class W8A8SmoothQuant(LLMCompressorStage):
     """INT8 weights and activations after SmoothQuant migration + GPTQ (kept to measure how it degrades)."""
 
+    kind: ClassVar[str] = "w8a8_smoothquant"
     smoothing_strength: float = 0.8
     calibration_samples: int = 64
     max_seq_length: int = 384
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
 
+    def quantize(self, model, calibration):
+        from llmcompressor.modifiers.quantization import GPTQModifier
+        from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
+        recipe = [SmoothQuantModifier(smoothing_strength=self.smoothing_strength),
+                  GPTQModifier(targets="Linear", scheme="W8A8", ignore=list(self.ignore))]
+        return {"calibration_samples": _calibrated_oneshot(model, recipe, calibration, self)}
+
+
+@register
 @dataclass
-class ModelOptFP8:
+class ModelOptFP8(Stage):
     """nvidia-modelopt FP8 (E4M3 per-tensor weights, static per-tensor inputs from max calibration), written as
     modelopt's unified HF checkpoint: the form TensorRT-LLM builds FP8 engines from."""
 
+    kind: ClassVar[str] = "modelopt_fp8"
     calibration_samples: int = 64
     max_seq_length: int = 384
 
+    def run(self, src, dst, calibration, data):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from emoverse.compress.modelopt_fp8 import quantize_fp8
+
+        model = AutoModelForCausalLM.from_pretrained(src / "llm", dtype=torch.float32)
+        n = quantize_fp8(model, calibration, dst / "llm", self.calibration_samples, self.max_seq_length)
+        AutoTokenizer.from_pretrained(src / "llm").save_pretrained(dst / "llm")
+        _copy_non_llm(src, dst)
+        return {"type": self.kind, "calibration_samples": n}
+
+
+@register
 @dataclass
-class GPTQModelW4A16:
+class GPTQModelW4A16(Stage):
     """GPTQ W4A16 in the classic on-disk GPTQ format (auto-gptq's; vLLM, TGI, ExLlama read it), made by
     GPTQModel. GPTQModel wants transformers 5.24, llm-compressor caps it at 5.17: it runs in its own
     environment, `python` (default $EMOVERSE_GPTQMODEL_PYTHON, else .venv-gptq/bin/python; `make gptq-env`)."""
 
+    kind: ClassVar[str] = "gptqmodel_w4a16"
     bits: int = 4
     group_size: int = 64
     desc_act: bool = False
@@ -72,6 +172,9 @@ class GPTQModelW4A16:
     calibration_samples: int = 64
     max_seq_length: int = 384
     python: str = ""
+
+    def run(self, src, dst, calibration, data):
+        return _run_gptqmodel(self, src, dst, calibration)
 
 
 def gptqmodel_python(params: GPTQModelW4A16) -> Path:
@@ -109,9 +212,16 @@ def _run_gptqmodel(params: GPTQModelW4A16, src: Path, dst: Path, calibration: li
 
 from emoverse.compress.distill import Distill, run_distill  # noqa: E402
 
-STAGES: dict[str, type] = {"distill": Distill, "gptq_w4a16": GPTQW4A16, "fp8_dynamic": FP8Dynamic,
-                           "int8_weight_only": Int8WeightOnly, "w8a8_smoothquant": W8A8SmoothQuant,
-                           "modelopt_fp8": ModelOptFP8, "gptqmodel_w4a16": GPTQModelW4A16}
+
+@register
+@dataclass
+class DistillStage(Distill, Stage):
+    """Layer pruning + knowledge distillation into a shallower student (compress/distill.py)."""
+
+    kind: ClassVar[str] = "distill"
+
+    def run(self, src, dst, calibration, data):
+        return run_distill(self, src, dst, data)
 
 
 def _calibrated_oneshot(model, recipe, calibration: list[dict], params) -> int:
@@ -137,61 +247,8 @@ def _linear_widths(model) -> set[int]:
     return {m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
 
 
-def run_stage(kind: str, params, src: Path, dst: Path, calibration: list[dict], data: str | Path) -> dict:
-    """Distil, or quantize src/llm into dst/llm (compressed-tensors), and copy the rest; returns stage info."""
-    if kind == "distill":
-        return run_distill(params, src, dst, data)
-    if kind == "gptqmodel_w4a16":
-        return _run_gptqmodel(params, src, dst, calibration)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(src / "llm", dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src / "llm")
-    info: dict = {"type": kind}
-    if kind == "modelopt_fp8":
-        from emoverse.compress.modelopt_fp8 import quantize_fp8
-
-        info["calibration_samples"] = quantize_fp8(model, calibration, dst / "llm", params.calibration_samples,
-                                                   params.max_seq_length)
-        tok.save_pretrained(dst / "llm")
-        _copy_non_llm(src, dst)
-        return info
-    from llmcompressor import oneshot
-
-    if kind == "gptq_w4a16":
-        from llmcompressor.modifiers.quantization import GPTQModifier
-
-        bad = sorted(w for w in _linear_widths(model) if w % params.group_size)
-        if bad:
-            raise ValueError(f"gptq_w4a16: group_size {params.group_size} does not divide layer widths {bad}")
-        scheme = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
-                                                                   "strategy": "group", "group_size": params.group_size},
-                              "input_activations": None, "output_activations": None}}
-        recipe = GPTQModifier(config_groups=scheme, ignore=list(params.ignore), dampening_frac=params.dampening_frac)
-        info["calibration_samples"] = _calibrated_oneshot(model, recipe, calibration, params)
-    elif kind == "int8_weight_only":
-        from llmcompressor.modifiers.quantization import QuantizationModifier
-
-        # explicit per-output-channel INT8 (the W8A16 preset is grouped by 128, which SmolLM2's 576 does not divide)
-        scheme = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "int", "symmetric": True,
-                                                                   "strategy": "channel"},
-                              "input_activations": None, "output_activations": None}}
-        oneshot(model=model, recipe=QuantizationModifier(config_groups=scheme, ignore=list(params.ignore)))
-    elif kind == "w8a8_smoothquant":
-        from llmcompressor.modifiers.quantization import GPTQModifier
-        from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
-
-        recipe = [SmoothQuantModifier(smoothing_strength=params.smoothing_strength),
-                  GPTQModifier(targets="Linear", scheme="W8A8", ignore=list(params.ignore))]
-        info["calibration_samples"] = _calibrated_oneshot(model, recipe, calibration, params)
-    elif kind == "fp8_dynamic":
-        from llmcompressor.modifiers.quantization import QuantizationModifier
-
-        oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=list(params.ignore)))
-    else:  # validated before any work; kept as a guard
-        raise ValueError(f"unknown stage {kind!r}")
-    (dst / "llm").mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dst / "llm", save_compressed=True)
-    tok.save_pretrained(dst / "llm")
-    _copy_non_llm(src, dst)
-    return info
+def run_stage(kind: str, params: Stage, src: Path, dst: Path, calibration: list[dict], data: str | Path) -> dict:
+    """Run one parsed stage (kept for callers that name the kind; the stage object knows its own)."""
+    if STAGES.get(kind) is not type(params):
+        raise ValueError(f"stage {kind!r} given parameters of {type(params).__name__}")
+    return params.run(src, dst, calibration, data)

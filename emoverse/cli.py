@@ -82,7 +82,7 @@ def _eval(a: argparse.Namespace) -> int:
 def _compress(a: argparse.Namespace) -> int:
     from emoverse.compress.pipeline import compress
 
-    m = compress(a.recipe, a.model, a.data, a.out, overwrite=a.overwrite)
+    m = compress(a.recipe, a.model, a.data, a.out, overwrite=a.overwrite, overrides=a.overrides)
     sizes = m["sizes"]
     print(f"wrote {a.out}: {sizes['bytes'] / 1e6:.1f} MB (parent {sizes['parent_bytes'] / 1e6:.1f} MB, "
           f"{sizes['parent_bytes'] / max(sizes['bytes'], 1):.2f}x smaller)")
@@ -259,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="run a compression recipe on a model artifact")
     c.add_argument("--recipe", required=True, help="recipe YAML or a shipped one: gptq-w4a16, fp8-dynamic")
     c.add_argument("--model", required=True, help="model artifact or release folder (models/emoverse-nano)")
+    c.add_argument("overrides", nargs="*", help="stage parameter overrides, e.g. stages.0.group_size=128")
     c.add_argument("--data", default="data/amt", help="AMT folder (calibration from its train records)")
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
