@@ -77,12 +77,17 @@ def calibration_set(data: str | os.PathLike, tokenizer_dir: Path, n_per_task: in
     tok = load_tokenizer(str(tokenizer_dir))
     builder = PromptBuilder(tok, n_visual=4, max_length=4096, image_size=32, max_video_frames=1)
     builder.missing_media = "drop"
-    calib = []
+    per_task = []
     for task in TASK_NAMES:
         recs = load_records(Path(data) / task / "train.jsonl")
+        rows = []
         for r in random.Random(f"{seed}:{task}").sample(recs, min(n_per_task, len(recs))):
             enc = builder.encode(r.query, r.response, [], [])
-            calib.append({"task": task, "id": r.id, "input_ids": enc.input_ids})
+            rows.append({"task": task, "id": r.id, "input_ids": enc.input_ids})
+        per_task.append(rows)
+    # round-robin over tasks, so the first N records a stage keeps cover every task (not msa, mer, ... in blocks)
+    calib = [row for group in zip(*per_task, strict=False) for row in group]
+    calib += [row for rows in per_task for row in rows[min(map(len, per_task)):]]
     digest = hashlib.sha256(json.dumps([(c["id"], c["input_ids"]) for c in calib]).encode()).hexdigest()
     return calib, digest
 
@@ -116,7 +121,12 @@ def compress(recipe: str | os.PathLike, model: str | os.PathLike, data: str | os
                 producer={"stage": "compress", "recipe": str(recipe), "overrides": overrides or [], "stages": infos},
                 inputs={"parent": {"path": str(model.resolve()), "digest": manifest_digest(parent)},
                         "calibration": {"sha256": calib_hash, "records": len(calib),
-                                        "tasks": sorted({c["task"] for c in calib})}},
+                                        "tasks": sorted({c["task"] for c in calib}),
+                                        "used": [{"stage": info["type"], "records": [
+                                            {"id": c["id"], "task": c["task"],
+                                             "sha256": hashlib.sha256(json.dumps(c["input_ids"]).encode()).hexdigest()[:16]}
+                                            for c in calib[: info.get("calibration_samples", 0)]]}
+                                            for info in infos if info.get("calibration_samples")]}},
                 extra={"sizes": {"bytes": folder_bytes(tmp), "parent_bytes": folder_bytes(model)},
                        "compress_libraries": library_versions(("llmcompressor", "compressed-tensors", "nvidia-modelopt",
                                                                             "transformers"))},

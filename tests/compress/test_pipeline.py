@@ -178,3 +178,9 @@ def test_gptqmodel_classic_format(tiny_model_dir, small_amt, tmp_path):
             "m = EmoVerse.load(sys.argv[1]); q = TASKS['msa'].query('great'); print(len(m.score(q, ['Positive.', 'Negative.'])))")
     out = subprocess.run([str(GPTQ_PY), "-c", code, str(tmp_path / "out")], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip().endswith("2"), out.stderr[-2000:]  # reloads and scores there
+
+
+def test_calibration_is_round_robin_over_tasks(small_amt, tiny_model_dir):
+    """Any prefix of five records a stage keeps holds every task (ECPE was never calibrated on before)."""
+    calib, _ = calibration_set(small_amt, tiny_model_dir / "llm", n_per_task=2)
+    assert sorted(c["task"] for c in calib[:5]) == sorted(TASK_NAMES)
