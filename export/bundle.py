@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from emoverse.artifacts import MODEL_KINDS, atomic_dir, manifest_digest, verify, write_manifest
+from emoverse.export.gptq_onnx import NotGPTQ, dequantized_llm, gptq_scheme, read_linears, to_matmulnbits
 from emoverse.export.onnx_export import export_all
 from emoverse.runtime.graphs import runtime_config  # noqa: F401  (the bundle format is the runtime's)
 from emoverse.runtime.ort import RUNTIME_FORMAT  # noqa: F401
@@ -90,11 +91,24 @@ def export_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, *, targe
     model_dir = EmoVerse.full_form(model_dir)  # an adapter-form release is expanded once (cached)
     parent = verify(model_dir, kind=MODEL_KINDS)
     llm_cfg = json.loads((model_dir / "llm" / "config.json").read_text())
+    gptq = None
     if "quantization_config" in llm_cfg:
-        raise ValueError(f"{model_dir}: is quantized ({llm_cfg['quantization_config'].get('quant_method')}); export "
-                         "takes a full-precision model (a teacher or a distilled student) and quantizes for the "
-                         "target itself: --precision int8/int4 for cpu, Q/DQ + TensorRT precisions for GPUs")
+        # A compress/ output is exported as it is: GPTQ W4A16 weights go into MatMulNBits unchanged.
+        try:
+            scheme = gptq_scheme(model_dir / "llm")
+        except NotGPTQ as e:
+            raise ValueError(f"{e}. Export takes full-precision models (quantized for the target here) and GPTQ "
+                             "W4A16 artifacts (their own 4-bit weights)") from None
+        if target != "cpu":
+            raise ValueError(f"{model_dir}: GPTQ W4A16 into TensorRT plans ({target}) is not implemented yet; export "
+                             "it for target cpu (onnxruntime MatMulNBits), or export the full-precision teacher")
+        if precision not in ("int4", "fp32"):
+            raise ValueError(f"{model_dir}: a GPTQ W4A16 artifact exports as int4 (its own weights); got {precision!r}")
+        precision = "int4"
+        gptq = {"linears": read_linears(model_dir / "llm"), **scheme}
     model = EmoVerse.load(model_dir, check=False).eval()
+    if gptq is not None:
+        model.llm = dequantized_llm(model_dir / "llm", gptq["linears"])  # q x scale, bit for bit
     image_dir = tempfile.TemporaryDirectory()  # the probe image must not land in the bundle
     if probes is None:
         probes = [(TASKS["msa"].query("What a lovely day"), [], "msa")]
@@ -113,7 +127,16 @@ def export_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, *, targe
         if report["max_abs_logit_diff"] > max_abs_diff:
             raise ValueError(f"ONNX parity failed: max |logit diff| {report['max_abs_logit_diff']:.2e} > {max_abs_diff}")
         extra: dict = {"parity_fp32": report, "target": target}
-        if target == "cpu" and precision != "fp32":
+        if gptq is not None:
+            info = to_matmulnbits(tmp / graphs["decoder"], gptq["linears"])
+            if info["unmatched"]:
+                raise ValueError(f"GPTQ export: no decoder MatMul carries the weights of {info['unmatched'][:3]}")
+            extra["weights_from"] = {"artifact": str(model_dir.resolve()), "format": "compressed-tensors pack-quantized",
+                                     "group_size": gptq["group_size"], "matmulnbits": info}
+            extra["parity"] = parity(model, tmp, probes)  # the bundle against the PyTorch compressed artifact
+            if extra["parity"]["max_abs_logit_diff"] > 50 * max_abs_diff:
+                raise ValueError(f"GPTQ bundle parity failed: {extra['parity']}")
+        elif target == "cpu" and precision != "fp32":
             quantize_for_cpu(tmp / graphs["decoder"], precision)
             extra["parity"] = parity(model, tmp, probes)  # what quantization costs, recorded, not gated
         if tgt.get("runtime") == "tensorrt":

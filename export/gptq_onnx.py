@@ -1,0 +1,156 @@
+"""GPTQ W4A16 artifacts (compressed-tensors `pack-quantized`, what `emoverse compress --recipe gptq-w4a16`
+writes) into ONNX Runtime's `MatMulNBits`, from the artifact's own 4-bit weights and group scales: no second
+quantization, so the bundle computes with exactly the weights compress/ made and measured.
+
+How: the LLM is rebuilt in fp32 with weight = q x scale (the artifact's dequantization, bit for bit), the
+graphs are exported as for any model, then every decoder MatMul whose constant weight equals one of those
+dequantized matrices is replaced by MatMulNBits holding that layer's q (as unsigned 4-bit, zero point 8) and
+scales. Matching is by value, so it does not depend on how the exporter names initializers.
+
+The packing is written by hand: onnxruntime's MatMulNBitsQuantizer only quantizes float weights itself (its
+round-to-nearest or its own GPTQ), and has no entry point for weights that are already quantized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class NotGPTQ(ValueError):
+    pass
+
+
+def gptq_scheme(llm_dir: Path) -> dict:
+    """The 4-bit symmetric group scheme of a compressed-tensors artifact, or NotGPTQ saying what it is."""
+    cfg = json.loads((llm_dir / "config.json").read_text()).get("quantization_config") or {}
+    if cfg.get("quant_method") != "compressed-tensors" or cfg.get("format") != "pack-quantized":
+        raise NotGPTQ(f"{llm_dir}: not a compressed-tensors pack-quantized artifact "
+                      f"({cfg.get('quant_method')}/{cfg.get('format')})")
+    groups = list(cfg.get("config_groups", {}).values())
+    w = groups[0].get("weights") if len(groups) == 1 else None
+    if not w or w.get("num_bits") != 4 or not w.get("symmetric") or w.get("strategy") != "group" or w.get("type") != "int":
+        raise NotGPTQ(f"{llm_dir}: MatMulNBits export takes 4-bit symmetric int weights in groups; this has {w}")
+    g = int(w["group_size"])
+    if g < 16 or g & (g - 1):
+        raise NotGPTQ(f"{llm_dir}: group_size {g}: MatMulNBits needs a power of two >= 16")
+    return {"group_size": g, "ignore": cfg.get("ignore", [])}
+
+
+def read_linears(llm_dir: Path) -> dict[str, dict]:
+    """{module name: {"q": int8 (N, K) in [-8, 7], "scale": float32 (N, K / group), "group_size": g}}."""
+    from compressed_tensors.compressors import unpack_from_int32
+    from safetensors.torch import load_file
+
+    g = gptq_scheme(llm_dir)["group_size"]
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(llm_dir.glob("*.safetensors")):
+        state.update(load_file(f))
+    out = {}
+    for key in state:
+        if key.endswith(".weight_packed"):
+            name = key[: -len(".weight_packed")]
+            shape = torch.Size(state[name + ".weight_shape"].tolist())
+            q = unpack_from_int32(state[key], 4, shape)
+            out[name] = {"q": q.to(torch.int8).numpy(), "scale": state[name + ".weight_scale"].float().numpy(),
+                         "group_size": g}
+    if not out:
+        raise NotGPTQ(f"{llm_dir}: no packed weights found")
+    return out
+
+
+def dequantize(layer: dict) -> np.ndarray:
+    """The artifact's own dequantization: q x scale of its group, in fp32."""
+    return (layer["q"].astype(np.float32) * np.repeat(layer["scale"], layer["group_size"], axis=1)).astype(np.float32)
+
+
+def dequantized_llm(llm_dir: Path, linears: dict[str, dict]):
+    """The LLM as a plain fp32 transformers model whose quantized Linears hold q x scale exactly."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(llm_dir)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(llm_dir.glob("*.safetensors")):
+        state.update(load_file(f))
+    weights = {k: v.float() for k, v in state.items()
+               if not k.endswith((".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point", ".weight_g_idx"))}
+    for name, layer in linears.items():
+        weights[name + ".weight"] = torch.from_numpy(dequantize(layer))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise ValueError(f"{llm_dir}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    return model.eval()
+
+
+def pack(layer: dict) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits inputs B (N, K/g, g/2) uint8 — two 4-bit values per byte, low nibble first, stored as q + 8
+    (the default zero point of 4-bit MatMulNBits) — and scales (N * K/g,)."""
+    q, g = layer["q"], layer["group_size"]
+    n, k = q.shape
+    u = (q.astype(np.int16) + 8).astype(np.uint8).reshape(n, k // g, g)
+    packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    return packed, layer["scale"].astype(np.float32).reshape(-1)
+
+
+def unpack(packed: np.ndarray, scales: np.ndarray, n: int, k: int, g: int) -> np.ndarray:
+    """MatMulNBits B + scales -> the (N, K) fp32 weight onnxruntime multiplies with (for checking)."""
+    u = np.empty((n, k // g, g), dtype=np.int16)
+    u[..., 0::2] = packed & 0x0F
+    u[..., 1::2] = packed >> 4
+    return ((u - 8).astype(np.float32) * scales.reshape(n, k // g, 1)).reshape(n, k).astype(np.float32)
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
+
+
+def to_matmulnbits(decoder: Path, linears: dict[str, dict], accuracy_level: int = 0) -> dict:
+    """Rewrite the decoder graph in place; returns {"replaced": n, "layers": [...], "unmatched": [...]}.
+    accuracy_level 0 keeps fp32 activations (W4A16-like); 4 lets onnxruntime quantize them to int8."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(decoder))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    by_value = {_digest(dequantize(layer).T): name for name, layer in linears.items()}
+    replaced, used = [], set()
+    new_nodes = []
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            arr = numpy_helper.to_array(inits[node.input[1]])
+            name = by_value.get(_digest(arr)) if arr.ndim == 2 else None
+            if name is not None:
+                layer = linears[name]
+                n, k = layer["q"].shape
+                b, s = pack(layer)
+                base = f"{name}.nbits"
+                graph.initializer.extend([numpy_helper.from_array(b, base + ".B"), numpy_helper.from_array(s, base + ".scales")])
+                new_nodes.append(helper.make_node("MatMulNBits", [node.input[0], base + ".B", base + ".scales"],
+                                                  list(node.output), name=node.name + "_nbits", domain="com.microsoft",
+                                                  K=k, N=n, bits=4, block_size=layer["group_size"],
+                                                  accuracy_level=accuracy_level))
+                replaced.append(name)
+                used.add(node.input[1])
+                continue
+        new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    still_used = {i for node in graph.node for i in node.input}
+    keep = [t for t in graph.initializer if t.name not in used or t.name in still_used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(decoder))
+    return {"replaced": len(replaced), "unmatched": sorted(set(linears) - set(replaced)),
+            "accuracy_level": accuracy_level, "group_size": next(iter(linears.values()))["group_size"]}
