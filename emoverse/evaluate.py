@@ -103,14 +103,33 @@ def _load_runtime(spec: str):
 
 
 def _chunks(records: list[Record], mode: str, size: int) -> list[list[Record]]:
-    """Batches of one task (one max_new_tokens, one candidate set) and similar prompt length."""
-    chunks = []
+    """Batches of one task (one max_new_tokens, one candidate set) of at most `size` records. Scored records
+    go by prompt length (little padding). Generated ones go by query, and a batch that has become a group
+    of queries sharing most of their text (ECPE queries about one conversation) ends where the group ends,
+    so the runtime computes their common part once."""
+    import os.path
+
+    def shares(a: Record, b: Record) -> bool:
+        return len(os.path.commonprefix([a.query, b.query])) >= len(b.query) / 2
+
+    chunks: list[list[Record]] = []
     by_task: dict[str, list[Record]] = defaultdict(list)
     for r in records:
         by_task[r.task].append(r)
-    for recs in by_task.values():
-        recs = sorted(recs, key=lambda r: len(r.query))
-        chunks += [recs[i:i + size] for i in range(0, len(recs), size)]
+    for task, recs in by_task.items():
+        if TASKS[task].closed and mode == "score":
+            recs = sorted(recs, key=lambda r: len(r.query))
+            chunks += [recs[i:i + size] for i in range(0, len(recs), size)]
+            continue
+        chunk: list[Record] = []
+        for r in sorted(recs, key=lambda r: r.query):
+            group = len(chunk) >= 2 and shares(chunk[0], chunk[-1])
+            if chunk and (len(chunk) >= size or (group and not shares(chunk[0], r))):
+                chunks.append(chunk)
+                chunk = []
+            chunk.append(r)
+        if chunk:
+            chunks.append(chunk)
     return chunks
 
 

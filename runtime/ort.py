@@ -144,6 +144,14 @@ class OrtRuntime:
         n_pre = len(pre_emb)
         if not all(len(e) > n_pre and np.array_equal(e[:n_pre], pre_emb) for e in embs):
             n_pre = 0  # a prompt that does not start with the prefix: plain prefill
+        elif len(embs) > 1:
+            # Prompts of one batch that share more than the chat prefix (ECPE queries about one conversation
+            # repeat it whole) have that part computed once, at batch 1, and its KV cache shared.
+            common = _common_prefix(embs, n_pre)
+            if common - n_pre >= 32:
+                x0 = embs[0][n_pre:common][None]
+                _, pre_kv = self.forward(x0, np.ones((1, common), dtype=np.int64), pre_kv, [x0.shape[1] - 1])
+                n_pre = common
         n, longest = len(embs), max(len(e) for e in embs) - n_pre
         x = np.zeros((n, longest, embs[0].shape[1]), dtype=np.float32)
         mask = np.zeros((n, n_pre + longest), dtype=np.int64)
@@ -335,6 +343,16 @@ def _label_answer(task, candidates: list[str], scores: list[float]) -> Answer:
     """A closed-label answer: the best-scoring candidate, its label, and every candidate's score."""
     best = candidates[int(np.argmax(scores))]
     return Answer(task.name, best, task.parse_label(best), dict(zip(candidates, scores, strict=True)))
+
+
+def _common_prefix(embs: list[np.ndarray], start: int) -> int:
+    """How many leading rows all prompts share (at least `start`), leaving each at least one row of its own."""
+    limit = min(len(e) for e in embs) - 1
+    first = embs[0]
+    end = start
+    while end < limit and all(np.array_equal(e[end], first[end]) for e in embs[1:]):
+        end += 1
+    return end
 
 
 def positions(mask: np.ndarray, past: int, t: int) -> np.ndarray:

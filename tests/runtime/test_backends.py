@@ -203,3 +203,21 @@ def test_eval_and_bench_give_the_same_answers(tiny_model_dir, small_amt, tmp_pat
     for r in recs:
         assert _answer(rt, r)[0] == preds[r.id], r.id
     assert m["results"]["emoverse/score"]["ecpe.n"] >= 1
+
+
+def test_shared_conversation_prefix_computed_once_changes_no_answer(tiny_model_dir):
+    """ECPE queries about one conversation share most of their prompt: prefilled once for the batch, the
+    answers and scores are those of each prompt alone."""
+    rt = open_runtime(tiny_model_dir, "torch")
+    ecpe = TASKS["ecpe"]
+    conv = [("neutral", "A", "so I was walking down the street the other day"), ("joy", "B", "and then what happened"),
+            ("surprise", "A", "I found a hundred dollars on the ground!"), ("joy", "B", "no way, that is amazing")]
+    qs = [ecpe.query(conv, k) for k in (2, 3, 4)]
+    items = [(q, [], 8, rt.grammar_for("ecpe", q)) for q in qs]
+    calls = []
+    forward = rt.forward
+    rt.forward = lambda *a, **k: calls.append(a[0].shape) or forward(*a, **k)
+    batched = rt.generate_many(items)
+    assert calls[1][0] == 1  # the shared part, at batch 1, before the batch's own rows
+    rt.forward = forward
+    assert batched == [rt.generate(q, [], 8, g) for q, _, _, g in items]
