@@ -114,6 +114,7 @@ def _export(a: argparse.Namespace) -> int:
 
         images = [img for r in load_records(Path(a.calibration_data) / "fer" / "train.jsonl") for img in r.images]
     m = export_bundle(a.model, a.out, target=a.target, precision=a.precision, calibration_images=images,
+                      embedding_bits=a.embedding_bits, vision_int8=a.vision_int8,
                       overwrite=a.overwrite)
     print(f"wrote bundle {a.out}: target {a.target}, precision {m['precision']}")
     print(f"parity of the fp32 graphs with PyTorch: {m['parity_fp32']}")
@@ -278,8 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="model artifact -> ONNX bundle (graphs, tokenizer, config, manifest)")
     x.add_argument("--model", required=True)
     x.add_argument("--target", default="cpu", help="cpu, jetson-orin-nano, jetson-agx-orin, h100 (export/targets.yaml)")
+    x.add_argument("--embedding-bits", type=int, choices=[4, 8],
+                   help="cpu: quantize the tied embedding / output projection too (default: kept fp32)")
+    x.add_argument("--vision-int8", action="store_true",
+                   help="cpu: static INT8 vision encoder, calibrated on FER training faces (needs --calibration-data)")
     x.add_argument("--precision", help="cpu: fp32, int8 or int4 (default fp32)")
-    x.add_argument("--calibration-data", help="AMT folder whose FER train images calibrate Q/DQ (TensorRT targets)")
+    x.add_argument("--calibration-data", help="AMT folder whose FER train images calibrate Q/DQ (TensorRT targets) and --vision-int8")
     x.add_argument("--out", required=True)
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(func=_export)

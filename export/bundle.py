@@ -57,6 +57,40 @@ def quantize_for_cpu(decoder: Path, precision: str) -> None:
     os.replace(tmp, decoder)
 
 
+def quantize_embeddings(bundle: Path, graphs: dict[str, str], bits: int) -> None:
+    """The tied 49,152 x 576 embedding (input table and output projection; ~20% of SmolLM2's weights) to
+    `bits`-bit blocks with onnxruntime's own quantizer: GatherBlockQuantized in the embed graph, MatMulNBits
+    for the decoder's remaining float MatMuls (the output projection; GPTQ layers are MatMulNBits already)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    for key, ops, axes in (("embed", ("Gather",), (("Gather", 1),)), ("decoder", ("MatMul",), None)):
+        path = bundle / graphs[key]
+        tmp = path.with_suffix(".q.onnx")
+        q = MatMulNBitsQuantizer(str(path), bits=bits, block_size=32, is_symmetric=True, op_types_to_quantize=ops,
+                                 quant_axes=axes)
+        q.process()
+        q.model.save_model_to_file(str(tmp), use_external_data_format=False)
+        os.replace(tmp, path)
+
+
+def quantize_vision_int8(vision: Path, pixels: np.ndarray) -> None:
+    """Static INT8 of the vision graph (weights per channel, activations calibrated on training faces) with
+    onnxruntime's quantizer, in place."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Faces(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"pixels": p[None]} for p in pixels])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    tmp = vision.with_suffix(".q.onnx")
+    quantize_static(str(vision), str(tmp), Faces(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    os.replace(tmp, vision)
+
+
 def quantize_vision_qdq(vision: Path, out: Path, mode: str, pixels: np.ndarray) -> None:
     """nvidia-modelopt ONNX PTQ: explicit Q/DQ nodes (int8 / fp8) that TensorRT turns into low-precision kernels."""
     from modelopt.onnx.quantization import quantize
@@ -75,7 +109,8 @@ def calibration_pixels(images: list[str], size: int, n: int = 16) -> np.ndarray:
 
 def export_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, *, target: str = "cpu", precision: str | None = None,
                   probes: list[tuple[str, list[str], str]] | None = None, max_abs_diff: float = 1e-3,
-                  calibration_images: list[str] | None = None, overwrite: bool = False) -> dict:
+                  calibration_images: list[str] | None = None, overwrite: bool = False,
+                  embedding_bits: int | None = None, vision_int8: bool = False) -> dict:
     from emoverse.export.tensorrt import check_precision, get_target, write_plan
     from emoverse.model import EmoVerse
 
@@ -148,6 +183,18 @@ def export_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, *, targe
                 graphs["vision"] = str(qdq.relative_to(tmp))
             extra["tensorrt_plan"] = write_plan(tmp, cfg, graphs, target)
             extra["device_files"] = ["tensorrt/*.engine", "tensorrt/timing.cache"]  # built on the device later
+        if embedding_bits is not None:
+            if target != "cpu" or embedding_bits not in (4, 8):
+                raise ValueError(f"embedding_bits={embedding_bits}: 4 or 8, for target cpu")
+            quantize_embeddings(tmp, graphs, embedding_bits)
+            extra["embeddings"] = f"int{embedding_bits} (blocks of 32, onnxruntime GatherBlockQuantized/MatMulNBits)"
+            extra["parity"] = parity(model, tmp, probes)  # recorded after every quantization step
+        if vision_int8:
+            if target != "cpu" or "vision" not in graphs:
+                raise ValueError("vision_int8: for target cpu and a model with a vision encoder")
+            quantize_vision_int8(tmp / graphs["vision"], calibration_pixels(calibration_images or [], model.cfg.image_size))
+            extra["vision"] = "int8 static (onnxruntime, QDQ, per-channel weights, calibrated on training faces)"
+            extra["parity"] = parity(model, tmp, probes)
         extra["precision"] = precision or tgt.get("decoder_precision")
         manifest = write_manifest(tmp, kind="emoverse-bundle", producer={"stage": "export", "target": target,
                                                                          "precision": extra["precision"]},

@@ -52,3 +52,21 @@ def test_gptq_artifact_refuses_other_precisions_and_gpu_targets(gptq_artifact, t
         export_bundle(gptq_artifact, tmp_path / "c", precision="int8")
     with pytest.raises(ValueError, match="not implemented yet"):
         export_bundle(gptq_artifact, tmp_path / "d", target="jetson-agx-orin")
+
+
+def test_whole_bundle_quantized_smaller_and_still_answers(gptq_artifact, small_amt, tmp_path):
+    """GPTQ layers + 8-bit tied embedding / output projection + static INT8 vision: smaller, parity recorded."""
+    from emoverse.artifacts import folder_bytes
+    from emoverse.records import load_records
+    from emoverse.runtime.backends import open_runtime
+    from emoverse.tasks import TASKS
+
+    faces = [i for r in load_records(small_amt / "fer" / "train.jsonl") for i in r.images]
+    plain = export_bundle(gptq_artifact, tmp_path / "plain")
+    small = export_bundle(gptq_artifact, tmp_path / "small", embedding_bits=8, vision_int8=True, calibration_images=faces)
+    assert folder_bytes(tmp_path / "small") < 0.8 * folder_bytes(tmp_path / "plain")
+    assert small["embeddings"].startswith("int8") and small["vision"].startswith("int8")
+    assert small["parity"]["probes"] == plain["parity"]["probes"] == 2
+    fer = TASKS["fer"]
+    a = open_runtime(tmp_path / "small").answer("fer", fer.query(fer.labels, False), [faces[0]])
+    assert a.label in fer.labels
