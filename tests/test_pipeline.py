@@ -2,12 +2,8 @@
 
 import json
 
-import pytest
-
 from emoverse.config import load_config
 from emoverse.pipeline import PIPELINES, Pipeline, PipelineConfig
-
-pytestmark = pytest.mark.real_data
 
 
 def test_pipeline_runs_then_skips(raw_dir, tmp_path):

@@ -93,7 +93,6 @@ def test_compare_thresholds(tmp_path):
     assert main(["bench", "compare", str(tmp_path / "old.json"), str(tmp_path / "old.json")]) == 0
 
 
-@pytest.mark.real_data
 def test_bench_end_to_end_on_tiny_bundles(tiny_model_dir, small_amt, tmp_path):
     from emoverse.export.bundle import export_bundle
 

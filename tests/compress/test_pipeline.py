@@ -8,8 +8,6 @@ from emoverse.config import RecipeError
 from emoverse.model import EmoVerse
 from emoverse.tasks import TASK_NAMES, TASKS
 
-pytestmark = pytest.mark.real_data
-
 
 @pytest.mark.parametrize("recipe", ["gptq-w4a16", "fp8-dynamic", "int8-weight-only", "w8a8-smoothquant"])
 def test_recipe_end_to_end(recipe, tiny_model_dir, small_amt, tmp_path):

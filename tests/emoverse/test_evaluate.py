@@ -9,8 +9,6 @@ from emoverse.evaluate import compute_metrics, evaluate, select_records
 from emoverse.records import Record, load_records
 from emoverse.tasks import TASKS
 
-pytestmark = pytest.mark.real_data
-
 
 def test_eval_writes_predictions_and_metrics(tiny_model_dir, small_amt, tmp_path):
     m = evaluate(str(tiny_model_dir), [str(small_amt)], tmp_path, limit=1, baselines=["majority", "vader"])

@@ -30,9 +30,9 @@ def test_smollm2_scores_sentiment_sensibly(zero_shot):
 
 
 @pytest.mark.real_data
-def test_imagenet_features_group_frames_of_one_face(zero_shot, raw_dir):
+def test_imagenet_features_group_frames_of_one_face(zero_shot, real_raw_dir):
     """Frames of one CK+ sequence sit closer in EfficientNet-Lite0 feature space than other subjects' faces."""
-    folder = raw_dir / "ck_plus_48" / "CK+48" / "surprise"
+    folder = real_raw_dir / "ck_plus_48" / "CK+48" / "surprise"
     files = sorted(folder.glob("*.png"))
     same = [f for f in files if f.name.startswith(files[0].name[:8])][:2]
     other = [f for f in files if not f.name.startswith(files[0].name[:5])][:4]

@@ -13,8 +13,6 @@ from emoverse.artifacts import ArtifactError, verify
 from emoverse.model import EmoVerse
 from emoverse.tasks import TASKS
 
-pytestmark = pytest.mark.real_data
-
 
 def test_bundle_is_valid_and_verified(bundle):
     m = verify(bundle, kind="emoverse-bundle")

@@ -12,8 +12,6 @@ from emoverse.compress.pipeline import compress
 from emoverse.export.bundle import export_bundle
 from emoverse.export.gptq_onnx import dequantize, pack, read_linears, unpack
 
-pytestmark = pytest.mark.real_data
-
 
 @pytest.fixture(scope="module")
 def gptq_artifact(tiny_model_dir, small_amt, tmp_path_factory):

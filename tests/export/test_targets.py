@@ -12,8 +12,6 @@ from emoverse.export.bundle import export_bundle
 from emoverse.export.tensorrt import load_targets, trtexec_lines
 from emoverse.tasks import TASKS
 
-pytestmark = pytest.mark.real_data
-
 
 @pytest.fixture(scope="module")
 def fer_images(small_amt):

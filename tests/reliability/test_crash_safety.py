@@ -13,8 +13,6 @@ from safetensors.torch import load_file
 
 from emoverse.artifacts import ArtifactError, verify
 
-pytestmark = pytest.mark.real_data
-
 
 def _train_cmd(data, out, steps=8):
     return [sys.executable, "-m", "emoverse.cli", "train", "--recipe", "tiny", f"data={data}", f"out={out}",

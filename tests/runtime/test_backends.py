@@ -14,8 +14,6 @@ from emoverse.runtime.backends import detect_backend, open_runtime
 from emoverse.runtime.ort import Answer, RequestError
 from emoverse.tasks import TASKS
 
-pytestmark = pytest.mark.real_data
-
 
 def _requests(face):
     fer, msa, mer = TASKS["fer"], TASKS["msa"], TASKS["mer"]

@@ -58,7 +58,6 @@ def test_adapter_tampered_or_wrong_base_refused(trained, tmp_path):
     assert base["llm"]["builtin"] == "tiny-random"
 
 
-@pytest.mark.real_data
 def test_training_run_becomes_a_release(tiny_model_dir, tmp_path):
     from emoverse.train.release import release
 

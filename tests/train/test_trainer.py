@@ -13,8 +13,6 @@ from emoverse.artifacts import verify
 from emoverse.config import RecipeError, load_config
 from emoverse.train.trainer import RECIPES, TrainConfig, Trainer, train
 
-pytestmark = pytest.mark.real_data
-
 
 def _trainable(run: Path) -> dict:
     ckpts = sorted((run / "checkpoints").iterdir(), key=lambda p: [int(x) for x in p.name[5:].split("-step")])
