@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from emoverse.prompting import IGNORE, PromptTooLong
 from emoverse.records import load_records
-from emoverse.tasks import TASK_NAMES
+from emoverse.tasks import TASKS
 
 
 @dataclass
@@ -89,7 +89,7 @@ def run_distill(params: Distill, src: Path, dst: Path, data: str | Path) -> dict
     n_layers = len(_decoder_layers(teacher.llm))
     if not 0 < params.keep_layers < n_layers:
         raise ValueError(f"distill: keep_layers={params.keep_layers} must be between 1 and {n_layers - 1}")
-    unknown = set(params.task_weights) - set(TASK_NAMES)
+    unknown = set(params.task_weights) - set(TASKS)
     if unknown:
         raise ValueError(f"distill: unknown task(s) {sorted(unknown)} in task_weights")
 

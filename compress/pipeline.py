@@ -72,13 +72,15 @@ def calibration_set(data: str | os.PathLike, tokenizer_dir: Path, n_per_task: in
 
     from emoverse.model import load_tokenizer
     from emoverse.prompting import PromptBuilder
-    from emoverse.tasks import TASK_NAMES
+    from emoverse.tasks import TASK_NAMES, TASKS
 
     tok = load_tokenizer(str(tokenizer_dir))
     builder = PromptBuilder(tok, n_visual=4, max_length=4096, image_size=32, max_video_frames=1)
     builder.missing_media = "drop"
     per_task = []
-    for task in TASK_NAMES:
+    for task in TASKS:
+        if task not in TASK_NAMES and not (Path(data) / task / "train.jsonl").is_file():
+            continue  # a registered extra task this data folder does not have
         recs = load_records(Path(data) / task / "train.jsonl")
         rows = []
         for r in random.Random(f"{seed}:{task}").sample(recs, min(n_per_task, len(recs))):

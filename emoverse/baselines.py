@@ -4,9 +4,9 @@ Each baseline is a function (records to answer, training records) -> {record id:
 name in BASELINES; answers are in the task's own response form, so the task's parser and metrics score them
 exactly as they score the model. All of them learn from the training split only; none looks at test labels.
 
-- majority: the most frequent training answer per task (ECPE: the target causes itself; ERI: majority emotion)
+- majority: each task's majority answer from the train split (ECPE: the target causes itself; ERI: majority emotion)
 - vader: VADER lexicon polarity for MSA
-- heuristic: ECPE "the target utterance and the one before it are the causes"
+- heuristic: each task's rule-based answer where it has one (ECPE: "the target and the one before it")
 - tfidf-lr: TF-IDF word/bigram features + logistic regression (scikit-learn) for MSA and MER
 - fer-probe: logistic regression on the frozen encoder's mean-pooled image features (the linear probe the
   FER path must at least match)
@@ -43,51 +43,35 @@ def _need_train(train: list[Record], task: str, name: str) -> list[Record]:
 
 
 def majority(records: list[Record], train: list[Record]) -> dict[str, str]:
-    """Most frequent training answer per task (per source's candidate set for FER); ECPE: the target
-    utterance causes itself; ERI: the majority emotion in EMER's reason form."""
+    """Each task's majority answer (`Task.majority_answer`) from its training split: the most frequent label
+    among those the query offers; ECPE: the target causes itself; ERI: the majority emotion in reason form."""
     preds: dict[str, str] = {}
-    present = {r.task for r in records}
-    common = {}
-    for task in ("msa", "mer"):
-        if task in present:
-            common[task] = Counter(r.response for r in _need_train(train, task, "majority")).most_common(1)[0][0]
-    fer_labels = Counter(r.label for r in train if r.task == "fer" and r.label)
-    eri_labels = Counter(r.label for r in train if r.task == "eri" and r.label)
-    if "fer" in present and not fer_labels:
-        _need_train(train, "fer", "majority")
-    if "eri" in present and not eri_labels:
-        _need_train(train, "eri", "majority")
+    counts: dict[str, tuple[Counter, Counter]] = {}
+    for task in sorted({r.task for r in records}):
+        rows = [r for r in train if r.task == task]
+        counts[task] = (Counter(r.label for r in rows if r.label), Counter(r.response for r in rows))
     for r in records:
-        t = TASKS[r.task]
-        if r.task in common:
-            preds[r.id] = common[r.task]
-        elif r.task == "fer":
-            allowed = {c.lower().rstrip(".") for c in t.candidates(r.query)}
-            best = next((lbl for lbl, _ in fer_labels.most_common() if lbl in allowed), sorted(allowed)[0])
-            preds[r.id] = t.format_label(best)
-        elif r.task == "ecpe":
-            k, emotion = _ecpe_target(r)
-            preds[r.id] = f"{k}_{emotion},{k}"
-        elif r.task == "eri":
-            preds[r.id] = f"Therefore, it is inferred that the emotional state is {eri_labels.most_common(1)[0][0]}."
+        labels, responses = counts[r.task]
+        try:
+            preds[r.id] = TASKS[r.task].majority_answer(r.query, labels, responses)
+        except IndexError:  # the task's majority needs training answers and there are none
+            _need_train([], r.task, "majority")
+        except ValueError as e:
+            raise BaselineError(f"record {r.id}: {e}") from None
     return preds
 
 
-def _ecpe_target(r: Record) -> tuple[int, str]:
-    """(index, emotion) of an ECPE record's target utterance, read from its query."""
-    m = re.search(r"Target utterance:(\d+)_([a-z]+)\.", r.query)
-    if not m:
-        raise BaselineError(f"record {r.id}: ECPE query has no 'Target utterance:<k>_<emotion>.' line")
-    return int(m[1]), m[2]
-
-
 def ecpe_heuristic(records: list[Record], train: list[Record]) -> dict[str, str]:
-    """The target utterance and the one before it are its causes (ECF's two most common cause positions)."""
+    """Each task's rule-based answer where it has one (`Task.heuristic_answer`): ECPE's "the target and the
+    utterance before it are the causes"."""
     preds = {}
     for r in records:
-        if r.task == "ecpe":
-            k, emotion = _ecpe_target(r)
-            preds[r.id] = ";".join(f"{k}_{emotion},{c}" for c in ([k, k - 1] if k > 1 else [k]))
+        try:
+            answer = TASKS[r.task].heuristic_answer(r.query)
+        except ValueError as e:
+            raise BaselineError(f"record {r.id}: {e}") from None
+        if answer is not None:
+            preds[r.id] = answer
     return preds
 
 

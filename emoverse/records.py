@@ -68,7 +68,7 @@ def record_from_dict(obj: dict, *, default_split: str | None = "test", default_s
     if task is None:
         raise ValueError("no 'task' field and the query carries no known task tag")
     label = obj.get("label")
-    if label is None and task in ("msa", "mer", "fer") and obj["response"]:
+    if label is None and get_task(task).closed and obj["response"]:
         parsed = get_task(task).parse_label(obj["response"])
         label = None if parsed.startswith("<") else parsed
     known = {"id", "task", "source", "split", "query", "response", "label", "images", "videos"}

@@ -118,6 +118,20 @@ class Task:
         """The form a generated answer to this query must keep (None: free text)."""
         return None
 
+    # -- baselines that belong to the task ---------------------------------------------------------
+    def majority_answer(self, query: str, train_labels: Counter, train_responses: Counter) -> str:
+        """The majority baseline's answer to `query`, from the training split's label/response counts:
+        the most frequent training label among those the query offers."""
+        allowed = {c.lower().rstrip(".") for c in self.candidates(query)}
+        best = next((lbl for lbl, _ in train_labels.most_common() if lbl in allowed), None)
+        if best is None:
+            return train_responses.most_common(1)[0][0]
+        return self.format_label(best)
+
+    def heuristic_answer(self, query: str) -> str | None:
+        """A rule-based answer that a trained model must beat (None: the task has none)."""
+        return None
+
     def parse_label(self, response: str) -> str:
         """First label word in the response (whole word, any case); INVALID if none."""
         best: tuple[int, str] | None = None
@@ -324,6 +338,9 @@ class ReasonTask(Task):
         if label is not None and label not in self.EMOTION_WORDS:
             raise ValueError(f"label {label!r} is not one of the eri labels {sorted(self.EMOTION_WORDS)}")
 
+    def majority_answer(self, query, train_labels, train_responses):
+        return f"Therefore, it is inferred that the emotional state is {train_labels.most_common(1)[0][0]}."
+
     @classmethod
     def conclusion(cls, response: str) -> str:
         """The concluding part of a reason: after its last 'therefore', else its last sentence."""
@@ -409,9 +426,26 @@ class CausePairTask(Task):
     def response(self, pairs: Sequence[tuple[str, int]]) -> str:
         return ";".join(f"{emo},{cause}" for emo, cause in pairs)
 
+    def target(self, query: str) -> tuple[int, str]:
+        """(index, emotion) of the query's target utterance."""
+        m = re.search(r"Target utterance:(\d+)_([a-z]+)\.", query)
+        if not m:
+            raise ValueError("ECPE query has no 'Target utterance:<k>_<emotion>.' line")
+        return int(m.group(1)), m.group(2)
+
     def grammar(self, query: str) -> Grammar | None:
         m = re.search(r"Target utterance:(\d+)_([a-z]+)\.", query)
         return PairGrammar(int(m.group(1)), m.group(2)) if m else None
+
+    def majority_answer(self, query, train_labels, train_responses):
+        """The most frequent cause: the target utterance itself."""
+        k, emotion = self.target(query)
+        return f"{k}_{emotion},{k}"
+
+    def heuristic_answer(self, query: str) -> str:
+        """The target utterance and the one before it are its causes (ECF's two most common positions)."""
+        k, emotion = self.target(query)
+        return ";".join(f"{k}_{emotion},{c}" for c in ([k, k - 1] if k > 1 else [k]))
 
     def parse(self, response: str) -> Parsed:
         pairs = tuple(dict.fromkeys(f"{k}_{e},{c}" for k, e, c in self.PAIR.findall(response.lower())))
@@ -447,7 +481,18 @@ class CausePairTask(Task):
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (SentimentTask(), EmotionTask(), FacialExpressionTask(), ReasonTask(), CausePairTask())}
-TASK_NAMES = tuple(TASKS)
+TASK_NAMES = tuple(TASKS)  # the five built-in tasks; code that must see registered tasks reads TASKS
+
+
+def register_task(task: Task) -> Task:
+    """Add a task: everything downstream (records, training, eval, baselines, runtime, bench) reads it from
+    TASKS. Its name must be new and its tag, when it has one, unused."""
+    if not task.name or task.name in TASKS:
+        raise ValueError(f"task name {task.name!r} is empty or taken")
+    if task.tag and any(t.tag == task.tag for t in TASKS.values()):
+        raise ValueError(f"task tag {task.tag!r} is taken")
+    TASKS[task.name] = task
+    return task
 
 
 def get_task(name: str) -> Task:

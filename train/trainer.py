@@ -26,7 +26,7 @@ from emoverse.artifacts import atomic_dir, atomic_write_json, manifest_digest, r
 from emoverse.model import EmoVerse, ModelConfig
 from emoverse.prompting import Encoded, PromptTooLong
 from emoverse.records import RecordError, load_records
-from emoverse.tasks import TASK_NAMES
+from emoverse.tasks import TASKS
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -82,9 +82,9 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         for s in cfg.stages:
-            unknown = set(s.task_weights) - set(TASK_NAMES)
+            unknown = set(s.task_weights) - set(TASKS)
             if unknown:
-                raise ValueError(f"stage {s.name!r}: unknown task(s) {sorted(unknown)}; known: {list(TASK_NAMES)}")
+                raise ValueError(f"stage {s.name!r}: unknown task(s) {sorted(unknown)}; known: {list(TASKS)}")
             if not any(w > 0 for w in s.task_weights.values()):
                 raise ValueError(f"stage {s.name!r}: task_weights are all zero")
         self.out = Path(cfg.out)
