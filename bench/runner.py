@@ -65,9 +65,13 @@ def load_budgets(path: str | os.PathLike) -> dict:
                 raise BudgetError(f"{path}: {target}.tasks.{task}: expected a mapping")
             for k, v in tb.items():
                 if k not in BUDGET_TASK_KEYS:
-                    raise BudgetError(f"{path}: {target}.tasks.{task}.{k}: unknown key (known: {sorted(BUDGET_TASK_KEYS)})")
+                    raise BudgetError(
+                        f"{path}: {target}.tasks.{task}.{k}: unknown key (known: {sorted(BUDGET_TASK_KEYS)})"
+                    )
                 if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-                    raise BudgetError(f"{path}: {target}.tasks.{task}.{k}: expected a positive number, got {v!r}")
+                    raise BudgetError(
+                        f"{path}: {target}.tasks.{task}.{k}: expected a positive number, got {v!r}"
+                    )
     return doc
 
 
@@ -78,30 +82,43 @@ def verdicts(result: dict, budget: dict) -> list[str]:
     if "bundle_size_mb" in budget and result["size_mb"] > budget["bundle_size_mb"]:
         fails.append(f"{name}: size {result['size_mb']:.1f} MB > budget {budget['bundle_size_mb']} MB")
     if "peak_memory_mb" in budget and result["peak_memory_mb"] > budget["peak_memory_mb"]:
-        fails.append(f"{name}: peak memory {result['peak_memory_mb']:.0f} MB > budget {budget['peak_memory_mb']} MB")
+        fails.append(
+            f"{name}: peak memory {result['peak_memory_mb']:.0f} MB > budget {budget['peak_memory_mb']} MB"
+        )
     for task, tb in (budget.get("tasks") or {}).items():
         r = result["tasks"].get(task)
         if r is None:
             continue
         if "p90_ms" in tb and r["single_stream"]["p90_ms"] > tb["p90_ms"]:
-            fails.append(f"{name}: {task} p90 {r['single_stream']['p90_ms']:.1f} ms > budget {tb['p90_ms']} ms")
+            fails.append(
+                f"{name}: {task} p90 {r['single_stream']['p90_ms']:.1f} ms > budget {tb['p90_ms']} ms"
+            )
         ratio, ci = r.get("accuracy_ratio"), r.get("accuracy_ratio_ci")
         if "min_accuracy_ratio" in tb and ratio is not None:
             # judged on the paired bootstrap CI of the ratio: fail only when all of it lies below the budget
-            v = verdict(ci, tb["min_accuracy_ratio"]) if ci else ("fail" if ratio < tb["min_accuracy_ratio"] else "pass")
+            v = (
+                verdict(ci, tb["min_accuracy_ratio"])
+                if ci
+                else ("fail" if ratio < tb["min_accuracy_ratio"] else "pass")
+            )
             r["accuracy_verdict"] = v
             if v == "fail":
                 ci_text = f" (95% CI {ci[0]:.1%}-{ci[1]:.1%})" if ci else ""
-                fails.append(f"{name}: {task} {PRIMARY[task]} at {ratio:.1%}{ci_text} of the reference < "
-                             f"{tb['min_accuracy_ratio']:.1%}")
+                fails.append(
+                    f"{name}: {task} {PRIMARY[task]} at {ratio:.1%}{ci_text} of the reference < "
+                    f"{tb['min_accuracy_ratio']:.1%}"
+                )
     return fails
 
 
 def inconclusive(result: dict) -> list[str]:
     """Accuracy budgets whose ratio CI straddles the budget: neither pass nor fail; more records decide."""
-    return [f"{result['bundle']}: {task} {PRIMARY[task]} ratio CI {t['accuracy_ratio_ci'][0]:.1%}-"
-            f"{t['accuracy_ratio_ci'][1]:.1%} straddles the budget" for task, t in result["tasks"].items()
-            if t.get("accuracy_verdict") == "inconclusive"]
+    return [
+        f"{result['bundle']}: {task} {PRIMARY[task]} ratio CI {t['accuracy_ratio_ci'][0]:.1%}-"
+        f"{t['accuracy_ratio_ci'][1]:.1%} straddles the budget"
+        for task, t in result["tasks"].items()
+        if t.get("accuracy_verdict") == "inconclusive"
+    ]
 
 
 def _answer_text(spec, answer: str | None) -> str:
@@ -120,8 +137,13 @@ def paired_accuracy(result: dict, reference: dict, records: list[Record]) -> Non
         if not recs:
             continue
 
-        pr = paired_ratio(spec, [r.response for r in recs], [_answer_text(spec, ref["answers"][r.id]) for r in recs],
-                          [_answer_text(spec, t["answers"][r.id]) for r in recs], [r.label for r in recs])
+        pr = paired_ratio(
+            spec,
+            [r.response for r in recs],
+            [_answer_text(spec, ref["answers"][r.id]) for r in recs],
+            [_answer_text(spec, t["answers"][r.id]) for r in recs],
+            [r.label for r in recs],
+        )
         t["accuracy_ratio_ci"] = pr["ratio_ci"] if all(x == x for x in pr["ratio_ci"]) else None
 
 
@@ -129,9 +151,21 @@ def paired_accuracy(result: dict, reference: dict, records: list[Record]) -> Non
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
     a = np.asarray(samples_ms, dtype=float)
     if a.size == 0:
-        return {"p50_ms": float("nan"), "p90_ms": float("nan"), "p99_ms": float("nan"), "mean_ms": float("nan"), "n": 0}
+        return {
+            "p50_ms": float("nan"),
+            "p90_ms": float("nan"),
+            "p99_ms": float("nan"),
+            "mean_ms": float("nan"),
+            "n": 0,
+        }
     p50, p90, p99 = np.percentile(a, [50, 90, 99])
-    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(a.mean()), "n": int(a.size)}
+    return {
+        "p50_ms": float(p50),
+        "p90_ms": float(p90),
+        "p99_ms": float(p99),
+        "mean_ms": float(a.mean()),
+        "n": int(a.size),
+    }
 
 
 def machine_info() -> dict:
@@ -143,8 +177,13 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-            "libraries": library_versions(("onnxruntime", "numpy", "tokenizers", "onnx", "emoverse-edge"))}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "libraries": library_versions(("onnxruntime", "numpy", "tokenizers", "onnx", "emoverse-edge")),
+    }
 
 
 def measure_cpu_roofline(seconds: float = 1.0) -> dict:
@@ -197,7 +236,12 @@ def _answer(rt, rec: Record) -> tuple[str, float, float | None, int]:
             ttft = (time.perf_counter() - t0) * 1e3
         pieces.append(piece)
     text = "".join(pieces).strip()
-    return text, (time.perf_counter() - t0) * 1e3, ttft, len(rt.tok.encode(text, add_special_tokens=False).ids)
+    return (
+        text,
+        (time.perf_counter() - t0) * 1e3,
+        ttft,
+        len(rt.tok.encode(text, add_special_tokens=False).ids),
+    )
 
 
 def variant_name(path: Path) -> str:
@@ -224,7 +268,9 @@ def bench_bundle(bundle: Path, records: list[Record], cfg: BenchConfig) -> dict:
             _answer(rt, r)
         lat, ttft, tpot, preds, n_out = [], [], [], {}, []
         for rep in range(cfg.repetitions):
-            for r in tqdm(recs, desc=f"{variant_name(bundle)}/{task} single-stream {rep + 1}", unit="q", leave=False):
+            for r in tqdm(
+                recs, desc=f"{variant_name(bundle)}/{task} single-stream {rep + 1}", unit="q", leave=False
+            ):
                 text, ms, first, n_tokens = _answer(rt, r)
                 preds[r.id] = text
                 lat.append(ms)
@@ -234,10 +280,14 @@ def bench_bundle(bundle: Path, records: list[Record], cfg: BenchConfig) -> dict:
                     if n_tokens > 1:
                         tpot.append((ms - first) / (n_tokens - 1))
                 peak = max(peak, rss_mb())
-        t0 = time.perf_counter()  # Offline: all queries at once; closed-label ones batched in one prefill each
+        t0 = (
+            time.perf_counter()
+        )  # Offline: all queries at once; closed-label ones batched in one prefill each
         if TASKS[task].closed:
-            rt.answer_many([{"task": r.task, "query": r.query, "images": r.images} for r in recs],
-                           batch_size=cfg.offline_batch)
+            rt.answer_many(
+                [{"task": r.task, "query": r.query, "images": r.images} for r in recs],
+                batch_size=cfg.offline_batch,
+            )
         else:
             for r in recs:
                 _answer(rt, r)
@@ -246,14 +296,24 @@ def bench_bundle(bundle: Path, records: list[Record], cfg: BenchConfig) -> dict:
         metrics = t.metrics([r.response for r in recs], [preds[r.id] for r in recs], [r.label for r in recs])
         answers = {r.id: (t.parse(preds[r.id]).label if t.closed else preds[r.id]) for r in recs}
         prompt_tokens = [len(rt.encode(r.query, r.images)[0]) for r in recs]
-        cand_tokens = (max(len(rt.tok.encode(c, add_special_tokens=False).ids) for c in t.candidates(recs[0].query))
-                       if t.closed else 0)
-        out_tasks[task] = {"n": len(recs), "metrics": metrics, "primary": metrics.get(PRIMARY[task]),
-                           "single_stream": percentiles(lat),
-                           "ttft": percentiles(ttft) if ttft else None, "tpot": percentiles(tpot) if tpot else None,
-                           "offline_qps": len(recs) / offline_s, "answers": answers,
-                           "mean_prompt_tokens": float(np.mean(prompt_tokens)), "candidate_tokens": cand_tokens,
-                           "mean_output_tokens": float(np.mean(n_out))}
+        cand_tokens = (
+            max(len(rt.tok.encode(c, add_special_tokens=False).ids) for c in t.candidates(recs[0].query))
+            if t.closed
+            else 0
+        )
+        out_tasks[task] = {
+            "n": len(recs),
+            "metrics": metrics,
+            "primary": metrics.get(PRIMARY[task]),
+            "single_stream": percentiles(lat),
+            "ttft": percentiles(ttft) if ttft else None,
+            "tpot": percentiles(tpot) if tpot else None,
+            "offline_qps": len(recs) / offline_s,
+            "answers": answers,
+            "mean_prompt_tokens": float(np.mean(prompt_tokens)),
+            "candidate_tokens": cand_tokens,
+            "mean_output_tokens": float(np.mean(n_out)),
+        }
     if backend == "torch":  # a release counts with its base weights: the model as it runs (full form)
         from emoverse.model import EmoVerse
 
@@ -264,10 +324,22 @@ def bench_bundle(bundle: Path, records: list[Record], cfg: BenchConfig) -> dict:
         manifest = read_manifest(bundle)
         precision, target = manifest.get("precision"), manifest.get("target")
         weights, size = (bundle / rt.cfg["graphs"]["decoder"]).stat().st_size, folder_bytes(bundle)
-    return {"bundle": variant_name(bundle), "path": str(bundle), "backend": backend, "target": target,
-            "precision": precision, "size_mb": size / 1e6, "start_s": start_s,
-            "peak_memory_mb": peak - before + 0.0, "tasks": out_tasks,
-            "llm": {"parameters": rt.cfg["llm_parameters"], "kv_shape": rt.cfg["kv_shape"], "decoder_bytes": weights}}
+    return {
+        "bundle": variant_name(bundle),
+        "path": str(bundle),
+        "backend": backend,
+        "target": target,
+        "precision": precision,
+        "size_mb": size / 1e6,
+        "start_s": start_s,
+        "peak_memory_mb": peak - before + 0.0,
+        "tasks": out_tasks,
+        "llm": {
+            "parameters": rt.cfg["llm_parameters"],
+            "kv_shape": rt.cfg["kv_shape"],
+            "decoder_bytes": weights,
+        },
+    }
 
 
 def agreement(result: dict, reference: dict) -> None:
@@ -279,7 +351,13 @@ def agreement(result: dict, reference: dict) -> None:
         t["agreement"] = sum(t["answers"][i] == ref[i] for i in common) / len(common) if common else None
 
 
-BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5625}  # int4: + a scale per 32 weights
+BYTES_PER_PARAM = {
+    "fp32": 4,
+    "fp16": 2,
+    "fp8": 1,
+    "int8": 1,
+    "int4": 0.5625,
+}  # int4: + a scale per 32 weights
 
 
 def roofline(flops: float, bytes_moved: float, peak_flops: float, bandwidth: float) -> float:
@@ -287,8 +365,14 @@ def roofline(flops: float, bytes_moved: float, peak_flops: float, bandwidth: flo
     return max(flops / peak_flops, bytes_moved / bandwidth)
 
 
-def request_roofline_ms(params: float, weight_bytes: float, prompt_tokens: float, candidate_tokens: int,
-                        output_tokens: float, cpu: dict) -> float:
+def request_roofline_ms(
+    params: float,
+    weight_bytes: float,
+    prompt_tokens: float,
+    candidate_tokens: int,
+    output_tokens: float,
+    cpu: dict,
+) -> float:
     """Lower bound on one request on this CPU: the prefill, the candidate pass (closed tasks) and each decode
     step, each bounded by compute (2 x parameters per token) or by reading the weights once."""
     peak, bw = cpu["peak_gflops"] * 1e9, cpu["bandwidth_gbs"] * 1e9
@@ -309,13 +393,21 @@ def roofline_estimates(result: dict, targets: dict, cpu: dict, ctx: int = 256) -
     n_layers, kv_heads, head_dim = result["llm"]["kv_shape"]
     weights_here = result["llm"]["decoder_bytes"]
     kv = lambda width: 2 * n_layers * kv_heads * head_dim * ctx * width  # noqa: E731
-    cpu_ms = roofline(2 * params, weights_here + kv(4), cpu["peak_gflops"] * 1e9, cpu["bandwidth_gbs"] * 1e9) * 1e3
+    cpu_ms = (
+        roofline(2 * params, weights_here + kv(4), cpu["peak_gflops"] * 1e9, cpu["bandwidth_gbs"] * 1e9) * 1e3
+    )
     measured = [t["tpot"]["p50_ms"] for t in result["tasks"].values() if t.get("tpot")]
     fraction = cpu_ms / float(np.median(measured)) if measured else None
     for t in result["tasks"].values():
         if "mean_prompt_tokens" in t:
-            t["roofline_ms"] = request_roofline_ms(params, weights_here, t["mean_prompt_tokens"], t["candidate_tokens"],
-                                                   t["mean_output_tokens"], cpu)
+            t["roofline_ms"] = request_roofline_ms(
+                params,
+                weights_here,
+                t["mean_prompt_tokens"],
+                t["candidate_tokens"],
+                t["mean_output_tokens"],
+                cpu,
+            )
             t["roofline_fraction"] = t["roofline_ms"] / t["single_stream"]["p50_ms"]
     out = {}
     for name, tgt in targets.items():
@@ -327,13 +419,25 @@ def roofline_estimates(result: dict, targets: dict, cpu: dict, ctx: int = 256) -
         wbytes = params * BYTES_PER_PARAM[prec]
         dec = roofline(2 * params, wbytes + kv(2), peak, bw) * 1e3
         pre = roofline(2 * params * 128, wbytes, peak, bw) * 1e3
-        out[name] = {"estimate": True, "precision": prec, "decode_step_ms_roofline": dec, "prefill_128_ms_roofline": pre,
-                     "decode_step_ms_at_cpu_efficiency": dec / fraction if fraction else None}
+        out[name] = {
+            "estimate": True,
+            "precision": prec,
+            "decode_step_ms_roofline": dec,
+            "prefill_128_ms_roofline": pre,
+            "decode_step_ms_at_cpu_efficiency": dec / fraction if fraction else None,
+        }
     return {"cpu_decode_step_ms_roofline": cpu_ms, "cpu_roofline_fraction": fraction, "targets": out}
 
 
-def run_bench(bundles: list[str | os.PathLike], data: str | os.PathLike, budgets_path: str | os.PathLike, target: str,
-              out: str | os.PathLike, cfg: BenchConfig | None = None, reference: int = 0) -> tuple[dict, list[str]]:
+def run_bench(
+    bundles: list[str | os.PathLike],
+    data: str | os.PathLike,
+    budgets_path: str | os.PathLike,
+    target: str,
+    out: str | os.PathLike,
+    cfg: BenchConfig | None = None,
+    reference: int = 0,
+) -> tuple[dict, list[str]]:
     from emoverse.export.tensorrt import load_targets
 
     cfg = cfg or BenchConfig()
@@ -342,9 +446,11 @@ def run_bench(bundles: list[str | os.PathLike], data: str | os.PathLike, budgets
     measured_on = os.environ.get("EMOVERSE_BENCH_DEVICE", "cpu")  # set on the device the bench runs on
     if target != measured_on and targets.get(target, {}).get("runtime") == "tensorrt":
         # what runs here is measured on this CPU: a GPU target's latency/size budgets would judge the wrong device
-        raise BudgetError(f"target {target!r}: its budgets apply to measurements on that device; this bench measures "
-                          "on this machine's CPU. Bench with --target cpu here (the report carries roofline "
-                          f"*estimates* for {target}, never gated), or run the bench on the {target} itself")
+        raise BudgetError(
+            f"target {target!r}: its budgets apply to measurements on that device; this bench measures "
+            "on this machine's CPU. Bench with --target cpu here (the report carries roofline "
+            f"*estimates* for {target}, never gated), or run the bench on the {target} itself"
+        )
     if target not in budgets:
         raise BudgetError(f"{budgets_path}: no budgets for target {target!r} (have {list(budgets)})")
     records = select_records(load_records(data, split="test"), tasks=None, limit=cfg.limit)
@@ -361,9 +467,17 @@ def run_bench(bundles: list[str | os.PathLike], data: str | os.PathLike, budgets
         r["roofline"] = roofline_estimates(r, {k: v for k, v in targets.items() if k != target}, cpu)
     failures = [f for r in results for f in verdicts(r, budgets[target])]
     undecided = [x for r in results for x in inconclusive(r)]
-    report = {"machine": machine_info(), "cpu_roofline": cpu, "target": target, "config": cfg.__dict__,
-              "records": {t: sum(1 for r in records if r.task == t) for t in TASKS}, "reference": ref["bundle"],
-              "results": results, "failures": failures, "inconclusive": undecided}
+    report = {
+        "machine": machine_info(),
+        "cpu_roofline": cpu,
+        "target": target,
+        "config": cfg.__dict__,
+        "records": {t: sum(1 for r in records if r.task == t) for t in TASKS},
+        "reference": ref["bundle"],
+        "results": results,
+        "failures": failures,
+        "inconclusive": undecided,
+    }
     write_report(report, Path(out), budgets[target])
     return report, failures
 
@@ -376,14 +490,26 @@ def write_report(report: dict, out: Path, budget: dict) -> None:
     for r in report["results"]:
         for task, t in r["tasks"].items():
             ss = t["single_stream"]
-            rows.append({"bundle": r["bundle"], "precision": r["precision"], "task": task, "primary_metric": PRIMARY[task],
-                         "value": t["primary"], "ratio_to_reference": t["accuracy_ratio"],
-                         "agreement_with_reference": t.get("agreement"), "p50_ms": ss["p50_ms"],
-                         "p90_ms": ss["p90_ms"], "p99_ms": ss["p99_ms"],
-                         "ttft_p50_ms": t["ttft"]["p50_ms"] if t["ttft"] else None,
-                         "tpot_p50_ms": t["tpot"]["p50_ms"] if t["tpot"] else None, "offline_qps": t["offline_qps"],
-                         "roofline_fraction_p50": t.get("roofline_fraction"),
-                         "size_mb": r["size_mb"], "peak_memory_mb": r["peak_memory_mb"]})
+            rows.append(
+                {
+                    "bundle": r["bundle"],
+                    "precision": r["precision"],
+                    "task": task,
+                    "primary_metric": PRIMARY[task],
+                    "value": t["primary"],
+                    "ratio_to_reference": t["accuracy_ratio"],
+                    "agreement_with_reference": t.get("agreement"),
+                    "p50_ms": ss["p50_ms"],
+                    "p90_ms": ss["p90_ms"],
+                    "p99_ms": ss["p99_ms"],
+                    "ttft_p50_ms": t["ttft"]["p50_ms"] if t["ttft"] else None,
+                    "tpot_p50_ms": t["tpot"]["p50_ms"] if t["tpot"] else None,
+                    "offline_qps": t["offline_qps"],
+                    "roofline_fraction_p50": t.get("roofline_fraction"),
+                    "size_mb": r["size_mb"],
+                    "peak_memory_mb": r["peak_memory_mb"],
+                }
+            )
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["bundle"])
     w.writeheader()
@@ -400,36 +526,54 @@ def _fmt(v, spec=".3f"):
 def format_report(report: dict) -> str:
     m = report["machine"]
     cpu = report["cpu_roofline"]
-    lines = [f"# Bench: target {report['target']}", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores; measured peak {cpu['peak_gflops']:.1f} GFLOP/s fp32 matmul, "
-             f"{cpu['bandwidth_gbs']:.1f} GB/s copy bandwidth. Reference: {report['reference']}.", "",
-             "| variant | task | metric | value (ratio) | same answer as ref. | p50 ms | p90 ms | p99 ms | "
-             "p50 / roofline | TTFT p50 | TPOT p50 | offline q/s |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Bench: target {report['target']}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores; measured peak {cpu['peak_gflops']:.1f} GFLOP/s fp32 matmul, "
+        f"{cpu['bandwidth_gbs']:.1f} GB/s copy bandwidth. Reference: {report['reference']}.",
+        "",
+        "| variant | task | metric | value (ratio) | same answer as ref. | p50 ms | p90 ms | p99 ms | "
+        "p50 / roofline | TTFT p50 | TPOT p50 | offline q/s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in report["results"]:
         for task, t in r["tasks"].items():
             ss = t["single_stream"]
             ratio = f" ({t['accuracy_ratio']:.1%})" if t["accuracy_ratio"] is not None else ""
-            lines.append(f"| {r['bundle']} | {task} | {PRIMARY[task]} | {_fmt(t['primary'])}{ratio} | "
-                         f"{_fmt(t.get('agreement'), '.1%')} | {ss['p50_ms']:.1f} | "
-                         f"{ss['p90_ms']:.1f} | {ss['p99_ms']:.1f} | {_fmt(t.get('roofline_fraction'), '.0%')} | "
-                         f"{_fmt(t['ttft'] and t['ttft']['p50_ms'], '.1f')} | "
-                         f"{_fmt(t['tpot'] and t['tpot']['p50_ms'], '.1f')} | {t['offline_qps']:.2f} |")
-    lines += ["", "p50 / roofline: this CPU's lower bound for the request (prefill, candidate pass, decode steps; "
-              "measured peak matmul and bandwidth above) over the measured p50.", "",
-              "| variant | precision | size MB | peak memory MB | start s | decode step: fraction of this CPU's roofline |",
-              "|---|---|---:|---:|---:|---:|"]
+            lines.append(
+                f"| {r['bundle']} | {task} | {PRIMARY[task]} | {_fmt(t['primary'])}{ratio} | "
+                f"{_fmt(t.get('agreement'), '.1%')} | {ss['p50_ms']:.1f} | "
+                f"{ss['p90_ms']:.1f} | {ss['p99_ms']:.1f} | {_fmt(t.get('roofline_fraction'), '.0%')} | "
+                f"{_fmt(t['ttft'] and t['ttft']['p50_ms'], '.1f')} | "
+                f"{_fmt(t['tpot'] and t['tpot']['p50_ms'], '.1f')} | {t['offline_qps']:.2f} |"
+            )
+    lines += [
+        "",
+        "p50 / roofline: this CPU's lower bound for the request (prefill, candidate pass, decode steps; "
+        "measured peak matmul and bandwidth above) over the measured p50.",
+        "",
+        "| variant | precision | size MB | peak memory MB | start s | decode step: fraction of this CPU's roofline |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for r in report["results"]:
         frac = r["roofline"]["cpu_roofline_fraction"]
-        lines.append(f"| {r['bundle']} | {r['precision']} | {r['size_mb']:.1f} | {r['peak_memory_mb']:.0f} | "
-                     f"{r['start_s']:.2f} | {_fmt(frac, '.1%')} |")
-    lines += ["", "Roofline **estimates** for targets not on this machine (decode step / 128-token prefill, ms):", "",
-              "| bundle | target | decode roofline | decode at this CPU's efficiency | prefill-128 roofline |",
-              "|---|---|---:|---:|---:|"]
+        lines.append(
+            f"| {r['bundle']} | {r['precision']} | {r['size_mb']:.1f} | {r['peak_memory_mb']:.0f} | "
+            f"{r['start_s']:.2f} | {_fmt(frac, '.1%')} |"
+        )
+    lines += [
+        "",
+        "Roofline **estimates** for targets not on this machine (decode step / 128-token prefill, ms):",
+        "",
+        "| bundle | target | decode roofline | decode at this CPU's efficiency | prefill-128 roofline |",
+        "|---|---|---:|---:|---:|",
+    ]
     for r in report["results"]:
         for name, e in r["roofline"]["targets"].items():
-            lines.append(f"| {r['bundle']} | {name} (estimate) | {e['decode_step_ms_roofline']:.3f} | "
-                         f"{_fmt(e['decode_step_ms_at_cpu_efficiency'], '.3f')} | {e['prefill_128_ms_roofline']:.3f} |")
+            lines.append(
+                f"| {r['bundle']} | {name} (estimate) | {e['decode_step_ms_roofline']:.3f} | "
+                f"{_fmt(e['decode_step_ms_at_cpu_efficiency'], '.3f')} | {e['prefill_128_ms_roofline']:.3f} |"
+            )
     lines += ["", "Budget failures:" if report["failures"] else "All budgets pass."]
     lines += [f"- {f}" for f in report["failures"]]
     return "\n".join(lines)
@@ -450,14 +594,26 @@ def pareto_plot(report: dict, path: Path, budget: dict) -> None:
         axes[0].annotate(r["bundle"], (p90, acc), fontsize=8)
         axes[1].scatter(r["size_mb"], acc, s=50)
         axes[1].annotate(r["bundle"], (r["size_mb"], acc), fontsize=8)
-    ratios = [tb.get("min_accuracy_ratio") for tb in (budget.get("tasks") or {}).values() if tb.get("min_accuracy_ratio")]
+    ratios = [
+        tb.get("min_accuracy_ratio")
+        for tb in (budget.get("tasks") or {}).values()
+        if tb.get("min_accuracy_ratio")
+    ]
     for ax in axes:
         if ratios:
-            ax.axhline(min(ratios), color="red", linestyle="--", linewidth=1, label=f"min accuracy ratio {min(ratios):.2f}")
+            ax.axhline(
+                min(ratios),
+                color="red",
+                linestyle="--",
+                linewidth=1,
+                label=f"min accuracy ratio {min(ratios):.2f}",
+            )
         ax.set_ylabel("mean accuracy ratio to reference")
         ax.grid(alpha=0.3)
     if "bundle_size_mb" in budget:
-        axes[1].axvline(budget["bundle_size_mb"], color="red", linestyle=":", linewidth=1, label="size budget")
+        axes[1].axvline(
+            budget["bundle_size_mb"], color="red", linestyle=":", linewidth=1, label="size budget"
+        )
     axes[0].set_xlabel("mean p90 latency per task (ms)")
     axes[1].set_xlabel("bundle size (MB)")
     for ax in axes:
@@ -479,7 +635,9 @@ def _pts(text: str) -> float:
     return float(text[:-2]) / 100 if text.endswith("pt") else float(text)
 
 
-def compare_reports(old: dict, new: dict, max_latency_regression: str = "5%", max_accuracy_drop: str = "1pt") -> list[str]:
+def compare_reports(
+    old: dict, new: dict, max_latency_regression: str = "5%", max_accuracy_drop: str = "1pt"
+) -> list[str]:
     """Regressions of NEW against OLD, per bundle and task: p90 latency up by more than the allowed fraction,
     or the primary metric down by more than the allowed points."""
     lat_tol, acc_tol = _pct(max_latency_regression), _pts(max_accuracy_drop)
@@ -492,9 +650,13 @@ def compare_reports(old: dict, new: dict, max_latency_regression: str = "5%", ma
                 continue
             ol, nl = o["single_stream"]["p90_ms"], v["single_stream"]["p90_ms"]
             if ol > 0 and (nl - ol) / ol > lat_tol:
-                problems.append(f"{r['bundle']}: {task} p90 {ol:.1f} -> {nl:.1f} ms (+{(nl - ol) / ol:.1%} > {lat_tol:.0%})")
+                problems.append(
+                    f"{r['bundle']}: {task} p90 {ol:.1f} -> {nl:.1f} ms (+{(nl - ol) / ol:.1%} > {lat_tol:.0%})"
+                )
             oa, na = o.get("primary"), v.get("primary")
             if oa is not None and na is not None and oa - na > acc_tol:
-                problems.append(f"{r['bundle']}: {task} {PRIMARY[task]} {oa:.3f} -> {na:.3f} "
-                                f"(-{(oa - na) * 100:.1f} pt > {acc_tol * 100:.1f} pt)")
+                problems.append(
+                    f"{r['bundle']}: {task} {PRIMARY[task]} {oa:.3f} -> {na:.3f} "
+                    f"(-{(oa - na) * 100:.1f} pt > {acc_tol * 100:.1f} pt)"
+                )
     return problems

@@ -10,7 +10,9 @@ import pytest
 from emoverse.tasks import TASKS
 
 MODEL, BUNDLE = os.environ.get("EMOVERSE_BENCH_MODEL"), os.environ.get("EMOVERSE_BENCH_BUNDLE")
-pytestmark = pytest.mark.skipif(not (MODEL and BUNDLE), reason="set EMOVERSE_BENCH_MODEL and EMOVERSE_BENCH_BUNDLE")
+pytestmark = pytest.mark.skipif(
+    not (MODEL and BUNDLE), reason="set EMOVERSE_BENCH_MODEL and EMOVERSE_BENCH_BUNDLE"
+)
 PROMPT = TASKS["eri"].query("I can't believe you did that to me after everything")
 NEW_TOKENS = 64
 
@@ -36,8 +38,14 @@ def test_decode_tokens_per_s_ratio(benchmark):
 
     def torch_decode():  # fixed token count: no early stop, so both sides decode the same number of steps
         with torch.no_grad():
-            model.llm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                               min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
+            model.llm.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=model.tokenizer.pad_token_id,
+            )
 
     def ort_decode():
         import numpy as np
@@ -52,5 +60,9 @@ def test_decode_tokens_per_s_ratio(benchmark):
 
     torch_tps = _tokens_per_s(torch_decode, NEW_TOKENS)
     ort_tps = benchmark.pedantic(lambda: _tokens_per_s(ort_decode, NEW_TOKENS), rounds=1, iterations=1)
-    benchmark.extra_info.update(torch_fp32_tokens_per_s=torch_tps, ort_tokens_per_s=ort_tps, ratio=ort_tps / torch_tps)
-    print(f"\ntorch fp32 {torch_tps:.1f} tok/s, ORT bundle {ort_tps:.1f} tok/s, ratio {ort_tps / torch_tps:.2f}x")
+    benchmark.extra_info.update(
+        torch_fp32_tokens_per_s=torch_tps, ort_tokens_per_s=ort_tps, ratio=ort_tps / torch_tps
+    )
+    print(
+        f"\ntorch fp32 {torch_tps:.1f} tok/s, ORT bundle {ort_tps:.1f} tok/s, ratio {ort_tps / torch_tps:.2f}x"
+    )

@@ -29,8 +29,11 @@ VARIANTS: list[tuple[str, dict, dict]] = [
     ("+ bf16 autocast", {"precision": "bf16"}, {}),
     ("+ response-only logits", {"precision": "bf16", "response_logits_only": True}, {}),
     ("+ length buckets", {"precision": "bf16", "response_logits_only": True, "length_buckets": True}, {}),
-    ("+ LoRA on layers 12-29 (release)", {"precision": "bf16", "response_logits_only": True, "length_buckets": True},
-     {"lora_from_layer": 12}),
+    (
+        "+ LoRA on layers 12-29 (release)",
+        {"precision": "bf16", "response_logits_only": True, "length_buckets": True},
+        {"lora_from_layer": 12},
+    ),
 ]
 
 
@@ -80,9 +83,15 @@ def measure(trainer, steps: int, warmup: int = 2) -> dict:
             seconds += dt
             losses.append(round(loss.item(), 4))
     flops_per_token = flops / tokens
-    return {"tokens": int(tokens), "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
-            "seconds_per_step": round(seconds / steps, 3), "flops_per_token": round(flops_per_token),
-            "achieved_flops_per_s": round(flops / seconds), "losses": losses}
+    return {
+        "tokens": int(tokens),
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "seconds_per_step": round(seconds / steps, 3),
+        "flops_per_token": round(flops_per_token),
+        "achieved_flops_per_s": round(flops / seconds),
+        "losses": losses,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -102,8 +111,13 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(a.threads)
     base = load_config(TrainConfig, resolve_recipe(a.recipe, RECIPES), [f"data={a.data}", *a.overrides])
     mix = {"msa": 0.2, "mer": 0.3, "fer": 0.2, "eri": 0.05, "ecpe": 0.25}
-    base = replace(base, stages=[StageConfig(name="bench", steps=a.steps + 2, task_weights=mix)],
-                   precision="fp32", response_logits_only=False, length_buckets=False)
+    base = replace(
+        base,
+        stages=[StageConfig(name="bench", steps=a.steps + 2, task_weights=mix)],
+        precision="fp32",
+        response_logits_only=False,
+        length_buckets=False,
+    )
     trainer = Trainer(base)  # records encoded once, shared by every variant
     init = copy.deepcopy(trainer.model.state_dict())
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
@@ -120,18 +134,31 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.params = trainer.model.trainable_parameters()
         r = measure(trainer, a.steps)
         peak = peaks[trainer.cfg.precision]
-        r.update(name=name, settings={**train_over, **model_over}, mfu=round(r["achieved_flops_per_s"] / peak, 3))
+        r.update(
+            name=name, settings={**train_over, **model_over}, mfu=round(r["achieved_flops_per_s"] / peak, 3)
+        )
         rows.append(r)
-        print(f"{name:72s} {r['tokens_per_s']:8.1f} tok/s  {r['tokens_per_s'] / rows[0]['tokens_per_s']:5.2f}x  "
-              f"MFU {r['mfu']:.2f}", flush=True)
+        print(
+            f"{name:72s} {r['tokens_per_s']:8.1f} tok/s  {r['tokens_per_s'] / rows[0]['tokens_per_s']:5.2f}x  "
+            f"MFU {r['mfu']:.2f}",
+            flush=True,
+        )
     for r in rows:
         r["speedup_vs_original"] = round(r["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
-    result = {"benchmark": "train-throughput", "cpu": cpu_name(), "threads": a.threads, "torch": torch.__version__,
-              "steps_per_variant": a.steps, "task_mix": mix, "recipe": a.recipe, "overrides": a.overrides,
-              "matmul_peak_flops_per_s": {k: round(v) for k, v in peaks.items()},
-              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "command": "python -m emoverse.bench.train_throughput " + " ".join(argv),
-              "variants": rows}
+    result = {
+        "benchmark": "train-throughput",
+        "cpu": cpu_name(),
+        "threads": a.threads,
+        "torch": torch.__version__,
+        "steps_per_variant": a.steps,
+        "task_mix": mix,
+        "recipe": a.recipe,
+        "overrides": a.overrides,
+        "matmul_peak_flops_per_s": {k: round(v) for k, v in peaks.items()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": "python -m emoverse.bench.train_throughput " + " ".join(argv),
+        "variants": rows,
+    }
     atomic_write_json(Path(a.out), result)
     print(f"wrote {a.out}")
     return result

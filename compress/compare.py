@@ -91,25 +91,38 @@ def variant_name(art: Path) -> str:
     return "+".join(stages)
 
 
-def compare(metrics_files: list[str | os.PathLike], out: str | os.PathLike | None = None, system: str = SYSTEM) -> dict:
+def compare(
+    metrics_files: list[str | os.PathLike], out: str | os.PathLike | None = None, system: str = SYSTEM
+) -> dict:
     """One row per variant; ratios to the first. Variants may cover different tasks (a `–` where not
     evaluated), but every source they share with the reference must have the same records."""
     rows = []
     for f in metrics_files:
         art, records, res = _load_variant(f, system)
-        rows.append({"variant": variant_name(art), "artifact": str(art),
-                     "bytes": folder_bytes(art), "llm_bytes": folder_bytes(art / "llm"),
-                     "parameters": parameter_count(art), "records": records,
-                     "metrics": {k: res[k] for k in PRIMARY.values() if k in res}})
+        rows.append(
+            {
+                "variant": variant_name(art),
+                "artifact": str(art),
+                "bytes": folder_bytes(art),
+                "llm_bytes": folder_bytes(art / "llm"),
+                "parameters": parameter_count(art),
+                "records": records,
+                "metrics": {k: res[k] for k in PRIMARY.values() if k in res},
+            }
+        )
     ref = rows[0]
     for r in rows[1:]:
         shared = set(r["records"]) & set(ref["records"])
         if not shared or any(r["records"][s] != ref["records"][s] for s in shared):
-            raise ValueError(f"{r['artifact']}: evaluated on different records than the reference; not comparable")
+            raise ValueError(
+                f"{r['artifact']}: evaluated on different records than the reference; not comparable"
+            )
     for r in rows:
         r["size_ratio"] = ref["bytes"] / r["bytes"]
         r["llm_size_ratio"] = ref["llm_bytes"] / r["llm_bytes"]
-        r["ratios"] = {k: (v / ref["metrics"][k] if ref["metrics"].get(k) else None) for k, v in r["metrics"].items()}
+        r["ratios"] = {
+            k: (v / ref["metrics"][k] if ref["metrics"].get(k) else None) for k, v in r["metrics"].items()
+        }
     report = {"reference": ref["artifact"], "system": system, "rows": rows}
     if out:
         out = Path(out)
@@ -127,6 +140,8 @@ def format_compare(report: dict) -> str:
         for k in keys:
             v, q = r["metrics"].get(k), r["ratios"].get(k)
             cells.append("–" if v is None else f"{v:.3f} ({q:.1%})" if q is not None else f"{v:.3f}")
-        lines.append(f"| {r['variant']} | {r['bytes'] / 1e6:.1f} | {r['size_ratio']:.2f} / {r['llm_size_ratio']:.2f} | "
-                     f"{r['parameters'] / 1e6:.1f} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {r['variant']} | {r['bytes'] / 1e6:.1f} | {r['size_ratio']:.2f} / {r['llm_size_ratio']:.2f} | "
+            f"{r['parameters'] / 1e6:.1f} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines)

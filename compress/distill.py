@@ -42,7 +42,9 @@ class Distill:
     importance_samples: int = 16  # records per task for the layer-importance score
     seed: int = 0
     max_minutes: float = 0.0  # 0: no time budget
-    task_weights: dict = field(default_factory=lambda: {"msa": 0.2, "mer": 0.25, "fer": 0.2, "eri": 0.1, "ecpe": 0.25})
+    task_weights: dict = field(
+        default_factory=lambda: {"msa": 0.2, "mer": 0.25, "fer": 0.2, "eri": 0.1, "ecpe": 0.25}
+    )
 
 
 def _decoder_layers(llm) -> torch.nn.ModuleList:
@@ -57,7 +59,9 @@ def layer_importance(model, batches: list[dict]) -> list[float]:
     count = 0
     for batch in batches:
         embeds = model.embed(batch["input_ids"], batch["visual_mask"], batch["media"], cache=True)
-        out = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_hidden_states=True)
+        out = model.llm(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_hidden_states=True
+        )
         hs = out.hidden_states  # n + 1 tensors (input embeddings, then after each layer)
         mask = batch["attention_mask"].bool()
         for i in range(n):
@@ -119,8 +123,11 @@ def run_distill(params: Distill, src: Path, dst: Path, data: str | Path) -> dict
         return task, builder.collate(items[: max(1, min(len(items), params.max_batch_tokens // longest))])
 
     # 1. measured layer importance on records of every task
-    probe = [batch_for(10_000 + i, t)[1] for i, t in enumerate(sorted(pools))
-             for _ in range(max(1, params.importance_samples // params.batch_size))]
+    probe = [
+        batch_for(10_000 + i, t)[1]
+        for i, t in enumerate(sorted(pools))
+        for _ in range(max(1, params.importance_samples // params.batch_size))
+    ]
     scores = layer_importance(teacher, probe)
     keep = sorted(sorted(range(n_layers), key=lambda i: -scores[i])[: params.keep_layers])
 
@@ -132,7 +139,9 @@ def run_distill(params: Distill, src: Path, dst: Path, data: str | Path) -> dict
         p.requires_grad_(not n.startswith("vision."))
     trainable = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=params.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / params.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / params.steps)
+    )
     t0 = time.monotonic()
     log = []
     student.train()
@@ -165,10 +174,18 @@ def run_distill(params: Distill, src: Path, dst: Path, data: str | Path) -> dict
     student.tokenizer.save_pretrained(dst / "llm")
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in student.projector.state_dict().items()}, dst / "projector.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in student.projector.state_dict().items()}, dst / "projector.safetensors"
+    )
     for name in ("vision.safetensors", "emoverse.json"):
         if (src / name).is_file():
             (dst / name).write_bytes((src / name).read_bytes())
-    return {"type": "distill", "teacher_layers": n_layers, "kept_layers": keep,
-            "layer_importance": [round(s, 5) for s in scores], "steps_done": len(log),
-            "seconds": round(time.monotonic() - t0, 1), "final_loss": log[-1]["loss"] if log else None}
+    return {
+        "type": "distill",
+        "teacher_layers": n_layers,
+        "kept_layers": keep,
+        "layer_importance": [round(s, 5) for s in scores],
+        "steps_done": len(log),
+        "seconds": round(time.monotonic() - t0, 1),
+        "final_loss": log[-1]["loss"] if log else None,
+    }

@@ -46,9 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     model = GPTQModel.load(a.llm, cfg, device="cpu")
     model.quantize(calibration, batch_size=1)
     model.save(a.out)
-    print(json.dumps({"seconds": round(time.monotonic() - t0, 1), "calibration_samples": len(calibration),
-                      "format": str(getattr(cfg, "format", "gptq")),
-                      "libraries": {p: metadata.version(p) for p in ("gptqmodel", "transformers", "torch")}}))
+    print(
+        json.dumps(
+            {
+                "seconds": round(time.monotonic() - t0, 1),
+                "calibration_samples": len(calibration),
+                "format": str(getattr(cfg, "format", "gptq")),
+                "libraries": {p: metadata.version(p) for p in ("gptqmodel", "transformers", "torch")},
+            }
+        )
+    )
     return 0
 
 

@@ -55,10 +55,17 @@ def parse_recipe(path: str | os.PathLike, overrides: list[str] | None = None) ->
         if kind not in STAGES:
             raise RecipeError(f"{path}: stages[{i}]: unknown stage type {kind!r}; known: {sorted(STAGES)}")
         params = {k: v for k, v in st.items() if k != "type"}
-        stage = load_config(STAGES[kind], params, per_stage.pop(i, None), where=f"{path}: stages[{i}] ({kind})")
+        stage = load_config(
+            STAGES[kind], params, per_stage.pop(i, None), where=f"{path}: stages[{i}] ({kind})"
+        )
         for f in fields(stage):
             v = getattr(stage, f.name)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0 and f.name not in ("seed", "max_minutes"):
+            if (
+                isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and v <= 0
+                and f.name not in ("seed", "max_minutes")
+            ):
                 raise RecipeError(f"{path}: stages[{i}] ({kind}): {f.name}={v!r} must be positive")
         out.append((kind, stage))
     if per_stage:
@@ -66,7 +73,9 @@ def parse_recipe(path: str | os.PathLike, overrides: list[str] | None = None) ->
     return out
 
 
-def calibration_set(data: str | os.PathLike, tokenizer_dir: Path, n_per_task: int = 16, seed: int = 0) -> tuple[list[dict], str]:
+def calibration_set(
+    data: str | os.PathLike, tokenizer_dir: Path, n_per_task: int = 16, seed: int = 0
+) -> tuple[list[dict], str]:
     """Chat-rendered AMT train records of every task (text part; image slots as pad tokens), and their hash."""
     import random
 
@@ -89,13 +98,20 @@ def calibration_set(data: str | os.PathLike, tokenizer_dir: Path, n_per_task: in
         per_task.append(rows)
     # round-robin over tasks, so the first N records a stage keeps cover every task (not msa, mer, ... in blocks)
     calib = [row for group in zip(*per_task, strict=False) for row in group]
-    calib += [row for rows in per_task for row in rows[min(map(len, per_task)):]]
+    calib += [row for rows in per_task for row in rows[min(map(len, per_task)) :]]
     digest = hashlib.sha256(json.dumps([(c["id"], c["input_ids"]) for c in calib]).encode()).hexdigest()
     return calib, digest
 
 
-def compress(recipe: str | os.PathLike, model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
-             *, overwrite: bool = False, overrides: list[str] | None = None) -> dict:
+def compress(
+    recipe: str | os.PathLike,
+    model: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    overrides: list[str] | None = None,
+) -> dict:
     stages = parse_recipe(recipe, overrides)  # fails before any work
     for kind, params in stages:
         if kind == "gptqmodel_w4a16":  # its separate environment must exist before hours of distillation
@@ -106,7 +122,9 @@ def compress(recipe: str | os.PathLike, model: str | os.PathLike, data: str | os
     parent = verify(model, kind=MODEL_KINDS)
     calib, calib_hash = calibration_set(data, model / "llm")
     infos = []
-    with tempfile.TemporaryDirectory(prefix="emoverse-compress-", dir=Path(out).parent if Path(out).parent.exists() else None) as work:
+    with tempfile.TemporaryDirectory(
+        prefix="emoverse-compress-", dir=Path(out).parent if Path(out).parent.exists() else None
+    ) as work:
         src = model
         for i, (kind, params) in enumerate(stages):
             dst = Path(work) / f"stage{i}"
@@ -119,18 +137,44 @@ def compress(recipe: str | os.PathLike, model: str | os.PathLike, data: str | os
             from emoverse.artifacts import library_versions
 
             manifest = write_manifest(
-                tmp, kind="emoverse-model",
-                producer={"stage": "compress", "recipe": str(recipe), "overrides": overrides or [], "stages": infos},
-                inputs={"parent": {"path": str(model.resolve()), "digest": manifest_digest(parent)},
-                        "calibration": {"sha256": calib_hash, "records": len(calib),
-                                        "tasks": sorted({c["task"] for c in calib}),
-                                        "used": [{"stage": info["type"], "records": [
-                                            {"id": c["id"], "task": c["task"],
-                                             "sha256": hashlib.sha256(json.dumps(c["input_ids"]).encode()).hexdigest()[:16]}
-                                            for c in calib[: info.get("calibration_samples", 0)]]}
-                                            for info in infos if info.get("calibration_samples")]}},
-                extra={"sizes": {"bytes": folder_bytes(tmp), "parent_bytes": folder_bytes(model)},
-                       "compress_libraries": library_versions(("llmcompressor", "compressed-tensors", "nvidia-modelopt",
-                                                                            "transformers"))},
+                tmp,
+                kind="emoverse-model",
+                producer={
+                    "stage": "compress",
+                    "recipe": str(recipe),
+                    "overrides": overrides or [],
+                    "stages": infos,
+                },
+                inputs={
+                    "parent": {"path": str(model.resolve()), "digest": manifest_digest(parent)},
+                    "calibration": {
+                        "sha256": calib_hash,
+                        "records": len(calib),
+                        "tasks": sorted({c["task"] for c in calib}),
+                        "used": [
+                            {
+                                "stage": info["type"],
+                                "records": [
+                                    {
+                                        "id": c["id"],
+                                        "task": c["task"],
+                                        "sha256": hashlib.sha256(
+                                            json.dumps(c["input_ids"]).encode()
+                                        ).hexdigest()[:16],
+                                    }
+                                    for c in calib[: info.get("calibration_samples", 0)]
+                                ],
+                            }
+                            for info in infos
+                            if info.get("calibration_samples")
+                        ],
+                    },
+                },
+                extra={
+                    "sizes": {"bytes": folder_bytes(tmp), "parent_bytes": folder_bytes(model)},
+                    "compress_libraries": library_versions(
+                        ("llmcompressor", "compressed-tensors", "nvidia-modelopt", "transformers")
+                    ),
+                },
             )
     return manifest

@@ -72,10 +72,23 @@ class GPTQW4A16(LLMCompressorStage):
         bad = sorted(w for w in _linear_widths(model) if w % self.group_size)
         if bad:
             raise ValueError(f"gptq_w4a16: group_size {self.group_size} does not divide layer widths {bad}")
-        scheme = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
-                                                                   "strategy": "group", "group_size": self.group_size},
-                              "input_activations": None, "output_activations": None}}
-        recipe = GPTQModifier(config_groups=scheme, ignore=list(self.ignore), dampening_frac=self.dampening_frac)
+        scheme = {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {
+                    "num_bits": 4,
+                    "type": "int",
+                    "symmetric": True,
+                    "strategy": "group",
+                    "group_size": self.group_size,
+                },
+                "input_activations": None,
+                "output_activations": None,
+            }
+        }
+        recipe = GPTQModifier(
+            config_groups=scheme, ignore=list(self.ignore), dampening_frac=self.dampening_frac
+        )
         return {"calibration_samples": _calibrated_oneshot(model, recipe, calibration, self)}
 
 
@@ -91,7 +104,10 @@ class FP8Dynamic(LLMCompressorStage):
         from llmcompressor import oneshot
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
-        oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=list(self.ignore)))
+        oneshot(
+            model=model,
+            recipe=QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=list(self.ignore)),
+        )
         return {}
 
 
@@ -108,9 +124,14 @@ class Int8WeightOnly(LLMCompressorStage):
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
         # explicit per-output-channel INT8 (the W8A16 preset is grouped by 128, which SmolLM2's 576 does not divide)
-        scheme = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "int", "symmetric": True,
-                                                                   "strategy": "channel"},
-                              "input_activations": None, "output_activations": None}}
+        scheme = {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+                "input_activations": None,
+                "output_activations": None,
+            }
+        }
         oneshot(model=model, recipe=QuantizationModifier(config_groups=scheme, ignore=list(self.ignore)))
         return {}
 
@@ -130,8 +151,10 @@ class W8A8SmoothQuant(LLMCompressorStage):
         from llmcompressor.modifiers.quantization import GPTQModifier
         from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
-        recipe = [SmoothQuantModifier(smoothing_strength=self.smoothing_strength),
-                  GPTQModifier(targets="Linear", scheme="W8A8", ignore=list(self.ignore))]
+        recipe = [
+            SmoothQuantModifier(smoothing_strength=self.smoothing_strength),
+            GPTQModifier(targets="Linear", scheme="W8A8", ignore=list(self.ignore)),
+        ]
         return {"calibration_samples": _calibrated_oneshot(model, recipe, calibration, self)}
 
 
@@ -181,9 +204,11 @@ def gptqmodel_python(params: GPTQModelW4A16) -> Path:
     """The GPTQModel environment's interpreter, or a clear error before any work."""
     py = Path(params.python or os.environ.get("EMOVERSE_GPTQMODEL_PYTHON") or ".venv-gptq/bin/python")
     if not py.is_file():
-        raise ValueError(f"gptqmodel_w4a16: no GPTQModel environment at {py} (GPTQModel needs transformers 5.24, "
-                         "which conflicts with llm-compressor's <=5.17): run `make gptq-env`, or set "
-                         "EMOVERSE_GPTQMODEL_PYTHON / the stage's `python`")
+        raise ValueError(
+            f"gptqmodel_w4a16: no GPTQModel environment at {py} (GPTQModel needs transformers 5.24, "
+            "which conflicts with llm-compressor's <=5.17): run `make gptq-env`, or set "
+            "EMOVERSE_GPTQMODEL_PYTHON / the stage's `python`"
+        )
     return py
 
 
@@ -196,15 +221,35 @@ def _run_gptqmodel(params: GPTQModelW4A16, src: Path, dst: Path, calibration: li
     worker = Path(__file__).parent / "gptqmodel_worker.py"
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         calib = Path(tmp) / "calibration.jsonl"
-        calib.write_text("".join(json.dumps({"input_ids": c["input_ids"][: params.max_seq_length]}) + "\n"
-                                 for c in calibration[: params.calibration_samples]))
-        cmd = [str(py), str(worker), "--llm", str(src / "llm"), "--calibration", str(calib), "--out", str(dst / "llm"),
-               "--bits", str(params.bits), "--group-size", str(params.group_size),
-               "--damp-percent", str(params.damp_percent)] + (["--desc-act"] if params.desc_act else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
+        calib.write_text(
+            "".join(
+                json.dumps({"input_ids": c["input_ids"][: params.max_seq_length]}) + "\n"
+                for c in calibration[: params.calibration_samples]
+            )
+        )
+        cmd = [
+            str(py),
+            str(worker),
+            "--llm",
+            str(src / "llm"),
+            "--calibration",
+            str(calib),
+            "--out",
+            str(dst / "llm"),
+            "--bits",
+            str(params.bits),
+            "--group-size",
+            str(params.group_size),
+            "--damp-percent",
+            str(params.damp_percent),
+        ] + (["--desc-act"] if params.desc_act else [])
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"}
+        )
     if proc.returncode != 0:
-        raise RuntimeError(f"gptqmodel_w4a16: the GPTQModel worker failed (exit {proc.returncode}):\n"
-                           + proc.stderr[-3000:])
+        raise RuntimeError(
+            f"gptqmodel_w4a16: the GPTQModel worker failed (exit {proc.returncode}):\n" + proc.stderr[-3000:]
+        )
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     _copy_non_llm(src, dst)
     return {"type": "gptqmodel_w4a16", **info}
@@ -230,10 +275,20 @@ def _calibrated_oneshot(model, recipe, calibration: list[dict], params) -> int:
     from llmcompressor import oneshot
 
     n, max_len = params.calibration_samples, params.max_seq_length
-    ds = Dataset.from_list([{"input_ids": c["input_ids"][:max_len],
-                             "attention_mask": [1] * min(len(c["input_ids"]), max_len)} for c in calibration[:n]])
-    oneshot(model=model, recipe=recipe, dataset=ds, num_calibration_samples=len(ds), max_seq_length=max_len,
-            pipeline="basic")
+    ds = Dataset.from_list(
+        [
+            {"input_ids": c["input_ids"][:max_len], "attention_mask": [1] * min(len(c["input_ids"]), max_len)}
+            for c in calibration[:n]
+        ]
+    )
+    oneshot(
+        model=model,
+        recipe=recipe,
+        dataset=ds,
+        num_calibration_samples=len(ds),
+        max_seq_length=max_len,
+        pipeline="basic",
+    )
     return len(ds)
 
 
@@ -244,10 +299,16 @@ def _copy_non_llm(src: Path, dst: Path) -> None:
 
 
 def _linear_widths(model) -> set[int]:
-    return {m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    return {
+        m.in_features
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    }
 
 
-def run_stage(kind: str, params: Stage, src: Path, dst: Path, calibration: list[dict], data: str | Path) -> dict:
+def run_stage(
+    kind: str, params: Stage, src: Path, dst: Path, calibration: list[dict], data: str | Path
+) -> dict:
     """Run one parsed stage (kept for callers that name the kind; the stage object knows its own)."""
     if STAGES.get(kind) is not type(params):
         raise ValueError(f"stage {kind!r} given parameters of {type(params).__name__}")

@@ -95,7 +95,9 @@ def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator
         raise
 
 
-def library_versions(names=("torch", "transformers", "peft", "safetensors", "numpy", "emoverse-edge")) -> dict[str, str]:
+def library_versions(
+    names=("torch", "transformers", "peft", "safetensors", "numpy", "emoverse-edge"),
+) -> dict[str, str]:
     out = {}
     for n in names:
         with contextlib.suppress(metadata.PackageNotFoundError):
@@ -127,7 +129,14 @@ def file_hashes(folder: Path) -> dict[str, str]:
     }
 
 
-def write_manifest(folder: str | os.PathLike, *, kind: str, producer: dict, inputs: dict | None = None, extra: dict | None = None) -> dict:
+def write_manifest(
+    folder: str | os.PathLike,
+    *,
+    kind: str,
+    producer: dict,
+    inputs: dict | None = None,
+    extra: dict | None = None,
+) -> dict:
     """Hash every file in `folder` and write manifest.json (atomically) last."""
     folder = Path(folder)
     manifest = {
@@ -170,7 +179,9 @@ def verify(folder: str | os.PathLike, *, kind: str | tuple[str, ...] | None = No
     manifest = read_manifest(folder)
     kinds = (kind,) if isinstance(kind, str) else kind
     if kinds and manifest.get("kind") not in kinds:
-        raise ArtifactError(f"{folder}: is a {manifest.get('kind')!r} artifact, expected {' or '.join(map(repr, kinds))}")
+        raise ArtifactError(
+            f"{folder}: is a {manifest.get('kind')!r} artifact, expected {' or '.join(map(repr, kinds))}"
+        )
     files = manifest.get("files", {})
     for rel, digest in files.items():
         p = (folder / rel).resolve()
@@ -182,7 +193,11 @@ def verify(folder: str | os.PathLike, *, kind: str | tuple[str, ...] | None = No
             raise ArtifactError(f"{folder}: {rel} does not match its manifest hash (modified or corrupt)")
     # files the manifest announces as built later on the device (TensorRT engines), by glob
     device_built = manifest.get("device_files", [])
-    extra = {f for f in set(file_hashes(folder)) - set(files) if not any(fnmatch.fnmatch(f, g) for g in device_built)}
+    extra = {
+        f
+        for f in set(file_hashes(folder)) - set(files)
+        if not any(fnmatch.fnmatch(f, g) for g in device_built)
+    }
     if extra:
         raise ArtifactError(f"{folder}: files not in the manifest: {sorted(extra)[:5]}")
     return manifest

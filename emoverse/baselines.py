@@ -37,8 +37,10 @@ def utterance(query: str) -> str:
 def _need_train(train: list[Record], task: str, name: str) -> list[Record]:
     rows = [r for r in train if r.task == task]
     if not rows:
-        raise BaselineError(f"baseline {name!r} needs {task} training records (the train split of the data "
-                            "folder); it is never fitted on the records it is scored on")
+        raise BaselineError(
+            f"baseline {name!r} needs {task} training records (the train split of the data "
+            "folder); it is never fitted on the records it is scored on"
+        )
     return rows
 
 
@@ -80,8 +82,13 @@ def vader(records: list[Record], train: list[Record]) -> dict[str, str]:
 
     sia = SentimentIntensityAnalyzer()
     msa = TASKS["msa"]
-    return {r.id: msa.format_label("positive" if sia.polarity_scores(utterance(r.query))["compound"] >= 0 else "negative")
-            for r in records if r.task == "msa"}
+    return {
+        r.id: msa.format_label(
+            "positive" if sia.polarity_scores(utterance(r.query))["compound"] >= 0 else "negative"
+        )
+        for r in records
+        if r.task == "msa"
+    }
 
 
 def tfidf_lr(records: list[Record], train: list[Record]) -> dict[str, str]:
@@ -96,8 +103,10 @@ def tfidf_lr(records: list[Record], train: list[Record]) -> dict[str, str]:
         if not todo:
             continue
         rows = _need_train(train, task, "tfidf-lr")
-        clf = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
-                            LogisticRegression(max_iter=2000, C=4.0))
+        clf = make_pipeline(
+            TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
+            LogisticRegression(max_iter=2000, C=4.0),
+        )
         clf.fit([utterance(r.query) for r in rows], [r.label for r in rows])
         for r, lbl in zip(todo, clf.predict([utterance(r.query) for r in todo]), strict=True):
             preds[r.id] = TASKS[task].format_label(str(lbl))
@@ -116,7 +125,7 @@ def image_features(paths: list[str], image_size: int = 224, batch: int = 64) -> 
     out = []
     with torch.no_grad():
         for i in range(0, len(paths), batch):
-            px = torch.from_numpy(np.stack([load_pixels(p, image_size) for p in paths[i:i + batch]]))
+            px = torch.from_numpy(np.stack([load_pixels(p, image_size) for p in paths[i : i + batch]]))
             out.append(net.extract_features(px).mean(dim=(2, 3)).numpy())
     return np.concatenate(out) if out else np.zeros((0, 1280), dtype=np.float32)
 
@@ -141,8 +150,11 @@ def fer_probe(records: list[Record], train: list[Record]) -> dict[str, str]:
     preds = {}
     for r, p in zip(todo, proba, strict=True):
         allowed = [c.lower().rstrip(".") for c in fer.candidates(r.query)]
-        best = max((lbl for lbl in allowed if lbl in classes), key=lambda lbl: p[classes.index(lbl)],
-                   default=classes[int(np.argmax(p))])
+        best = max(
+            (lbl for lbl in allowed if lbl in classes),
+            key=lambda lbl: p[classes.index(lbl)],
+            default=classes[int(np.argmax(p))],
+        )
         preds[r.id] = fer.format_label(best)
     return preds
 

@@ -71,9 +71,20 @@ def _results(a: argparse.Namespace) -> int:
 def _eval(a: argparse.Namespace) -> int:
     from emoverse.evaluate import evaluate, format_table
 
-    metrics = evaluate(a.model, a.data, a.out, mode=a.mode, split=a.split, limit=a.limit, tasks=a.tasks,
-                       baselines=a.baselines, threads=a.threads, missing_media=a.missing_media,
-                       batch_size=a.batch_size, precision=a.precision)
+    metrics = evaluate(
+        a.model,
+        a.data,
+        a.out,
+        mode=a.mode,
+        split=a.split,
+        limit=a.limit,
+        tasks=a.tasks,
+        baselines=a.baselines,
+        threads=a.threads,
+        missing_media=a.missing_media,
+        batch_size=a.batch_size,
+        precision=a.precision,
+    )
     print(format_table(metrics))
     print(f"wrote {Path(a.out) / 'metrics.json'} and {Path(a.out) / 'predictions.jsonl'}")
     return 0
@@ -84,8 +95,10 @@ def _compress(a: argparse.Namespace) -> int:
 
     m = compress(a.recipe, a.model, a.data, a.out, overwrite=a.overwrite, overrides=a.overrides)
     sizes = m["sizes"]
-    print(f"wrote {a.out}: {sizes['bytes'] / 1e6:.1f} MB (parent {sizes['parent_bytes'] / 1e6:.1f} MB, "
-          f"{sizes['parent_bytes'] / max(sizes['bytes'], 1):.2f}x smaller)")
+    print(
+        f"wrote {a.out}: {sizes['bytes'] / 1e6:.1f} MB (parent {sizes['parent_bytes'] / 1e6:.1f} MB, "
+        f"{sizes['parent_bytes'] / max(sizes['bytes'], 1):.2f}x smaller)"
+    )
     if a.eval_limit > 0:
         from emoverse.compress.compare import compare, format_compare
         from emoverse.evaluate import evaluate
@@ -112,17 +125,28 @@ def _export(a: argparse.Namespace) -> int:
     if a.calibration_data:
         from emoverse.records import load_records
 
-        images = [img for r in load_records(Path(a.calibration_data) / "fer" / "train.jsonl") for img in r.images]
-    m = export_bundle(a.model, a.out, target=a.target, precision=a.precision, calibration_images=images,
-                      embedding_bits=a.embedding_bits, vision_int8=a.vision_int8,
-                      overwrite=a.overwrite)
+        images = [
+            img for r in load_records(Path(a.calibration_data) / "fer" / "train.jsonl") for img in r.images
+        ]
+    m = export_bundle(
+        a.model,
+        a.out,
+        target=a.target,
+        precision=a.precision,
+        calibration_images=images,
+        embedding_bits=a.embedding_bits,
+        vision_int8=a.vision_int8,
+        overwrite=a.overwrite,
+    )
     print(f"wrote bundle {a.out}: target {a.target}, precision {m['precision']}")
     print(f"parity of the fp32 graphs with PyTorch: {m['parity_fp32']}")
     if "parity" in m:
         print(f"after {m['precision']} quantization: {m['parity']}")
     if "tensorrt_plan" in m:
-        print(f"TensorRT plan: {a.out}/tensorrt/plan.json; build on the device with "
-              f"python3 tensorrt/build_engines.py or tensorrt/trtexec.sh")
+        print(
+            f"TensorRT plan: {a.out}/tensorrt/plan.json; build on the device with "
+            f"python3 tensorrt/build_engines.py or tensorrt/trtexec.sh"
+        )
     return 0
 
 
@@ -158,8 +182,13 @@ def _run(a: argparse.Namespace) -> int:
 def _bench(a: argparse.Namespace) -> int:
     from emoverse.bench.runner import BUDGETS, BenchConfig, run_bench
 
-    cfg = BenchConfig(limit=a.limit, warmup=a.warmup, repetitions=a.repetitions, threads=a.threads,
-                      offline_batch=a.offline_batch)
+    cfg = BenchConfig(
+        limit=a.limit,
+        warmup=a.warmup,
+        repetitions=a.repetitions,
+        threads=a.threads,
+        offline_batch=a.offline_batch,
+    )
     report, failures = run_bench(a.bundle, a.data, a.budgets or BUDGETS, a.target, a.out, cfg)
     print(f"wrote {a.out}/report.md, report.json, report.csv, pareto.png")
     for f in failures:
@@ -198,18 +227,29 @@ def _table(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="emoverse", description="EmoVerse Edge: train, compress, export and benchmark "
-                                "an affective multimodal LLM for edge devices.")
+    p = argparse.ArgumentParser(
+        prog="emoverse",
+        description="EmoVerse Edge: train, compress, export and benchmark "
+        "an affective multimodal LLM for edge devices.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="build or check AMT task files").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="build or check AMT task files").add_subparsers(
+        dest="data_command", required=True
+    )
     b = data.add_parser("build", help="raw sources -> AMT JSONL per task and split, with a manifest")
     b.add_argument("--raw", required=True, help="raw data directory (e.g. ../shared/data/raw)")
     b.add_argument("--out", default="data/amt", help="output folder (default: data/amt)")
     b.add_argument("--sources", nargs="*", help="subset of sources (default: all)")
-    b.add_argument("--extra", nargs="*", help="JSON/JSONL files already in ms-swift/AMT form to add, as FILE:SPLIT (train, dev or test) "
-                   "unless every record has a 'split' field")
-    b.add_argument("--skip-bad", action="store_true", help="skip malformed rows and report them instead of failing")
+    b.add_argument(
+        "--extra",
+        nargs="*",
+        help="JSON/JSONL files already in ms-swift/AMT form to add, as FILE:SPLIT (train, dev or test) "
+        "unless every record has a 'split' field",
+    )
+    b.add_argument(
+        "--skip-bad", action="store_true", help="skip malformed rows and report them instead of failing"
+    )
     b.set_defaults(func=_data_build)
     v = data.add_parser("validate", help="check record files without loading a model")
     v.add_argument("files", nargs="+")
@@ -223,14 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.0.steps=10 out=runs/x")
     t.set_defaults(func=_train)
 
-    rl = sub.add_parser("release", help="finished training run -> adapter-form release (LoRA + projector, base by sha256)")
+    rl = sub.add_parser(
+        "release", help="finished training run -> adapter-form release (LoRA + projector, base by sha256)"
+    )
     rl.add_argument("--run", required=True, help="training run folder (out= of `emoverse train`)")
     rl.add_argument("--out", required=True, help="release folder, e.g. models/emoverse-nano")
     rl.add_argument("--overwrite", action="store_true")
     rl.set_defaults(func=_release)
 
-    rs = sub.add_parser("results", help="eval metrics (full test splits, with CIs) -> docs/results JSON + markdown")
-    rs.add_argument("--metrics", nargs="*", help="metrics.json files of `emoverse eval` (model and baselines)")
+    rs = sub.add_parser(
+        "results", help="eval metrics (full test splits, with CIs) -> docs/results JSON + markdown"
+    )
+    rs.add_argument(
+        "--metrics", nargs="*", help="metrics.json files of `emoverse eval` (model and baselines)"
+    )
     rs.add_argument("--out", help="results JSON (the .md is written beside it)")
     rs.add_argument("--system", default="emoverse/score", help="the model's system in the metrics files")
     rs.add_argument("--markdown", help="only regenerate the markdown table from this results JSON")
@@ -238,23 +284,45 @@ def build_parser() -> argparse.ArgumentParser:
     rs.set_defaults(func=_results)
 
     e = sub.add_parser("eval", help="per-task metrics of a model artifact on AMT records")
-    e.add_argument("--model", help="model artifact folder, release folder (models/emoverse-nano) or 'zero-shot' "
-                   "(untrained SmolLM2); leave out to score only the baselines")
+    e.add_argument(
+        "--model",
+        help="model artifact folder, release folder (models/emoverse-nano) or 'zero-shot' "
+        "(untrained SmolLM2); leave out to score only the baselines",
+    )
     e.add_argument("--data", required=True, nargs="+", help="JSONL files or AMT folders")
     e.add_argument("--out", required=True)
     e.add_argument("--split", default="test", help="split to take from AMT folders (default: test)")
-    e.add_argument("--mode", choices=["both", "score", "generate"], default="both",
-                   help="closed-label tasks: score the label set, generate freely, or both (default)")
+    e.add_argument(
+        "--mode",
+        choices=["both", "score", "generate"],
+        default="both",
+        help="closed-label tasks: score the label set, generate freely, or both (default)",
+    )
     e.add_argument("--limit", type=int, help="at most N records per task and source (seeded sample)")
     e.add_argument("--tasks", nargs="*", help="subset of tasks")
-    e.add_argument("--baselines", nargs="*", default=[], choices=["zero-shot", *BASELINES],
-                   help="baselines to score on the same records")
+    e.add_argument(
+        "--baselines",
+        nargs="*",
+        default=[],
+        choices=["zero-shot", *BASELINES],
+        help="baselines to score on the same records",
+    )
     e.add_argument("--threads", type=int)
-    e.add_argument("--batch-size", type=int, default=8, help="records scored or generated together (default 8)")
-    e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="fp32 (default, the reference numerics) or bf16 autocast (about 2x faster where the CPU has it)")
-    e.add_argument("--missing-media", choices=["error", "drop"], default="error",
-                   help="a listed image/video that does not exist: fail (default) or answer without it")
+    e.add_argument(
+        "--batch-size", type=int, default=8, help="records scored or generated together (default 8)"
+    )
+    e.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="fp32 (default, the reference numerics) or bf16 autocast (about 2x faster where the CPU has it)",
+    )
+    e.add_argument(
+        "--missing-media",
+        choices=["error", "drop"],
+        default="error",
+        help="a listed image/video that does not exist: fail (default) or answer without it",
+    )
     e.set_defaults(func=_eval)
 
     c = sub.add_parser("compress", help="run a compression recipe on a model artifact")
@@ -264,39 +332,79 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", default="data/amt", help="AMT folder (calibration from its train records)")
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
-    c.add_argument("--eval-limit", type=int, default=100,
-                   help="then evaluate on N test records per task and source (0: skip; default 100)")
-    c.add_argument("--reference", help="metrics.json of the FP32 teacher (same --eval-limit) for a comparison row")
+    c.add_argument(
+        "--eval-limit",
+        type=int,
+        default=100,
+        help="then evaluate on N test records per task and source (0: skip; default 100)",
+    )
+    c.add_argument(
+        "--reference", help="metrics.json of the FP32 teacher (same --eval-limit) for a comparison row"
+    )
     c.set_defaults(func=_compress)
 
-    cp = sub.add_parser("compare", help="table of variants vs the FP32 reference: metric ratio, size, parameters")
-    cp.add_argument("metrics", nargs="+", help="metrics.json files from emoverse eval, one per variant (A.json+B.json: "
-                    "two evals of one artifact, e.g. closed tasks + ERI/ECPE); the first is the reference")
+    cp = sub.add_parser(
+        "compare", help="table of variants vs the FP32 reference: metric ratio, size, parameters"
+    )
+    cp.add_argument(
+        "metrics",
+        nargs="+",
+        help="metrics.json files from emoverse eval, one per variant (A.json+B.json: "
+        "two evals of one artifact, e.g. closed tasks + ERI/ECPE); the first is the reference",
+    )
     cp.add_argument("--out", help="write compare.md and compare.json here")
     cp.add_argument("--system", default="emoverse/score", help="which system's results to compare")
     cp.set_defaults(func=_compare)
 
     x = sub.add_parser("export", help="model artifact -> ONNX bundle (graphs, tokenizer, config, manifest)")
     x.add_argument("--model", required=True)
-    x.add_argument("--target", default="cpu", help="cpu, jetson-orin-nano, jetson-agx-orin, h100 (export/targets.yaml)")
-    x.add_argument("--embedding-bits", type=int, choices=[4, 8],
-                   help="cpu: quantize the tied embedding / output projection too (default: kept fp32)")
-    x.add_argument("--vision-int8", action="store_true",
-                   help="cpu: static INT8 vision encoder, calibrated on FER training faces (needs --calibration-data)")
+    x.add_argument(
+        "--target", default="cpu", help="cpu, jetson-orin-nano, jetson-agx-orin, h100 (export/targets.yaml)"
+    )
+    x.add_argument(
+        "--embedding-bits",
+        type=int,
+        choices=[4, 8],
+        help="cpu: quantize the tied embedding / output projection too (default: kept fp32)",
+    )
+    x.add_argument(
+        "--vision-int8",
+        action="store_true",
+        help="cpu: static INT8 vision encoder, calibrated on FER training faces (needs --calibration-data)",
+    )
     x.add_argument("--precision", help="cpu: fp32, int8 or int4 (default fp32)")
-    x.add_argument("--calibration-data", help="AMT folder whose FER train images calibrate Q/DQ (TensorRT targets) and --vision-int8")
+    x.add_argument(
+        "--calibration-data",
+        help="AMT folder whose FER train images calibrate Q/DQ (TensorRT targets) and --vision-int8",
+    )
     x.add_argument("--out", required=True)
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(func=_export)
 
-    r = sub.add_parser("run", help="answer one request from a bundle (ONNX Runtime, no torch; or its TensorRT "
-                       "engines) or from a model artifact (PyTorch reference)")
-    r.add_argument("--bundle", "--model", dest="bundle", required=True,
-                   help="bundle folder, or a model artifact / release folder (PyTorch backend)")
-    r.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"],
-                   help="auto: onnxruntime for a bundle, torch for a model artifact")
-    r.add_argument("--providers", default="cpu", choices=["cpu", "cuda", "tensorrt"],
-                   help="ONNX Runtime execution providers (cuda/tensorrt need onnxruntime-gpu)")
+    r = sub.add_parser(
+        "run",
+        help="answer one request from a bundle (ONNX Runtime, no torch; or its TensorRT "
+        "engines) or from a model artifact (PyTorch reference)",
+    )
+    r.add_argument(
+        "--bundle",
+        "--model",
+        dest="bundle",
+        required=True,
+        help="bundle folder, or a model artifact / release folder (PyTorch backend)",
+    )
+    r.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "onnxruntime", "tensorrt", "torch"],
+        help="auto: onnxruntime for a bundle, torch for a model artifact",
+    )
+    r.add_argument(
+        "--providers",
+        default="cpu",
+        choices=["cpu", "cuda", "tensorrt"],
+        help="ONNX Runtime execution providers (cuda/tensorrt need onnxruntime-gpu)",
+    )
     r.add_argument("--task", required=True, help="msa, mer, fer, eri or ecpe")
     r.add_argument("--text", help="what the person says (msa, mer, eri)")
     r.add_argument("--query", help="a full query in the AMT form instead of --text")
@@ -306,10 +414,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int)
     r.set_defaults(func=_run)
 
-    bn = sub.add_parser("bench", help="accuracy + latency + memory + size of bundles against budgets "
-                        "(and `emoverse bench compare OLD.json NEW.json`)")
-    bn.add_argument("--bundle", "--model", dest="bundle", required=True, action="append",
-                    help="bundle folder, or model artifact / release (PyTorch); repeat; the first is the reference")
+    bn = sub.add_parser(
+        "bench",
+        help="accuracy + latency + memory + size of bundles against budgets "
+        "(and `emoverse bench compare OLD.json NEW.json`)",
+    )
+    bn.add_argument(
+        "--bundle",
+        "--model",
+        dest="bundle",
+        required=True,
+        action="append",
+        help="bundle folder, or model artifact / release (PyTorch); repeat; the first is the reference",
+    )
     bn.add_argument("--data", default="data/amt", help="AMT folder (its test split) or JSONL files")
     bn.add_argument("--budgets", help="budgets YAML (default: the shipped bench/budgets.yaml)")
     bn.add_argument("--target", default="cpu")
@@ -318,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--warmup", type=int, default=2)
     bn.add_argument("--repetitions", type=int, default=1)
     bn.add_argument("--threads", type=int)
-    bn.add_argument("--offline-batch", type=int, default=8, help="closed-label requests per prefill in Offline")
+    bn.add_argument(
+        "--offline-batch", type=int, default=8, help="closed-label requests per prefill in Offline"
+    )
     bn.set_defaults(func=_bench)
     bc = sub.add_parser("bench-compare", help=argparse.SUPPRESS)
     bc.add_argument("old")
@@ -327,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--max-accuracy-drop", default="1pt")
     bc.set_defaults(func=_bench_compare)
 
-    pl = sub.add_parser("pipeline", help="raw data -> data -> train -> compress -> export -> bench, resumable")
+    pl = sub.add_parser(
+        "pipeline", help="raw data -> data -> train -> compress -> export -> bench, resumable"
+    )
     pl.add_argument("--recipe", required=True, help="pipeline YAML or a shipped one: nano-quick, tiny")
     pl.add_argument("--raw", required=True, help="raw data directory")
     pl.add_argument("--out", required=True)
@@ -362,5 +483,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-

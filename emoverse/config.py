@@ -30,8 +30,12 @@ def resolve_recipe(name_or_path: str | os.PathLike, folder: Path) -> Path:
     raise RecipeError(f"{name_or_path}: no such recipe file or shipped recipe (shipped: {', '.join(known)})")
 
 
-def load_config(schema: type[T], path: str | os.PathLike | dict | None, overrides: list[str] | None = None,
-                where: str | None = None) -> T:
+def load_config(
+    schema: type[T],
+    path: str | os.PathLike | dict | None,
+    overrides: list[str] | None = None,
+    where: str | None = None,
+) -> T:
     """A typed config from a YAML file (or an already-read mapping, named by `where` in errors) and overrides."""
     try:
         cfg = OmegaConf.structured(schema)
@@ -46,10 +50,16 @@ def load_config(schema: type[T], path: str | os.PathLike | dict | None, override
             for item in overrides:
                 key, value = item.split("=", 1)
                 # update() (unlike from_dotlist) walks list indices: `stages.1.steps=5`
-                OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=True, force_add=False)
+                OmegaConf.update(
+                    cfg, key, yaml.safe_load(value) if value else None, merge=True, force_add=False
+                )
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except (OmegaConfBaseException, TypeError) as e:
-        where = f"{where}: " if where else (f"{path}: " if path is not None and not isinstance(path, dict) else "")
+        where = (
+            f"{where}: "
+            if where
+            else (f"{path}: " if path is not None and not isinstance(path, dict) else "")
+        )
         key = getattr(e, "full_key", None)
         msg = str(e).split("\n")[0]
         raise RecipeError(f"{where}{key + ': ' if key else ''}{msg}") from None

@@ -13,8 +13,15 @@ from emoverse.records import SPLITS, Record, read_records, write_records
 from emoverse.sources import SOURCES, BuildReport
 
 
-def build_amt(raw: str | os.PathLike, out: str | os.PathLike, *, sources: list[str] | None = None,
-              extra: list[str] | None = None, skip_bad: bool = False, overwrite: bool = False) -> dict:
+def build_amt(
+    raw: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    sources: list[str] | None = None,
+    extra: list[str] | None = None,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+) -> dict:
     """Read every source (deterministically), write `out/<task>/<split>.jsonl` atomically, return the manifest.
 
     `extra`: JSON/JSONL files already in the ms-swift or AMT form (e.g. the official AMT files), added as-is.
@@ -49,14 +56,26 @@ def build_amt(raw: str | os.PathLike, out: str | os.PathLike, *, sources: list[s
             write_records(tmp / task / f"{split}.jsonl", recs)
             by_source = Counter(r.source for r in recs)
             by_label = Counter(r.label or "-" for r in recs)
-            counts[task][split] = {"total": len(recs), "by_source": dict(sorted(by_source.items())),
-                                   "by_label": dict(sorted(by_label.items()))}
+            counts[task][split] = {
+                "total": len(recs),
+                "by_source": dict(sorted(by_source.items())),
+                "by_label": dict(sorted(by_label.items())),
+            }
         manifest = write_manifest(
-            tmp, kind="amt-data",
+            tmp,
+            kind="amt-data",
             producer={"stage": "data build", "sources": names, "skip_bad": skip_bad},
-            inputs={"raw_dir": str(raw), "raw_files": report.files, "raw_images": report.image_digests(raw),
-                    "extra": [str(e) for e in extra or []]},
-            extra={"counts": counts, "dropped": dict(sorted(report.dropped.items())), "skipped": report.skipped},
+            inputs={
+                "raw_dir": str(raw),
+                "raw_files": report.files,
+                "raw_images": report.image_digests(raw),
+                "extra": [str(e) for e in extra or []],
+            },
+            extra={
+                "counts": counts,
+                "dropped": dict(sorted(report.dropped.items())),
+                "skipped": report.skipped,
+            },
         )
     return manifest
 

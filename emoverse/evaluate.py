@@ -38,7 +38,9 @@ def compute_metrics(records: list[Record], preds: dict[str, str]) -> dict[str, f
             groups.update({f"{task}/{s}": [r for r in recs if r.source == s] for s in sources})
         for name, rs in groups.items():
             m = t.metrics([r.response for r in rs], [preds[r.id] for r in rs], [r.label for r in rs])
-            out.update({f"{name}.{k}": int(v) if k in ("n", "label_n") else round(float(v), 4) for k, v in m.items()})
+            out.update(
+                {f"{name}.{k}": int(v) if k in ("n", "label_n") else round(float(v), 4) for k, v in m.items()}
+            )
     return out
 
 
@@ -57,8 +59,13 @@ def compute_cis(records: list[Record], preds: dict[str, str], n_boot: int = 1000
         if len(sources) > 1:
             groups.update({f"{task}/{s}": [r for r in recs if r.source == s] for s in sources})
         for name, rs in groups.items():
-            ci = bootstrap_ci(TASKS[task], [r.response for r in rs], [preds[r.id] for r in rs], [r.label for r in rs],
-                              n_boot=n_boot)
+            ci = bootstrap_ci(
+                TASKS[task],
+                [r.response for r in rs],
+                [preds[r.id] for r in rs],
+                [r.label for r in rs],
+                n_boot=n_boot,
+            )
             out.update({f"{name}.{k}": v for k, v in ci.items()})
     return out
 
@@ -75,16 +82,21 @@ class Predictor:
 
     def _images(self, rec: Record) -> list[str]:
         if rec.videos and (self.missing_media == "error" or any(Path(v).is_file() for v in rec.videos)):
-            raise ValueError(f"record {rec.id}: has video input; the runtime answers images and text (extract "
-                             "frames as images, or --missing-media drop for videos that are not there)")
+            raise ValueError(
+                f"record {rec.id}: has video input; the runtime answers images and text (extract "
+                "frames as images, or --missing-media drop for videos that are not there)"
+            )
         if self.missing_media == "drop":
             return [i for i in rec.images if Path(i).is_file()]
         return list(rec.images)
 
     def many(self, recs: list[Record], mode: str) -> list[str]:
         """Answers for records of one task, as one batch."""
-        answers = self.rt.answer_many([{"task": r.task, "query": r.query, "images": self._images(r)} for r in recs],
-                                      mode=mode, batch_size=len(recs))
+        answers = self.rt.answer_many(
+            [{"task": r.task, "query": r.query, "images": self._images(r)} for r in recs],
+            mode=mode,
+            batch_size=len(recs),
+        )
         for a in answers:
             if isinstance(a, Exception):
                 raise ValueError(str(a))
@@ -119,7 +131,7 @@ def _chunks(records: list[Record], mode: str, size: int) -> list[list[Record]]:
     for task, recs in by_task.items():
         if TASKS[task].closed and mode == "score":
             recs = sorted(recs, key=lambda r: len(r.query))
-            chunks += [recs[i:i + size] for i in range(0, len(recs), size)]
+            chunks += [recs[i : i + size] for i in range(0, len(recs), size)]
             continue
         chunk: list[Record] = []
         for r in sorted(recs, key=lambda r: r.query):
@@ -133,8 +145,16 @@ def _chunks(records: list[Record], mode: str, size: int) -> list[list[Record]]:
     return chunks
 
 
-def _run_model(name: str, runtime, records: list[Record], modes: list[str], partial: Path, done: dict,
-               batch_size: int = 8, missing_media: str = "error") -> dict[str, dict[str, str]]:
+def _run_model(
+    name: str,
+    runtime,
+    records: list[Record],
+    modes: list[str],
+    partial: Path,
+    done: dict,
+    batch_size: int = 8,
+    missing_media: str = "error",
+) -> dict[str, dict[str, str]]:
     predictor = Predictor(runtime, missing_media)
     results: dict[str, dict[str, str]] = {}
     with open(partial, "a", encoding="utf-8") as f:
@@ -162,7 +182,10 @@ def _run_model(name: str, runtime, records: list[Record], modes: list[str], part
                     raise
                 for r, answer in zip(chunk, answers, strict=True):
                     preds[r.id] = answer
-                    f.write(json.dumps({"system": system, "id": r.id, "prediction": answer}, ensure_ascii=False) + "\n")
+                    f.write(
+                        json.dumps({"system": system, "id": r.id, "prediction": answer}, ensure_ascii=False)
+                        + "\n"
+                    )
                 f.flush()
                 bar.update(len(chunk))
             bar.close()
@@ -173,18 +196,34 @@ def _run_model(name: str, runtime, records: list[Record], modes: list[str], part
     return results
 
 
-def evaluate(model: str | None, data: list[str], out: str | os.PathLike, *, mode: str = "both", split: str | None = "test",
-             limit: int | None = None, tasks: list[str] | None = None, baselines: list[str] | None = None,
-             threads: int | None = None, seed: int = 0, missing_media: str = "error", batch_size: int = 8,
-             precision: str = "fp32") -> dict:
+def evaluate(
+    model: str | None,
+    data: list[str],
+    out: str | os.PathLike,
+    *,
+    mode: str = "both",
+    split: str | None = "test",
+    limit: int | None = None,
+    tasks: list[str] | None = None,
+    baselines: list[str] | None = None,
+    threads: int | None = None,
+    seed: int = 0,
+    missing_media: str = "error",
+    batch_size: int = 8,
+    precision: str = "fp32",
+) -> dict:
     import contextlib
 
     import torch
 
     if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision={precision!r}: use fp32 (the reference) or bf16 (autocast; faster on CPUs with "
-                         "AVX-512 BF16 or AMX)")
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        raise ValueError(
+            f"precision={precision!r}: use fp32 (the reference) or bf16 (autocast; faster on CPUs with "
+            "AVX-512 BF16 or AMX)"
+        )
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    )
 
     if threads:
         torch.set_num_threads(threads)
@@ -208,15 +247,28 @@ def evaluate(model: str | None, data: list[str], out: str | os.PathLike, *, mode
     if model is not None:
         name = "zero-shot" if model == ZERO_SHOT else "emoverse"
         with autocast:
-            systems.update(_run_model(name, _load_runtime(model), records, modes, partial, done, batch_size,
-                                      missing_media))
+            systems.update(
+                _run_model(
+                    name, _load_runtime(model), records, modes, partial, done, batch_size, missing_media
+                )
+            )
     baselines = baselines or []
     if model is None and not baselines:
         raise ValueError("nothing to evaluate: give --model and/or --baselines")
     if "zero-shot" in baselines and model != ZERO_SHOT:
         with autocast:
-            systems.update(_run_model("zero-shot", _load_runtime(ZERO_SHOT), records, modes, partial, done, batch_size,
-                                      missing_media))
+            systems.update(
+                _run_model(
+                    "zero-shot",
+                    _load_runtime(ZERO_SHOT),
+                    records,
+                    modes,
+                    partial,
+                    done,
+                    batch_size,
+                    missing_media,
+                )
+            )
     fitted = [b for b in baselines if b != "zero-shot"]
     if fitted:
         train = []
@@ -232,9 +284,21 @@ def evaluate(model: str | None, data: list[str], out: str | os.PathLike, *, mode
         for rid, p in preds.items():
             r = by_id[rid]
             parsed = TASKS[r.task].parse(p)
-            lines.append(json.dumps({"system": system, "id": rid, "task": r.task, "source": r.source, "prediction": p,
-                                     "parsed_label": None if parsed.label in (None, INVALID) else parsed.label,
-                                     "response": r.response, "label": r.label}, ensure_ascii=False))
+            lines.append(
+                json.dumps(
+                    {
+                        "system": system,
+                        "id": rid,
+                        "task": r.task,
+                        "source": r.source,
+                        "prediction": p,
+                        "parsed_label": None if parsed.label in (None, INVALID) else parsed.label,
+                        "response": r.response,
+                        "label": r.label,
+                    },
+                    ensure_ascii=False,
+                )
+            )
     from emoverse.artifacts import atomic_write_text
 
     atomic_write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
@@ -244,7 +308,11 @@ def evaluate(model: str | None, data: list[str], out: str | os.PathLike, *, mode
         model_info.update({"training": m.get("training"), "created": m.get("created")})
     metrics = {
         "model": model_info,
-        "data": [str(d) for d in data], "split": split, "limit": limit, "seed": seed, "missing_media": missing_media,
+        "data": [str(d) for d in data],
+        "split": split,
+        "limit": limit,
+        "seed": seed,
+        "missing_media": missing_media,
         "precision": precision,
         "records": dict(sorted(Counter(f"{r.task}/{r.source}" for r in records).items())),
         "results": {s: _drop_generated_only(s, compute_metrics(records, p)) for s, p in systems.items()},
@@ -263,8 +331,19 @@ def _drop_generated_only(system: str, metrics: dict) -> dict:
     return metrics
 
 
-HEADLINE = ["msa.accuracy", "msa.f1", "mer.accuracy", "mer.weighted_f1", "fer.accuracy", "fer.weighted_f1",
-            "fer.au_f1", "eri.label_accuracy", "eri.rouge_l", "ecpe.pair_f1", "ecpe.weighted_f1"]
+HEADLINE = [
+    "msa.accuracy",
+    "msa.f1",
+    "mer.accuracy",
+    "mer.weighted_f1",
+    "fer.accuracy",
+    "fer.weighted_f1",
+    "fer.au_f1",
+    "eri.label_accuracy",
+    "eri.rouge_l",
+    "ecpe.pair_f1",
+    "ecpe.weighted_f1",
+]
 
 
 def format_table(metrics: dict, keys: list[str] | None = None) -> str:
@@ -272,7 +351,14 @@ def format_table(metrics: dict, keys: list[str] | None = None) -> str:
     results = metrics["results"]
     systems = list(results)
     keys = keys or [k for k in HEADLINE if any(k in r for r in results.values())]
-    extra = sorted({k for r in results.values() for k in r if "/" in k.split(".")[0] and not k.endswith((".n", ".label_n"))})
+    extra = sorted(
+        {
+            k
+            for r in results.values()
+            for k in r
+            if "/" in k.split(".")[0] and not k.endswith((".n", ".label_n"))
+        }
+    )
     rows = ["| metric | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
     for k in keys + extra:
         cells = [f"{results[s][k]:.3f}" if k in results[s] else "–" for s in systems]
@@ -286,7 +372,9 @@ def merge_metrics(paths: list[str | os.PathLike]) -> dict:
     for p in paths:
         m = json.loads(Path(p).read_text(encoding="utf-8"))
         if merged["records"] is not None and m["records"] != merged["records"]:
-            raise ValueError(f"{p}: evaluated on different records than {paths[0]}; not comparable side by side")
+            raise ValueError(
+                f"{p}: evaluated on different records than {paths[0]}; not comparable side by side"
+            )
         merged["records"] = m["records"]
         for system, res in m["results"].items():
             merged["results"].setdefault(system, res)

@@ -55,12 +55,17 @@ def load_fp8_checkpoint(llm_dir: Path):
             weights[key] = t.float()
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise ValueError(f"{llm_dir}: checkpoint does not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(
+            f"{llm_dir}: checkpoint does not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.tie_weights()
     modules = dict(model.named_modules())
     for name, scale in input_scales.items():
         modules[name].register_forward_pre_hook(_fake_fp8_input(scale))
     quant = json.loads((llm_dir / "hf_quant_config.json").read_text())["quantization"]
-    model.config.emoverse_quantization = {"producer": "modelopt", "quant_algo": quant["quant_algo"],
-                                          "fp8_linears": len(input_scales)}
+    model.config.emoverse_quantization = {
+        "producer": "modelopt",
+        "quant_algo": quant["quant_algo"],
+        "fp8_linears": len(input_scales),
+    }
     return model.eval()

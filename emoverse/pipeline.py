@@ -77,7 +77,9 @@ class Pipeline:
 
     def _record(self, stage: str, key: str, artifact: Path, kind: str) -> str:
         digest = manifest_digest(verify(artifact, kind=kind))
-        atomic_write_json(self.state_dir / f"{stage}.json", {"key": key, "artifact": str(artifact), "digest": digest})
+        atomic_write_json(
+            self.state_dir / f"{stage}.json", {"key": key, "artifact": str(artifact), "digest": digest}
+        )
         return digest
 
     def stage(self, name: str, key: str, artifact: Path, kind: str, run) -> str:
@@ -101,8 +103,13 @@ class Pipeline:
 
         cfg = self.cfg
         data = self.out / "data"
-        d_data = self.stage("data", _key(str(self.raw.resolve()), cfg.sources), data, "amt-data",
-                            lambda: build_amt(self.raw, data, sources=cfg.sources, overwrite=True))
+        d_data = self.stage(
+            "data",
+            _key(str(self.raw.resolve()), cfg.sources),
+            data,
+            "amt-data",
+            lambda: build_amt(self.raw, data, sources=cfg.sources, overwrite=True),
+        )
         if cfg.teacher:  # a trained model (the release): verified, never retrained
             teacher = Path(cfg.teacher)
             d_model = manifest_digest(verify(teacher, kind=MODEL_KINDS))
@@ -113,8 +120,13 @@ class Pipeline:
             overrides = [f"data={data}", f"out={run_dir}", *cfg.train_overrides]
             tcfg = load_config(TrainConfig, recipe, overrides)
             teacher = run_dir / "model"
-            d_model = self.stage("train", _key(d_data, recipe.read_text(), overrides), teacher, "emoverse-model",
-                                 lambda: train(tcfg))
+            d_model = self.stage(
+                "train",
+                _key(d_data, recipe.read_text(), overrides),
+                teacher,
+                "emoverse-model",
+                lambda: train(tcfg),
+            )
         models = {"teacher": (teacher, d_model)}
         evals = {}
         for spec in [None, *cfg.compress]:
@@ -122,14 +134,25 @@ class Pipeline:
             if spec is not None:
                 parent, d_parent = models[spec.model]
                 art = self.out / "compress" / spec.name
-                models[name] = (art, self.stage(f"compress-{name}", _key(d_parent, d_data, spec.recipe), art,
-                                                "emoverse-model",
-                                                lambda s=spec, p=parent, a=art: compress(s.recipe, p, data, a, overwrite=True)))
+                models[name] = (
+                    art,
+                    self.stage(
+                        f"compress-{name}",
+                        _key(d_parent, d_data, spec.recipe),
+                        art,
+                        "emoverse-model",
+                        lambda s=spec, p=parent, a=art: compress(s.recipe, p, data, a, overwrite=True),
+                    ),
+                )
             art, digest = models[name]
             ev = self.out / "eval" / name
             key = _key(digest, d_data, cfg.eval_limit, EVAL_VERSION)
             state = self.state_dir / f"eval-{name}.json"
-            if not (state.is_file() and json.loads(state.read_text()).get("key") == key and (ev / "metrics.json").is_file()):
+            if not (
+                state.is_file()
+                and json.loads(state.read_text()).get("key") == key
+                and (ev / "metrics.json").is_file()
+            ):
                 self.log(f"[pipeline] eval {name}: running -> {ev}")
                 evaluate(str(art), [str(data)], ev, mode="score", limit=cfg.eval_limit)
                 atomic_write_json(state, {"key": key})
@@ -139,23 +162,43 @@ class Pipeline:
         for spec in cfg.exports:
             art, digest = models[spec.model]
             b = self.out / "bundles" / spec.name
-            self.stage(f"export-{spec.name}", _key(digest, spec.target, spec.precision, RUNTIME_FORMAT), b, "emoverse-bundle",
-                       lambda s=spec, a=art, bb=b: export_bundle(a, bb, target=s.target, precision=s.precision,
-                                                                 calibration_images=fer_images, overwrite=True))
+            self.stage(
+                f"export-{spec.name}",
+                _key(digest, spec.target, spec.precision, RUNTIME_FORMAT),
+                b,
+                "emoverse-bundle",
+                lambda s=spec, a=art, bb=b: export_bundle(
+                    a,
+                    bb,
+                    target=s.target,
+                    precision=s.precision,
+                    calibration_images=fer_images,
+                    overwrite=True,
+                ),
+            )
             bundles.append(b)
-        runnable = [b for b, s in zip(bundles, cfg.exports, strict=True) if s.target in ("cpu", cfg.bench.target)]
+        runnable = [
+            b for b, s in zip(bundles, cfg.exports, strict=True) if s.target in ("cpu", cfg.bench.target)
+        ]
         bcfg = BenchConfig(limit=cfg.bench.limit, warmup=cfg.bench.warmup)
-        report, failures = run_bench(runnable, data, cfg.bench.budgets or BUDGETS, cfg.bench.target,
-                                     self.out / "bench", bcfg)
+        report, failures = run_bench(
+            runnable, data, cfg.bench.budgets or BUDGETS, cfg.bench.target, self.out / "bench", bcfg
+        )
         if len(evals) > 1:
             from emoverse.compress.compare import compare
 
-            compare([evals["teacher"], *[v for k, v in evals.items() if k != "teacher"]], out=self.out / "compare")
+            compare(
+                [evals["teacher"], *[v for k, v in evals.items() if k != "teacher"]], out=self.out / "compare"
+            )
         return report, failures
 
 
-def run_pipeline(recipe: str | os.PathLike, raw: str | os.PathLike, out: str | os.PathLike,
-                 overrides: list[str] | None = None) -> tuple[dict, list[str]]:
+def run_pipeline(
+    recipe: str | os.PathLike,
+    raw: str | os.PathLike,
+    out: str | os.PathLike,
+    overrides: list[str] | None = None,
+) -> tuple[dict, list[str]]:
     from emoverse.config import resolve_recipe
 
     cfg = load_config(PipelineConfig, resolve_recipe(recipe, PIPELINES), overrides)

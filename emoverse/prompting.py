@@ -53,7 +53,9 @@ def video_frame_count(path: str) -> int:
     try:
         import imageio.v3 as iio
     except ImportError:
-        raise MediaError(f"{path}: reading video needs the 'video' extra (pip install imageio imageio-ffmpeg)") from None
+        raise MediaError(
+            f"{path}: reading video needs the 'video' extra (pip install imageio imageio-ffmpeg)"
+        ) from None
     if not Path(path).is_file():
         raise MediaError(f"{path}: video file not found")
     try:
@@ -108,7 +110,11 @@ class PromptBuilder:
         return refs
 
     def pixels(self, ref: MediaRef) -> torch.Tensor:
-        return load_image(ref.path, self.image_size) if ref.frame is None else load_video_frame(ref, self.image_size)
+        return (
+            load_image(ref.path, self.image_size)
+            if ref.frame is None
+            else load_video_frame(ref, self.image_size)
+        )
 
     def render(self, query: str, n_media: int) -> str:
         """Chat-template text of the prompt, with one IMAGE_PLACEHOLDER per media item."""
@@ -117,7 +123,9 @@ class PromptBuilder:
             query = query.replace(IMAGE_PLACEHOLDER, "", have - n_media).lstrip()
             have = n_media
         if have > n_media:
-            raise ValueError(f"query has {have} {IMAGE_PLACEHOLDER} placeholders but only {n_media} images/frames")
+            raise ValueError(
+                f"query has {have} {IMAGE_PLACEHOLDER} placeholders but only {n_media} images/frames"
+            )
         user = IMAGE_PLACEHOLDER * (n_media - have) + query  # media not placed in the query go first
         msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
         if self.tok.chat_template:

@@ -52,7 +52,9 @@ def validate(rec: Record) -> None:
     task.check_label(rec.label)
 
 
-def record_from_dict(obj: dict, *, default_split: str | None = "test", default_source: str = "external", index: int = 0) -> Record:
+def record_from_dict(
+    obj: dict, *, default_split: str | None = "test", default_source: str = "external", index: int = 0
+) -> Record:
     """Accept our own form or the bare ms-swift form ({query, response, images?, videos?})."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
@@ -62,7 +64,11 @@ def record_from_dict(obj: dict, *, default_split: str | None = "test", default_s
         if not isinstance(obj[key], str):
             raise ValueError(f"'{key}' must be a string, got {type(obj[key]).__name__}")
     for key in ("task", "label", "id", "source", "split"):
-        if obj.get(key) is not None and not isinstance(obj[key], (str, int)) or isinstance(obj.get(key), bool):
+        if (
+            obj.get(key) is not None
+            and not isinstance(obj[key], (str, int))
+            or isinstance(obj.get(key), bool)
+        ):
             raise ValueError(f"'{key}' must be a string, got {type(obj[key]).__name__}")
     task = obj.get("task") or infer_task(str(obj["query"]))
     if task is None:
@@ -73,8 +79,10 @@ def record_from_dict(obj: dict, *, default_split: str | None = "test", default_s
         label = None if parsed.startswith("<") else parsed
     known = {"id", "task", "source", "split", "query", "response", "label", "images", "videos"}
     if not obj.get("split") and default_split is None:
-        raise ValueError("no 'split' field: name the file's split (--extra FILE:train|dev|test) or give each "
-                         "record one; a record never becomes a test record by default")
+        raise ValueError(
+            "no 'split' field: name the file's split (--extra FILE:train|dev|test) or give each "
+            "record one; a record never becomes a test record by default"
+        )
     rec = Record(
         id=str(obj.get("id") or f"{default_source}-{index}"),
         task=task,
@@ -93,7 +101,9 @@ def record_from_dict(obj: dict, *, default_split: str | None = "test", default_s
     return rec
 
 
-def read_records(path: str | os.PathLike, *, split: str | None = None, require_split: bool = False) -> Iterator[Record]:
+def read_records(
+    path: str | os.PathLike, *, split: str | None = None, require_split: bool = False
+) -> Iterator[Record]:
     """Read a JSONL file (our form or ms-swift form) or a JSON list (the paper's files). A record without a
     'split' field takes `split`, else "test" — or, with require_split, is an error naming the record."""
     path = Path(path)
@@ -111,8 +121,12 @@ def read_records(path: str | os.PathLike, *, split: str | None = None, require_s
             raise RecordError(f"{path}:1: expected a JSON list of records")
         for i, obj in enumerate(items):
             try:
-                yield record_from_dict(obj, default_split=split or (None if require_split else "test"),
-                                      default_source=source, index=i)
+                yield record_from_dict(
+                    obj,
+                    default_split=split or (None if require_split else "test"),
+                    default_source=source,
+                    index=i,
+                )
             except ValueError as e:
                 raise RecordError(f"{path}: record {i}: {e}") from None
         return
@@ -124,13 +138,19 @@ def read_records(path: str | os.PathLike, *, split: str | None = None, require_s
         except json.JSONDecodeError as e:
             raise RecordError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
         try:
-            yield record_from_dict(obj, default_split=split or (None if require_split else "test"),
-                                  default_source=source, index=lineno)
+            yield record_from_dict(
+                obj,
+                default_split=split or (None if require_split else "test"),
+                default_source=source,
+                index=lineno,
+            )
         except ValueError as e:
             raise RecordError(f"{path}:{lineno}: {e}") from None
 
 
-def load_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *, split: str | None = None) -> list[Record]:
+def load_records(
+    paths: str | os.PathLike | Iterable[str | os.PathLike], *, split: str | None = None
+) -> list[Record]:
     """Records from files or directories (a directory: every *.jsonl below it, sorted; a split filter)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -159,7 +179,9 @@ def write_records(path: str | os.PathLike, records: Iterable[Record]) -> int:
     return len(lines)
 
 
-def select_records(records: list[Record], *, tasks: list[str] | None, limit: int | None, seed: int = 0) -> list[Record]:
+def select_records(
+    records: list[Record], *, tasks: list[str] | None, limit: int | None, seed: int = 0
+) -> list[Record]:
     """Filter by task; keep at most `limit` per (task, source), a seeded sample in file order."""
     if tasks:
         for t in tasks:

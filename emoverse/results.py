@@ -17,23 +17,47 @@ from emoverse.artifacts import atomic_write_json, atomic_write_text, cpu_name
 from emoverse.tasks import TASKS
 
 # (task, metric) rows of the table beyond each task's primary metric
-EXTRA_METRICS = {"msa": ["f1"], "mer": ["accuracy"], "fer": ["weighted_f1", "au_f1"], "eri": ["rouge_l"], "ecpe": []}
+EXTRA_METRICS = {
+    "msa": ["f1"],
+    "mer": ["accuracy"],
+    "fer": ["weighted_f1", "au_f1"],
+    "eri": ["rouge_l"],
+    "ecpe": [],
+}
 # the targets, on full test splits
-TARGETS = {"mer/meld.weighted_f1": 0.63, "mer.weighted_f1": 0.63, "msa/mosi.accuracy": 0.80,
-           "fer/ckplus.accuracy": 0.90, "ecpe/ecf1.pair_f1": 0.70, "ecpe/ecf2.pair_f1": 0.70,
-           "eri.label_accuracy": 0.45, "eri.rouge_l": 0.25}
+TARGETS = {
+    "mer/meld.weighted_f1": 0.63,
+    "mer.weighted_f1": 0.63,
+    "msa/mosi.accuracy": 0.80,
+    "fer/ckplus.accuracy": 0.90,
+    "ecpe/ecf1.pair_f1": 0.70,
+    "ecpe/ecf2.pair_f1": 0.70,
+    "eri.label_accuracy": 0.45,
+    "eri.rouge_l": 0.25,
+}
 MODEL_SYSTEM = "emoverse/score"  # closed tasks by label scoring; ERI and ECPE generated
 
 
-def build(metrics_paths: list[str | os.PathLike], *, model_system: str = MODEL_SYSTEM, command: str | None = None) -> dict:
+def build(
+    metrics_paths: list[str | os.PathLike], *, model_system: str = MODEL_SYSTEM, command: str | None = None
+) -> dict:
     merged: dict = {"results": {}, "ci": {}}
     sources = []
     for p in metrics_paths:
         m = json.loads(Path(p).read_text(encoding="utf-8"))
-        sources.append({"path": str(p), "model": m.get("model"), "records": m.get("records"), "limit": m.get("limit"),
-                        "split": m.get("split")})
+        sources.append(
+            {
+                "path": str(p),
+                "model": m.get("model"),
+                "records": m.get("records"),
+                "limit": m.get("limit"),
+                "split": m.get("split"),
+            }
+        )
         if m.get("limit"):
-            raise ValueError(f"{p}: evaluated on a sample (--limit {m['limit']}); results files are full test splits")
+            raise ValueError(
+                f"{p}: evaluated on a sample (--limit {m['limit']}); results files are full test splits"
+            )
         for system, res in m["results"].items():
             merged["results"].setdefault(system, {}).update(res)
             merged["ci"].setdefault(system, {}).update(m.get("ci", {}).get(system, {}))
@@ -44,23 +68,38 @@ def build(metrics_paths: list[str | os.PathLike], *, model_system: str = MODEL_S
     keys = sorted({k for r in merged["results"].values() for k in r if not k.endswith((".n", ".label_n"))})
     for task_name, task in TASKS.items():
         for metric in [task.primary, *EXTRA_METRICS.get(task_name, [])]:
-            for key in [k for k in keys if k.split(".")[0].split("/")[0] == task_name and k.endswith("." + metric)]:
+            for key in [
+                k for k in keys if k.split(".")[0].split("/")[0] == task_name and k.endswith("." + metric)
+            ]:
                 group = key.rsplit(".", 1)[0]
                 n_key = f"{group}.label_n" if metric == "label_accuracy" else f"{group}.n"
                 cells = {}
                 for s in systems:
                     if key in merged["results"][s]:
-                        cells[s] = {"value": merged["results"][s][key], "ci": merged["ci"].get(s, {}).get(key)}
+                        cells[s] = {
+                            "value": merged["results"][s][key],
+                            "ci": merged["ci"].get(s, {}).get(key),
+                        }
                 model = cells.get(model_system, {}).get("value")
                 baselines = {s: c["value"] for s, c in cells.items() if not s.startswith("emoverse")}
-                rows.append({
-                    "task": task_name, "group": group, "metric": metric, "primary": metric == task.primary,
-                    "n": merged["results"][model_system].get(n_key), "systems": cells,
-                    "target": TARGETS.get(key),
-                    "meets_target": None if TARGETS.get(key) is None or model is None else model >= TARGETS[key],
-                    "best_baseline": max(baselines.items(), key=lambda kv: kv[1]) if baselines else None,
-                    "beats_every_baseline": None if model is None or not baselines else all(model > v for v in baselines.values()),
-                })
+                rows.append(
+                    {
+                        "task": task_name,
+                        "group": group,
+                        "metric": metric,
+                        "primary": metric == task.primary,
+                        "n": merged["results"][model_system].get(n_key),
+                        "systems": cells,
+                        "target": TARGETS.get(key),
+                        "meets_target": None
+                        if TARGETS.get(key) is None or model is None
+                        else model >= TARGETS[key],
+                        "best_baseline": max(baselines.items(), key=lambda kv: kv[1]) if baselines else None,
+                        "beats_every_baseline": None
+                        if model is None or not baselines
+                        else all(model > v for v in baselines.values()),
+                    }
+                )
     return {
         "model_system": model_system,
         "created": time.strftime("%Y-%m-%d"),
@@ -81,20 +120,38 @@ def _cell(c: dict | None) -> str:
 
 
 def markdown(res: dict) -> str:
-    systems = [res["model_system"]] + [s for s in res["systems"] if s != res["model_system"]
-                                       and not s.startswith("emoverse/")]
+    systems = [res["model_system"]] + [
+        s for s in res["systems"] if s != res["model_system"] and not s.startswith("emoverse/")
+    ]
     head = ["task / source", "metric", "n", *systems, "target", "beats every baseline"]
-    lines = [f"<!-- generated by `emoverse results --markdown` from {res.get('json', 'the JSON beside it')}; "
-             "do not edit -->",
-             f"Full test splits; 95% CI (percentile bootstrap over records) in brackets. CPU: {res['machine']['cpu']}; "
-             f"{res['created']}.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"<!-- generated by `emoverse results --markdown` from {res.get('json', 'the JSON beside it')}; "
+        "do not edit -->",
+        f"Full test splits; 95% CI (percentile bootstrap over records) in brackets. CPU: {res['machine']['cpu']}; "
+        f"{res['created']}.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in res["rows"]:
-        target = "–" if r["target"] is None else f"≥ {r['target']:.2f} ({'met' if r['meets_target'] else 'not met'})"
-        beats = "–" if r["beats_every_baseline"] is None else ("yes" if r["beats_every_baseline"] else
-                                                               f"no ({r['best_baseline'][0]})")
-        cells = [r["group"], r["metric"] + (" ★" if r["primary"] else ""), str(r["n"] or "–"),
-                 *[_cell(r["systems"].get(s)) for s in systems], target, beats]
+        target = (
+            "–"
+            if r["target"] is None
+            else f"≥ {r['target']:.2f} ({'met' if r['meets_target'] else 'not met'})"
+        )
+        beats = (
+            "–"
+            if r["beats_every_baseline"] is None
+            else ("yes" if r["beats_every_baseline"] else f"no ({r['best_baseline'][0]})")
+        )
+        cells = [
+            r["group"],
+            r["metric"] + (" ★" if r["primary"] else ""),
+            str(r["n"] or "–"),
+            *[_cell(r["systems"].get(s)) for s in systems],
+            target,
+            beats,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "★ the task's primary metric. Systems: " + ", ".join(systems) + ".", ""]
     return "\n".join(lines)
@@ -118,23 +175,35 @@ def readme_table(results_dir: str | os.PathLike = "docs/results") -> str:
     results_dir = Path(results_dir)
     res = json.loads((results_dir / "emoverse-nano.json").read_text(encoding="utf-8"))
     model = res["model_system"]
-    lines = ["| task / source | metric | n | EmoVerse-Nano (95% CI) | best baseline | target |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| task / source | metric | n | EmoVerse-Nano (95% CI) | best baseline | target |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
         if not r["primary"] and r["metric"] != "rouge_l":
             continue
         best = r["best_baseline"]
         target = "–" if r["target"] is None else f"≥ {r['target']:.2f} {'✓' if r['meets_target'] else '✗'}"
-        lines.append(f"| {r['group']} | {r['metric']} | {r['n'] or '–'} | {_cell(r['systems'].get(model))} | "
-                     f"{f'{best[1]:.3f} ({best[0]})' if best else '–'} | {target} |")
-    out = [f"Full test splits, {res['created']}, CPU: {res['machine']['cpu']} "
-           f"(`docs/results/emoverse-nano.md` has every metric and baseline).", "", *lines]
+        lines.append(
+            f"| {r['group']} | {r['metric']} | {r['n'] or '–'} | {_cell(r['systems'].get(model))} | "
+            f"{f'{best[1]:.3f} ({best[0]})' if best else '–'} | {target} |"
+        )
+    out = [
+        f"Full test splits, {res['created']}, CPU: {res['machine']['cpu']} "
+        f"(`docs/results/emoverse-nano.md` has every metric and baseline).",
+        "",
+        *lines,
+    ]
     tp = results_dir / "train-throughput.json"
     if tp.is_file():
         t = json.loads(tp.read_text(encoding="utf-8"))
         first, last = t["variants"][0], t["variants"][-1]
-        out += ["", f"Training throughput (`docs/results/train-throughput.json`, {t['cpu']}, {t['threads']} threads): "
-                f"{first['tokens_per_s']:.0f} → {last['tokens_per_s']:.0f} tokens/s, "
-                f"**{last['speedup_vs_original']:.2f}×** the original settings in the same run."]
+        out += [
+            "",
+            f"Training throughput (`docs/results/train-throughput.json`, {t['cpu']}, {t['threads']} threads): "
+            f"{first['tokens_per_s']:.0f} → {last['tokens_per_s']:.0f} tokens/s, "
+            f"**{last['speedup_vs_original']:.2f}×** the original settings in the same run.",
+        ]
     return "\n".join(out)
 
 

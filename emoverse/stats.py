@@ -18,15 +18,26 @@ def _resample(stats: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.nda
     return {k: v[idx] for k, v in stats.items()}
 
 
-def bootstrap_ci(task: Task, gold: list[str], pred: list[str], labels: list[str | None], *, n_boot: int = N_BOOT,
-                 seed: int = 0, level: float = 0.95) -> dict[str, list[float]]:
+def bootstrap_ci(
+    task: Task,
+    gold: list[str],
+    pred: list[str],
+    labels: list[str | None],
+    *,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, list[float]]:
     """{metric: [low, high]} for every metric `task.aggregate` reports, by the percentile bootstrap."""
     if not gold:
         return {}
     stats = task.record_stats(gold, pred, labels)
     idx = np.random.default_rng(seed).integers(0, len(gold), size=(n_boot, len(gold)))
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
-    return {k: [round(float(x), 4) for x in np.percentile(v, q)] for k, v in task.aggregate(_resample(stats, idx)).items()}
+    return {
+        k: [round(float(x), 4) for x in np.percentile(v, q)]
+        for k, v in task.aggregate(_resample(stats, idx)).items()
+    }
 
 
 def point(task: Task, gold: list[str], pred: list[str], labels: list[str | None]) -> dict[str, float]:
@@ -35,8 +46,18 @@ def point(task: Task, gold: list[str], pred: list[str], labels: list[str | None]
     return {k: float(v[0]) for k, v in task.aggregate(_resample(stats, np.arange(len(gold))[None])).items()}
 
 
-def paired_ratio(task: Task, gold: list[str], pred_ref: list[str], pred_new: list[str], labels: list[str | None],
-                 metric: str | None = None, *, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95) -> dict:
+def paired_ratio(
+    task: Task,
+    gold: list[str],
+    pred_ref: list[str],
+    pred_new: list[str],
+    labels: list[str | None],
+    metric: str | None = None,
+    *,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
     """new/ref of one metric with a paired bootstrap CI: both systems are scored on the same resampled
     records, so what the records have in common cancels and the interval is about the difference alone."""
     metric = metric or task.primary
@@ -49,12 +70,19 @@ def paired_ratio(task: Task, gold: list[str], pred_ref: list[str], pred_new: lis
     b = task.aggregate(_resample(new, idx))[metric]
     ratio = b / np.where(a > 0, a, np.nan)
     whole = np.arange(len(gold))[None]
-    r0 = float(task.aggregate(_resample(new, whole))[metric][0]) / max(float(task.aggregate(_resample(ref, whole))[metric][0]), 1e-12)
+    r0 = float(task.aggregate(_resample(new, whole))[metric][0]) / max(
+        float(task.aggregate(_resample(ref, whole))[metric][0]), 1e-12
+    )
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     lo, hi = np.nanpercentile(ratio, q)
     diff_lo, diff_hi = np.percentile(b - a, q)
-    return {"metric": metric, "ratio": round(r0, 4), "ratio_ci": [round(float(lo), 4), round(float(hi), 4)],
-            "difference_ci": [round(float(diff_lo), 4), round(float(diff_hi), 4)], "n": len(gold)}
+    return {
+        "metric": metric,
+        "ratio": round(r0, 4),
+        "ratio_ci": [round(float(lo), 4), round(float(hi), 4)],
+        "difference_ci": [round(float(diff_lo), 4), round(float(diff_hi), 4)],
+        "n": len(gold),
+    }
 
 
 def _shared_label_index(task, gold, pred_ref, pred_new, ref, new):

@@ -75,7 +75,9 @@ class PairGrammar(Grammar):
             parts = text.split(";")  # also accept a partially written head
             if not all(self._pair.fullmatch(p) for p in parts[:-1]):
                 return False
-            if not self.head.startswith(parts[-1]) and not re.fullmatch(rf"{re.escape(self.head)}\d*", parts[-1]):
+            if not self.head.startswith(parts[-1]) and not re.fullmatch(
+                rf"{re.escape(self.head)}\d*", parts[-1]
+            ):
                 return False
         return all(1 <= int(c) <= self.target for c in self._causes.findall(text))
 
@@ -146,7 +148,9 @@ class Task:
         raise NotImplementedError
 
     # -- resampling: per-record statistics, and metrics from resampled rows of them (bootstrap CIs) ----
-    def record_stats(self, gold: list[str], pred: list[str], labels: list[str | None]) -> dict[str, np.ndarray]:
+    def record_stats(
+        self, gold: list[str], pred: list[str], labels: list[str | None]
+    ) -> dict[str, np.ndarray]:
         """One number per record and statistic, parsed once; `aggregate` turns rows of them into metrics."""
         raise NotImplementedError
 
@@ -156,7 +160,10 @@ class Task:
 
     def _label_stats(self, gold_labels: list, pred_labels: list) -> dict[str, np.ndarray]:
         index = {lbl: i for i, lbl in enumerate(sorted({*gold_labels, *pred_labels}, key=str))}
-        return {"gold": np.array([index[x] for x in gold_labels]), "pred": np.array([index[x] for x in pred_labels])}
+        return {
+            "gold": np.array([index[x] for x in gold_labels]),
+            "pred": np.array([index[x] for x in pred_labels]),
+        }
 
     @staticmethod
     def _label_metrics(g: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:
@@ -221,15 +228,42 @@ class EmotionTask(LabelTask):
 
 # FACS action-unit names (Ekman & Friesen's FACS manual); a fixed public table, so written out here.
 AU_NAMES: dict[int, str] = {
-    1: "inner brow raiser", 2: "outer brow raiser", 4: "brow lowerer", 5: "upper lid raiser",
-    6: "cheek raiser", 7: "lid tightener", 9: "nose wrinkler", 10: "upper lip raiser",
-    11: "nasolabial deepener", 12: "lip corner puller", 13: "cheek puffer", 14: "dimpler",
-    15: "lip corner depressor", 16: "lower lip depressor", 17: "chin raiser", 18: "lip puckerer",
-    20: "lip stretcher", 21: "neck tightener", 22: "lip funneler", 23: "lip tightener",
-    24: "lip pressor", 25: "lips part", 26: "jaw drop", 27: "mouth stretch", 28: "lip suck",
-    31: "jaw clencher", 34: "cheek puff", 38: "nostril dilator", 39: "nostril compressor",
-    43: "eyes closed", 45: "blink", 54: "head down", 61: "eyes turn left", 62: "eyes turn right",
-    63: "eyes up", 64: "eyes down",
+    1: "inner brow raiser",
+    2: "outer brow raiser",
+    4: "brow lowerer",
+    5: "upper lid raiser",
+    6: "cheek raiser",
+    7: "lid tightener",
+    9: "nose wrinkler",
+    10: "upper lip raiser",
+    11: "nasolabial deepener",
+    12: "lip corner puller",
+    13: "cheek puffer",
+    14: "dimpler",
+    15: "lip corner depressor",
+    16: "lower lip depressor",
+    17: "chin raiser",
+    18: "lip puckerer",
+    20: "lip stretcher",
+    21: "neck tightener",
+    22: "lip funneler",
+    23: "lip tightener",
+    24: "lip pressor",
+    25: "lips part",
+    26: "jaw drop",
+    27: "mouth stretch",
+    28: "lip suck",
+    31: "jaw clencher",
+    34: "cheek puff",
+    38: "nostril dilator",
+    39: "nostril compressor",
+    43: "eyes closed",
+    45: "blink",
+    54: "head down",
+    61: "eyes turn left",
+    62: "eyes turn right",
+    63: "eyes up",
+    64: "eyes down",
 }
 
 
@@ -258,7 +292,9 @@ class FacialExpressionTask(Task):
     def response(self, label: str, aus: Sequence[int] | None) -> str:
         out = self.format_label(label)
         if aus:
-            out += " Facial action units: " + ", ".join(f"AU{a} {AU_NAMES.get(a, 'unnamed')}" for a in aus) + "."
+            out += (
+                " Facial action units: " + ", ".join(f"AU{a} {AU_NAMES.get(a, 'unnamed')}" for a in aus) + "."
+            )
         return out
 
     def parse(self, response: str) -> Parsed:
@@ -310,20 +346,71 @@ class ReasonTask(Task):
     # EMER's open vocabulary -> the whole words that name that emotion in a generated conclusion.
     # Whole words only: "encourage" is not "rage", "enjoy" is not "joy", "unhappy" is not "happy".
     EMOTION_WORDS = {
-        "angry": ("angry", "anger", "angered", "furious", "fury", "irritated", "irritation", "annoyed", "annoyance",
-                  "rage", "enraged", "outraged", "dissatisfied", "dissatisfaction", "frustrated", "frustration"),
-        "happy": ("happy", "happiness", "joy", "joyful", "pleased", "delighted", "delight", "excited", "excitement",
-                  "cheerful", "glad"),
-        "sad": ("sad", "sadness", "sorrow", "sorrowful", "upset", "grief", "grieving", "disappointed",
-                "disappointment", "depressed", "depression", "unhappy"),
+        "angry": (
+            "angry",
+            "anger",
+            "angered",
+            "furious",
+            "fury",
+            "irritated",
+            "irritation",
+            "annoyed",
+            "annoyance",
+            "rage",
+            "enraged",
+            "outraged",
+            "dissatisfied",
+            "dissatisfaction",
+            "frustrated",
+            "frustration",
+        ),
+        "happy": (
+            "happy",
+            "happiness",
+            "joy",
+            "joyful",
+            "pleased",
+            "delighted",
+            "delight",
+            "excited",
+            "excitement",
+            "cheerful",
+            "glad",
+        ),
+        "sad": (
+            "sad",
+            "sadness",
+            "sorrow",
+            "sorrowful",
+            "upset",
+            "grief",
+            "grieving",
+            "disappointed",
+            "disappointment",
+            "depressed",
+            "depression",
+            "unhappy",
+        ),
         "worried": ("worried", "worry", "worrying", "anxious", "anxiety", "concerned", "nervous", "uneasy"),
-        "surprise": ("surprise", "surprised", "surprising", "astonished", "astonishment", "amazed", "amazement",
-                     "shocked", "shock"),
+        "surprise": (
+            "surprise",
+            "surprised",
+            "surprising",
+            "astonished",
+            "astonishment",
+            "amazed",
+            "amazement",
+            "shocked",
+            "shock",
+        ),
         "neutral": ("neutral", "calm", "calmness"),
         "fear": ("fear", "fearful", "afraid", "scared", "frightened", "terrified"),
     }
-    _WORD = re.compile(r"\b(" + "|".join(sorted({w for ws in EMOTION_WORDS.values() for w in ws}, key=len, reverse=True))
-                       + r")\b")
+    _WORD = re.compile(
+        r"\b("
+        + "|".join(sorted({w for ws in EMOTION_WORDS.values() for w in ws}, key=len, reverse=True))
+        + r")\b"
+    )
     _NEGATION = re.compile(r"\b(not|no|never|without|hardly|neither|nor)\b|n't\b")
     _LABEL_OF = {w: lbl for lbl, ws in EMOTION_WORDS.items() for w in ws}
 
@@ -358,7 +445,7 @@ class ReasonTask(Task):
         found = set()
         for m in self._WORD.finditer(tail):
             # a negation among the three words before the mention, within its clause ("not angry but sad")
-            before = re.split(r"\bbut\b|[,;:]", tail[max(0, m.start() - 40):m.start()])[-1]
+            before = re.split(r"\bbut\b|[,;:]", tail[max(0, m.start() - 40) : m.start()])[-1]
             if self._NEGATION.search(" ".join(before.split()[-3:])):
                 continue
             found.add(self._LABEL_OF[m.group(1)])
@@ -383,9 +470,15 @@ class ReasonTask(Task):
         from rouge_score import rouge_scorer
 
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-        return {"rouge_l": np.array([scorer.score(g, p)["rougeL"].fmeasure for g, p in zip(gold, pred, strict=True)]),
-                "labelled": np.array([bool(lbl) for lbl in labels]),
-                "correct": np.array([bool(lbl) and self.label_matches(lbl, p) for lbl, p in zip(labels, pred, strict=True)])}
+        return {
+            "rouge_l": np.array(
+                [scorer.score(g, p)["rougeL"].fmeasure for g, p in zip(gold, pred, strict=True)]
+            ),
+            "labelled": np.array([bool(lbl) for lbl in labels]),
+            "correct": np.array(
+                [bool(lbl) and self.label_matches(lbl, p) for lbl, p in zip(labels, pred, strict=True)]
+            ),
+        }
 
     def aggregate(self, stats):
         out = {"rouge_l": stats["rouge_l"].mean(1)}
@@ -465,22 +558,28 @@ class CausePairTask(Task):
         h_c: Counter = Counter(emo(x) for g, p in zip(gold_pairs, pred_pairs, strict=True) for x in g & p)
         if n_gold:
             out["weighted_f1"] = sum(
-                (2 * h_c[c] / (g_c[c] + p_c[c]) if g_c[c] + p_c[c] else 0.0) * g_c[c] / n_gold for c in self.labels
+                (2 * h_c[c] / (g_c[c] + p_c[c]) if g_c[c] + p_c[c] else 0.0) * g_c[c] / n_gold
+                for c in self.labels
             )
         return out
 
     def record_stats(self, gold, pred, labels):
         g = [set(self.parse(x).pairs) for x in gold]
         p = [set(self.parse(x).pairs) for x in pred]
-        return {"n_gold": np.array([len(x) for x in g]), "n_pred": np.array([len(x) for x in p]),
-                "n_hit": np.array([len(a & b) for a, b in zip(g, p, strict=True)])}
+        return {
+            "n_gold": np.array([len(x) for x in g]),
+            "n_pred": np.array([len(x) for x in p]),
+            "n_hit": np.array([len(a & b) for a, b in zip(g, p, strict=True)]),
+        }
 
     def aggregate(self, stats):
         denom = stats["n_gold"].sum(1) + stats["n_pred"].sum(1)
         return {"pair_f1": np.where(denom > 0, 2 * stats["n_hit"].sum(1) / np.maximum(denom, 1), 0.0)}
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (SentimentTask(), EmotionTask(), FacialExpressionTask(), ReasonTask(), CausePairTask())}
+TASKS: dict[str, Task] = {
+    t.name: t for t in (SentimentTask(), EmotionTask(), FacialExpressionTask(), ReasonTask(), CausePairTask())
+}
 TASK_NAMES = tuple(TASKS)  # the five built-in tasks; code that must see registered tasks reads TASKS
 
 

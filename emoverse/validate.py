@@ -12,8 +12,14 @@ from emoverse.prompting import MediaError, PromptTooLong, load_image
 from emoverse.records import record_from_dict
 
 
-def validate_files(files: list[str], *, max_length: int = 2048, llm: str = "smollm2-135m-instruct",
-                   check_media: bool = True, n_visual: int = 4) -> tuple[list[str], int]:
+def validate_files(
+    files: list[str],
+    *,
+    max_length: int = 2048,
+    llm: str = "smollm2-135m-instruct",
+    check_media: bool = True,
+    n_visual: int = 4,
+) -> tuple[list[str], int]:
     from emoverse.model import load_tokenizer
     from emoverse.prompting import PromptBuilder
 

@@ -29,12 +29,22 @@ def gptq_scheme(llm_dir: Path) -> dict:
     """The 4-bit symmetric group scheme of a compressed-tensors artifact, or NotGPTQ saying what it is."""
     cfg = json.loads((llm_dir / "config.json").read_text()).get("quantization_config") or {}
     if cfg.get("quant_method") != "compressed-tensors" or cfg.get("format") != "pack-quantized":
-        raise NotGPTQ(f"{llm_dir}: not a compressed-tensors pack-quantized artifact "
-                      f"({cfg.get('quant_method')}/{cfg.get('format')})")
+        raise NotGPTQ(
+            f"{llm_dir}: not a compressed-tensors pack-quantized artifact "
+            f"({cfg.get('quant_method')}/{cfg.get('format')})"
+        )
     groups = list(cfg.get("config_groups", {}).values())
     w = groups[0].get("weights") if len(groups) == 1 else None
-    if not w or w.get("num_bits") != 4 or not w.get("symmetric") or w.get("strategy") != "group" or w.get("type") != "int":
-        raise NotGPTQ(f"{llm_dir}: MatMulNBits export takes 4-bit symmetric int weights in groups; this has {w}")
+    if (
+        not w
+        or w.get("num_bits") != 4
+        or not w.get("symmetric")
+        or w.get("strategy") != "group"
+        or w.get("type") != "int"
+    ):
+        raise NotGPTQ(
+            f"{llm_dir}: MatMulNBits export takes 4-bit symmetric int weights in groups; this has {w}"
+        )
     g = int(w["group_size"])
     if g < 16 or g & (g - 1):
         raise NotGPTQ(f"{llm_dir}: group_size {g}: MatMulNBits needs a power of two >= 16")
@@ -56,8 +66,11 @@ def read_linears(llm_dir: Path) -> dict[str, dict]:
             name = key[: -len(".weight_packed")]
             shape = torch.Size(state[name + ".weight_shape"].tolist())
             q = unpack_from_int32(state[key], 4, shape)
-            out[name] = {"q": q.to(torch.int8).numpy(), "scale": state[name + ".weight_scale"].float().numpy(),
-                         "group_size": g}
+            out[name] = {
+                "q": q.to(torch.int8).numpy(),
+                "scale": state[name + ".weight_scale"].float().numpy(),
+                "group_size": g,
+            }
     if not out:
         raise NotGPTQ(f"{llm_dir}: no packed weights found")
     return out
@@ -65,7 +78,9 @@ def read_linears(llm_dir: Path) -> dict[str, dict]:
 
 def dequantize(layer: dict) -> np.ndarray:
     """The artifact's own dequantization: q x scale of its group, in fp32."""
-    return (layer["q"].astype(np.float32) * np.repeat(layer["scale"], layer["group_size"], axis=1)).astype(np.float32)
+    return (layer["q"].astype(np.float32) * np.repeat(layer["scale"], layer["group_size"], axis=1)).astype(
+        np.float32
+    )
 
 
 def dequantized_llm(llm_dir: Path, linears: dict[str, dict]):
@@ -80,13 +95,20 @@ def dequantized_llm(llm_dir: Path, linears: dict[str, dict]):
     state: dict[str, torch.Tensor] = {}
     for f in sorted(llm_dir.glob("*.safetensors")):
         state.update(load_file(f))
-    weights = {k: v.float() for k, v in state.items()
-               if not k.endswith((".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point", ".weight_g_idx"))}
+    weights = {
+        k: v.float()
+        for k, v in state.items()
+        if not k.endswith(
+            (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point", ".weight_g_idx")
+        )
+    }
     for name, layer in linears.items():
         weights[name + ".weight"] = torch.from_numpy(dequantize(layer))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise ValueError(f"{llm_dir}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(
+            f"{llm_dir}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.tie_weights()
     return model.eval()
 
@@ -134,11 +156,23 @@ def to_matmulnbits(decoder: Path, linears: dict[str, dict], accuracy_level: int 
                 n, k = layer["q"].shape
                 b, s = pack(layer)
                 base = f"{name}.nbits"
-                graph.initializer.extend([numpy_helper.from_array(b, base + ".B"), numpy_helper.from_array(s, base + ".scales")])
-                new_nodes.append(helper.make_node("MatMulNBits", [node.input[0], base + ".B", base + ".scales"],
-                                                  list(node.output), name=node.name + "_nbits", domain="com.microsoft",
-                                                  K=k, N=n, bits=4, block_size=layer["group_size"],
-                                                  accuracy_level=accuracy_level))
+                graph.initializer.extend(
+                    [numpy_helper.from_array(b, base + ".B"), numpy_helper.from_array(s, base + ".scales")]
+                )
+                new_nodes.append(
+                    helper.make_node(
+                        "MatMulNBits",
+                        [node.input[0], base + ".B", base + ".scales"],
+                        list(node.output),
+                        name=node.name + "_nbits",
+                        domain="com.microsoft",
+                        K=k,
+                        N=n,
+                        bits=4,
+                        block_size=layer["group_size"],
+                        accuracy_level=accuracy_level,
+                    )
+                )
                 replaced.append(name)
                 used.add(node.input[1])
                 continue
@@ -152,5 +186,9 @@ def to_matmulnbits(decoder: Path, linears: dict[str, dict], accuracy_level: int 
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, str(decoder))
-    return {"replaced": len(replaced), "unmatched": sorted(set(linears) - set(replaced)),
-            "accuracy_level": accuracy_level, "group_size": next(iter(linears.values()))["group_size"]}
+    return {
+        "replaced": len(replaced),
+        "unmatched": sorted(set(linears) - set(replaced)),
+        "accuracy_level": accuracy_level,
+        "group_size": next(iter(linears.values()))["group_size"],
+    }

@@ -30,8 +30,10 @@ def check_precision(name: str, target: dict, precision: str) -> None:
     cc = target.get("compute_capability")
     need = MIN_COMPUTE_CAPABILITY.get(precision)
     if cc is not None and need is not None and float(cc) < need:
-        raise ValueError(f"target {name}: {precision.upper()} needs CUDA compute capability >= {need}; this device "
-                         f"is {cc} (e.g. Jetson Orin is 8.7, H100 9.0): use int8 or fp16 for {name}")
+        raise ValueError(
+            f"target {name}: {precision.upper()} needs CUDA compute capability >= {need}; this device "
+            f"is {cc} (e.g. Jetson Orin is 8.7, H100 9.0): use int8 or fp16 for {name}"
+        )
 
 
 def get_target(name: str) -> dict:
@@ -57,10 +59,12 @@ def input_shapes(runtime_cfg: dict, graph: str, profiles: dict) -> dict[str, lis
     if graph == "embed":
         return {"input_ids": [[b[i], s[i]] for i in range(3)]}
     hidden = runtime_cfg.get("hidden_size")
-    shapes = {"inputs_embeds": [[b[i], s[i], hidden] for i in range(3)],
-              "attention_mask": [[b[i], p[i] + s[i]] for i in range(3)],
-              "position_ids": [[b[i], s[i]] for i in range(3)],
-              "logits_index": [[1], [1], [s[2]]]}  # prefill/decode: 1 position; candidate pass: up to seq
+    shapes = {
+        "inputs_embeds": [[b[i], s[i], hidden] for i in range(3)],
+        "attention_mask": [[b[i], p[i] + s[i]] for i in range(3)],
+        "position_ids": [[b[i], s[i]] for i in range(3)],
+        "logits_index": [[1], [1], [s[2]]],
+    }  # prefill/decode: 1 position; candidate pass: up to seq
     for layer in range(n_layers):
         for kind in ("key", "value"):
             shapes[f"past_{kind}_{layer}"] = [[b[i], kv_heads, p[i], head_dim] for i in range(3)]
@@ -82,12 +86,24 @@ def build_plan(runtime_cfg: dict, graphs: dict[str, str], target_name: str) -> d
             precision = "fp16"
         flags = ["fp16"] + ([precision] if precision != "fp16" else [])
         use_dla = graph == "vision" and target.get("dla_cores", 0) > 0
-        builds.append({"graph": graph, "onnx": onnx_path, "engine": f"tensorrt/{graph}.engine", "flags": flags,
-                       "dla_core": 0 if use_dla else None, "gpu_fallback": use_dla,
-                       "shapes": input_shapes(runtime_cfg, graph, target["profiles"]),
-                       "workspace_mb": 2048 if target.get("memory_gb", 8) <= 8 else 8192})
-    return {"target": target_name, "compute_capability": target.get("compute_capability"),
-            "timing_cache": "tensorrt/timing.cache", "builds": builds}
+        builds.append(
+            {
+                "graph": graph,
+                "onnx": onnx_path,
+                "engine": f"tensorrt/{graph}.engine",
+                "flags": flags,
+                "dla_core": 0 if use_dla else None,
+                "gpu_fallback": use_dla,
+                "shapes": input_shapes(runtime_cfg, graph, target["profiles"]),
+                "workspace_mb": 2048 if target.get("memory_gb", 8) <= 8 else 8192,
+            }
+        )
+    return {
+        "target": target_name,
+        "compute_capability": target.get("compute_capability"),
+        "timing_cache": "tensorrt/timing.cache",
+        "builds": builds,
+    }
 
 
 def _shape_arg(shapes: dict[str, list[list[int]]], which: int) -> str:
@@ -98,9 +114,14 @@ def trtexec_lines(plan: dict) -> list[str]:
     lines = []
     for b in plan["builds"]:
         sh = b["shapes"]
-        cmd = [f"trtexec --onnx={b['onnx']} --saveEngine={b['engine']}",
-               f"--minShapes={_shape_arg(sh, 0)}", f"--optShapes={_shape_arg(sh, 1)}", f"--maxShapes={_shape_arg(sh, 2)}",
-               f"--memPoolSize=workspace:{b['workspace_mb']}M", f"--timingCacheFile={plan['timing_cache']}"]
+        cmd = [
+            f"trtexec --onnx={b['onnx']} --saveEngine={b['engine']}",
+            f"--minShapes={_shape_arg(sh, 0)}",
+            f"--optShapes={_shape_arg(sh, 1)}",
+            f"--maxShapes={_shape_arg(sh, 2)}",
+            f"--memPoolSize=workspace:{b['workspace_mb']}M",
+            f"--timingCacheFile={plan['timing_cache']}",
+        ]
         cmd += [f"--{f}" for f in b["flags"]]
         if b["dla_core"] is not None:
             cmd += [f"--useDLACore={b['dla_core']}", "--allowGPUFallback"]
@@ -108,7 +129,9 @@ def trtexec_lines(plan: dict) -> list[str]:
     return lines
 
 
-def build_engine(build: dict, root: Path, timing_cache: Path | None = None) -> Path:  # pragma: no cover - needs TensorRT
+def build_engine(
+    build: dict, root: Path, timing_cache: Path | None = None
+) -> Path:  # pragma: no cover - needs TensorRT
     """Build one engine with the TensorRT Python API (TensorRT 10)."""
     import tensorrt as trt
 
@@ -122,7 +145,9 @@ def build_engine(build: dict, root: Path, timing_cache: Path | None = None) -> P
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, build["workspace_mb"] << 20)
     for flag in build["flags"]:
-        config.set_flag({"fp16": trt.BuilderFlag.FP16, "int8": trt.BuilderFlag.INT8, "fp8": trt.BuilderFlag.FP8}[flag])
+        config.set_flag(
+            {"fp16": trt.BuilderFlag.FP16, "int8": trt.BuilderFlag.INT8, "fp8": trt.BuilderFlag.FP8}[flag]
+        )
     if build["dla_core"] is not None:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = build["dla_core"]
@@ -172,8 +197,10 @@ def write_plan(bundle_tmp: Path, runtime_cfg: dict, graphs: dict[str, str], targ
     d = bundle_tmp / "tensorrt"
     d.mkdir(parents=True, exist_ok=True)
     (d / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
-    (d / "trtexec.sh").write_text("#!/bin/sh\n# Equivalent trtexec commands (run from the bundle folder)\nset -e\n"
-                                  "mkdir -p tensorrt\n" + "\n".join(trtexec_lines(plan)) + "\n")
+    (d / "trtexec.sh").write_text(
+        "#!/bin/sh\n# Equivalent trtexec commands (run from the bundle folder)\nset -e\n"
+        "mkdir -p tensorrt\n" + "\n".join(trtexec_lines(plan)) + "\n"
+    )
     source = inspect.getsource(build_engine).replace("  # pragma: no cover - needs TensorRT", "")
     (d / "build_engines.py").write_text(BUILD_SCRIPT.format(builder=source))
     return plan

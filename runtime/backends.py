@@ -9,9 +9,11 @@ from pathlib import Path
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 # ORT execution providers by short name, each with its fallbacks
-PROVIDERS = {"cpu": ["CPUExecutionProvider"],
-             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-             "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
 
 
 def detect_backend(path: str | os.PathLike) -> str:
@@ -23,8 +25,14 @@ def detect_backend(path: str | os.PathLike) -> str:
     raise ValueError(f"{p}: neither a bundle (runtime.json) nor a model artifact (emoverse.json)")
 
 
-def open_runtime(path: str | os.PathLike, backend: str = "auto", *, threads: int | None = None,
-                 providers: str = "cpu", check: bool = True):
+def open_runtime(
+    path: str | os.PathLike,
+    backend: str = "auto",
+    *,
+    threads: int | None = None,
+    providers: str = "cpu",
+    check: bool = True,
+):
     backend = detect_backend(path) if backend == "auto" else backend
     if backend == "onnxruntime":
         from emoverse.runtime.ort import OrtRuntime

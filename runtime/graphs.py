@@ -59,9 +59,17 @@ class DecoderGraph(nn.Module):
         k_pos = torch.arange(total, device=inputs_embeds.device)
         causal = k_pos[None, :] <= q_pos[:, None]
         allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
-        mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype).masked_fill(~allowed, torch.finfo(inputs_embeds.dtype).min)
-        out = self.llm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
-                       past_key_values=cache, use_cache=True, logits_to_keep=logits_index)
+        mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype).masked_fill(
+            ~allowed, torch.finfo(inputs_embeds.dtype).min
+        )
+        out = self.llm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=logits_index,
+        )
         presents = []
         for i in range(self.n_layers):
             layer = out.past_key_values.layers[i]
@@ -87,7 +95,6 @@ def kv_shape(llm) -> tuple[int, int, int]:
     return c.num_hidden_layers, c.num_key_value_heads, head_dim
 
 
-
 SENTINEL = "\u2063QUERY\u2063"
 
 
@@ -98,12 +105,25 @@ def runtime_config(model, graphs: dict[str, str]) -> dict:
     tok = model.tokenizer
     return {
         "format": RUNTIME_FORMAT,
-        "chat_prefix": prefix, "chat_suffix": suffix,
-        "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
-        "n_visual": model.cfg.n_visual, "image_size": model.cfg.image_size, "max_length": model.cfg.max_length,
-        "kv_shape": list(kv_shape(model.llm)), "hidden_size": model.llm.config.hidden_size, "opset": OPSET,
+        "chat_prefix": prefix,
+        "chat_suffix": suffix,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "n_visual": model.cfg.n_visual,
+        "image_size": model.cfg.image_size,
+        "max_length": model.cfg.max_length,
+        "kv_shape": list(kv_shape(model.llm)),
+        "hidden_size": model.llm.config.hidden_size,
+        "opset": OPSET,
         "llm_parameters": sum(p.numel() for p in model.llm.parameters()),
         "graphs": graphs,
-        "tasks": {name: {"tag": t.tag, "labels": list(t.labels), "closed": t.closed, "max_new_tokens": t.max_new_tokens}
-                  for name, t in TASKS.items()},
+        "tasks": {
+            name: {
+                "tag": t.tag,
+                "labels": list(t.labels),
+                "closed": t.closed,
+                "max_new_tokens": t.max_new_tokens,
+            }
+            for name, t in TASKS.items()
+        },
     }

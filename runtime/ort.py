@@ -40,8 +40,13 @@ def _pixels(path: str, size: int) -> np.ndarray:
 
 
 class OrtRuntime:
-    def __init__(self, bundle: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None,
-                 check: bool = True):
+    def __init__(
+        self,
+        bundle: str | os.PathLike,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        check: bool = True,
+    ):
         from tokenizers import Tokenizer
 
         self.dir = Path(bundle)
@@ -49,15 +54,19 @@ class OrtRuntime:
             verify(self.dir, kind="emoverse-bundle")
         self.cfg = json.loads((self.dir / "runtime.json").read_text())
         if self.cfg.get("format") != RUNTIME_FORMAT:
-            raise ArtifactError(f"{self.dir}/runtime.json: bundle format {self.cfg.get('format')!r}, this runtime reads "
-                                f"{RUNTIME_FORMAT!r}: export the bundle again")
+            raise ArtifactError(
+                f"{self.dir}/runtime.json: bundle format {self.cfg.get('format')!r}, this runtime reads "
+                f"{RUNTIME_FORMAT!r}: export the bundle again"
+            )
         for graph in self.cfg["graphs"].values():
             check_graph_paths(self.dir, graph)
         self.tok = Tokenizer.from_file(str(self.dir / "tokenizer.json"))
         graphs = self.cfg["graphs"]
         self.decoder = self._open_graph("decoder", graphs["decoder"], providers, threads)
         self.embedder = self._open_graph("embed", graphs["embed"], providers, threads)
-        self.vision = self._open_graph("vision", graphs["vision"], providers, threads) if graphs.get("vision") else None
+        self.vision = (
+            self._open_graph("vision", graphs["vision"], providers, threads) if graphs.get("vision") else None
+        )
         self.n_layers, self.kv_heads, self.head_dim = self.cfg["kv_shape"]
         self.eos = self.cfg["eos_token_id"]
         self.pad = self.cfg["pad_token_id"]
@@ -70,14 +79,23 @@ class OrtRuntime:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        return ort.InferenceSession(str(self.dir / rel_path), opts, providers=providers or ["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            str(self.dir / rel_path), opts, providers=providers or ["CPUExecutionProvider"]
+        )
 
     # -- prompt --------------------------------------------------------------------------------
     def encode(self, query: str, images: list[str]) -> tuple[list[int], list[bool]]:
         have = query.count(IMAGE_PLACEHOLDER)
         if have > len(images):
-            raise RequestError(f"query has {have} {IMAGE_PLACEHOLDER} placeholders but only {len(images)} images")
-        text = self.cfg["chat_prefix"] + IMAGE_PLACEHOLDER * (len(images) - have) + query + self.cfg["chat_suffix"]
+            raise RequestError(
+                f"query has {have} {IMAGE_PLACEHOLDER} placeholders but only {len(images)} images"
+            )
+        text = (
+            self.cfg["chat_prefix"]
+            + IMAGE_PLACEHOLDER * (len(images) - have)
+            + query
+            + self.cfg["chat_suffix"]
+        )
         ids: list[int] = []
         vis: list[bool] = []
         n_visual = self.cfg["n_visual"]
@@ -89,7 +107,9 @@ class OrtRuntime:
             ids += seg_ids
             vis += [False] * len(seg_ids)
         if len(ids) > self.cfg["max_length"]:
-            raise RequestError(f"prompt is {len(ids)} tokens, over the bundle's max_length {self.cfg['max_length']}")
+            raise RequestError(
+                f"prompt is {len(ids)} tokens, over the bundle's max_length {self.cfg['max_length']}"
+            )
         return ids, vis
 
     def embed(self, query: str, images: list[str]) -> np.ndarray:
@@ -108,15 +128,28 @@ class OrtRuntime:
 
     # -- decoder -------------------------------------------------------------------------------
     def empty_cache(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32) for _ in range(2 * self.n_layers)]
+        return [
+            np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+            for _ in range(2 * self.n_layers)
+        ]
 
-    def forward(self, embeds: np.ndarray, mask: np.ndarray, cache: list[np.ndarray],
-                logits_index: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    def forward(
+        self,
+        embeds: np.ndarray,
+        mask: np.ndarray,
+        cache: list[np.ndarray],
+        logits_index: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One decoder call; logits only at `logits_index` (positions among the new tokens; default all)."""
         t = embeds.shape[1]
-        feeds = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": mask.astype(np.int64),
-                 "position_ids": positions(mask, cache[0].shape[2], t),
-                 "logits_index": np.arange(t, dtype=np.int64) if logits_index is None else np.asarray(logits_index, np.int64)}
+        feeds = {
+            "inputs_embeds": embeds.astype(np.float32),
+            "attention_mask": mask.astype(np.int64),
+            "position_ids": positions(mask, cache[0].shape[2], t),
+            "logits_index": np.arange(t, dtype=np.int64)
+            if logits_index is None
+            else np.asarray(logits_index, np.int64),
+        }
         for i in range(self.n_layers):
             feeds[f"past_key_{i}"] = cache[2 * i]
             feeds[f"past_value_{i}"] = cache[2 * i + 1]
@@ -132,7 +165,9 @@ class OrtRuntime:
         if getattr(self, "_prefix_kv", None) is None:
             ids = self.tok.encode(self.cfg["chat_prefix"], add_special_tokens=False).ids
             emb = self.token_embeds(np.array([ids]))
-            _, kv = self.forward(emb, np.ones((1, len(ids)), dtype=np.int64), self.empty_cache(1), [len(ids) - 1])
+            _, kv = self.forward(
+                emb, np.ones((1, len(ids)), dtype=np.int64), self.empty_cache(1), [len(ids) - 1]
+            )
             self._prefix_emb, self._prefix_kv = emb[0], kv
         return self._prefix_emb, self._prefix_kv
 
@@ -158,15 +193,20 @@ class OrtRuntime:
         mask[:, :n_pre] = 1
         for i, e in enumerate(embs):
             rest = e[n_pre:]
-            x[i, longest - len(rest):] = rest
-            mask[i, n_pre + longest - len(rest):] = 1
+            x[i, longest - len(rest) :] = rest
+            mask[i, n_pre + longest - len(rest) :] = 1
         cache = [np.repeat(kv, n, axis=0) for kv in pre_kv] if n_pre else self.empty_cache(n)
         logits, cache = self.forward(x, mask, cache, [longest - 1])
         return logits[:, -1], cache, mask
 
     # -- answers -------------------------------------------------------------------------------
-    def stream(self, query: str, images: list[str] = (), max_new_tokens: int = 32,
-               allowed: Callable[[str], Callable[[int], bool]] | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        query: str,
+        images: list[str] = (),
+        max_new_tokens: int = 32,
+        allowed: Callable[[str], Callable[[int], bool]] | None = None,
+    ) -> Iterator[str]:
         """Greedy decoding with a KV cache, yielding text pieces as tokens are chosen."""
         last, cache, mask = self.prefill([self.embed(query, list(images))])
         ids: list[int] = []
@@ -180,7 +220,7 @@ class OrtRuntime:
                 break
             ids.append(nxt)
             new_text = self.tok.decode(ids, skip_special_tokens=True)
-            piece, text = new_text[len(text):], new_text
+            piece, text = new_text[len(text) :], new_text
             if piece:
                 yield piece
             mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
@@ -240,7 +280,9 @@ class OrtRuntime:
         """Closed-label scoring of several requests at once: one prefill of all prompts (left-padded, so
         every prompt ends in the last column), then every candidate of every request in one batch over
         the prompts' KV cache."""
-        return self.score_embedded([self.embed(q, list(images)) for q, _, images in items], [c for _, c, _ in items])
+        return self.score_embedded(
+            [self.embed(q, list(images)) for q, _, images in items], [c for _, c, _ in items]
+        )
 
     def score_embedded(self, embs: list[np.ndarray], candidates: list[list[str]]) -> list[list[float]]:
         last, cache, mask = self.prefill(embs)
@@ -251,15 +293,20 @@ class OrtRuntime:
         rest_len = max(len(c) for c in cand) - 1
         if rest_len > 0:  # teacher-force each candidate's remaining tokens over its request's cache
             rest = np.array([c[:-1] + [self.pad] * (rest_len + 1 - len(c)) for c in cand], dtype=np.int64)
-            cand_mask = np.array([[1] * (len(c) - 1) + [0] * (rest_len + 1 - len(c)) for c in cand], dtype=np.int64)
-            lg, _ = self.forward(self.token_embeds(rest), np.concatenate([mask[rows], cand_mask], axis=1),
-                                 [kv[rows] for kv in cache])
+            cand_mask = np.array(
+                [[1] * (len(c) - 1) + [0] * (rest_len + 1 - len(c)) for c in cand], dtype=np.int64
+            )
+            lg, _ = self.forward(
+                self.token_embeds(rest),
+                np.concatenate([mask[rows], cand_mask], axis=1),
+                [kv[rows] for kv in cache],
+            )
             lp = _log_softmax(lg)
             for k, c in enumerate(cand):
                 flat[k] += sum(float(lp[k, j, c[j + 1]]) for j in range(len(c) - 1))
         out, k = [], 0
         for cands in candidates:
-            out.append(flat[k:k + len(cands)])
+            out.append(flat[k : k + len(cands)])
             k += len(cands)
         return out
 
@@ -275,6 +322,7 @@ class OrtRuntime:
                 if tid == self.eos:
                     return grammar.complete(text)
                 return grammar.ok_prefix(text + self.tok.decode([tid]))
+
             return ok
 
         return allowed
@@ -292,7 +340,9 @@ class OrtRuntime:
         parsed = t.parse(text)
         return Answer(task, text, parsed.label if t.closed else None)
 
-    def answer_many(self, requests: list[dict], mode: str = "score", batch_size: int = 8) -> list[Answer | RequestError]:
+    def answer_many(
+        self, requests: list[dict], mode: str = "score", batch_size: int = 8
+    ) -> list[Answer | RequestError]:
         """Batched requests, `batch_size` at a time: closed-label ones scored in one prefill, generated ones
         decoded together (`generate_many`, with each task's grammar); a bad request yields its error in its
         place and the others are still answered."""
@@ -307,17 +357,21 @@ class OrtRuntime:
                     batch.append((i, self.embed(r["query"], images), t.candidates(r["query"]), t))
                 else:
                     self.embed(r["query"], images)  # a bad image or prompt fails alone, before the batch
-                    gen.append((i, t, (r["query"], images, t.max_new_tokens, self.grammar_for(t.name, r["query"]))))
+                    gen.append(
+                        (i, t, (r["query"], images, t.max_new_tokens, self.grammar_for(t.name, r["query"])))
+                    )
             except RequestError as e:
                 out[i] = e
             except (ValueError, KeyError, TypeError) as e:
                 out[i] = RequestError(f"request {i}: {type(e).__name__}: {e}")
         for start in range(0, len(gen), batch_size):
-            chunk = gen[start:start + batch_size]
-            for (i, t, _), text in zip(chunk, self.generate_many([item for _, _, item in chunk]), strict=True):
+            chunk = gen[start : start + batch_size]
+            for (i, t, _), text in zip(
+                chunk, self.generate_many([item for _, _, item in chunk]), strict=True
+            ):
                 out[i] = Answer(t.name, text, t.parse(text).label if t.closed else None)
         for start in range(0, len(batch), batch_size):
-            chunk = batch[start:start + batch_size]
+            chunk = batch[start : start + batch_size]
             scored = self.score_embedded([e for _, e, _, _ in chunk], [c for _, _, c, _ in chunk])
             for (i, _, cands, t), s in zip(chunk, scored, strict=True):
                 out[i] = _label_answer(t, cands, s)
@@ -336,7 +390,9 @@ def check_graph_paths(bundle: Path, graph: str) -> None:
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:
             if entry.key == "location" and root not in (path.parent / entry.value).resolve().parents:
-                raise ArtifactError(f"{path}: external data {entry.value!r} of {tensor.name!r} escapes the bundle folder")
+                raise ArtifactError(
+                    f"{path}: external data {entry.value!r} of {tensor.name!r} escapes the bundle folder"
+                )
 
 
 def _label_answer(task, candidates: list[str], scores: list[float]) -> Answer:
@@ -357,7 +413,7 @@ def _common_prefix(embs: list[np.ndarray], start: int) -> int:
 
 def positions(mask: np.ndarray, past: int, t: int) -> np.ndarray:
     """Position ids of the `t` new tokens: count of attended tokens before each (padding does not count)."""
-    return np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, past:past + t].astype(np.int64)
+    return np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, past : past + t].astype(np.int64)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -15,8 +15,9 @@ from emoverse.runtime.ort import OrtRuntime, positions
 
 
 class TorchRuntime(OrtRuntime):
-    def __init__(self, model_dir: str | os.PathLike | None, threads: int | None = None, check: bool = True,
-                 model=None):
+    def __init__(
+        self, model_dir: str | os.PathLike | None, threads: int | None = None, check: bool = True, model=None
+    ):
         from tokenizers import Tokenizer
 
         from emoverse.model import EmoVerse
@@ -39,15 +40,28 @@ class TorchRuntime(OrtRuntime):
         return self.model.projector(self.model.vision_features(torch.from_numpy(pixels))).float().numpy()
 
     @torch.no_grad()
-    def forward(self, embeds: np.ndarray, mask: np.ndarray, cache: list[np.ndarray],
-                logits_index: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    def forward(
+        self,
+        embeds: np.ndarray,
+        mask: np.ndarray,
+        cache: list[np.ndarray],
+        logits_index: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         t = embeds.shape[1]
         pos = positions(mask, cache[0].shape[2], t)
-        index = torch.arange(t) if logits_index is None else torch.as_tensor(np.asarray(logits_index, np.int64))
-        out = self.decoder_module(torch.from_numpy(embeds.astype(np.float32)), torch.from_numpy(mask.astype(np.int64)),
-                                  torch.from_numpy(pos), index,
-                                  *(torch.from_numpy(np.ascontiguousarray(c)) for c in cache))
-        return out[0].float().numpy(), [t.float().numpy() for t in out[1:]]  # fp32 out under bf16 autocast too
+        index = (
+            torch.arange(t) if logits_index is None else torch.as_tensor(np.asarray(logits_index, np.int64))
+        )
+        out = self.decoder_module(
+            torch.from_numpy(embeds.astype(np.float32)),
+            torch.from_numpy(mask.astype(np.int64)),
+            torch.from_numpy(pos),
+            index,
+            *(torch.from_numpy(np.ascontiguousarray(c)) for c in cache),
+        )
+        return out[0].float().numpy(), [
+            t.float().numpy() for t in out[1:]
+        ]  # fp32 out under bf16 autocast too
 
     @torch.no_grad()
     def token_embeds(self, ids: np.ndarray) -> np.ndarray:

@@ -42,8 +42,10 @@ class TrtGraph:
         try:
             self.runner.activate()  # deserialises the engine: needs `tensorrt` and a GPU
         except Exception as e:
-            raise RuntimeError(f"{engine}: cannot load the TensorRT engine ({type(e).__name__}: {e}); the tensorrt "
-                               "backend needs the tensorrt package and the GPU the engine was built on") from e
+            raise RuntimeError(
+                f"{engine}: cannot load the TensorRT engine ({type(e).__name__}: {e}); the tensorrt "
+                "backend needs the tensorrt package and the GPU the engine was built on"
+            ) from e
 
     def run(self, _output_names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         out = self.runner.infer(feed_dict=feeds)
@@ -61,8 +63,10 @@ class TensorRTRuntime(OrtRuntime):
     def __init__(self, bundle: str | os.PathLike, threads: int | None = None, check: bool = True):
         plan_path = Path(bundle) / "tensorrt" / "plan.json"
         if not plan_path.is_file():
-            raise ArtifactError(f"{bundle}: no tensorrt/plan.json — export it for a TensorRT target "
-                                "(--target jetson-orin-nano, jetson-agx-orin or h100)")
+            raise ArtifactError(
+                f"{bundle}: no tensorrt/plan.json — export it for a TensorRT target "
+                "(--target jetson-orin-nano, jetson-agx-orin or h100)"
+            )
         self.plan = json.loads(plan_path.read_text())
         super().__init__(bundle, threads=threads, check=check)
 
@@ -72,6 +76,8 @@ class TensorRTRuntime(OrtRuntime):
             raise ArtifactError(f"{self.dir}/tensorrt/plan.json: no engine build for graph {key!r}")
         engine = self.dir / build["engine"]
         if not engine.is_file():
-            raise ArtifactError(f"{engine}: engine not built. Build the engines on this device first: "
-                                f"python3 {self.dir / 'tensorrt' / 'build_engines.py'}")
+            raise ArtifactError(
+                f"{engine}: engine not built. Build the engines on this device first: "
+                f"python3 {self.dir / 'tensorrt' / 'build_engines.py'}"
+            )
         return self.graph_class(engine, onnx_output_names(self.dir / build["onnx"]))

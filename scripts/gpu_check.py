@@ -31,10 +31,18 @@ def training_check(steps: int = 20) -> dict:
     from emoverse.tasks import TASKS
 
     real = (cache_dir() / "SmolLM2-135M-Instruct" / "config.json").is_file()
-    cfg = ModelConfig(vision="none", lora_from_layer=12) if real else ModelConfig(
-        llm="tiny-random", vision="none", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    cfg = (
+        ModelConfig(vision="none", lora_from_layer=12)
+        if real
+        else ModelConfig(llm="tiny-random", vision="none", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    )
     mer = TASKS["mer"]
-    texts = ["I can't believe you did that!", "Oh, that's wonderful news.", "Whatever.", "Get out of here!"] * 4
+    texts = [
+        "I can't believe you did that!",
+        "Oh, that's wonderful news.",
+        "Whatever.",
+        "Get out of here!",
+    ] * 4
     labels = ["Surprise.", "Joy.", "Neutral.", "Anger."] * 4
     out = {"model": "smollm2-135m" if real else "tiny-random", "steps": steps}
     curves = {}
@@ -42,7 +50,9 @@ def training_check(steps: int = 20) -> dict:
         torch.manual_seed(0)
         m = EmoVerse.build(cfg).cuda()
         m.freeze_base()
-        batch = m.prompts.collate([m.prompts.encode(mer.query(t), y, [], []) for t, y in zip(texts, labels, strict=True)])
+        batch = m.prompts.collate(
+            [m.prompts.encode(mer.query(t), y, [], []) for t, y in zip(texts, labels, strict=True)]
+        )
         batch = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in batch.items()}
         opt = torch.optim.AdamW(list(m.trainable_parameters().values()), lr=2e-4)
         curve, t0 = [], None
@@ -80,12 +90,21 @@ def fp8_check() -> dict:
         xq = (x / sx).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         wq = (w / sw).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         cpu = (xq.float() * sx) @ (wq.float() * sw).t()  # the CPU emulation's arithmetic
-        gpu = torch._scaled_mm(xq.cuda(), wq.cuda().t(), scale_a=sx.float().cuda(), scale_b=sw.float().cuda(),
-                               out_dtype=torch.float32).cpu()
+        gpu = torch._scaled_mm(
+            xq.cuda(),
+            wq.cuda().t(),
+            scale_a=sx.float().cuda(),
+            scale_b=sw.float().cuda(),
+            out_dtype=torch.float32,
+        ).cpu()
         ref = x @ w.t()
-        rows.append({"shape": [m_, k, n],
-                     "gpu_vs_emulation_max_rel": float((gpu - cpu).abs().max() / cpu.abs().max()),
-                     "emulation_vs_fp32_max_rel": float((cpu - ref).abs().max() / ref.abs().max())})
+        rows.append(
+            {
+                "shape": [m_, k, n],
+                "gpu_vs_emulation_max_rel": float((gpu - cpu).abs().max() / cpu.abs().max()),
+                "emulation_vs_fp32_max_rel": float((cpu - ref).abs().max() / ref.abs().max()),
+            }
+        )
     return {"compute_capability": cc, "matmuls": rows}
 
 
@@ -96,10 +115,14 @@ def bundle_check(bundle: Path) -> dict:
     from emoverse.tasks import TASKS
 
     providers = ort.get_available_providers()
-    rt = open_runtime(bundle, "onnxruntime", providers="cuda" if "CUDAExecutionProvider" in providers else "cpu")
+    rt = open_runtime(
+        bundle, "onnxruntime", providers="cuda" if "CUDAExecutionProvider" in providers else "cpu"
+    )
     msa, mer = TASKS["msa"], TASKS["mer"]
-    answers = {"msa": rt.answer("msa", msa.query("What a lovely day")).text,
-               "mer": rt.answer("mer", mer.query("You did WHAT?")).text}
+    answers = {
+        "msa": rt.answer("msa", msa.query("What a lovely day")).text,
+        "mer": rt.answer("mer", mer.query("You did WHAT?")).text,
+    }
     return {"providers": providers, "answers": answers}
 
 
@@ -109,8 +132,12 @@ def main() -> None:
     ap.add_argument("--bundle")
     ap.add_argument("--steps", type=int, default=20)
     a = ap.parse_args()
-    result: dict = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "python": platform.python_version(),
-                    "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    result: dict = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+    }
     if torch.cuda.is_available():
         result["device"] = torch.cuda.get_device_name()
     checks = {"training": lambda: training_check(a.steps), "fp8": fp8_check}

@@ -9,10 +9,14 @@ from emoverse.cli import main
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "emoverse.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "emoverse.cli", *args], capture_output=True, text=True, timeout=120
+    )
 
 
-@pytest.mark.parametrize("args", [[], ["data"], ["data", "build"], ["data", "validate"], ["train"], ["eval"], ["table"]])
+@pytest.mark.parametrize(
+    "args", [[], ["data"], ["data", "build"], ["data", "validate"], ["train"], ["eval"], ["table"]]
+)
 def test_help(args):
     r = run(*args, "--help")
     assert r.returncode == 0 and "usage: emoverse" in r.stdout
@@ -42,8 +46,12 @@ def test_eval_missing_model(capsys, tmp_path):
 
 def test_validate_reports_bad_lines(tmp_path, capsys):
     f = tmp_path / "r.jsonl"
-    f.write_text('{"query": "q <emotion>", "response": "Joy.", "task": "mer"}\n{oops\n'
-                 '{"query": "q", "response": "x", "task": "mer", "label": "happy"}\n')
+    f.write_text(
+        '{"query": "q <emotion>", "response": "Joy.", "task": "mer"}\n{oops\n'
+        '{"query": "q", "response": "x", "task": "mer", "label": "happy"}\n'
+    )
     assert main(["data", "validate", str(f), "--no-media"]) == 1
     out = capsys.readouterr().out
-    assert "r.jsonl:2: invalid JSON" in out and "r.jsonl:3:" in out and "3 records checked, 2 problem(s)" in out
+    assert (
+        "r.jsonl:2: invalid JSON" in out and "r.jsonl:3:" in out and "3 records checked, 2 problem(s)" in out
+    )

@@ -39,7 +39,7 @@ def _edges():
     def room_of_module(mod: str) -> str | None:
         for pkg in by_len:
             if mod == pkg or mod.startswith(pkg + "."):
-                rel = mapping[pkg] + mod[len(pkg):].replace(".", "/")
+                rel = mapping[pkg] + mod[len(pkg) :].replace(".", "/")
                 if rel + ".py" in APP:
                     return "app"
                 return _room_of_folder(mapping[pkg])
@@ -53,7 +53,11 @@ def _edges():
             room = "app" if rel in APP else _room_of_folder(folder)
             for node in ast.walk(ast.parse(f.read_text())):
                 if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("emoverse"):
-                    targets = [node.module + "." + a.name for a in node.names] if node.module == "emoverse" else [node.module]
+                    targets = (
+                        [node.module + "." + a.name for a in node.names]
+                        if node.module == "emoverse"
+                        else [node.module]
+                    )
                 elif isinstance(node, ast.Import):
                     targets = [a.name for a in node.names if a.name.startswith("emoverse")]
                 else:
@@ -65,7 +69,11 @@ def _edges():
 
 
 def test_dependencies_point_one_way():
-    bad = [f"{rel} ({room}) imports {mod} ({dep})" for rel, room, mod, dep in _edges() if dep not in ALLOWED[room]]
+    bad = [
+        f"{rel} ({room}) imports {mod} ({dep})"
+        for rel, room, mod, dep in _edges()
+        if dep not in ALLOWED[room]
+    ]
     assert not bad, "layer violations:\n" + "\n".join(bad)
 
 

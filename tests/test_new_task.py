@@ -23,10 +23,18 @@ def sarcasm_data(tmp_path):
     try:
         data = tmp_path / "amt"
         for split, n in (("train", 6), ("test", 4)):
-            rows = [{"id": f"s-{split}-{i}", "task": "sarcasm", "source": "toy", "split": split,
-                     "query": task.query(["Oh great, another Monday.", "Thanks, that really helps."][i % 2]),
-                     "response": task.format_label(task.labels[i % 2]), "label": task.labels[i % 2]}
-                    for i in range(n)]
+            rows = [
+                {
+                    "id": f"s-{split}-{i}",
+                    "task": "sarcasm",
+                    "source": "toy",
+                    "split": split,
+                    "query": task.query(["Oh great, another Monday.", "Thanks, that really helps."][i % 2]),
+                    "response": task.format_label(task.labels[i % 2]),
+                    "label": task.labels[i % 2],
+                }
+                for i in range(n)
+            ]
             (data / "sarcasm").mkdir(parents=True, exist_ok=True)
             (data / "sarcasm" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         yield data
@@ -47,11 +55,19 @@ def test_sixth_task_through_validate_eval_and_bench(sarcasm_data, tiny_model_dir
 
     problems, n = validate_files([str(sarcasm_data / "sarcasm" / "test.jsonl")], check_media=False)
     assert problems == [] and n == 4
-    m = evaluate(str(tiny_model_dir), [str(sarcasm_data)], tmp_path / "eval", mode="score", baselines=["majority"])
+    m = evaluate(
+        str(tiny_model_dir), [str(sarcasm_data)], tmp_path / "eval", mode="score", baselines=["majority"]
+    )
     res = m["results"]
     assert res["emoverse/score"]["sarcasm.n"] == 4 and "sarcasm.accuracy" in res["majority"]
     assert "sarcasm.accuracy" in m["ci"]["emoverse/score"]
     bundle = export_bundle(tiny_model_dir, tmp_path / "bundle")
-    report, _ = run_bench([tmp_path / "bundle"], sarcasm_data, BUDGETS, "cpu", tmp_path / "bench",
-                          BenchConfig(limit=4, warmup=0))
+    report, _ = run_bench(
+        [tmp_path / "bundle"],
+        sarcasm_data,
+        BUDGETS,
+        "cpu",
+        tmp_path / "bench",
+        BenchConfig(limit=4, warmup=0),
+    )
     assert report["results"][0]["tasks"]["sarcasm"]["n"] == 4 and bundle["precision"] == "fp32"

@@ -15,12 +15,16 @@ def test_pipeline_runs_then_skips(raw_dir, tmp_path):
     assert not any("skipped" in x for x in logs)
     logs.clear()
     Pipeline(cfg, raw_dir, tmp_path, log=logs.append).run()
-    assert sum("skipped" in x for x in logs) == 5 and not any("running" in x for x in logs)  # data, train, fp8, 2 exports
+    assert sum("skipped" in x for x in logs) == 5 and not any(
+        "running" in x for x in logs
+    )  # data, train, fp8, 2 exports
     # a changed export setting redoes that export only
     cfg.exports[1].precision = "int4"
     logs.clear()
     Pipeline(cfg, raw_dir, tmp_path, log=logs.append).run()
-    assert [x for x in logs if "running" in x] == [f"[pipeline] export-cpu-int8: running -> {tmp_path}/bundles/cpu-int8"]
+    assert [x for x in logs if "running" in x] == [
+        f"[pipeline] export-cpu-int8: running -> {tmp_path}/bundles/cpu-int8"
+    ]
     state = json.loads((tmp_path / ".pipeline" / "train.json").read_text())
     assert state["digest"]
 

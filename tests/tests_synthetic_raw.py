@@ -13,9 +13,29 @@ from pathlib import Path
 from PIL import Image
 
 MELD_EMOTIONS = ["anger", "sadness", "surprise", "disgust", "joy", "neutral", "fear"]
-SENTIMENT = {"anger": "negative", "sadness": "negative", "disgust": "negative", "fear": "negative",
-             "joy": "positive", "surprise": "positive", "neutral": "neutral"}
-WORDS = ["really", "great", "terrible", "okay", "what", "no", "yes", "wow", "fine", "please", "never", "today"]
+SENTIMENT = {
+    "anger": "negative",
+    "sadness": "negative",
+    "disgust": "negative",
+    "fear": "negative",
+    "joy": "positive",
+    "surprise": "positive",
+    "neutral": "neutral",
+}
+WORDS = [
+    "really",
+    "great",
+    "terrible",
+    "okay",
+    "what",
+    "no",
+    "yes",
+    "wow",
+    "fine",
+    "please",
+    "never",
+    "today",
+]
 CK_LABELS = ["anger", "contempt", "disgust", "fear", "happy", "sadness", "surprise"]
 FER_FOLDERS = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
 EMER_EMOTIONS = ["angry", "happy", "sad", "worried", "surprise", "neutral"]
@@ -42,8 +62,19 @@ def make_raw(root: Path, seed: int = 0) -> Path:
     rng = random.Random(seed)
     root = Path(root)
     # MELD: utterance CSVs per split
-    header = ["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID", "Season",
-              "Episode", "StartTime", "EndTime"]
+    header = [
+        "Sr No.",
+        "Utterance",
+        "Speaker",
+        "Emotion",
+        "Sentiment",
+        "Dialogue_ID",
+        "Utterance_ID",
+        "Season",
+        "Episode",
+        "StartTime",
+        "EndTime",
+    ]
     for split, n in (("train", 21), ("dev", 7), ("test", 14)):
         rows = []
         for i in range(n):
@@ -51,8 +82,10 @@ def make_raw(root: Path, seed: int = 0) -> Path:
             rows.append([i + 1, _sentence(rng), "Joey", emo, SENTIMENT[emo], i // 3, i % 3, 1, 1, "0", "1"])
         _csv(root / "meld" / f"{split}_sent_emo.csv", header, rows)
     # CMU-MOSI transcripts: score in [-3, 3], mode train/valid/test
-    rows = [[f"vid{i}_{i}", _sentence(rng).lower(), round(rng.uniform(-3, 3), 2) or 0.5, mode]
-            for i, mode in enumerate(["train"] * 10 + ["valid"] * 3 + ["test"] * 6)]
+    rows = [
+        [f"vid{i}_{i}", _sentence(rng).lower(), round(rng.uniform(-3, 3), 2) or 0.5, mode]
+        for i, mode in enumerate(["train"] * 10 + ["valid"] * 3 + ["test"] * 6)
+    ]
     _csv(root / "cmu_mosi_text" / "label.csv", ["id", "text", "label", "mode"], rows)
     # CK+48 faces (split by subject hash) and their FACS codes
     facs = []
@@ -60,10 +93,19 @@ def make_raw(root: Path, seed: int = 0) -> Path:
         label = CK_LABELS[s % len(CK_LABELS)]
         for frame in (1, 2):
             _face(root / "ck_plus_48" / "CK+48" / label / f"S{s:03d}_001_{frame:08d}.png", rng, "PNG")
-        facs.append([f"S{s:03d}_001", "_".join(str(a) for a in sorted(rng.sample([1, 2, 4, 6, 7, 12, 15, 17, 25], 3))),
-                     label, "1"])
-    _csv(root / "ckplus_facs_netfacs" / "emotions_set_ckplus_aus.csv", ["video", "AU.combination", "emotion", "valence"],
-         facs)
+        facs.append(
+            [
+                f"S{s:03d}_001",
+                "_".join(str(a) for a in sorted(rng.sample([1, 2, 4, 6, 7, 12, 15, 17, 25], 3))),
+                label,
+                "1",
+            ]
+        )
+    _csv(
+        root / "ckplus_facs_netfacs" / "emotions_set_ckplus_aus.csv",
+        ["video", "AU.combination", "emotion", "valence"],
+        facs,
+    )
     # FER2013 PrivateTest folders (test only)
     for i, folder in enumerate(FER_FOLDERS):
         for j in range(2):
@@ -72,10 +114,18 @@ def make_raw(root: Path, seed: int = 0) -> Path:
     v1, v2 = [], []
     for i in range(16):
         name, emo, sub = f"sample_{i:08d}", EMER_EMOTIONS[i % len(EMER_EMOTIONS)], _sentence(rng)
-        reason = f"In the video, the person speaks. Therefore, it is inferred that the emotional state is {emo}."
+        reason = (
+            f"In the video, the person speaks. Therefore, it is inferred that the emotional state is {emo}."
+        )
         v1.append([name, emo, sub, reason])
-        v2.append([name, f'In the video, the subtitle says "{sub}" and the person looks {emo}. Therefore, {emo}.'])
-    _csv(root / "emer_affectgpt" / "dataset-v1" / "gt-eng.csv", ["names", "emotions", "subtitles", "reasons"], v1)
+        v2.append(
+            [name, f'In the video, the subtitle says "{sub}" and the person looks {emo}. Therefore, {emo}.']
+        )
+    _csv(
+        root / "emer_affectgpt" / "dataset-v1" / "gt-eng.csv",
+        ["names", "emotions", "subtitles", "reasons"],
+        v1,
+    )
     _csv(root / "emer_affectgpt" / "dataset-v2" / "final-EMER-reason.csv", ["name", "english"], v2)
     # ECF 1.0 text blocks: "conv_id n", the pairs line, then "idx | speaker | emotion | text | time"
     emos = ["neutral", "joy", "surprise", "anger", "sadness", "neutral"]
@@ -85,17 +135,35 @@ def make_raw(root: Path, seed: int = 0) -> Path:
             n = 5
             pairs = [(k, k) for k in range(2, n + 1) if emos[k - 1] != "neutral"] + [(3, 2)]
             lines = [f"{c} {n}", ", ".join(f"({a},{b})" for a, b in pairs)]
-            lines += [f"{k} | {'AB'[k % 2]} | {emos[k - 1]} | {_sentence(rng)} | 00:00:0{k}" for k in range(1, n + 1)]
+            lines += [
+                f"{k} | {'AB'[k % 2]} | {emos[k - 1]} | {_sentence(rng)} | 00:00:0{k}"
+                for k in range(1, n + 1)
+            ]
             blocks.append("\n".join(lines))
         (root / "ecf1_mecpe").mkdir(parents=True, exist_ok=True)
         (root / "ecf1_mecpe" / f"{split}.txt").write_text("\n".join(blocks) + "\n", encoding="utf-8")
     # ECF 2.0 (SemEval-2024 Task 3) JSON
     convs = []
     for c in range(1, 4):
-        utts = [{"utterance_ID": k, "text": _sentence(rng), "speaker": "AB"[k % 2], "emotion": emos[k - 1],
-                 "video_name": f"dia{c}utt{k}.mp4"} for k in range(1, 6)]
-        convs.append({"conversation_ID": c, "conversation": utts,
-                      "emotion-cause_pairs": [[f"{k}_{emos[k - 1]}", str(k)] for k in range(2, 6) if emos[k - 1] != "neutral"]})
+        utts = [
+            {
+                "utterance_ID": k,
+                "text": _sentence(rng),
+                "speaker": "AB"[k % 2],
+                "emotion": emos[k - 1],
+                "video_name": f"dia{c}utt{k}.mp4",
+            }
+            for k in range(1, 6)
+        ]
+        convs.append(
+            {
+                "conversation_ID": c,
+                "conversation": utts,
+                "emotion-cause_pairs": [
+                    [f"{k}_{emos[k - 1]}", str(k)] for k in range(2, 6) if emos[k - 1] != "neutral"
+                ],
+            }
+        )
     (root / "ecf2_semeval2024_ecac").mkdir(parents=True, exist_ok=True)
     (root / "ecf2_semeval2024_ecac" / "Subtask_2_test.json").write_text(json.dumps(convs), encoding="utf-8")
     return root

@@ -21,7 +21,9 @@ from emoverse.train.trainer import TrainConfig, Trainer
 
 
 def last_checkpoint(run: Path) -> Path:
-    ckpts = Trainer._checkpoints(type("_", (), {"ckpt_dir": run / "checkpoints"})())  # same ordering as resume
+    ckpts = Trainer._checkpoints(
+        type("_", (), {"ckpt_dir": run / "checkpoints"})()
+    )  # same ordering as resume
     if not ckpts:
         raise ArtifactError(f"{run}: no checkpoints (train with `emoverse train` first)")
     return ckpts[-1]
@@ -31,19 +33,25 @@ def release(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool =
     run = Path(run)
     summary_path = run / "train_summary.json"
     if not summary_path.is_file():
-        raise ArtifactError(f"{run}: training has not finished (no train_summary.json); resume it with the same "
-                            "`emoverse train` command first")
+        raise ArtifactError(
+            f"{run}: training has not finished (no train_summary.json); resume it with the same "
+            "`emoverse train` command first"
+        )
     summary = json.loads(summary_path.read_text())
     trained = read_manifest(run / "model")
     recipe = trained["producer"]["recipe"]
-    cfg = load_config(TrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in recipe.items()])  # schema-checked
+    cfg = load_config(
+        TrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in recipe.items()]
+    )  # schema-checked
     model = EmoVerse.build(cfg.model)
     model.freeze_base()
     ckpt = last_checkpoint(run)
     weights = load_file(ckpt / "trainable.safetensors")
     params = model.trainable_parameters()
     if set(weights) != set(params):
-        raise ArtifactError(f"{ckpt}: checkpoint does not match the recipe's model ({sorted(set(weights) ^ set(params))[:2]})")
+        raise ArtifactError(
+            f"{ckpt}: checkpoint does not match the recipe's model ({sorted(set(weights) ^ set(params))[:2]})"
+        )
     with torch.no_grad():
         for k, v in weights.items():
             params[k].copy_(v)
@@ -54,12 +62,20 @@ def release(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool =
         "wall_seconds": round(sum(s.get("seconds", 0.0) for s in summary.get("stages", {}).values()), 1),
         "cpu": trained.get("release_cpu") or cpu_name(),
         "checkpoint": ckpt.name,
-        "reproduce": [f"emoverse train --recipe {Path(out) / 'recipe.yaml'} out={run}",
-                      f"emoverse release --run {run} --out {out}"],
+        "reproduce": [
+            f"emoverse train --recipe {Path(out) / 'recipe.yaml'} out={run}",
+            f"emoverse release --run {run} --out {out}",
+        ],
         "command": " ".join(["emoverse", *sys.argv[1:]]) if sys.argv else "",
     }
-    return model.save_adapter(out, overwrite=overwrite, files={"recipe.yaml": to_yaml(cfg)}, producer={"stage": "release", "run": str(run)},
-                              inputs={"data": info["data"], "trained_model": {"kind": trained.get("kind"),
-                                                                             "created": trained.get("created")}},
-                              extra={"release": info, "training": summary})
-
+    return model.save_adapter(
+        out,
+        overwrite=overwrite,
+        files={"recipe.yaml": to_yaml(cfg)},
+        producer={"stage": "release", "run": str(run)},
+        inputs={
+            "data": info["data"],
+            "trained_model": {"kind": trained.get("kind"), "created": trained.get("created")},
+        },
+        extra={"release": info, "training": summary},
+    )

@@ -108,7 +108,9 @@ class Trainer:
             for task in needed:
                 path = Path(self.cfg.data) / task / "train.jsonl"
                 if not path.is_file():
-                    raise FileNotFoundError(f"{path}: no train records for task {task!r} (run `emoverse data build`)")
+                    raise FileNotFoundError(
+                        f"{path}: no train records for task {task!r} (run `emoverse data build`)"
+                    )
                 encoded, n_long = [], 0
                 for rec in load_records(path):
                     try:
@@ -128,7 +130,11 @@ class Trainer:
         stage = self.cfg.stages[stage_idx]
         tasks = [t for t, w in stage.task_weights.items() if w > 0]
         weights = np.array([stage.task_weights[t] for t in tasks], dtype=float)
-        task = tasks[np.random.default_rng([self.cfg.seed, stage_idx, step]).choice(len(tasks), p=weights / weights.sum())]
+        task = tasks[
+            np.random.default_rng([self.cfg.seed, stage_idx, step]).choice(
+                len(tasks), p=weights / weights.sum()
+            )
+        ]
         rng = np.random.default_rng([self.cfg.seed, stage_idx, step, 1 + self.rank])
         pool = self.data[task]
         if self.cfg.length_buckets:
@@ -139,7 +145,7 @@ class Trainer:
             start = min(int(rng.integers(len(order))), len(order) - n)
             while n > 1 and n * len(pool[order[start + n - 1]].input_ids) > self.cfg.max_batch_tokens:
                 n -= 1  # ascending order: the last is the longest
-            return task, [pool[i] for i in order[start:start + n]]
+            return task, [pool[i] for i in order[start : start + n]]
         idx = rng.choice(len(pool), size=min(self.cfg.batch_size, len(pool)), replace=False)
         items = [pool[i] for i in idx]
         longest = max(len(e.input_ids) for e in items)
@@ -157,8 +163,11 @@ class Trainer:
 
         if self.cfg.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision={self.cfg.precision!r}: use fp32 or bf16")
-        ctx = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16) \
-            if self.cfg.precision == "bf16" else contextlib.nullcontext()
+        ctx = (
+            torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
+            if self.cfg.precision == "bf16"
+            else contextlib.nullcontext()
+        )
         with ctx:
             if self.cfg.response_logits_only:
                 return net(batch, cache_features=True, response_loss_only=True)
@@ -179,10 +188,18 @@ class Trainer:
         from safetensors.torch import save_file
 
         with atomic_dir(self.ckpt_dir / f"stage{stage_idx}-step{step}", overwrite=True) as tmp:
-            save_file({k: v.detach().contiguous() for k, v in self.params.items()}, tmp / "trainable.safetensors")
+            save_file(
+                {k: v.detach().contiguous() for k, v in self.params.items()}, tmp / "trainable.safetensors"
+            )
             # optimizer state is tensors + numbers only: saved with torch.save, read back with weights_only=True
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
+            torch.save(
+                {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                },
+                tmp / "optim.pt",
+            )
             (tmp / "state.json").write_text(json.dumps({"stage": stage_idx, "step": step, "stats": stats}))
         for old in self._checkpoints()[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
@@ -193,7 +210,9 @@ class Trainer:
         weights = load_file(path / "trainable.safetensors")
         missing = set(self.params) ^ set(weights)
         if missing:
-            raise ValueError(f"{path}: checkpoint does not match this model/recipe (parameters {sorted(missing)[:3]})")
+            raise ValueError(
+                f"{path}: checkpoint does not match this model/recipe (parameters {sorted(missing)[:3]})"
+            )
         with torch.no_grad():
             for k, v in weights.items():
                 self.params[k].copy_(v)
@@ -203,7 +222,10 @@ class Trainer:
     def _optimizer(self, stage: StageConfig):
         proj = [p for n, p in self.params.items() if n.startswith("projector.")]
         rest = [p for n, p in self.params.items() if not n.startswith("projector.")]
-        groups = [{"params": rest, "lr": stage.lr}, {"params": proj, "lr": stage.lr * self.cfg.projector_lr_scale}]
+        groups = [
+            {"params": rest, "lr": stage.lr},
+            {"params": proj, "lr": stage.lr * self.cfg.projector_lr_scale},
+        ]
         opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=self.cfg.weight_decay)
 
         def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 10%
@@ -220,7 +242,9 @@ class Trainer:
         if self.world > 1:
             net = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
         resume = self._checkpoints()
-        state, saved = self.load_checkpoint(resume[-1]) if resume else ({"stage": 0, "step": -1, "stats": {}}, None)
+        state, saved = (
+            self.load_checkpoint(resume[-1]) if resume else ({"stage": 0, "step": -1, "stats": {}}, None)
+        )
         stats = state["stats"] or {"tokens": 0, "seconds": 0.0, "steps": 0, "stages": {}}
         log_path = self.out / "train_log.jsonl"
         self.out.mkdir(parents=True, exist_ok=True)
@@ -238,8 +262,14 @@ class Trainer:
                 if stats["stages"].get(stage.name, {}).get("ended_early"):
                     start = stage.steps
             t_stage = time.monotonic() - stats["stages"].get(stage.name, {}).get("seconds", 0.0)
-            bar = tqdm(range(start, stage.steps), desc=f"{stage.name}", unit="step", disable=self.rank != 0, initial=start,
-                       total=stage.steps)
+            bar = tqdm(
+                range(start, stage.steps),
+                desc=f"{stage.name}",
+                unit="step",
+                disable=self.rank != 0,
+                initial=start,
+                total=stage.steps,
+            )
             net.train()
             if self.model.vision is not None:
                 self.model.vision.eval()  # frozen BatchNorm statistics
@@ -264,10 +294,23 @@ class Trainer:
                 bar.set_postfix(task=task, loss=f"{loss.item():.3f}")
                 if self.rank == 0 and (step % cfg.log_every == 0 or step == stage.steps - 1):
                     with open(log_path, "a") as f:
-                        f.write(json.dumps({"stage": stage.name, "step": step, "task": task, "loss": round(loss.item(), 5),
-                                            "lr": sched.get_last_lr()[0], "tokens": stats["tokens"],
-                                            "tokens_per_s": round(stats["tokens"] / max(stats["seconds"], 1e-9), 1)}) + "\n")
-                over_time = stage.max_minutes is not None and time.monotonic() - t_stage > 60 * stage.max_minutes
+                        f.write(
+                            json.dumps(
+                                {
+                                    "stage": stage.name,
+                                    "step": step,
+                                    "task": task,
+                                    "loss": round(loss.item(), 5),
+                                    "lr": sched.get_last_lr()[0],
+                                    "tokens": stats["tokens"],
+                                    "tokens_per_s": round(stats["tokens"] / max(stats["seconds"], 1e-9), 1),
+                                }
+                            )
+                            + "\n"
+                        )
+                over_time = (
+                    stage.max_minutes is not None and time.monotonic() - t_stage > 60 * stage.max_minutes
+                )
                 if over_time:
                     st["ended_early"] = True
                 if (step + 1) % cfg.checkpoint_every == 0 or step == stage.steps - 1 or over_time:
@@ -283,17 +326,24 @@ class Trainer:
         if self.rank != 0:
             return None
         data_dir = Path(self.cfg.data)
-        data_manifest: dict = {"path": str(data_dir.resolve()),
-                               "train_files": {t: sha256_file(data_dir / t / "train.jsonl") for t in self.data}}
+        data_manifest: dict = {
+            "path": str(data_dir.resolve()),
+            "train_files": {t: sha256_file(data_dir / t / "train.jsonl") for t in self.data},
+        }
         if (data_dir / "manifest.json").is_file():
             data_manifest["digest"] = manifest_digest(read_manifest(data_dir))
         stats["tokens_per_s"] = round(stats["tokens"] / max(stats["seconds"], 1e-9), 1)
         out = self.out / "model"
-        self.model.save(out, overwrite=True,
-                        producer={"stage": "train", "recipe": asdict(self.cfg)},
-                        inputs={"data": data_manifest},
-                        extra={"training": stats, "dropped_too_long": self.dropped})
-        atomic_write_json(self.out / "train_summary.json", {"model": str(out), **stats, "dropped_too_long": self.dropped})
+        self.model.save(
+            out,
+            overwrite=True,
+            producer={"stage": "train", "recipe": asdict(self.cfg)},
+            inputs={"data": data_manifest},
+            extra={"training": stats, "dropped_too_long": self.dropped},
+        )
+        atomic_write_json(
+            self.out / "train_summary.json", {"model": str(out), **stats, "dropped_too_long": self.dropped}
+        )
         return out
 
 

@@ -19,16 +19,22 @@ PAIR = re.compile(r"\((\d+),\s*(\d+)\)")
 ECF1_FILES = {"train": "train.txt", "dev": "dev.txt", "test": "test.txt"}
 
 
-def conversation_records(source: str, split: str, conv_id: str, utts: list[tuple[str, str, str]],
-                         pairs: list[tuple[int, int]]) -> Iterator[Record]:
+def conversation_records(
+    source: str, split: str, conv_id: str, utts: list[tuple[str, str, str]], pairs: list[tuple[int, int]]
+) -> Iterator[Record]:
     ecpe = TASKS["ecpe"]
     for k, (emotion, _speaker, _text) in enumerate(utts, start=1):
         if emotion == "neutral":
             continue
         causes = [(f"{k}_{emotion}", c) for e, c in pairs if e == k]
         yield Record(
-            id=f"{source}-{conv_id}-{k}", task="ecpe", source=source, split=split,
-            query=ecpe.query(utts, k), response=ecpe.response(causes), label=emotion,
+            id=f"{source}-{conv_id}-{k}",
+            task="ecpe",
+            source=source,
+            split=split,
+            query=ecpe.query(utts, k),
+            response=ecpe.response(causes),
+            label=emotion,
         )
 
 

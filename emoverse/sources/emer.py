@@ -34,8 +34,13 @@ def read_emer(raw: Path, report: BuildReport) -> Iterator[Record]:
             continue
         labels[name] = label
         yield Record(
-            id=f"emer1-{name}", task="eri", source="emer1", split=sample_split(name),
-            query=eri.query(row["subtitles"].strip()), response=row["reasons"].strip(), label=label,
+            id=f"emer1-{name}",
+            task="eri",
+            source="emer1",
+            split=sample_split(name),
+            query=eri.query(row["subtitles"].strip()),
+            response=row["reasons"].strip(),
+            label=label,
         )
     v2 = report.read_file(raw / "emer_affectgpt" / "dataset-v2" / "final-EMER-reason.csv", raw)
     for line, row in read_csv(v2, ["name", "english"], report):
@@ -47,6 +52,11 @@ def read_emer(raw: Path, report: BuildReport) -> Iterator[Record]:
         if not m:
             report.drop("emer2", "no subtitle quoted in the reason (query without the utterance)")
         yield Record(
-            id=f"emer2-{name}", task="eri", source="emer2", split=sample_split(name),
-            query=eri.query(m.group(1).strip() if m else None), response=reason, label=labels.get(name),
+            id=f"emer2-{name}",
+            task="eri",
+            source="emer2",
+            split=sample_split(name),
+            query=eri.query(m.group(1).strip() if m else None),
+            response=reason,
+            label=labels.get(name),
         )

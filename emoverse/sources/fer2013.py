@@ -26,7 +26,12 @@ def read_fer2013(raw: Path, report: BuildReport) -> Iterator[Record]:
             if not check_image(img, report, str(img)):
                 continue
             yield Record(
-                id=f"fer2013-{img.stem}", task="fer", source="fer2013", split="test",
-                query=fer.query(FER2013_LABELS, with_aus=False), response=fer.response(label, None),
-                label=label, images=[abspath(img)],
+                id=f"fer2013-{img.stem}",
+                task="fer",
+                source="fer2013",
+                split="test",
+                query=fer.query(FER2013_LABELS, with_aus=False),
+                response=fer.response(label, None),
+                label=label,
+                images=[abspath(img)],
             )

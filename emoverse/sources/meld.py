@@ -29,15 +29,25 @@ def read_meld(raw: Path, report: BuildReport) -> Iterator[Record]:
                 continue
             uid = f"dia{row['Dialogue_ID']}_utt{row['Utterance_ID']}"
             yield Record(
-                id=f"meld-mer-{split}-{uid}", task="mer", source="meld", split=split,
-                query=mer.query(text), response=mer.format_label(emotion), label=emotion,
+                id=f"meld-mer-{split}-{uid}",
+                task="mer",
+                source="meld",
+                split=split,
+                query=mer.query(text),
+                response=mer.format_label(emotion),
+                label=emotion,
             )
             if sentiment == "neutral":
                 report.drop("meld", "neutral sentiment (MSA is binary)")
             elif sentiment in msa.labels:
                 yield Record(
-                    id=f"meld-msa-{split}-{uid}", task="msa", source="meld", split=split,
-                    query=msa.query(text), response=msa.format_label(sentiment), label=sentiment,
+                    id=f"meld-msa-{split}-{uid}",
+                    task="msa",
+                    source="meld",
+                    split=split,
+                    query=msa.query(text),
+                    response=msa.format_label(sentiment),
+                    label=sentiment,
                 )
             else:
                 report.bad(where, f"sentiment {sentiment!r} not positive/negative/neutral")

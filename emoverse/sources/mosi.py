@@ -35,6 +35,11 @@ def read_mosi(raw: Path, report: BuildReport) -> Iterator[Record]:
             continue
         label = "positive" if score > 0 else "negative"
         yield Record(
-            id=f"mosi-{split}-{row['id']}", task="msa", source="mosi", split=split,
-            query=msa.query(text), response=msa.format_label(label), label=label,
+            id=f"mosi-{split}-{row['id']}",
+            task="msa",
+            source="mosi",
+            split=split,
+            query=msa.query(text),
+            response=msa.format_label(label),
+            label=label,
         )

@@ -29,32 +29,46 @@ def test_roofline_hand_computed():
 
 
 def _result(p90=50.0, ratio=1.0, size=100.0, mem=500.0):
-    return {"bundle": "b", "size_mb": size, "peak_memory_mb": mem,
-            "tasks": {"mer": {"single_stream": {"p90_ms": p90}, "accuracy_ratio": ratio}}}
+    return {
+        "bundle": "b",
+        "size_mb": size,
+        "peak_memory_mb": mem,
+        "tasks": {"mer": {"single_stream": {"p90_ms": p90}, "accuracy_ratio": ratio}},
+    }
 
 
-BUDGET = {"bundle_size_mb": 200, "peak_memory_mb": 1000, "tasks": {"mer": {"p90_ms": 60, "min_accuracy_ratio": 0.99}}}
+BUDGET = {
+    "bundle_size_mb": 200,
+    "peak_memory_mb": 1000,
+    "tasks": {"mer": {"p90_ms": 60, "min_accuracy_ratio": 0.99}},
+}
 
 
-@pytest.mark.parametrize("result,expect", [
-    (_result(), None),
-    (_result(p90=70), "mer p90 70.0 ms > budget 60 ms"),
-    (_result(ratio=0.95), "mer weighted_f1 at 95.0% of the reference < 99.0%"),
-    (_result(size=250), "size 250.0 MB > budget 200 MB"),
-    (_result(mem=1500), "peak memory 1500 MB > budget 1000 MB"),
-])
+@pytest.mark.parametrize(
+    "result,expect",
+    [
+        (_result(), None),
+        (_result(p90=70), "mer p90 70.0 ms > budget 60 ms"),
+        (_result(ratio=0.95), "mer weighted_f1 at 95.0% of the reference < 99.0%"),
+        (_result(size=250), "size 250.0 MB > budget 200 MB"),
+        (_result(mem=1500), "peak memory 1500 MB > budget 1000 MB"),
+    ],
+)
 def test_budget_verdicts(result, expect):
     fails = verdicts(result, BUDGET)
     assert fails == ([] if expect is None else [f"b: {expect}"])
 
 
-@pytest.mark.parametrize("text,key", [
-    ("cpu:\n  tasks:\n    mer: {p90_ms: 10, min_acc: 0.9}\n", "cpu.tasks.mer.min_acc: unknown key"),
-    ("cpu:\n  tasks:\n    xyz: {p90_ms: 10}\n", "cpu.tasks.xyz: unknown task"),
-    ("cpu:\n  bundle_size_mb: big\n", "cpu.bundle_size_mb: expected a positive number"),
-    ("cpu:\n  latency: 3\n", "cpu.latency: unknown key"),
-    ("cpu:\n  tasks:\n    mer: {p90_ms: -1}\n", "cpu.tasks.mer.p90_ms: expected a positive number"),
-])
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        ("cpu:\n  tasks:\n    mer: {p90_ms: 10, min_acc: 0.9}\n", "cpu.tasks.mer.min_acc: unknown key"),
+        ("cpu:\n  tasks:\n    xyz: {p90_ms: 10}\n", "cpu.tasks.xyz: unknown task"),
+        ("cpu:\n  bundle_size_mb: big\n", "cpu.bundle_size_mb: expected a positive number"),
+        ("cpu:\n  latency: 3\n", "cpu.latency: unknown key"),
+        ("cpu:\n  tasks:\n    mer: {p90_ms: -1}\n", "cpu.tasks.mer.p90_ms: expected a positive number"),
+    ],
+)
 def test_malformed_budgets_name_the_key(tmp_path, text, key):
     p = tmp_path / "b.yaml"
     p.write_text(text)
@@ -79,7 +93,9 @@ def test_request_roofline_by_hand():
 
 
 def _report(p90, value):
-    return {"results": [{"bundle": "b", "tasks": {"mer": {"single_stream": {"p90_ms": p90}, "primary": value}}}]}
+    return {
+        "results": [{"bundle": "b", "tasks": {"mer": {"single_stream": {"p90_ms": p90}, "primary": value}}}]
+    }
 
 
 def test_compare_thresholds(tmp_path):
@@ -99,14 +115,38 @@ def test_bench_end_to_end_on_tiny_bundles(tiny_model_dir, small_amt, tmp_path):
     export_bundle(tiny_model_dir, tmp_path / "fp32")
     export_bundle(tiny_model_dir, tmp_path / "int4", precision="int4")
     budgets = tmp_path / "budgets.yaml"
-    budgets.write_text("cpu:\n  bundle_size_mb: 1000\n  tasks:\n    msa: {p90_ms: 100000, min_accuracy_ratio: 0.01}\n")
+    budgets.write_text(
+        "cpu:\n  bundle_size_mb: 1000\n  tasks:\n    msa: {p90_ms: 100000, min_accuracy_ratio: 0.01}\n"
+    )
     out = tmp_path / "report"
-    rc = main(["bench", "--bundle", str(tiny_model_dir), "--bundle", str(tmp_path / "fp32"), "--bundle",
-               str(tmp_path / "int4"), "--data", str(small_amt), "--budgets", str(budgets), "--out", str(out),
-               "--limit", "1", "--warmup", "0"])
+    rc = main(
+        [
+            "bench",
+            "--bundle",
+            str(tiny_model_dir),
+            "--bundle",
+            str(tmp_path / "fp32"),
+            "--bundle",
+            str(tmp_path / "int4"),
+            "--data",
+            str(small_amt),
+            "--budgets",
+            str(budgets),
+            "--out",
+            str(out),
+            "--limit",
+            "1",
+            "--warmup",
+            "0",
+        ]
+    )
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
-    assert [r["bundle"] for r in rep["results"]] == ["run", "fp32", "int4"]  # torch reference (runs/X/model -> X)
+    assert [r["bundle"] for r in rep["results"]] == [
+        "run",
+        "fp32",
+        "int4",
+    ]  # torch reference (runs/X/model -> X)
     assert [r["backend"] for r in rep["results"]] == ["torch", "onnxruntime", "onnxruntime"]
     ref, fp32 = rep["results"][0], rep["results"][1]
     assert set(ref["tasks"]) == {"msa", "mer", "fer", "eri", "ecpe"}
@@ -117,8 +157,26 @@ def test_bench_end_to_end_on_tiny_bundles(tiny_model_dir, small_amt, tmp_path):
     assert (out / "pareto.png").stat().st_size > 10_000 and (out / "report.csv").read_text().count("\n") == 16
     assert "(estimate)" in (out / "report.md").read_text()
     budgets.write_text("cpu:\n  bundle_size_mb: 0.001\n")
-    assert main(["bench", "--bundle", str(tmp_path / "fp32"), "--data", str(small_amt), "--budgets", str(budgets),
-                 "--out", str(out), "--limit", "1", "--warmup", "0"]) == 1
+    assert (
+        main(
+            [
+                "bench",
+                "--bundle",
+                str(tmp_path / "fp32"),
+                "--data",
+                str(small_amt),
+                "--budgets",
+                str(budgets),
+                "--out",
+                str(out),
+                "--limit",
+                "1",
+                "--warmup",
+                "0",
+            ]
+        )
+        == 1
+    )
     _ = run_bench  # the API behind the CLI
 
 
@@ -127,8 +185,18 @@ def test_accuracy_budget_verdicts_from_ratio_cis():
     from emoverse.bench.runner import inconclusive, verdicts
 
     def result(ci):
-        return {"bundle": "b", "size_mb": 1.0, "peak_memory_mb": 1.0,
-                "tasks": {"msa": {"single_stream": {"p90_ms": 1.0}, "accuracy_ratio": sum(ci) / 2, "accuracy_ratio_ci": ci}}}
+        return {
+            "bundle": "b",
+            "size_mb": 1.0,
+            "peak_memory_mb": 1.0,
+            "tasks": {
+                "msa": {
+                    "single_stream": {"p90_ms": 1.0},
+                    "accuracy_ratio": sum(ci) / 2,
+                    "accuracy_ratio_ci": ci,
+                }
+            },
+        }
 
     budget = {"tasks": {"msa": {"min_accuracy_ratio": 0.99}}}
     ok, bad, unsure = result([0.995, 1.01]), result([0.90, 0.95]), result([0.97, 1.02])

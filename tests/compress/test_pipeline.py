@@ -30,13 +30,16 @@ def test_calibration_covers_every_task(small_amt, tiny_model_dir):
     assert calibration_set(small_amt, tiny_model_dir / "llm", n_per_task=2)[1] == digest  # deterministic
 
 
-@pytest.mark.parametrize("text,msg", [
-    ("stages:\n  - type: prune_everything\n", "unknown stage type 'prune_everything'"),
-    ("stages:\n  - type: gptq_w4a16\n    group_sise: 64\n", "group_sise"),
-    ("stages:\n  - type: gptq_w4a16\n    group_size: big\n", "group_size.*big"),
-    ("stages:\n  - type: gptq_w4a16\n    group_size: 0\n", "must be positive"),
-    ("stages: []\n", "non-empty 'stages'"),
-])
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("stages:\n  - type: prune_everything\n", "unknown stage type 'prune_everything'"),
+        ("stages:\n  - type: gptq_w4a16\n    group_sise: 64\n", "group_sise"),
+        ("stages:\n  - type: gptq_w4a16\n    group_size: big\n", "group_size.*big"),
+        ("stages:\n  - type: gptq_w4a16\n    group_size: 0\n", "must be positive"),
+        ("stages: []\n", "non-empty 'stages'"),
+    ],
+)
 def test_bad_recipes_fail_before_work(tmp_path, text, msg):
     p = tmp_path / "r.yaml"
     p.write_text(text)
@@ -55,8 +58,10 @@ def test_group_size_must_divide_widths(tiny_model_dir, small_amt, tmp_path):
 def test_distill_then_gptq(tiny_model_dir, small_amt, tmp_path):
     """Distil the 2-layer tiny teacher to 1 layer (chosen by measured importance), then quantize it."""
     p = tmp_path / "r.yaml"
-    p.write_text("stages:\n  - type: distill\n    keep_layers: 1\n    steps: 3\n    batch_size: 2\n"
-                 "    importance_samples: 2\n  - type: gptq_w4a16\n    calibration_samples: 8\n")
+    p.write_text(
+        "stages:\n  - type: distill\n    keep_layers: 1\n    steps: 3\n    batch_size: 2\n"
+        "    importance_samples: 2\n  - type: gptq_w4a16\n    calibration_samples: 8\n"
+    )
     m = compress(p, tiny_model_dir, small_amt, tmp_path / "out")
     d = m["producer"]["stages"][0]
     assert d["type"] == "distill" and len(d["kept_layers"]) == 1 and len(d["layer_importance"]) == 2
@@ -67,10 +72,14 @@ def test_distill_then_gptq(tiny_model_dir, small_amt, tmp_path):
     from emoverse.compress.compare import variant_name
 
     assert variant_name(tmp_path / "out") == "distill+gptq_w4a16"
-    p.write_text("stages:\n  - type: distill\n    keep_layers: 1\n    steps: 1\n    batch_size: 2\n"
-                 "    importance_samples: 2\n")
+    p.write_text(
+        "stages:\n  - type: distill\n    keep_layers: 1\n    steps: 1\n    batch_size: 2\n"
+        "    importance_samples: 2\n"
+    )
     compress(p, tiny_model_dir, small_amt, tmp_path / "student")
-    compress("fp8-dynamic", tmp_path / "student", small_amt, tmp_path / "student-fp8")  # a second run on the first
+    compress(
+        "fp8-dynamic", tmp_path / "student", small_amt, tmp_path / "student-fp8"
+    )  # a second run on the first
     assert variant_name(tmp_path / "student-fp8") == "distill+fp8_dynamic"  # lineage through the parent
 
 
@@ -87,18 +96,30 @@ def test_compare_table(tiny_model_dir, small_amt, tmp_path):
 
     q = tmp_path / "fp8"
     compress("fp8-dynamic", tiny_model_dir, small_amt, q)
-    evaluate(str(tiny_model_dir), [str(small_amt)], tmp_path / "ref-eval", mode="score", limit=1,
-             tasks=["msa", "mer", "eri"])
+    evaluate(
+        str(tiny_model_dir),
+        [str(small_amt)],
+        tmp_path / "ref-eval",
+        mode="score",
+        limit=1,
+        tasks=["msa", "mer", "eri"],
+    )
     evaluate(str(q), [str(small_amt)], tmp_path / "q-eval", mode="score", limit=1, tasks=["msa"])
     evaluate(str(q), [str(small_amt)], tmp_path / "q-gen", mode="generate", limit=1, tasks=["eri"])
     both = f"{tmp_path / 'q-eval' / 'metrics.json'}+{tmp_path / 'q-gen' / 'metrics.json'}"
     rep = compare([tmp_path / "ref-eval" / "metrics.json", both], out=tmp_path / "cmp")
     ref, row = rep["rows"]
     assert ref["size_ratio"] == 1.0 and row["variant"] == "fp8_dynamic" and ref["variant"] == "run"
-    assert {"msa.accuracy", "eri.label_accuracy"} <= set(row["metrics"]) and "mer.weighted_f1" not in row["metrics"]
+    assert {"msa.accuracy", "eri.label_accuracy"} <= set(row["metrics"]) and "mer.weighted_f1" not in row[
+        "metrics"
+    ]
     with pytest.raises(ValueError, match="files evaluate different artifacts"):
-        compare([tmp_path / "ref-eval" / "metrics.json", f"{tmp_path / 'q-eval' / 'metrics.json'}+"
-                 f"{tmp_path / 'ref-eval' / 'metrics.json'}"])
+        compare(
+            [
+                tmp_path / "ref-eval" / "metrics.json",
+                f"{tmp_path / 'q-eval' / 'metrics.json'}+{tmp_path / 'ref-eval' / 'metrics.json'}",
+            ]
+        )
     assert row["parameters"] == ref["parameters"]  # quantization keeps the logical parameter count
     assert row["llm_size_ratio"] > 1.0  # the tiny model is mostly its FP32 embedding table
     from safetensors import safe_open
@@ -137,8 +158,10 @@ def test_modelopt_fp8_checkpoint_reloads_with_fp8_numerics(tiny_model_dir, small
 
 def test_gptqmodel_stage_needs_its_environment_before_any_work(tiny_model_dir, small_amt, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("stages:\n  - type: distill\n    keep_layers: 1\n    steps: 1\n"
-                      f"  - type: gptqmodel_w4a16\n    python: {tmp_path / 'nope' / 'python'}\n")
+    recipe.write_text(
+        "stages:\n  - type: distill\n    keep_layers: 1\n    steps: 1\n"
+        f"  - type: gptqmodel_w4a16\n    python: {tmp_path / 'nope' / 'python'}\n"
+    )
     with pytest.raises(ValueError, match="no GPTQModel environment at .*make gptq-env"):
         compress(recipe, tiny_model_dir, small_amt, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -148,8 +171,10 @@ GPTQ_ENV = __import__("pathlib").Path(__file__).resolve().parents[2] / ".venv-gp
 GPTQ_PY = GPTQ_ENV / "bin" / "python"
 
 
-@pytest.mark.skipif(not any(GPTQ_ENV.glob("lib/python*/site-packages/gptqmodel/__init__.py")),
-                    reason="no GPTQModel environment (make gptq-env)")
+@pytest.mark.skipif(
+    not any(GPTQ_ENV.glob("lib/python*/site-packages/gptqmodel/__init__.py")),
+    reason="no GPTQModel environment (make gptq-env)",
+)
 def test_gptqmodel_classic_format(tiny_model_dir, small_amt, tmp_path):
     """Runs only where `make gptq-env` was done: GPTQ in the classic format, through the worker."""
     import json
@@ -157,25 +182,35 @@ def test_gptqmodel_classic_format(tiny_model_dir, small_amt, tmp_path):
     from safetensors import safe_open
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"stages:\n  - type: gptqmodel_w4a16\n    group_size: 32\n    calibration_samples: 8\n"
-                      f"    python: {GPTQ_PY}\n")
+    recipe.write_text(
+        f"stages:\n  - type: gptqmodel_w4a16\n    group_size: 32\n    calibration_samples: 8\n"
+        f"    python: {GPTQ_PY}\n"
+    )
     m = compress(recipe, tiny_model_dir, small_amt, tmp_path / "out")
     q = json.loads((tmp_path / "out" / "llm" / "config.json").read_text())["quantization_config"]
     assert q["quant_method"] == "gptq" and q["bits"] == 4 and q["group_size"] == 32
     st = next((tmp_path / "out" / "llm").glob("*.safetensors"))
     with safe_open(str(st), "pt") as f:
         keys = set(f.keys())
-    assert {"model.layers.0.mlp.up_proj.qweight", "model.layers.0.mlp.up_proj.qzeros",
-            "model.layers.0.mlp.up_proj.scales"} <= keys
+    assert {
+        "model.layers.0.mlp.up_proj.qweight",
+        "model.layers.0.mlp.up_proj.qzeros",
+        "model.layers.0.mlp.up_proj.scales",
+    } <= keys
     assert m["producer"]["stages"][0]["libraries"]["gptqmodel"]
     with pytest.raises(ArtifactError, match="classic GPTQ format"):  # this environment has no gptqmodel
         EmoVerse.load(tmp_path / "out")
     import subprocess
 
-    code = ("import sys; from emoverse.model import EmoVerse; from emoverse.tasks import TASKS; "
-            "m = EmoVerse.load(sys.argv[1]); q = TASKS['msa'].query('great'); print(len(m.score(q, ['Positive.', 'Negative.'])))")
+    code = (
+        "import sys; from emoverse.model import EmoVerse; from emoverse.tasks import TASKS; "
+        "m = EmoVerse.load(sys.argv[1]); q = TASKS['msa'].query('great'); "
+        "print(len(m.score(q, ['Positive.', 'Negative.'])))"
+    )
     out = subprocess.run([str(GPTQ_PY), "-c", code, str(tmp_path / "out")], capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.strip().endswith("2"), out.stderr[-2000:]  # reloads and scores there
+    assert out.returncode == 0 and out.stdout.strip().endswith("2"), out.stderr[
+        -2000:
+    ]  # reloads and scores there
 
 
 def test_calibration_is_round_robin_over_tasks(small_amt, tiny_model_dir):

@@ -29,12 +29,15 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("tamper,msg", [
-    (lambda a: (a / "a.txt").write_text("changed"), "does not match its manifest"),
-    (lambda a: (a / "extra.txt").write_text("x"), "not in the manifest"),
-    (lambda a: (a / "sub" / "b.bin").unlink(), "missing"),
-    (lambda a: (a / "manifest.json").unlink(), "no manifest.json"),
-])
+@pytest.mark.parametrize(
+    "tamper,msg",
+    [
+        (lambda a: (a / "a.txt").write_text("changed"), "does not match its manifest"),
+        (lambda a: (a / "extra.txt").write_text("x"), "not in the manifest"),
+        (lambda a: (a / "sub" / "b.bin").unlink(), "missing"),
+        (lambda a: (a / "manifest.json").unlink(), "no manifest.json"),
+    ],
+)
 def test_tampering_is_detected(tmp_path, tamper, msg):
     art = _make(tmp_path)
     tamper(art)

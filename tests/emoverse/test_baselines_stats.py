@@ -36,20 +36,26 @@ def test_majority_uses_train_labels_and_refuses_without_them():
 def test_tfidf_lr_learns_words_from_train_split():
     train = [_text(f"p{i}", "msa", f"I love this {w}", "positive") for i, w in enumerate("abcdefgh")]
     train += [_text(f"n{i}", "msa", f"I hate that {w}", "negative") for i, w in enumerate("abcdefgh")]
-    test = [_text("q1", "msa", "love it", "positive", "test"), _text("q2", "msa", "hate it", "negative", "test")]
+    test = [
+        _text("q1", "msa", "love it", "positive", "test"),
+        _text("q2", "msa", "hate it", "negative", "test"),
+    ]
     assert tfidf_lr(test, train) == {"q1": "Positive.", "q2": "Negative."}
     assert utterance(test[0].query) == "love it"
 
 
-@pytest.mark.parametrize("text,label", [
-    ("He frowns. Therefore, it is inferred that his emotional state is anger.", "angry"),
-    ("Therefore, she may be happy.", "happy"),  # hedged, one emotion: counts
-    ("Therefore, the person is not angry but sad.", "sad"),  # negated mention dropped
-    ("Therefore, he may be happy, sad, angry or surprised.", INVALID),  # several emotions: wrong
-    ("Therefore, she seems to encourage him and enjoy it.", INVALID),  # no substring matches (rage, joy)
-    ("She smiles widely. She is unhappy though.", "sad"),  # no 'therefore': the last sentence
-    ("Therefore, she is happy and joyful.", "happy"),  # two words, one emotion
-])
+@pytest.mark.parametrize(
+    "text,label",
+    [
+        ("He frowns. Therefore, it is inferred that his emotional state is anger.", "angry"),
+        ("Therefore, she may be happy.", "happy"),  # hedged, one emotion: counts
+        ("Therefore, the person is not angry but sad.", "sad"),  # negated mention dropped
+        ("Therefore, he may be happy, sad, angry or surprised.", INVALID),  # several emotions: wrong
+        ("Therefore, she seems to encourage him and enjoy it.", INVALID),  # no substring matches (rage, joy)
+        ("She smiles widely. She is unhappy though.", "sad"),  # no 'therefore': the last sentence
+        ("Therefore, she is happy and joyful.", "happy"),  # two words, one emotion
+    ],
+)
 def test_eri_conclusion_parser(text, label):
     assert TASKS["eri"].parse_label(text) == label
 
@@ -99,6 +105,8 @@ def test_paired_ratio_identical_systems_is_exactly_one():
     assert r2["ratio_ci"][1] < 1.0
 
 
-@pytest.mark.parametrize("ci,verdict_", [([0.995, 1.01], "pass"), ([0.95, 0.98], "fail"), ([0.97, 1.02], "inconclusive")])
+@pytest.mark.parametrize(
+    "ci,verdict_", [([0.995, 1.01], "pass"), ([0.95, 0.98], "fail"), ([0.97, 1.02], "inconclusive")]
+)
 def test_budget_verdict_from_ci(ci, verdict_):
     assert verdict(ci, 0.99) == verdict_

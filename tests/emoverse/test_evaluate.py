@@ -14,8 +14,16 @@ def test_eval_writes_predictions_and_metrics(tiny_model_dir, small_amt, tmp_path
     m = evaluate(str(tiny_model_dir), [str(small_amt)], tmp_path, limit=1, baselines=["majority", "vader"])
     res = m["results"]
     assert set(res) == {"emoverse/score", "emoverse/generate", "majority", "vader"}
-    for key in ("msa.accuracy", "msa.f1", "mer.accuracy", "mer.weighted_f1", "fer.accuracy", "fer.weighted_f1",
-                "eri.rouge_l", "ecpe.pair_f1"):
+    for key in (
+        "msa.accuracy",
+        "msa.f1",
+        "mer.accuracy",
+        "mer.weighted_f1",
+        "fer.accuracy",
+        "fer.weighted_f1",
+        "eri.rouge_l",
+        "ecpe.pair_f1",
+    ):
         assert key in res["emoverse/score"] and key in res["emoverse/generate"], key
     assert "fer.au_f1" in res["emoverse/generate"]
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -32,16 +40,24 @@ def test_eval_writes_predictions_and_metrics(tiny_model_dir, small_amt, tmp_path
 def test_eval_accepts_foreign_jsonl_and_resumes(tiny_model_dir, tmp_path):
     """A hand-written ms-swift JSONL (no id/task/split) is evaluated; a partial run is reused."""
     f = tmp_path / "mine.jsonl"
-    rows = [{"query": TASKS["msa"].query(t), "response": r} for t, r in [("great", "Positive."), ("awful", "Negative.")]]
+    rows = [
+        {"query": TASKS["msa"].query(t), "response": r}
+        for t, r in [("great", "Positive."), ("awful", "Negative.")]
+    ]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     out.mkdir()
     # pretend an interrupted run already answered the first record with a marker answer
     (out / "predictions.partial.jsonl").write_text(
-        json.dumps({"system": "emoverse/score", "id": "mine-1", "prediction": "Negative."}) + "\n{cut-off line")
+        json.dumps({"system": "emoverse/score", "id": "mine-1", "prediction": "Negative."})
+        + "\n{cut-off line"
+    )
     m = evaluate(str(tiny_model_dir), [str(f)], out, mode="score")
     assert set(m["results"]) == {"emoverse/score"}
-    preds = {json.loads(x)["id"]: json.loads(x)["prediction"] for x in (out / "predictions.jsonl").read_text().splitlines()}
+    preds = {
+        json.loads(x)["id"]: json.loads(x)["prediction"]
+        for x in (out / "predictions.jsonl").read_text().splitlines()
+    }
     assert preds["mine-1"] == "Negative."
     assert m["results"]["emoverse/score"]["msa.n"] == 2
 
@@ -55,8 +71,10 @@ def test_select_records_limit_per_task_and_source(amt_dir):
 
 def test_per_source_metrics():
     msa = TASKS["msa"]
-    recs = [Record(f"r{i}", "msa", src, "test", msa.query("x"), lbl, lbl.lower().rstrip("."))
-            for i, (src, lbl) in enumerate([("a", "Positive."), ("a", "Negative."), ("b", "Positive.")])]
+    recs = [
+        Record(f"r{i}", "msa", src, "test", msa.query("x"), lbl, lbl.lower().rstrip("."))
+        for i, (src, lbl) in enumerate([("a", "Positive."), ("a", "Negative."), ("b", "Positive.")])
+    ]
     m = compute_metrics(recs, {"r0": "Positive.", "r1": "Positive.", "r2": "Positive."})
     assert m["msa.accuracy"] == pytest.approx(2 / 3, abs=1e-4)
     assert m["msa/a.accuracy"] == 0.5 and m["msa/b.accuracy"] == 1.0
@@ -64,9 +82,11 @@ def test_per_source_metrics():
 
 def test_baselines():
     msa, ecpe = TASKS["msa"], TASKS["ecpe"]
-    recs = [Record("m1", "msa", "s", "test", msa.query("I love this, wonderful!"), "Positive.", "positive"),
-            Record("m2", "msa", "s", "test", msa.query("terrible, awful, I hate it"), "Negative.", "negative"),
-            Record("ecf-1-3", "ecpe", "s", "test", ecpe.query([("joy", "A", "a")] * 3, 3), "3_joy,3", "joy")]
+    recs = [
+        Record("m1", "msa", "s", "test", msa.query("I love this, wonderful!"), "Positive.", "positive"),
+        Record("m2", "msa", "s", "test", msa.query("terrible, awful, I hate it"), "Negative.", "negative"),
+        Record("ecf-1-3", "ecpe", "s", "test", ecpe.query([("joy", "A", "a")] * 3, 3), "3_joy,3", "joy"),
+    ]
     v = vader(recs, [])
     assert v == {"m1": "Positive.", "m2": "Negative."}
     maj = majority(recs, [recs[1]])
@@ -88,6 +108,8 @@ def test_merge_metrics_side_by_side(tmp_path):
 
 
 def test_score_mode_alone_still_answers_open_tasks(tiny_model_dir, small_amt, tmp_path):
-    m = evaluate(str(tiny_model_dir), [str(small_amt)], tmp_path, mode="score", limit=1, tasks=["eri", "ecpe", "msa"])
+    m = evaluate(
+        str(tiny_model_dir), [str(small_amt)], tmp_path, mode="score", limit=1, tasks=["eri", "ecpe", "msa"]
+    )
     res = m["results"]["emoverse/score"]
     assert "eri.rouge_l" in res and "ecpe.pair_f1" in res and "msa.accuracy" in res

@@ -9,7 +9,14 @@ from emoverse.model import EmoVerse, ModelConfig
 from emoverse.prompting import MediaError, PromptTooLong
 from emoverse.tasks import TASKS
 
-TINY = dict(llm="tiny-random", vision="efficientnet-lite0-random", image_size=32, visual_grid=2, lora_r=4, lora_alpha=8)
+TINY = dict(
+    llm="tiny-random",
+    vision="efficientnet-lite0-random",
+    image_size=32,
+    visual_grid=2,
+    lora_r=4,
+    lora_alpha=8,
+)
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +25,6 @@ def model():
     m = EmoVerse.build(ModelConfig(**TINY))
     m.freeze_base()
     return m
-
 
 
 def test_only_projector_and_lora_train(model):
@@ -88,9 +94,11 @@ def test_score_equals_full_forward_logprob(model, face):
         enc.input_ids = enc.input_ids[:-1]  # drop the end-of-turn token the training form appends
         enc.visual_mask = enc.visual_mask[:-1]
         ids = torch.tensor([enc.input_ids])
-        logits = model.llm(inputs_embeds=model.embed(ids, torch.tensor([enc.visual_mask]), enc.media)).logits[0]
+        logits = model.llm(inputs_embeds=model.embed(ids, torch.tensor([enc.visual_mask]), enc.media)).logits[
+            0
+        ]
         n = len(model.tokenizer.encode(c, add_special_tokens=False))
-        lp = logits[-n - 1:-1].log_softmax(-1)
+        lp = logits[-n - 1 : -1].log_softmax(-1)
         ref = sum(float(lp[j, ids[0, -n + j]]) for j in range(n))
         assert s == pytest.approx(ref, abs=1e-4)
 
@@ -142,8 +150,16 @@ def test_any_local_hf_causal_lm_folder(tmp_path, face):
     from emoverse.model import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m-instruct")
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "qwen")
+    Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).save_pretrained(tmp_path / "qwen")
     tok.save_pretrained(tmp_path / "qwen")
     m = EmoVerse.build(ModelConfig(**{**TINY, "llm": str(tmp_path / "qwen")}))
     m.freeze_base()
@@ -169,8 +185,11 @@ def test_missing_media_can_be_dropped(model, tmp_path):
 @torch.no_grad()
 def test_batched_generation_equals_one_by_one(model, face):
     model.eval()
-    reqs = [(TASKS["mer"].query("hello there"), [], []), (TASKS["fer"].query(("happy", "anger"), True), [face], []),
-            (TASKS["msa"].query("a much longer sentence " * 5), [], [])]
+    reqs = [
+        (TASKS["mer"].query("hello there"), [], []),
+        (TASKS["fer"].query(("happy", "anger"), True), [face], []),
+        (TASKS["msa"].query("a much longer sentence " * 5), [], []),
+    ]
     batched = model.generate_batch(reqs, max_new_tokens=6)
     single = [model.generate(q, i, v, max_new_tokens=6) for q, i, v in reqs]
     assert batched == single
@@ -189,10 +208,16 @@ def test_score_batch_equals_one_by_one(model, face):
     """Left padding with explicit positions changes no score: a batch of prompts of different lengths (one
     with an image) scores as each does alone."""
     mer, fer = TASKS["mer"], TASKS["fer"]
-    reqs = [(mer.query("no"), mer.candidates(mer.query("no")), [], []),
-            (mer.query("I really cannot believe you would do that to me after all these years"),
-             mer.candidates(mer.query("x")), [], []),
-            (fer.query(["happy", "sadness"], False), ["Happy.", "Sadness."], [str(face)], [])]
+    reqs = [
+        (mer.query("no"), mer.candidates(mer.query("no")), [], []),
+        (
+            mer.query("I really cannot believe you would do that to me after all these years"),
+            mer.candidates(mer.query("x")),
+            [],
+            [],
+        ),
+        (fer.query(["happy", "sadness"], False), ["Happy.", "Sadness."], [str(face)], []),
+    ]
     batched = model.score_batch(reqs)
     for (q, c, i, v), b in zip(reqs, batched, strict=True):
         assert b == pytest.approx(model.score_batch([(q, c, i, v)])[0], abs=2e-4)

@@ -21,7 +21,9 @@ def test_gguf_converts_to_a_cached_hf_folder():
 
 def test_smollm2_scores_sentiment_sensibly(zero_shot):
     ask = "Is the sentiment of this sentence positive or negative? '{}'"
-    pos = zero_shot.generate(ask.format("I absolutely love this, it is wonderful and made me so happy"), max_new_tokens=12)
+    pos = zero_shot.generate(
+        ask.format("I absolutely love this, it is wonderful and made me so happy"), max_new_tokens=12
+    )
     neg = zero_shot.generate(ask.format("This is awful, I hate it, the worst thing ever"), max_new_tokens=12)
     assert "positive" in pos.lower() and "negative" not in pos.lower()
     assert "negative" in neg.lower() and "positive" not in neg.lower()
@@ -36,7 +38,9 @@ def test_imagenet_features_group_frames_of_one_face(zero_shot, real_raw_dir):
     files = sorted(folder.glob("*.png"))
     same = [f for f in files if f.name.startswith(files[0].name[:8])][:2]
     other = [f for f in files if not f.name.startswith(files[0].name[:5])][:4]
-    pix = torch.stack([zero_shot.prompts.pixels(type("R", (), {"path": str(p), "frame": None})()) for p in same + other])
+    pix = torch.stack(
+        [zero_shot.prompts.pixels(type("R", (), {"path": str(p), "frame": None})()) for p in same + other]
+    )
     feats = F.normalize(zero_shot.vision_features(pix).mean(1), dim=-1)
     sim_same = float(feats[0] @ feats[1])
     sim_other = float((feats[0] @ feats[2:].T).mean())

@@ -7,7 +7,15 @@ from emoverse.tasks import TASKS
 
 
 def _rec(**kw):
-    base = dict(id="a", task="mer", source="t", split="test", query=TASKS["mer"].query("hi"), response="Joy.", label="joy")
+    base = dict(
+        id="a",
+        task="mer",
+        source="t",
+        split="test",
+        query=TASKS["mer"].query("hi"),
+        response="Joy.",
+        label="joy",
+    )
     return {**base, **kw}
 
 
@@ -17,14 +25,17 @@ def test_roundtrip(tmp_path):
     assert list(read_records(tmp_path / "x.jsonl")) == [r]
 
 
-@pytest.mark.parametrize("line,msg", [
-    ("{not json", "invalid JSON"),
-    (json.dumps(_rec(task="nope")), "unknown task 'nope'"),
-    (json.dumps(_rec(label="happy")), "not one of the mer labels"),
-    (json.dumps({"response": "x"}), "missing 'query'"),
-    (json.dumps(_rec(images="a.png")), "images must be a list"),
-    (json.dumps(_rec(extra_field=1)), "unknown field"),
-])
+@pytest.mark.parametrize(
+    "line,msg",
+    [
+        ("{not json", "invalid JSON"),
+        (json.dumps(_rec(task="nope")), "unknown task 'nope'"),
+        (json.dumps(_rec(label="happy")), "not one of the mer labels"),
+        (json.dumps({"response": "x"}), "missing 'query'"),
+        (json.dumps(_rec(images="a.png")), "images must be a list"),
+        (json.dumps(_rec(extra_field=1)), "unknown field"),
+    ],
+)
 def test_malformed_lines_name_file_and_line(tmp_path, line, msg):
     p = tmp_path / "bad.jsonl"
     p.write_text(json.dumps(_rec()) + "\n\n" + line + "\n")
@@ -34,7 +45,9 @@ def test_malformed_lines_name_file_and_line(tmp_path, line, msg):
 
 def test_ms_swift_form_infers_task_and_label(tmp_path):
     p = tmp_path / "swift.json"
-    p.write_text(json.dumps([{"query": TASKS["msa"].query("great"), "response": "Positive.", "videos": ["v.mp4"]}]))
+    p.write_text(
+        json.dumps([{"query": TASKS["msa"].query("great"), "response": "Positive.", "videos": ["v.mp4"]}])
+    )
     (r,) = list(read_records(p))
     assert (r.task, r.label, r.videos) == ("msa", "positive", ["v.mp4"])
 
@@ -60,8 +73,16 @@ def test_extra_records_need_an_explicit_split(tmp_path):
     from emoverse.records import RecordError, read_records
 
     f = tmp_path / "more.jsonl"
-    f.write_text(json.dumps({"query": "The person says: 'hi' <sentiment> Please determine which sentiment label in "
-                             "the video represents: positive or negative.", "response": "Positive."}) + "\n")
+    f.write_text(
+        json.dumps(
+            {
+                "query": "The person says: 'hi' <sentiment> Please determine which sentiment label in "
+                "the video represents: positive or negative.",
+                "response": "Positive.",
+            }
+        )
+        + "\n"
+    )
     with pytest.raises(RecordError, match=r"more.jsonl:1: no 'split' field"):
         list(read_records(f, require_split=True))
     assert [r.split for r in read_records(f, split="train", require_split=True)] == ["train"]

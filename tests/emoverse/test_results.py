@@ -8,11 +8,17 @@ from emoverse import results
 
 
 def _metrics(tmp_path, limit=None):
-    m = {"limit": limit, "split": "test", "records": {"mer/meld": 3},
-         "results": {"emoverse/score": {"mer.weighted_f1": 0.64, "mer.accuracy": 0.66, "mer.n": 3},
-                     "tfidf-lr": {"mer.weighted_f1": 0.47, "mer.accuracy": 0.52, "mer.n": 3},
-                     "majority": {"mer.weighted_f1": 0.30, "mer.accuracy": 0.48, "mer.n": 3}},
-         "ci": {"emoverse/score": {"mer.weighted_f1": [0.62, 0.66]}}}
+    m = {
+        "limit": limit,
+        "split": "test",
+        "records": {"mer/meld": 3},
+        "results": {
+            "emoverse/score": {"mer.weighted_f1": 0.64, "mer.accuracy": 0.66, "mer.n": 3},
+            "tfidf-lr": {"mer.weighted_f1": 0.47, "mer.accuracy": 0.52, "mer.n": 3},
+            "majority": {"mer.weighted_f1": 0.30, "mer.accuracy": 0.48, "mer.n": 3},
+        },
+        "ci": {"emoverse/score": {"mer.weighted_f1": [0.62, 0.66]}},
+    }
     p = tmp_path / "metrics.json"
     p.write_text(json.dumps(m))
     return p
@@ -22,8 +28,11 @@ def test_results_rows_targets_and_baselines(tmp_path):
     res = results.build([_metrics(tmp_path)])
     row = next(r for r in res["rows"] if r["group"] == "mer" and r["metric"] == "weighted_f1")
     assert row["primary"] and row["target"] == 0.63 and row["meets_target"] is True
-    assert row["beats_every_baseline"] is True and row["best_baseline"] == ["tfidf-lr", 0.47] or \
-        row["best_baseline"] == ("tfidf-lr", 0.47)
+    assert (
+        row["beats_every_baseline"] is True
+        and row["best_baseline"] == ["tfidf-lr", 0.47]
+        or row["best_baseline"] == ("tfidf-lr", 0.47)
+    )
     out, md = results.write(res, tmp_path / "r.json")
     text = md.read_text()
     assert "0.640 [0.620, 0.660]" in text and "≥ 0.63 (met)" in text

@@ -64,7 +64,10 @@ def test_ecpe_parse_tolerates_spacing_and_duplicates():
 
 def test_eri_label_accuracy_reads_the_conclusion():
     t = TASKS["eri"]
-    pred = ["He smiles. Therefore, his emotional state is happy.", "She was happy before. Therefore she is angry."]
+    pred = [
+        "He smiles. Therefore, his emotional state is happy.",
+        "She was happy before. Therefore she is angry.",
+    ]
     m = t.metrics(["x", "y"], pred, ["happy", "sad"])
     assert m["label_accuracy"] == 0.5
     assert 0 <= m["rouge_l"] <= 1

@@ -24,7 +24,9 @@ def test_bundle_is_valid_and_verified(bundle):
     cfg = json.loads((bundle / "runtime.json").read_text())
     assert cfg["tasks"]["mer"]["labels"] == list(TASKS["mer"].labels)
     dec = onnx.load(str(bundle / "graphs" / "decoder.onnx"))
-    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in dec.graph.input}
+    dims = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in dec.graph.input
+    }
     assert dims["inputs_embeds"][:2] == ["batch", "seq"] and dims["past_key_0"][2] == "past"
 
 
@@ -44,8 +46,10 @@ def test_kv_cache_decode_equals_full_forward(runtime):
     emb = runtime.embed(TASKS["msa"].query("fine"), [])[None]
     n = emb.shape[1]
     full, _ = runtime.forward(emb, np.ones((1, n), dtype=np.int64), runtime.empty_cache(1))
-    first, cache = runtime.forward(emb[:, : n - 3], np.ones((1, n - 3), dtype=np.int64), runtime.empty_cache(1))
-    rest, _ = runtime.forward(emb[:, n - 3:], np.ones((1, n), dtype=np.int64), cache)
+    first, cache = runtime.forward(
+        emb[:, : n - 3], np.ones((1, n - 3), dtype=np.int64), runtime.empty_cache(1)
+    )
+    rest, _ = runtime.forward(emb[:, n - 3 :], np.ones((1, n), dtype=np.int64), cache)
     assert np.allclose(full[0, -3:], rest[0], atol=1e-4)
     assert np.allclose(full[0, : n - 3], first[0], atol=1e-4)
 
@@ -55,7 +59,9 @@ def test_ecpe_output_follows_the_grammar(runtime):
     utts = [("neutral", "A", "hi"), ("joy", "B", "great news"), ("surprise", "A", "really?")]
     ans = runtime.answer("ecpe", ecpe.query(utts, 3))
     pairs = ecpe.parse(ans.text).pairs
-    assert ans.text == "" or all(p.startswith("3_surprise,") and 1 <= int(p.split(",")[1]) <= 3 for p in pairs)
+    assert ans.text == "" or all(
+        p.startswith("3_surprise,") and 1 <= int(p.split(",")[1]) <= 3 for p in pairs
+    )
     assert ans.text == ";".join(pairs)
 
 
@@ -64,13 +70,19 @@ def test_bad_requests_are_named_and_serving_continues(runtime, face, tmp_path):
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
-    res = runtime.answer_many([
-        {"task": "fer", "query": TASKS["fer"].query(("happy", "anger"), False), "images": [str(tmp_path / "gone.png")]},
-        {"task": "fer", "query": TASKS["fer"].query(("happy", "anger"), False), "images": [str(bad)]},
-        {"task": "nope", "query": "x"},
-        {"task": "mer", "query": "word " * 5000},
-        {"task": "fer", "query": TASKS["fer"].query(("happy", "anger"), False), "images": [face]},
-    ])
+    res = runtime.answer_many(
+        [
+            {
+                "task": "fer",
+                "query": TASKS["fer"].query(("happy", "anger"), False),
+                "images": [str(tmp_path / "gone.png")],
+            },
+            {"task": "fer", "query": TASKS["fer"].query(("happy", "anger"), False), "images": [str(bad)]},
+            {"task": "nope", "query": "x"},
+            {"task": "mer", "query": "word " * 5000},
+            {"task": "fer", "query": TASKS["fer"].query(("happy", "anger"), False), "images": [face]},
+        ]
+    )
     assert [type(r).__name__ for r in res] == ["RequestError"] * 4 + ["Answer"]
     assert "gone.png: image file not found" in str(res[0]) and "bad.png: unreadable" in str(res[1])
     assert "unknown task 'nope'" in str(res[2]) and "over the bundle's max_length" in str(res[3])
@@ -94,10 +106,12 @@ def test_tampered_bundle_is_refused(bundle, tmp_path):
 
 
 def test_runtime_imports_no_torch(bundle):
-    code = ("import sys; from emoverse.runtime.ort import OrtRuntime; OrtRuntime(sys.argv[1]).answer('msa', "
-            "\"The person says: 'ok' <sentiment> Please determine which sentiment label in the video represents: "
-            "positive or negative.\"); bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys; from emoverse.runtime.ort import OrtRuntime; OrtRuntime(sys.argv[1]).answer('msa', "
+        "\"The person says: 'ok' <sentiment> Please determine which sentiment label in the video represents: "
+        "positive or negative.\"); bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     r = subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
 

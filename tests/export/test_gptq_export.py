@@ -16,15 +16,23 @@ from emoverse.export.gptq_onnx import dequantize, pack, read_linears, unpack
 @pytest.fixture(scope="module")
 def gptq_artifact(tiny_model_dir, small_amt, tmp_path_factory):
     out = tmp_path_factory.mktemp("gptq") / "art"
-    compress("gptq-w4a16", tiny_model_dir, small_amt, out,
-             overrides=["stages.0.group_size=32", "stages.0.calibration_samples=5"])
+    compress(
+        "gptq-w4a16",
+        tiny_model_dir,
+        small_amt,
+        out,
+        overrides=["stages.0.group_size=32", "stages.0.calibration_samples=5"],
+    )
     return out
 
 
 def test_pack_unpack_roundtrip():
     rng = np.random.default_rng(0)
-    layer = {"q": rng.integers(-8, 8, (6, 64)).astype(np.int8), "scale": rng.random((6, 2)).astype(np.float32),
-             "group_size": 32}
+    layer = {
+        "q": rng.integers(-8, 8, (6, 64)).astype(np.int8),
+        "scale": rng.random((6, 2)).astype(np.float32),
+        "group_size": 32,
+    }
     b, s = pack(layer)
     assert b.shape == (6, 2, 16) and b.dtype == np.uint8 and s.shape == (12,)
     assert np.array_equal(unpack(b, s, 6, 64, 32), dequantize(layer))
@@ -36,7 +44,9 @@ def test_gptq_bundle_weights_are_the_artifacts_bit_for_bit(gptq_artifact, tmp_pa
     assert m["parity"]["greedy_identical"] == m["parity"]["probes"]
     assert m["parity"]["max_abs_logit_diff"] < 1e-3
     linears = read_linears(gptq_artifact / "llm")
-    graph = onnx.load(str(tmp_path / "b" / json.loads((tmp_path / "b" / "runtime.json").read_text())["graphs"]["decoder"]))
+    graph = onnx.load(
+        str(tmp_path / "b" / json.loads((tmp_path / "b" / "runtime.json").read_text())["graphs"]["decoder"])
+    )
     inits = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
     assert sum(n.op_type == "MatMulNBits" for n in graph.graph.node) == len(linears)
     for name, layer in linears.items():
@@ -61,7 +71,9 @@ def test_whole_bundle_quantized_smaller_and_still_answers(gptq_artifact, small_a
 
     faces = [i for r in load_records(small_amt / "fer" / "train.jsonl") for i in r.images]
     plain = export_bundle(gptq_artifact, tmp_path / "plain")
-    small = export_bundle(gptq_artifact, tmp_path / "small", embedding_bits=8, vision_int8=True, calibration_images=faces)
+    small = export_bundle(
+        gptq_artifact, tmp_path / "small", embedding_bits=8, vision_int8=True, calibration_images=faces
+    )
     assert folder_bytes(tmp_path / "small") < 0.8 * folder_bytes(tmp_path / "plain")
     assert small["embeddings"].startswith("int8") and small["vision"].startswith("int8")
     assert small["parity"]["probes"] == plain["parity"]["probes"] == 2

@@ -15,18 +15,33 @@ from emoverse.artifacts import ArtifactError, verify
 
 
 def _train_cmd(data, out, steps=8):
-    return [sys.executable, "-m", "emoverse.cli", "train", "--recipe", "tiny", f"data={data}", f"out={out}",
-            "checkpoint_every=1", f"stages.0.steps={steps}", f"stages.1.steps={steps}", "threads=1"]
+    return [
+        sys.executable,
+        "-m",
+        "emoverse.cli",
+        "train",
+        "--recipe",
+        "tiny",
+        f"data={data}",
+        f"out={out}",
+        "checkpoint_every=1",
+        f"stages.0.steps={steps}",
+        f"stages.1.steps={steps}",
+        "threads=1",
+    ]
 
 
 def _run(cmd):
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert r.returncode == 0, r.stderr[-2000:]
 
 
 def _kill_when(cmd, ready, timeout=300):
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     t0 = time.monotonic()
     while not ready():
         assert proc.poll() is None, "finished before it could be killed"
@@ -62,10 +77,26 @@ def test_kill_during_data_build_leaves_no_artifact(raw_dir, tmp_path):
 
 def test_kill_during_compress_leaves_no_artifact(tiny_model_dir, small_amt, tmp_path):
     out = tmp_path / "q"
-    cmd = [sys.executable, "-m", "emoverse.cli", "compress", "--recipe", "gptq-w4a16", "--model", str(tiny_model_dir),
-           "--data", str(small_amt), "--out", str(out), "--eval-limit", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "emoverse.cli",
+        "compress",
+        "--recipe",
+        "gptq-w4a16",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(small_amt),
+        "--out",
+        str(out),
+        "--eval-limit",
+        "0",
+    ]
     started = Path(tmp_path)
-    _kill_when(cmd, lambda: any(p.name.startswith("emoverse-compress-") for p in started.iterdir()), timeout=300)
+    _kill_when(
+        cmd, lambda: any(p.name.startswith("emoverse-compress-") for p in started.iterdir()), timeout=300
+    )
     assert not out.exists()
 
 
@@ -83,8 +114,22 @@ def test_kill_during_bench_keeps_the_previous_report(tiny_model_dir, small_amt, 
     out = tmp_path / "report"
     out.mkdir()
     (out / "report.json").write_text('{"previous": true}')
-    cmd = [sys.executable, "-m", "emoverse.cli", "bench", "--bundle", str(tmp_path / "b"), "--data", str(small_amt),
-           "--out", str(out), "--limit", "5", "--repetitions", "5"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "emoverse.cli",
+        "bench",
+        "--bundle",
+        str(tmp_path / "b"),
+        "--data",
+        str(small_amt),
+        "--out",
+        str(out),
+        "--limit",
+        "5",
+        "--repetitions",
+        "5",
+    ]
     t0 = time.monotonic()
     _kill_when(cmd, lambda: time.monotonic() - t0 > 6)
     assert (out / "report.json").read_text() == '{"previous": true}'  # untouched until a run completes

@@ -12,15 +12,25 @@ from emoverse.sources import BuildReport, SourceError
 from emoverse.sources.mosi import read_mosi
 from emoverse.tasks import TASKS
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-                           lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
-                           max_leaves=10)
-record_like = st.fixed_dictionaries({}, optional={
-    "id": json_values, "task": st.sampled_from(["msa", "mer", "fer", "eri", "ecpe", "xyz"]) | json_values,
-    "query": st.sampled_from([TASKS["mer"].query("hi"), "", "q <sentiment>"]) | json_values,
-    "response": st.sampled_from(["Joy.", "Positive.", ""]) | json_values,
-    "label": st.sampled_from(["joy", "happy", None]) | json_values,
-    "images": json_values, "videos": json_values, "split": json_values, "source": json_values})
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+    max_leaves=10,
+)
+record_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": json_values,
+        "task": st.sampled_from(["msa", "mer", "fer", "eri", "ecpe", "xyz"]) | json_values,
+        "query": st.sampled_from([TASKS["mer"].query("hi"), "", "q <sentiment>"]) | json_values,
+        "response": st.sampled_from(["Joy.", "Positive.", ""]) | json_values,
+        "label": st.sampled_from(["joy", "happy", None]) | json_values,
+        "images": json_values,
+        "videos": json_values,
+        "split": json_values,
+        "source": json_values,
+    },
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -58,8 +68,19 @@ def test_mosi_reader_on_arbitrary_bytes(tmp_path, blob):
             assert "label.csv" in str(e)
 
 
-ecf_line = st.sampled_from(["1 3", "(1,1),(2,1)", "1 | A | joy | hi | t", "2 | B | neutral | ok | t", "x | y", "",
-                            "3 | C | happy | no | t", "99 2", "1 | A | joy |  | t"]) | st.text(max_size=30)
+ecf_line = st.sampled_from(
+    [
+        "1 3",
+        "(1,1),(2,1)",
+        "1 | A | joy | hi | t",
+        "2 | B | neutral | ok | t",
+        "x | y",
+        "",
+        "3 | C | happy | no | t",
+        "99 2",
+        "1 | A | joy |  | t",
+    ]
+) | st.text(max_size=30)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -78,8 +99,17 @@ def test_ecf1_reader_on_arbitrary_lines(tmp_path, lines):
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(st.text(max_size=15), st.sampled_from(["joy", "anger", "happy", ""]),
-                          st.sampled_from(["positive", "neutral", "bad"]), st.text(max_size=3)), max_size=5))
+@given(
+    st.lists(
+        st.tuples(
+            st.text(max_size=15),
+            st.sampled_from(["joy", "anger", "happy", ""]),
+            st.sampled_from(["positive", "neutral", "bad"]),
+            st.text(max_size=3),
+        ),
+        max_size=5,
+    )
+)
 def test_meld_reader_on_arbitrary_rows(tmp_path, rows):
     import csv
     import io

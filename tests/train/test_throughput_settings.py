@@ -7,8 +7,15 @@ from emoverse.model import EmoVerse, ModelConfig
 from emoverse.tasks import TASKS
 from emoverse.train.trainer import TrainConfig, Trainer
 
-TINY = dict(llm="tiny-random", vision="efficientnet-lite0-random", image_size=32, visual_grid=2, lora_r=4,
-            lora_alpha=8, lora_dropout=0.0)
+TINY = dict(
+    llm="tiny-random",
+    vision="efficientnet-lite0-random",
+    image_size=32,
+    visual_grid=2,
+    lora_r=4,
+    lora_alpha=8,
+    lora_dropout=0.0,
+)
 
 
 def _model(**over) -> EmoVerse:
@@ -24,9 +31,11 @@ def _model(**over) -> EmoVerse:
 
 def _batch(m: EmoVerse) -> dict:
     msa, mer = TASKS["msa"], TASKS["mer"]
-    items = [m.prompts.encode(msa.query("what a lovely day"), "Positive.", [], []),
-             m.prompts.encode(mer.query("I hate this, I really do, go away"), "Anger.", [], []),
-             m.prompts.encode(msa.query("no"), "Negative.", [], [])]
+    items = [
+        m.prompts.encode(msa.query("what a lovely day"), "Positive.", [], []),
+        m.prompts.encode(mer.query("I hate this, I really do, go away"), "Anger.", [], []),
+        m.prompts.encode(msa.query("no"), "Negative.", [], []),
+    ]
     return m.prompts.collate(items)
 
 
@@ -37,8 +46,9 @@ def test_response_loss_equals_full_logits_loss():
     fast = m(batch, response_loss_only=True)
     assert torch.allclose(full, fast, rtol=1e-5, atol=1e-6)
     g_full = torch.autograd.grad(full, list(m.trainable_parameters().values()), allow_unused=True)
-    g_fast = torch.autograd.grad(m(batch, response_loss_only=True), list(m.trainable_parameters().values()),
-                                 allow_unused=True)
+    g_fast = torch.autograd.grad(
+        m(batch, response_loss_only=True), list(m.trainable_parameters().values()), allow_unused=True
+    )
     for a, b in zip(g_full, g_fast, strict=True):
         assert (a is None) == (b is None)
         if a is not None:
@@ -81,8 +91,16 @@ def test_bf16_training_follows_fp32_over_steps():
 
 
 def test_lora_from_layer_puts_adapters_only_on_upper_layers():
-    m = _model(tiny={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
-                     "num_key_value_heads": 2}, lora_from_layer=2)
+    m = _model(
+        tiny={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        lora_from_layer=2,
+    )
     layers = {int(n.split(".layers.")[1].split(".")[0]) for n in m.trainable_parameters() if "lora_" in n}
     assert layers == {2, 3}
     # a text batch's backward stops above the frozen layers: nothing below layer 2 holds a gradient path

@@ -34,7 +34,9 @@ def test_resume_reaches_the_same_weights(small_amt, tmp_path, tiny_config):
     full = tmp_path / "full"
     train(tiny_config(small_amt, full, checkpoint_every=1))
     part = tmp_path / "part"
-    assert train(tiny_config(small_amt, part, checkpoint_every=1, halt_after=4)) is None  # "killed" mid stage 2
+    assert (
+        train(tiny_config(small_amt, part, checkpoint_every=1, halt_after=4)) is None
+    )  # "killed" mid stage 2
     assert not (part / "model").exists()
     train(tiny_config(small_amt, part, checkpoint_every=1))
     a, b = _trainable(full), _trainable(part)
@@ -44,7 +46,9 @@ def test_resume_reaches_the_same_weights(small_amt, tmp_path, tiny_config):
 
 
 def test_sampling_follows_stage_weights(small_amt, tmp_path, tiny_config):
-    cfg = tiny_config(small_amt, tmp_path, **{"stages.0.task_weights.fer": 0.0, "stages.0.task_weights.mer": 0.0})
+    cfg = tiny_config(
+        small_amt, tmp_path, **{"stages.0.task_weights.fer": 0.0, "stages.0.task_weights.mer": 0.0}
+    )
     tr = Trainer(cfg)
     assert {tr.sample_batch(0, s)[0] for s in range(20)} == {"msa"}
 
@@ -55,8 +59,10 @@ def test_unknown_task_in_recipe(small_amt, tmp_path, tiny_config):
         Trainer(cfg)
 
 
-@pytest.mark.parametrize("override,msg", [("batch_sise=3", "batch_sise"), ("batch_size=abc", "batch_size"),
-                                          ("model.lora_r=x", "lora_r")])
+@pytest.mark.parametrize(
+    "override,msg",
+    [("batch_sise=3", "batch_sise"), ("batch_size=abc", "batch_size"), ("model.lora_r=x", "lora_r")],
+)
 def test_bad_recipe_values_fail_before_work(override, msg):
     with pytest.raises(RecipeError, match=msg):
         load_config(TrainConfig, RECIPES / "tiny.yaml", [override])
@@ -71,8 +77,21 @@ def test_shipped_recipes_parse():
 def test_ddp_two_cpu_processes(small_amt, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           "-m", "emoverse.cli", "train", "--recipe", "tiny", f"data={small_amt}", f"out={out}", "threads=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29533",
+        "-m",
+        "emoverse.cli",
+        "train",
+        "--recipe",
+        "tiny",
+        f"data={small_amt}",
+        f"out={out}",
+        "threads=1",
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     m = verify(out / "model", kind="emoverse-model")
