@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from emoverse.artifacts import atomic_dir, write_manifest
 from emoverse.records import SPLITS, Record, read_records, write_records
-from emoverse.sources import SOURCES, BuildReport
+from emoverse.sources import SOURCES, BuildReport, missing_sources
 
 
 def build_amt(
@@ -33,6 +33,10 @@ def build_amt(
     unknown = [n for n in names if n not in SOURCES]
     if unknown:
         raise ValueError(f"unknown source(s) {unknown}; known: {list(SOURCES)}")
+    missing = missing_sources(raw, names)
+    if missing:
+        raise FileNotFoundError("raw sources missing (docs/data.md; --sources builds from a subset):\n  "
+                                + "\n  ".join(missing))
     report = BuildReport(skip_bad=skip_bad)
     records: list[Record] = []
     for name in tqdm(names, desc="sources", unit="src"):

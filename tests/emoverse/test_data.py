@@ -143,3 +143,13 @@ def test_unknown_source():
 def test_image_folders_are_digested(real_amt_dir):
     imgs = read_manifest(real_amt_dir)["inputs"]["raw_images"]
     assert imgs["ck_plus_48"]["files"] == 981 and imgs["fer2013_subset"]["files"] == 3589
+
+
+def test_missing_sources_are_named_with_where_to_get_them(raw_dir, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(raw_dir / "meld", raw / "meld")
+    with pytest.raises(FileNotFoundError) as e:
+        build_amt(raw, tmp_path / "out", sources=["meld", "ecf1", "ckplus"])
+    msg = str(e.value)
+    assert "ecf1_mecpe is missing" in msg and "NUSTM/MECPE" in msg and "ck_plus_48" in msg and "meld:" not in msg
+    assert build_amt(raw, tmp_path / "out", sources=["meld"])["counts"]["mer"]
