@@ -169,17 +169,8 @@ def run_distill(params: Distill, src: Path, dst: Path, data: str | Path) -> dict
         if params.max_minutes and time.monotonic() - t0 > 60 * params.max_minutes:
             break
     student.eval()
-    (dst / "llm").mkdir(parents=True, exist_ok=True)
-    student.llm.save_pretrained(dst / "llm")
-    student.tokenizer.save_pretrained(dst / "llm")
-    from safetensors.torch import save_file
-
-    save_file(
-        {k: v.contiguous() for k, v in student.projector.state_dict().items()}, dst / "projector.safetensors"
-    )
-    for name in ("vision.safetensors", "emoverse.json"):
-        if (src / name).is_file():
-            (dst / name).write_bytes((src / name).read_bytes())
+    # the one model-folder writer (the compress pipeline replaces the manifest with its own)
+    student.save(dst, producer={"stage": "distill"}, overwrite=True)
     return {
         "type": "distill",
         "teacher_layers": n_layers,
