@@ -105,7 +105,7 @@ def verdicts(result: dict, budget: dict) -> list[str]:
             if v == "fail":
                 ci_text = f" (95% CI {ci[0]:.1%}-{ci[1]:.1%})" if ci else ""
                 fails.append(
-                    f"{name}: {task} {PRIMARY[task]} at {ratio:.1%}{ci_text} of the reference < "
+                    f"{name}: {task} {TASKS[task].primary} at {ratio:.1%}{ci_text} of the reference < "
                     f"{tb['min_accuracy_ratio']:.1%}"
                 )
     return fails
@@ -114,7 +114,7 @@ def verdicts(result: dict, budget: dict) -> list[str]:
 def inconclusive(result: dict) -> list[str]:
     """Accuracy budgets whose ratio CI straddles the budget: neither pass nor fail; more records decide."""
     return [
-        f"{result['bundle']}: {task} {PRIMARY[task]} ratio CI {t['accuracy_ratio_ci'][0]:.1%}-"
+        f"{result['bundle']}: {task} {TASKS[task].primary} ratio CI {t['accuracy_ratio_ci'][0]:.1%}-"
         f"{t['accuracy_ratio_ci'][1]:.1%} straddles the budget"
         for task, t in result["tasks"].items()
         if t.get("accuracy_verdict") == "inconclusive"
@@ -304,7 +304,7 @@ def bench_bundle(bundle: Path, records: list[Record], cfg: BenchConfig) -> dict:
         out_tasks[task] = {
             "n": len(recs),
             "metrics": metrics,
-            "primary": metrics.get(PRIMARY[task]),
+            "primary": metrics.get(TASKS[task].primary),
             "single_stream": percentiles(lat),
             "ttft": percentiles(ttft) if ttft else None,
             "tpot": percentiles(tpot) if tpot else None,
@@ -495,7 +495,7 @@ def write_report(report: dict, out: Path, budget: dict) -> None:
                     "bundle": r["bundle"],
                     "precision": r["precision"],
                     "task": task,
-                    "primary_metric": PRIMARY[task],
+                    "primary_metric": TASKS[task].primary,
                     "value": t["primary"],
                     "ratio_to_reference": t["accuracy_ratio"],
                     "agreement_with_reference": t.get("agreement"),
@@ -541,7 +541,7 @@ def format_report(report: dict) -> str:
             ss = t["single_stream"]
             ratio = f" ({t['accuracy_ratio']:.1%})" if t["accuracy_ratio"] is not None else ""
             lines.append(
-                f"| {r['bundle']} | {task} | {PRIMARY[task]} | {_fmt(t['primary'])}{ratio} | "
+                f"| {r['bundle']} | {task} | {TASKS[task].primary} | {_fmt(t['primary'])}{ratio} | "
                 f"{_fmt(t.get('agreement'), '.1%')} | {ss['p50_ms']:.1f} | "
                 f"{ss['p90_ms']:.1f} | {ss['p99_ms']:.1f} | {_fmt(t.get('roofline_fraction'), '.0%')} | "
                 f"{_fmt(t['ttft'] and t['ttft']['p50_ms'], '.1f')} | "
@@ -656,7 +656,7 @@ def compare_reports(
             oa, na = o.get("primary"), v.get("primary")
             if oa is not None and na is not None and oa - na > acc_tol:
                 problems.append(
-                    f"{r['bundle']}: {task} {PRIMARY[task]} {oa:.3f} -> {na:.3f} "
+                    f"{r['bundle']}: {task} {TASKS[task].primary} {oa:.3f} -> {na:.3f} "
                     f"(-{(oa - na) * 100:.1f} pt > {acc_tol * 100:.1f} pt)"
                 )
     return problems

@@ -43,6 +43,7 @@ def build(
 ) -> dict:
     merged: dict = {"results": {}, "ci": {}}
     sources = []
+    sample_of: dict[str, int | None] = {}  # task -> --limit per source of its eval (None: the full split)
     for p in metrics_paths:
         m = json.loads(Path(p).read_text(encoding="utf-8"))
         sources.append(
@@ -54,10 +55,8 @@ def build(
                 "split": m.get("split"),
             }
         )
-        if m.get("limit"):
-            raise ValueError(
-                f"{p}: evaluated on a sample (--limit {m['limit']}); results files are full test splits"
-            )
+        for key in m.get("records") or {}:  # the tasks this eval covered: a full split, or a sample
+            sample_of[key.split("/")[0]] = m.get("limit")
         for system, res in m["results"].items():
             merged["results"].setdefault(system, {}).update(res)
             merged["ci"].setdefault(system, {}).update(m.get("ci", {}).get(system, {}))
@@ -89,6 +88,7 @@ def build(
                         "metric": metric,
                         "primary": metric == task.primary,
                         "n": merged["results"][model_system].get(n_key),
+                        "sample_limit": sample_of.get(task_name),
                         "systems": cells,
                         "target": TARGETS.get(key),
                         "meets_target": None
@@ -147,14 +147,22 @@ def markdown(res: dict) -> str:
         cells = [
             r["group"],
             r["metric"] + (" ★" if r["primary"] else ""),
-            str(r["n"] or "–"),
+            str(r["n"] or "–") + (" †" if r.get("sample_limit") else ""),
             *[_cell(r["systems"].get(s)) for s in systems],
             target,
             beats,
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "★ the task's primary metric. Systems: " + ", ".join(systems) + ".", ""]
+    lines += ["", "★ the task's primary metric. Systems: " + ", ".join(systems) + "."]
+    if _sampled(res):
+        lines.append(f"† {_sampled(res)}; every other row is the full test split.")
+    lines.append("")
     return "\n".join(lines)
+
+
+def _sampled(res: dict) -> str:
+    tasks = sorted({(r["task"], r["sample_limit"]) for r in res["rows"] if r.get("sample_limit")})
+    return "; ".join(f"{t}: a seeded random sample of at most {n} test records per source" for t, n in tasks)
 
 
 def write(res: dict, out: str | os.PathLike) -> tuple[Path, Path]:
@@ -185,12 +193,13 @@ def readme_table(results_dir: str | os.PathLike = "docs/results") -> str:
         best = r["best_baseline"]
         target = "–" if r["target"] is None else f"≥ {r['target']:.2f} {'✓' if r['meets_target'] else '✗'}"
         lines.append(
-            f"| {r['group']} | {r['metric']} | {r['n'] or '–'} | {_cell(r['systems'].get(model))} | "
+            f"| {r['group']} | {r['metric']} | {r['n'] or '–'}{' †' if r.get('sample_limit') else ''} | "
+            f"{_cell(r['systems'].get(model))} | "
             f"{f'{best[1]:.3f} ({best[0]})' if best else '–'} | {target} |"
         )
     out = [
-        f"Full test splits, {res['created']}, CPU: {res['machine']['cpu']} "
-        f"(`docs/results/emoverse-nano.md` has every metric and baseline).",
+        f"Full test splits{'; † ' + _sampled(res) if _sampled(res) else ''}. {res['created']}, CPU: "
+        f"{res['machine']['cpu']} (`docs/results/emoverse-nano.md` has every metric and baseline).",
         "",
         *lines,
     ]

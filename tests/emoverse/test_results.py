@@ -41,9 +41,10 @@ def test_results_rows_targets_and_baselines(tmp_path):
     assert again == text
 
 
-def test_results_refuse_sampled_evals(tmp_path):
-    with pytest.raises(ValueError, match="sample"):
-        results.build([_metrics(tmp_path, limit=100)])
+def test_results_label_sampled_evals(tmp_path):
+    res = results.build([_metrics(tmp_path, limit=100)])
+    assert all(r["sample_limit"] == 100 for r in res["rows"])
+    assert "mer: a seeded random sample of at most 100 test records per source" in results.markdown(res)
 
 
 def test_readme_table_matches_the_results_files():
