@@ -342,7 +342,7 @@ class ReasonTask(Task):
     tag = "<reason>"
     labels = ()
     closed = False
-    max_new_tokens = 96
+    max_new_tokens = 384  # EMER v2 reasons run ~260 tokens (median) before their conclusion
     # EMER's open vocabulary -> the whole words that name that emotion in a generated conclusion.
     # Whole words only: "encourage" is not "rage", "enjoy" is not "joy", "unhappy" is not "happy".
     EMOTION_WORDS = {
