@@ -29,7 +29,7 @@ from emoverse.artifacts import (
 )
 from emoverse.records import Record, load_records, select_records
 from emoverse.stats import paired_ratio, verdict
-from emoverse.tasks import TASKS
+from emoverse.tasks import INVALID, TASKS
 
 BUDGETS = Path(__file__).parent / "budgets.yaml"
 PRIMARY = {name: task.primary for name, task in TASKS.items()}  # defined by each task
@@ -123,7 +123,7 @@ def inconclusive(result: dict) -> list[str]:
 
 def _answer_text(spec, answer: str | None) -> str:
     """Closed answers are kept as parsed labels; metrics read them back in the task's response form."""
-    return spec.format_label(answer) if spec.closed and answer and answer != "<invalid>" else (answer or "")
+    return spec.format_label(answer) if spec.closed and answer and answer != INVALID else (answer or "")
 
 
 def paired_accuracy(result: dict, reference: dict, records: list[Record]) -> None:

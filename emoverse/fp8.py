@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from emoverse.llm_files import empty_fp32_llm, load_fitting, read_tensors
+
 FP8_MAX = 448.0  # largest finite E4M3 value
 
 
@@ -33,16 +35,8 @@ def _fake_fp8_input(scale: torch.Tensor):
 
 def load_fp8_checkpoint(llm_dir: Path):
     """A modelopt FP8 checkpoint as an fp32 transformers model with FP8-exact weights and inputs."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(llm_dir)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state: dict[str, torch.Tensor] = {}
-    for f in sorted(llm_dir.glob("*.safetensors")):
-        state.update(load_file(f))
+    model = empty_fp32_llm(llm_dir)
+    state = read_tensors(llm_dir)
     weights, input_scales = {}, {}
     for key, t in state.items():
         if key.endswith(".weight_scale"):
@@ -53,12 +47,7 @@ def load_fp8_checkpoint(llm_dir: Path):
             weights[key] = t.float() * state[key[: -len("weight")] + "weight_scale"].float()
         else:
             weights[key] = t.float()
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise ValueError(
-            f"{llm_dir}: checkpoint does not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    model.tie_weights()
+    load_fitting(model, weights, llm_dir)
     modules = dict(model.named_modules())
     for name, scale in input_scales.items():
         modules[name].register_forward_pre_hook(_fake_fp8_input(scale))

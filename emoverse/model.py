@@ -492,7 +492,7 @@ class EmoVerse(nn.Module):
         """A model folder with the merged LLM on disk, as stages that read weights from files (compress,
         export) need: the folder itself for the full form; for an adapter-form release, its expansion,
         built once and cached by the release's manifest digest."""
-        from emoverse.artifacts import manifest_digest, read_manifest
+        from emoverse.artifacts import manifest_digest
 
         path = Path(path)
         if not (path / "adapter.safetensors").is_file():
@@ -509,8 +509,6 @@ class EmoVerse(nn.Module):
                 inputs={"parent": {"path": str(path.resolve()), "digest": digest}},
                 extra={k: manifest[k] for k in ("training", "release") if k in manifest},
             )
-        else:
-            read_manifest(out)
         return out
 
     @classmethod

@@ -154,8 +154,9 @@ def markdown(res: dict) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "★ the task's primary metric. Systems: " + ", ".join(systems) + "."]
-    if _sampled(res):
-        lines.append(f"† {_sampled(res)}; every other row is the full test split.")
+    sampled = _sampled(res)
+    if sampled:
+        lines.append(f"† {sampled}; every other row is the full test split.")
     lines.append("")
     return "\n".join(lines)
 
@@ -197,8 +198,9 @@ def readme_table(results_dir: str | os.PathLike = "docs/results") -> str:
             f"{_cell(r['systems'].get(model))} | "
             f"{f'{best[1]:.3f} ({best[0]})' if best else '–'} | {target} |"
         )
+    sampled = _sampled(res)
     out = [
-        f"Full test splits{'; † ' + _sampled(res) if _sampled(res) else ''}. {res['created']}, CPU: "
+        f"Full test splits{'; † ' + sampled if sampled else ''}. {res['created']}, CPU: "
         f"{res['machine']['cpu']} (`docs/results/emoverse-nano.md` has every metric and baseline).",
         "",
         *lines,

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emoverse.llm_files import empty_fp32_llm, load_fitting, read_tensors
+
 
 class NotGPTQ(ValueError):
     pass
@@ -54,12 +56,9 @@ def gptq_scheme(llm_dir: Path) -> dict:
 def read_linears(llm_dir: Path) -> dict[str, dict]:
     """{module name: {"q": int8 (N, K) in [-8, 7], "scale": float32 (N, K / group), "group_size": g}}."""
     from compressed_tensors.compressors import unpack_from_int32
-    from safetensors.torch import load_file
 
     g = gptq_scheme(llm_dir)["group_size"]
-    state: dict[str, torch.Tensor] = {}
-    for f in sorted(llm_dir.glob("*.safetensors")):
-        state.update(load_file(f))
+    state = read_tensors(llm_dir)
     out = {}
     for key in state:
         if key.endswith(".weight_packed"):
@@ -85,16 +84,8 @@ def dequantize(layer: dict) -> np.ndarray:
 
 def dequantized_llm(llm_dir: Path, linears: dict[str, dict]):
     """The LLM as a plain fp32 transformers model whose quantized Linears hold q x scale exactly."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(llm_dir)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state: dict[str, torch.Tensor] = {}
-    for f in sorted(llm_dir.glob("*.safetensors")):
-        state.update(load_file(f))
+    model = empty_fp32_llm(llm_dir)
+    state = read_tensors(llm_dir)
     weights = {
         k: v.float()
         for k, v in state.items()
@@ -104,13 +95,7 @@ def dequantized_llm(llm_dir: Path, linears: dict[str, dict]):
     }
     for name, layer in linears.items():
         weights[name + ".weight"] = torch.from_numpy(dequantize(layer))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise ValueError(
-            f"{llm_dir}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    model.tie_weights()
-    return model.eval()
+    return load_fitting(model, weights, llm_dir).eval()
 
 
 def pack(layer: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -227,11 +227,16 @@ class OrtRuntime:
             logits, cache = self.forward(self.token_embeds(np.array([[nxt]])), mask, cache, [0])
             last = logits[:, -1]
 
-    def generate_many(self, items: list[tuple[str, list[str], int, Callable | None]]) -> list[str]:
+    def generate_many(
+        self, items: list[tuple[str, list[str], int, Callable | None]], embs: list[np.ndarray] | None = None
+    ) -> list[str]:
         """Greedy answers of several (query, images, max_new_tokens, grammar) requests decoded together: one
         left-padded prefill, then one decoder step per token for the whole batch. Each row takes exactly
-        the tokens `stream` would take alone (same constraint, same stop rules); finished rows ride along."""
-        last, cache, mask = self.prefill([self.embed(q, list(images)) for q, images, _, _ in items])
+        the tokens `stream` would take alone (same constraint, same stop rules); finished rows ride along.
+        `embs`: the prompts already embedded (as answer_many has them), else embedded here."""
+        if embs is None:
+            embs = [self.embed(q, list(images)) for q, images, _, _ in items]
+        last, cache, mask = self.prefill(embs)
         n = len(items)
         ids: list[list[int]] = [[] for _ in range(n)]
         texts = [""] * n
@@ -348,27 +353,24 @@ class OrtRuntime:
         place and the others are still answered."""
         out: list[Answer | RequestError | None] = [None] * len(requests)
         batch: list[tuple[int, np.ndarray, list[str], object]] = []
-        gen: list[tuple[int, object, tuple]] = []
+        gen: list[tuple[int, object, tuple, np.ndarray]] = []
         for i, r in enumerate(requests):
             try:
                 t = get_task(r["task"])
                 images = list(r.get("images", []))
                 if t.closed and mode == "score":  # embedded alone, so a bad image or prompt fails alone
                     batch.append((i, self.embed(r["query"], images), t.candidates(r["query"]), t))
-                else:
-                    self.embed(r["query"], images)  # a bad image or prompt fails alone, before the batch
-                    gen.append(
-                        (i, t, (r["query"], images, t.max_new_tokens, self.grammar_for(t.name, r["query"])))
-                    )
+                else:  # embedded alone too, and the embedding kept for the batch
+                    item = (r["query"], images, t.max_new_tokens, self.grammar_for(t.name, r["query"]))
+                    gen.append((i, t, item, self.embed(r["query"], images)))
             except RequestError as e:
                 out[i] = e
             except (ValueError, KeyError, TypeError) as e:
                 out[i] = RequestError(f"request {i}: {type(e).__name__}: {e}")
         for start in range(0, len(gen), batch_size):
             chunk = gen[start : start + batch_size]
-            for (i, t, _), text in zip(
-                chunk, self.generate_many([item for _, _, item in chunk]), strict=True
-            ):
+            texts = self.generate_many([item for _, _, item, _ in chunk], [e for *_, e in chunk])
+            for (i, t, _, _), text in zip(chunk, texts, strict=True):
                 out[i] = Answer(t.name, text, t.parse(text).label if t.closed else None)
         for start in range(0, len(batch), batch_size):
             chunk = batch[start : start + batch_size]

@@ -17,13 +17,11 @@ from safetensors.torch import load_file
 from emoverse.artifacts import ArtifactError, cpu_name, read_manifest
 from emoverse.config import load_config, to_yaml
 from emoverse.model import EmoVerse
-from emoverse.train.trainer import TrainConfig, Trainer
+from emoverse.train.trainer import TrainConfig, list_checkpoints
 
 
 def last_checkpoint(run: Path) -> Path:
-    ckpts = Trainer._checkpoints(
-        type("_", (), {"ckpt_dir": run / "checkpoints"})()
-    )  # same ordering as resume
+    ckpts = list_checkpoints(run / "checkpoints")
     if not ckpts:
         raise ArtifactError(f"{run}: no checkpoints (train with `emoverse train` first)")
     return ckpts[-1]

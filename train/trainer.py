@@ -75,12 +75,24 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (the order resume and release read them in)."""
+    found = []
+    for p in ckpt_dir.glob("stage*-step*"):
+        m = re.fullmatch(r"stage(\d+)-step(\d+)", p.name)
+        if m and (p / "state.json").is_file():
+            found.append((int(m[1]), int(m[2]), p))
+    return [p for *_, p in sorted(found)]
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.rank, self.world = _dist()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if cfg.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision={cfg.precision!r}: use fp32 or bf16")
         for s in cfg.stages:
             unknown = set(s.task_weights) - set(TASKS)
             if unknown:
@@ -161,8 +173,6 @@ class Trainer:
         """One batch's loss under the recipe's throughput settings."""
         import contextlib
 
-        if self.cfg.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision={self.cfg.precision!r}: use fp32 or bf16")
         ctx = (
             torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
             if self.cfg.precision == "bf16"
@@ -175,12 +185,7 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _checkpoints(self) -> list[Path]:
-        found = []
-        for p in self.ckpt_dir.glob("stage*-step*"):
-            m = re.fullmatch(r"stage(\d+)-step(\d+)", p.name)
-            if m and (p / "state.json").is_file():
-                found.append((int(m[1]), int(m[2]), p))
-        return [p for *_, p in sorted(found)]
+        return list_checkpoints(self.ckpt_dir)
 
     def save_checkpoint(self, stage_idx: int, step: int, optimizer, scheduler, stats: dict) -> None:
         if self.rank != 0:
