@@ -7,12 +7,12 @@ import time
 
 import pytest
 
+from emoverse.model import EmoVerse
+from emoverse.runtime.ort import OrtRuntime
 from emoverse.tasks import TASKS
 
 MODEL, BUNDLE = os.environ.get("EMOVERSE_BENCH_MODEL"), os.environ.get("EMOVERSE_BENCH_BUNDLE")
-pytestmark = pytest.mark.skipif(
-    not (MODEL and BUNDLE), reason="set EMOVERSE_BENCH_MODEL and EMOVERSE_BENCH_BUNDLE"
-)
+pytestmark = pytest.mark.skipif(not (MODEL and BUNDLE), reason="set EMOVERSE_BENCH_MODEL and EMOVERSE_BENCH_BUNDLE")
 PROMPT = TASKS["eri"].query("I can't believe you did that to me after everything")
 NEW_TOKENS = 64
 
@@ -27,9 +27,6 @@ def _tokens_per_s(fn, n_tokens: int, rounds: int = 3) -> float:
 
 def test_decode_tokens_per_s_ratio(benchmark):
     import torch
-
-    from emoverse.model import EmoVerse
-    from emoverse.runtime.ort import OrtRuntime
 
     model = EmoVerse.load(MODEL).eval()
     rt = OrtRuntime(BUNDLE)
@@ -60,9 +57,5 @@ def test_decode_tokens_per_s_ratio(benchmark):
 
     torch_tps = _tokens_per_s(torch_decode, NEW_TOKENS)
     ort_tps = benchmark.pedantic(lambda: _tokens_per_s(ort_decode, NEW_TOKENS), rounds=1, iterations=1)
-    benchmark.extra_info.update(
-        torch_fp32_tokens_per_s=torch_tps, ort_tokens_per_s=ort_tps, ratio=ort_tps / torch_tps
-    )
-    print(
-        f"\ntorch fp32 {torch_tps:.1f} tok/s, ORT bundle {ort_tps:.1f} tok/s, ratio {ort_tps / torch_tps:.2f}x"
-    )
+    benchmark.extra_info.update(torch_fp32_tokens_per_s=torch_tps, ort_tokens_per_s=ort_tps, ratio=ort_tps / torch_tps)
+    print(f"\ntorch fp32 {torch_tps:.1f} tok/s, ORT bundle {ort_tps:.1f} tok/s, ratio {ort_tps / torch_tps:.2f}x")

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from emoverse.runtime.ort import OrtRuntime
 from emoverse.tasks import TASKS
 
 BUNDLE = os.environ.get("EMOVERSE_BENCH_BUNDLE")
@@ -15,8 +16,6 @@ pytestmark = pytest.mark.skipif(not BUNDLE, reason="set EMOVERSE_BENCH_BUNDLE to
 
 @pytest.fixture(scope="module")
 def rt():
-    from emoverse.runtime.ort import OrtRuntime
-
     return OrtRuntime(BUNDLE)
 
 

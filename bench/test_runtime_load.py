@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from emoverse.bench.runner import rss_mb
+from emoverse.runtime.ort import OrtRuntime
 from emoverse.tasks import TASKS
 
 BUNDLE = os.environ.get("EMOVERSE_BENCH_BUNDLE")
@@ -14,8 +15,6 @@ BUNDLE = os.environ.get("EMOVERSE_BENCH_BUNDLE")
 
 @pytest.mark.skipif(not BUNDLE, reason="set EMOVERSE_BENCH_BUNDLE to a bundle folder")
 def test_memory_flat_over_10k_requests(benchmark):
-    from emoverse.runtime.ort import OrtRuntime
-
     rt = OrtRuntime(BUNDLE)
     reqs = [("msa", TASKS["msa"].query(f"request {i} was fine")) for i in range(10_000)]
     samples = []

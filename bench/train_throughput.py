@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 
 from emoverse.artifacts import atomic_write_json, cpu_name
+from emoverse.config import load_config, resolve_recipe
+from emoverse.model import EmoVerse
+from emoverse.train.trainer import RECIPES, StageConfig, TrainConfig, Trainer
 
 # (name, trainer-setting overrides, model-setting overrides), each row adding one lever to the row before.
 VARIANTS: list[tuple[str, dict, dict]] = [
@@ -95,10 +98,6 @@ def measure(trainer, steps: int, warmup: int = 2) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from emoverse.config import load_config, resolve_recipe
-    from emoverse.model import EmoVerse
-    from emoverse.train.trainer import RECIPES, StageConfig, TrainConfig, Trainer
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="data/amt")
     ap.add_argument("--recipe", default="nano", help="the original settings come from this recipe's model")
@@ -134,9 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.params = trainer.model.trainable_parameters()
         r = measure(trainer, a.steps)
         peak = peaks[trainer.cfg.precision]
-        r.update(
-            name=name, settings={**train_over, **model_over}, mfu=round(r["achieved_flops_per_s"] / peak, 3)
-        )
+        r.update(name=name, settings={**train_over, **model_over}, mfu=round(r["achieved_flops_per_s"] / peak, 3))
         rows.append(r)
         print(
             f"{name:72s} {r['tokens_per_s']:8.1f} tok/s  {r['tokens_per_s'] / rows[0]['tokens_per_s']:5.2f}x  "

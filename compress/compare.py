@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from emoverse.artifacts import atomic_write_json, atomic_write_text, folder_bytes, read_manifest
+from emoverse.stats import paired_ratio, verdict
 from emoverse.tasks import TASKS
 
 # the one metric per task the comparison (and MLPerf's 99% rule) is judged on
@@ -47,12 +48,20 @@ def parameter_count(artifact: Path) -> int:
 
 
 GENERATED_ONLY = ("eri", "ecpe")  # answered by generation in both eval modes
+ACCURACY_BUDGET = 0.99  # the deploy issue's "at least 99% of the teacher", judged on the paired CI
 
 
-def _load_variant(spec: str | os.PathLike, system: str) -> tuple[Path, dict, dict]:
-    """One variant's (artifact, records, results) from `a.json` or `a.json+b.json` (e.g. a closed-label
-    score eval plus a generation eval of ERI/ECPE of the same artifact)."""
-    art, records, res = None, {}, {}
+def _split_name(spec: str | os.PathLike) -> tuple[str | None, str]:
+    """`name=a.json+b.json` -> ("name", "a.json+b.json"); a spec without a name -> (None, spec)."""
+    text = str(spec)
+    name, sep, rest = text.partition("=")
+    return (name, rest) if sep and not Path(text).exists() else (None, text)
+
+
+def _load_variant(spec: str | os.PathLike, system: str) -> tuple[Path, dict, dict, dict, dict]:
+    """One variant's (artifact or bundle, records, results, predictions by id) from `a.json` or `a.json+b.json`
+    (e.g. a closed-label score eval plus a generation eval of ERI/ECPE of the same model), and the CIs."""
+    art, records, res, preds, cis = None, {}, {}, {}, {}
     for f in str(spec).split("+"):
         m = json.loads(Path(f).read_text(encoding="utf-8"))
         this = Path(m["model"]["spec"])
@@ -69,8 +78,17 @@ def _load_variant(spec: str | os.PathLike, system: str) -> tuple[Path, dict, dic
         if not got:
             raise ValueError(f"{f}: no {system!r} results (have {sorted(m['results'])})")
         res.update({k: v for k, v in got.items() if k not in res})
+        for k, v in (m.get("ci") or {}).get(system, {}).items():
+            cis.setdefault(k, v)
         records.update(m["records"])
-    return art, records, res
+        pred_file = Path(f).parent / "predictions.jsonl"
+        if pred_file.is_file():
+            for line in pred_file.read_text(encoding="utf-8").splitlines():
+                row = json.loads(line)
+                gen_task = row["task"] in GENERATED_ONLY and row["system"] == "emoverse/generate"
+                if row["system"] == system or gen_task:
+                    preds.setdefault(row["id"], row)
+    return art, records, res, preds, cis
 
 
 def variant_name(art: Path) -> str:
@@ -91,43 +109,114 @@ def variant_name(art: Path) -> str:
     return "+".join(stages)
 
 
+def _folder_facts(art: Path) -> dict:
+    """Size on disk, the LLM's share and its logical parameter count, for a model artifact or a bundle."""
+    if read_manifest(art).get("kind") == "emoverse-bundle":
+        cfg = json.loads((art / "runtime.json").read_text())
+        decoder = art / cfg["graphs"]["decoder"]
+        return {"bytes": folder_bytes(art), "llm_bytes": decoder.stat().st_size, "parameters": cfg["llm_parameters"]}
+    return {"bytes": folder_bytes(art), "llm_bytes": folder_bytes(art / "llm"), "parameters": parameter_count(art)}
+
+
+def paired_task_stats(ref_preds: dict, preds: dict) -> dict:
+    """Per task on the records both answered: the paired bootstrap ratio (and difference) of the primary
+    metric against the reference, its verdict against ACCURACY_BUDGET, and for closed tasks the share of
+    identical answers."""
+    out = {}
+    for name, task in TASKS.items():
+        ids = sorted(i for i, r in preds.items() if r["task"] == name and i in ref_preds)
+        if not ids:
+            continue
+        gold = [ref_preds[i]["response"] for i in ids]
+        labels = [ref_preds[i].get("label") for i in ids]
+        ref = [ref_preds[i]["prediction"] for i in ids]
+        new = [preds[i]["prediction"] for i in ids]
+        stats = paired_ratio(task, gold, ref, new, labels)
+        stats["verdict_99"] = verdict(stats["ratio_ci"], ACCURACY_BUDGET)
+        if task.closed:
+            same = [ref_preds[i].get("parsed_label") == preds[i].get("parsed_label") for i in ids]
+            stats["identical_answers"] = round(sum(same) / len(same), 4)
+        out[name] = stats
+    return out
+
+
+def _bench_rows(report_path: str | os.PathLike | None) -> dict[str, dict]:
+    """{resolved bundle/model path: bench result} from a bench report.json."""
+    if not report_path:
+        return {}
+    report = json.loads(Path(report_path).read_text())
+    return {str(Path(r["path"]).resolve()): r for r in report["results"]}
+
+
 def compare(
-    metrics_files: list[str | os.PathLike], out: str | os.PathLike | None = None, system: str = SYSTEM
+    metrics_files: list[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    system: str = SYSTEM,
+    *,
+    size_reference: str | os.PathLike | None = None,
+    bench_report: str | os.PathLike | None = None,
 ) -> dict:
-    """One row per variant; ratios to the first. Variants may cover different tasks (a `–` where not
-    evaluated), but every source they share with the reference must have the same records."""
+    """One row per variant (`[name=]a.json[+b.json]`); ratios and paired CIs against the first. Variants may
+    cover different tasks (a `–` where not evaluated), but every source they share with the reference must
+    have the same records. `size_reference`: the folder sizes are divided into (e.g. the FP32 teacher's
+    bundle); `bench_report`: a bench report.json whose latencies are joined to the variants by path."""
     rows = []
+    bench = _bench_rows(bench_report)
     for f in metrics_files:
-        art, records, res = _load_variant(f, system)
-        rows.append(
-            {
-                "variant": variant_name(art),
-                "artifact": str(art),
-                "bytes": folder_bytes(art),
-                "llm_bytes": folder_bytes(art / "llm"),
-                "parameters": parameter_count(art),
-                "records": records,
-                "metrics": {k: res[k] for k in PRIMARY.values() if k in res},
+        name, spec = _split_name(f)
+        art, records, res, preds, cis = _load_variant(spec, system)
+        row = {
+            "variant": name or variant_name(art),
+            "artifact": str(art),
+            **_folder_facts(art),
+            "records": records,
+            "metrics": {k: res[k] for k in PRIMARY.values() if k in res},
+            "ci": {k: cis[k] for k in PRIMARY.values() if k in cis},
+            "_preds": preds,
+        }
+        b = bench.get(str(art.resolve()))
+        if b:
+            row["latency"] = {
+                task: {
+                    "p90_ms": t["single_stream"]["p90_ms"],
+                    "decode_tokens_per_s": 1e3 / t["tpot"]["p50_ms"] if t.get("tpot") else None,
+                }
+                for task, t in b["tasks"].items()
             }
-        )
+        rows.append(row)
     ref = rows[0]
     for r in rows[1:]:
         shared = set(r["records"]) & set(ref["records"])
         if not shared or any(r["records"][s] != ref["records"][s] for s in shared):
-            raise ValueError(
-                f"{r['artifact']}: evaluated on different records than the reference; not comparable"
-            )
+            raise ValueError(f"{r['artifact']}: evaluated on different records than the reference; not comparable")
+    base_bytes = folder_bytes(Path(size_reference)) if size_reference else ref["bytes"]
     for r in rows:
-        r["size_ratio"] = ref["bytes"] / r["bytes"]
+        r["size_ratio"] = base_bytes / r["bytes"]
         r["llm_size_ratio"] = ref["llm_bytes"] / r["llm_bytes"]
-        r["ratios"] = {
-            k: (v / ref["metrics"][k] if ref["metrics"].get(k) else None) for k, v in r["metrics"].items()
-        }
-    report = {"reference": ref["artifact"], "system": system, "rows": rows}
+        r["ratios"] = {k: (v / ref["metrics"][k] if ref["metrics"].get(k) else None) for k, v in r["metrics"].items()}
+        r["paired"] = paired_task_stats(ref["_preds"], r["_preds"]) if r is not ref and ref["_preds"] else {}
+    for r in rows:
+        del r["_preds"]
+    report = {
+        "reference": ref["artifact"],
+        "system": system,
+        "size_reference": str(size_reference or ref["artifact"]),
+        "size_reference_bytes": base_bytes,
+        "accuracy_budget": ACCURACY_BUDGET,
+        "rows": rows,
+    }
     if out:
         out = Path(out)
-        atomic_write_json(out / "compare.json", report)
-        atomic_write_text(out / "compare.md", format_compare(report) + "\n")
+        json_path, md_path = (
+            (out, out.with_suffix(".md"))
+            if out.suffix == ".json"
+            else (
+                out / "compare.json",
+                out / "compare.md",
+            )
+        )
+        atomic_write_json(json_path, report)
+        atomic_write_text(md_path, format_compare(report) + "\n")
     return report
 
 
@@ -144,4 +233,23 @@ def format_compare(report: dict) -> str:
             f"| {r['variant']} | {r['bytes'] / 1e6:.1f} | {r['size_ratio']:.2f} / {r['llm_size_ratio']:.2f} | "
             f"{r['parameters'] / 1e6:.1f} | " + " | ".join(cells) + " |"
         )
+    lines += [
+        "",
+        f"Size ratios against {report['size_reference']}. Per task, paired with the reference on the same records "
+        f"(ratio of the primary metric, its 95% paired-bootstrap CI, verdict against {report['accuracy_budget']:.0%}, "
+        "identical closed-label answers, p90 latency where benched):",
+        "",
+        "| variant | task | n | ratio [95% CI] | difference [95% CI] | ≥ 99%? | identical answers | p90 ms |",
+        "|---|---|---:|---|---|---|---:|---:|",
+    ]
+    for r in report["rows"][1:]:
+        for task, st in r.get("paired", {}).items():
+            lat = (r.get("latency") or {}).get(task) or {}
+            same = st.get("identical_answers")
+            lines.append(
+                f"| {r['variant']} | {task} | {st['n']} | {st['ratio']:.3f} [{st['ratio_ci'][0]:.3f}, "
+                f"{st['ratio_ci'][1]:.3f}] | {st['difference_ci'][0]:+.3f} … {st['difference_ci'][1]:+.3f} | "
+                f"{st['verdict_99']} | {'–' if same is None else f'{same:.1%}'} | "
+                f"{'–' if not lat else format(lat['p90_ms'], '.1f')} |"
+            )
     return "\n".join(lines)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from emoverse.model import EmoVerse
 from emoverse.prompting import IGNORE, PromptTooLong
 from emoverse.records import load_records
 from emoverse.tasks import TASKS
@@ -42,9 +43,7 @@ class Distill:
     importance_samples: int = 16  # records per task for the layer-importance score
     seed: int = 0
     max_minutes: float = 0.0  # 0: no time budget
-    task_weights: dict = field(
-        default_factory=lambda: {"msa": 0.2, "mer": 0.25, "fer": 0.2, "eri": 0.1, "ecpe": 0.25}
-    )
+    task_weights: dict = field(default_factory=lambda: {"msa": 0.2, "mer": 0.25, "fer": 0.2, "eri": 0.1, "ecpe": 0.25})
 
 
 def _decoder_layers(llm) -> torch.nn.ModuleList:
@@ -59,9 +58,7 @@ def layer_importance(model, batches: list[dict]) -> list[float]:
     count = 0
     for batch in batches:
         embeds = model.embed(batch["input_ids"], batch["visual_mask"], batch["media"], cache=True)
-        out = model.llm(
-            inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_hidden_states=True
-        )
+        out = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_hidden_states=True)
         hs = out.hidden_states  # n + 1 tensors (input embeddings, then after each layer)
         mask = batch["attention_mask"].bool()
         for i in range(n):
@@ -86,8 +83,6 @@ def prune_layers(llm, keep: list[int]):
 
 
 def run_distill(params: Distill, src: Path, dst: Path, data: str | Path) -> dict:
-    from emoverse.model import EmoVerse
-
     torch.manual_seed(params.seed)
     teacher = EmoVerse.load(src, check=False).eval()  # verified by the pipeline already
     n_layers = len(_decoder_layers(teacher.llm))
@@ -139,9 +134,7 @@ def run_distill(params: Distill, src: Path, dst: Path, data: str | Path) -> dict
         p.requires_grad_(not n.startswith("vision."))
     trainable = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=params.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / params.steps)
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / params.steps))
     t0 = time.monotonic()
     log = []
     student.train()

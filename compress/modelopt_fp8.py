@@ -24,12 +24,13 @@ def quantize_fp8(model, calibration: list[dict], out: Path, n_samples: int, max_
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
 
-    samples = [torch.tensor([c["input_ids"][:max_seq_length]]) for c in calibration[:n_samples]]
+    # inputs_embeds: the visual slots hold the projector's real visual tokens (see calibration_set)
+    samples = [c["inputs_embeds"][:max_seq_length].unsqueeze(0) for c in calibration[:n_samples]]
 
     def forward_loop(m):
         with torch.no_grad():
-            for ids in samples:
-                m(input_ids=ids)
+            for embeds in samples:
+                m(inputs_embeds=embeds)
 
     mtq.quantize(model, mtq.FP8_DEFAULT_CFG, forward_loop)
     export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=out)

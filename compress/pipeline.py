@@ -13,13 +13,23 @@ import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import torch
 import yaml
 
-from emoverse.artifacts import MODEL_KINDS, atomic_dir, folder_bytes, manifest_digest, verify, write_manifest
-from emoverse.compress.stages import STAGES, run_stage
+from emoverse.artifacts import (
+    MODEL_KINDS,
+    atomic_dir,
+    folder_bytes,
+    library_versions,
+    manifest_digest,
+    verify,
+    write_manifest,
+)
+from emoverse.compress.stages import STAGES, gptqmodel_python, run_stage
 from emoverse.config import RecipeError, load_config
 from emoverse.model import EmoVerse
 from emoverse.records import load_records
+from emoverse.tasks import TASK_NAMES, TASKS
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -55,9 +65,7 @@ def parse_recipe(path: str | os.PathLike, overrides: list[str] | None = None) ->
         if kind not in STAGES:
             raise RecipeError(f"{path}: stages[{i}]: unknown stage type {kind!r}; known: {sorted(STAGES)}")
         params = {k: v for k, v in st.items() if k != "type"}
-        stage = load_config(
-            STAGES[kind], params, per_stage.pop(i, None), where=f"{path}: stages[{i}] ({kind})"
-        )
+        stage = load_config(STAGES[kind], params, per_stage.pop(i, None), where=f"{path}: stages[{i}] ({kind})")
         for f in fields(stage):
             v = getattr(stage, f.name)
             if (
@@ -74,33 +82,59 @@ def parse_recipe(path: str | os.PathLike, overrides: list[str] | None = None) ->
 
 
 def calibration_set(
-    data: str | os.PathLike, tokenizer_dir: Path, n_per_task: int = 16, seed: int = 0
+    data: str | os.PathLike, model: EmoVerse, n_per_task: int = 16, seed: int = 0
 ) -> tuple[list[dict], str]:
-    """Chat-rendered AMT train records of every task (text part; image slots as pad tokens), and their hash."""
+    """AMT train records of every task, encoded as inference sees them, and their hash.
+
+    Each row holds `input_ids` and `inputs_embeds`: the LLM's input with the image/frame slots filled by the
+    projector's real visual tokens (FER faces, MELD/MOSI frames). A quantizer calibrated on pad tokens in
+    those slots never sees the activations FER depends on. Rows are round-robin over tasks, so any prefix a
+    stage keeps covers every task.
+    """
     import random
 
-    from emoverse.model import load_tokenizer
-    from emoverse.prompting import PromptBuilder
-    from emoverse.tasks import TASK_NAMES, TASKS
-
-    tok = load_tokenizer(str(tokenizer_dir))
-    builder = PromptBuilder(tok, n_visual=4, max_length=4096, image_size=32, max_video_frames=1)
-    builder.missing_media = "drop"
+    builder = model.prompts
+    missing = builder.missing_media
+    builder.missing_media = "drop"  # the paper's test lists name MELD videos distributed separately
     per_task = []
-    for task in TASKS:
-        if task not in TASK_NAMES and not (Path(data) / task / "train.jsonl").is_file():
-            continue  # a registered extra task this data folder does not have
-        recs = load_records(Path(data) / task / "train.jsonl")
-        rows = []
-        for r in random.Random(f"{seed}:{task}").sample(recs, min(n_per_task, len(recs))):
-            enc = builder.encode(r.query, r.response, [], [])
-            rows.append({"task": task, "id": r.id, "input_ids": enc.input_ids})
-        per_task.append(rows)
+    try:
+        for task in TASKS:
+            if task not in TASK_NAMES and not (Path(data) / task / "train.jsonl").is_file():
+                continue  # a registered extra task this data folder does not have
+            recs = load_records(Path(data) / task / "train.jsonl")
+            rows = []
+            for r in random.Random(f"{seed}:{task}").sample(recs, min(n_per_task, len(recs))):
+                media = (r.images, r.videos) if model.vision is not None else ([], [])
+                enc = builder.encode(r.query, r.response, list(media[0]), list(media[1]))
+                batch = builder.collate([enc])
+                with torch.no_grad():
+                    embeds = model.embed(batch["input_ids"], batch["visual_mask"], batch["media"])[0]
+                rows.append(
+                    {
+                        "task": task,
+                        "id": r.id,
+                        "input_ids": enc.input_ids,
+                        "inputs_embeds": embeds.float(),
+                        "visual_tokens": int(sum(enc.visual_mask)),
+                        "media": [m.key for m in enc.media],
+                    }
+                )
+            per_task.append(rows)
+    finally:
+        builder.missing_media = missing
     # round-robin over tasks, so the first N records a stage keeps cover every task (not msa, mer, ... in blocks)
     calib = [row for group in zip(*per_task, strict=False) for row in group]
     calib += [row for rows in per_task for row in rows[min(map(len, per_task)) :]]
-    digest = hashlib.sha256(json.dumps([(c["id"], c["input_ids"]) for c in calib]).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps([(c["id"], c["input_ids"], c["media"]) for c in calib]).encode()).hexdigest()
     return calib, digest
+
+
+def _used(calib: list[dict], info: dict) -> list[dict]:
+    """The calibration records a stage used: the ids it reports, else its first `calibration_samples`."""
+    if "calibration_ids" in info:
+        by_id = {c["id"]: c for c in calib}
+        return [by_id[i] for i in info["calibration_ids"]]
+    return calib[: info.get("calibration_samples", 0)]
 
 
 def compress(
@@ -115,12 +149,14 @@ def compress(
     stages = parse_recipe(recipe, overrides)  # fails before any work
     for kind, params in stages:
         if kind == "gptqmodel_w4a16":  # its separate environment must exist before hours of distillation
-            from emoverse.compress.stages import gptqmodel_python
-
             gptqmodel_python(params)
     model = EmoVerse.full_form(model)  # an adapter-form release is expanded once (cached)
     parent = verify(model, kind=MODEL_KINDS)
-    calib, calib_hash = calibration_set(data, model / "llm")
+    # enough records per task that the largest calibration_samples any stage asks for is round-robin over all
+    need = max((getattr(params, "calibration_samples", 0) for _, params in stages), default=0)
+    extra = max((n for _, p in stages for n in (getattr(p, "extra_calibration", None) or {}).values()), default=0)
+    per_task = max(16, -(-need // len(TASKS)) + extra)
+    calib, calib_hash = calibration_set(data, EmoVerse.load(model), n_per_task=per_task)
     infos = []
     with tempfile.TemporaryDirectory(
         prefix="emoverse-compress-", dir=Path(out).parent if Path(out).parent.exists() else None
@@ -134,7 +170,6 @@ def compress(
         with atomic_dir(out, overwrite=overwrite) as tmp:
             for p in src.iterdir():
                 os.replace(p, tmp / p.name)
-            from emoverse.artifacts import library_versions
 
             manifest = write_manifest(
                 tmp,
@@ -159,10 +194,11 @@ def compress(
                                         "id": c["id"],
                                         "task": c["task"],
                                         "sha256": hashlib.sha256(
-                                            json.dumps(c["input_ids"]).encode()
+                                            json.dumps([c["input_ids"], c["media"]]).encode()
                                         ).hexdigest()[:16],
+                                        "visual_tokens": c["visual_tokens"],
                                     }
-                                    for c in calib[: info.get("calibration_samples", 0)]
+                                    for c in _used(calib, info)
                                 ],
                             }
                             for info in infos

@@ -17,6 +17,9 @@ from typing import ClassVar
 
 import torch
 
+from emoverse.compress.distill import Distill, run_distill
+from emoverse.compress.modelopt_fp8 import quantize_fp8
+
 STAGES: dict[str, type[Stage]] = {}
 
 
@@ -62,6 +65,9 @@ class GPTQW4A16(LLMCompressorStage):
 
     group_size: int = 64  # must divide every quantized layer's input width (SmolLM2: 576, 1536)
     calibration_samples: int = 64
+    # more records of some tasks on top of the round-robin ones, e.g. {fer: 64}: FER's four visual tokens per
+    # face are ~1% of a text-dominated set, so the Hessian hardly sees the inputs FER depends on
+    extra_calibration: dict[str, int] = field(default_factory=dict)
     max_seq_length: int = 384
     dampening_frac: float = 0.01
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
@@ -86,10 +92,8 @@ class GPTQW4A16(LLMCompressorStage):
                 "output_activations": None,
             }
         }
-        recipe = GPTQModifier(
-            config_groups=scheme, ignore=list(self.ignore), dampening_frac=self.dampening_frac
-        )
-        return {"calibration_samples": _calibrated_oneshot(model, recipe, calibration, self)}
+        recipe = GPTQModifier(config_groups=scheme, ignore=list(self.ignore), dampening_frac=self.dampening_frac)
+        return _calibrated_oneshot(model, recipe, calibration, self)
 
 
 @register
@@ -155,7 +159,7 @@ class W8A8SmoothQuant(LLMCompressorStage):
             SmoothQuantModifier(smoothing_strength=self.smoothing_strength),
             GPTQModifier(targets="Linear", scheme="W8A8", ignore=list(self.ignore)),
         ]
-        return {"calibration_samples": _calibrated_oneshot(model, recipe, calibration, self)}
+        return _calibrated_oneshot(model, recipe, calibration, self)
 
 
 @register
@@ -170,8 +174,6 @@ class ModelOptFP8(Stage):
 
     def run(self, src, dst, calibration, data):
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from emoverse.compress.modelopt_fp8 import quantize_fp8
 
         model = AutoModelForCausalLM.from_pretrained(src / "llm", dtype=torch.float32)
         n = quantize_fp8(model, calibration, dst / "llm", self.calibration_samples, self.max_seq_length)
@@ -243,19 +245,15 @@ def _run_gptqmodel(params: GPTQModelW4A16, src: Path, dst: Path, calibration: li
             "--damp-percent",
             str(params.damp_percent),
         ] + (["--desc-act"] if params.desc_act else [])
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"}
-        )
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
     if proc.returncode != 0:
         raise RuntimeError(
             f"gptqmodel_w4a16: the GPTQModel worker failed (exit {proc.returncode}):\n" + proc.stderr[-3000:]
         )
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     _copy_non_llm(src, dst)
-    return {"type": "gptqmodel_w4a16", **info}
-
-
-from emoverse.compress.distill import Distill, run_distill  # noqa: E402
+    # GPTQModel's quantize() takes token ids only: its image slots hold pad tokens, said in the manifest
+    return {"type": "gptqmodel_w4a16", "visual_calibration": False, **info}
 
 
 @register
@@ -269,27 +267,40 @@ class DistillStage(Distill, Stage):
         return run_distill(self, src, dst, data)
 
 
-def _calibrated_oneshot(model, recipe, calibration: list[dict], params) -> int:
-    """llm-compressor oneshot over the first `calibration_samples` records; returns how many were used."""
-    from datasets import Dataset
-    from llmcompressor import oneshot
+def select_calibration(calibration: list[dict], params) -> list[dict]:
+    """The records a stage calibrates on: the first `calibration_samples` (round-robin over tasks), then
+    `extra_calibration`'s further records of the tasks it names."""
+    chosen = calibration[: params.calibration_samples]
+    taken = {id(c) for c in chosen}
+    for task, n in (getattr(params, "extra_calibration", None) or {}).items():
+        more = [c for c in calibration if c["task"] == task and id(c) not in taken][:n]
+        if len(more) < n:
+            raise ValueError(f"extra_calibration: {n} more {task!r} records wanted, the set has {len(more)} left")
+        chosen += more
+        taken |= {id(c) for c in more}
+    return chosen
 
-    n, max_len = params.calibration_samples, params.max_seq_length
-    ds = Dataset.from_list(
-        [
-            {"input_ids": c["input_ids"][:max_len], "attention_mask": [1] * min(len(c["input_ids"]), max_len)}
-            for c in calibration[:n]
-        ]
-    )
-    oneshot(
-        model=model,
-        recipe=recipe,
-        dataset=ds,
-        num_calibration_samples=len(ds),
-        max_seq_length=max_len,
-        pipeline="basic",
-    )
-    return len(ds)
+
+def _calibrated_oneshot(model, recipe, calibration: list[dict], params) -> dict:
+    """llm-compressor oneshot over the first `calibration_samples` records; returns how many were used.
+
+    The records go in as `inputs_embeds` (real visual tokens in the image slots, see `calibration_set`), so
+    the batches are given to oneshot as a DataLoader: its own dataset path tokenizes text and knows no
+    embeddings."""
+    from llmcompressor import oneshot
+    from torch.utils.data import DataLoader
+
+    chosen = select_calibration(calibration, params)
+    rows = [
+        {
+            "inputs_embeds": c["inputs_embeds"][: params.max_seq_length].unsqueeze(0),
+            "attention_mask": torch.ones(1, min(len(c["input_ids"]), params.max_seq_length), dtype=torch.long),
+        }
+        for c in chosen
+    ]
+    loader = DataLoader(rows, batch_size=None, shuffle=False)  # each row is already a batch of one
+    oneshot(model=model, recipe=recipe, dataset=loader, num_calibration_samples=len(rows), pipeline="basic")
+    return {"calibration_samples": len(rows), "calibration_ids": [c["id"] for c in chosen]}
 
 
 def _copy_non_llm(src: Path, dst: Path) -> None:
@@ -299,16 +310,10 @@ def _copy_non_llm(src: Path, dst: Path) -> None:
 
 
 def _linear_widths(model) -> set[int]:
-    return {
-        m.in_features
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and "lm_head" not in n
-    }
+    return {m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
 
 
-def run_stage(
-    kind: str, params: Stage, src: Path, dst: Path, calibration: list[dict], data: str | Path
-) -> dict:
+def run_stage(kind: str, params: Stage, src: Path, dst: Path, calibration: list[dict], data: str | Path) -> dict:
     """Run one parsed stage (kept for callers that name the kind; the stage object knows its own)."""
     if STAGES.get(kind) is not type(params):
         raise ValueError(f"stage {kind!r} given parameters of {type(params).__name__}")

@@ -193,11 +193,7 @@ def verify(folder: str | os.PathLike, *, kind: str | tuple[str, ...] | None = No
             raise ArtifactError(f"{folder}: {rel} does not match its manifest hash (modified or corrupt)")
     # files the manifest announces as built later on the device (TensorRT engines), by glob
     device_built = manifest.get("device_files", [])
-    extra = {
-        f
-        for f in set(file_hashes(folder)) - set(files)
-        if not any(fnmatch.fnmatch(f, g) for g in device_built)
-    }
+    extra = {f for f in set(file_hashes(folder)) - set(files) if not any(fnmatch.fnmatch(f, g) for g in device_built)}
     if extra:
         raise ArtifactError(f"{folder}: files not in the manifest: {sorted(extra)[:5]}")
     return manifest

@@ -18,6 +18,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 
+from emoverse.imaging import load_pixels
 from emoverse.records import Record
 from emoverse.tasks import TASKS
 
@@ -83,9 +84,7 @@ def vader(records: list[Record], train: list[Record]) -> dict[str, str]:
     sia = SentimentIntensityAnalyzer()
     msa = TASKS["msa"]
     return {
-        r.id: msa.format_label(
-            "positive" if sia.polarity_scores(utterance(r.query))["compound"] >= 0 else "negative"
-        )
+        r.id: msa.format_label("positive" if sia.polarity_scores(utterance(r.query))["compound"] >= 0 else "negative")
         for r in records
         if r.task == "msa"
     }
@@ -118,7 +117,8 @@ def image_features(paths: list[str], image_size: int = 224, batch: int = 64) -> 
     import numpy as np
     import torch
 
-    from emoverse.imaging import load_pixels
+    # lazy: only this probe needs the vision encoder (torch); the CLI imports this module to list the
+    # baselines, and `emoverse run` on an onnxruntime-only install must not need torch
     from emoverse.model import ModelConfig, load_vision
 
     net = load_vision(ModelConfig()).eval()

@@ -1,4 +1,8 @@
-"""`emoverse` command line: thin wrappers that parse, call a stage, print."""
+"""`emoverse` command line: thin wrappers that parse, call a stage, print.
+
+Each subcommand imports its stage when it runs (the one deliberate exception to imports at module top in
+this package): `emoverse run` / `bench` on a bundle must work on an onnxruntime-only install (a Jetson, a slim
+container) where torch, transformers, llm-compressor and modelopt are absent, and `--help` stays instant."""
 
 from __future__ import annotations
 
@@ -114,7 +118,8 @@ def _compress(a: argparse.Namespace) -> int:
 def _compare(a: argparse.Namespace) -> int:
     from emoverse.compress.compare import compare, format_compare
 
-    print(format_compare(compare(a.metrics, out=a.out, system=a.system)))
+    report = compare(a.metrics, out=a.out, system=a.system, size_reference=a.size_reference, bench_report=a.bench)
+    print(format_compare(report))
     return 0
 
 
@@ -125,9 +130,7 @@ def _export(a: argparse.Namespace) -> int:
     if a.calibration_data:
         from emoverse.records import load_records
 
-        images = [
-            img for r in load_records(Path(a.calibration_data) / "fer" / "train.jsonl") for img in r.images
-        ]
+        images = [img for r in load_records(Path(a.calibration_data) / "fer" / "train.jsonl") for img in r.images]
     m = export_bundle(
         a.model,
         a.out,
@@ -136,6 +139,7 @@ def _export(a: argparse.Namespace) -> int:
         calibration_images=images,
         embedding_bits=a.embedding_bits,
         vision_int8=a.vision_int8,
+        int8_activations=a.int8_activations,
         overwrite=a.overwrite,
     )
     print(f"wrote bundle {a.out}: target {a.target}, precision {m['precision']}")
@@ -247,9 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON/JSONL files already in ms-swift/AMT form to add, as FILE:SPLIT (train, dev or test) "
         "unless every record has a 'split' field",
     )
-    b.add_argument(
-        "--skip-bad", action="store_true", help="skip malformed rows and report them instead of failing"
-    )
+    b.add_argument("--skip-bad", action="store_true", help="skip malformed rows and report them instead of failing")
     b.set_defaults(func=_data_build)
     v = data.add_parser("validate", help="check record files without loading a model")
     v.add_argument("files", nargs="+")
@@ -271,12 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--overwrite", action="store_true")
     rl.set_defaults(func=_release)
 
-    rs = sub.add_parser(
-        "results", help="eval metrics (full test splits, with CIs) -> docs/results JSON + markdown"
-    )
-    rs.add_argument(
-        "--metrics", nargs="*", help="metrics.json files of `emoverse eval` (model and baselines)"
-    )
+    rs = sub.add_parser("results", help="eval metrics (full test splits, with CIs) -> docs/results JSON + markdown")
+    rs.add_argument("--metrics", nargs="*", help="metrics.json files of `emoverse eval` (model and baselines)")
     rs.add_argument("--out", help="results JSON (the .md is written beside it)")
     rs.add_argument("--system", default="emoverse/score", help="the model's system in the metrics files")
     rs.add_argument("--markdown", help="only regenerate the markdown table from this results JSON")
@@ -308,9 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="baselines to score on the same records",
     )
     e.add_argument("--threads", type=int)
-    e.add_argument(
-        "--batch-size", type=int, default=8, help="records scored or generated together (default 8)"
-    )
+    e.add_argument("--batch-size", type=int, default=8, help="records scored or generated together (default 8)")
     e.add_argument(
         "--precision",
         choices=["fp32", "bf16"],
@@ -338,29 +334,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=100,
         help="then evaluate on N test records per task and source (0: skip; default 100)",
     )
-    c.add_argument(
-        "--reference", help="metrics.json of the FP32 teacher (same --eval-limit) for a comparison row"
-    )
+    c.add_argument("--reference", help="metrics.json of the FP32 teacher (same --eval-limit) for a comparison row")
     c.set_defaults(func=_compress)
 
-    cp = sub.add_parser(
-        "compare", help="table of variants vs the FP32 reference: metric ratio, size, parameters"
-    )
+    cp = sub.add_parser("compare", help="table of variants vs the FP32 reference: metric ratio, size, parameters")
     cp.add_argument(
         "metrics",
         nargs="+",
-        help="metrics.json files from emoverse eval, one per variant (A.json+B.json: "
-        "two evals of one artifact, e.g. closed tasks + ERI/ECPE); the first is the reference",
+        help="metrics.json files from emoverse eval, one per variant ([NAME=]A.json+B.json: "
+        "evals of one artifact or bundle, e.g. closed tasks + ERI/ECPE); the first is the reference",
     )
     cp.add_argument("--out", help="write compare.md and compare.json here")
     cp.add_argument("--system", default="emoverse/score", help="which system's results to compare")
+    cp.add_argument("--size-reference", help="folder the sizes are divided into (e.g. the FP32 teacher's bundle)")
+    cp.add_argument("--bench", help="a bench report.json: p90 latency and decode speed joined to variants by path")
     cp.set_defaults(func=_compare)
 
     x = sub.add_parser("export", help="model artifact -> ONNX bundle (graphs, tokenizer, config, manifest)")
     x.add_argument("--model", required=True)
-    x.add_argument(
-        "--target", default="cpu", help="cpu, jetson-orin-nano, jetson-agx-orin, h100 (export/targets.yaml)"
-    )
+    x.add_argument("--target", default="cpu", help="cpu, jetson-orin-nano, jetson-agx-orin, h100 (export/targets.yaml)")
     x.add_argument(
         "--embedding-bits",
         type=int,
@@ -371,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--vision-int8",
         action="store_true",
         help="cpu: static INT8 vision encoder, calibrated on FER training faces (needs --calibration-data)",
+    )
+    x.add_argument(
+        "--int8-activations",
+        action="store_true",
+        help="cpu, GPTQ artifacts / --embedding-bits: int8 activations in MatMulNBits (faster, not bit-exact)",
     )
     x.add_argument("--precision", help="cpu: fp32, int8 or int4 (default fp32)")
     x.add_argument(
@@ -435,9 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--warmup", type=int, default=2)
     bn.add_argument("--repetitions", type=int, default=1)
     bn.add_argument("--threads", type=int)
-    bn.add_argument(
-        "--offline-batch", type=int, default=8, help="closed-label requests per prefill in Offline"
-    )
+    bn.add_argument("--offline-batch", type=int, default=8, help="closed-label requests per prefill in Offline")
     bn.set_defaults(func=_bench)
     bc = sub.add_parser("bench-compare", help=argparse.SUPPRESS)
     bc.add_argument("old")
@@ -446,9 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--max-accuracy-drop", default="1pt")
     bc.set_defaults(func=_bench_compare)
 
-    pl = sub.add_parser(
-        "pipeline", help="raw data -> data -> train -> compress -> export -> bench, resumable"
-    )
+    pl = sub.add_parser("pipeline", help="raw data -> data -> train -> compress -> export -> bench, resumable")
     pl.add_argument("--recipe", required=True, help="pipeline YAML or a shipped one: nano-quick, tiny")
     pl.add_argument("--raw", required=True, help="raw data directory")
     pl.add_argument("--out", required=True)

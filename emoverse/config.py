@@ -50,16 +50,10 @@ def load_config(
             for item in overrides:
                 key, value = item.split("=", 1)
                 # update() (unlike from_dotlist) walks list indices: `stages.1.steps=5`
-                OmegaConf.update(
-                    cfg, key, yaml.safe_load(value) if value else None, merge=True, force_add=False
-                )
+                OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=True, force_add=False)
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except (OmegaConfBaseException, TypeError) as e:
-        where = (
-            f"{where}: "
-            if where
-            else (f"{path}: " if path is not None and not isinstance(path, dict) else "")
-        )
+        where = f"{where}: " if where else (f"{path}: " if path is not None and not isinstance(path, dict) else "")
         key = getattr(e, "full_key", None)
         msg = str(e).split("\n")[0]
         raise RecipeError(f"{where}{key + ': ' if key else ''}{msg}") from None

@@ -35,8 +35,9 @@ def build_amt(
         raise ValueError(f"unknown source(s) {unknown}; known: {list(SOURCES)}")
     missing = missing_sources(raw, names)
     if missing:
-        raise FileNotFoundError("raw sources missing (docs/data.md; --sources builds from a subset):\n  "
-                                + "\n  ".join(missing))
+        raise FileNotFoundError(
+            "raw sources missing (docs/data.md; --sources builds from a subset):\n  " + "\n  ".join(missing)
+        )
     report = BuildReport(skip_bad=skip_bad)
     records: list[Record] = []
     for name in tqdm(names, desc="sources", unit="src"):

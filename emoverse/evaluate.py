@@ -15,9 +15,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from emoverse.artifacts import atomic_write_json, read_manifest
+from emoverse.artifacts import atomic_write_json, atomic_write_text, read_manifest
 from emoverse.baselines import run_baseline
+from emoverse.model import EmoVerse, ModelConfig
 from emoverse.records import Record, load_records, select_records  # noqa: F401
+from emoverse.runtime.backends import open_runtime
+from emoverse.runtime.torch_ref import TorchRuntime
+from emoverse.stats import bootstrap_ci
 from emoverse.tasks import INVALID, TASKS
 
 ZERO_SHOT = "zero-shot"
@@ -38,15 +42,12 @@ def compute_metrics(records: list[Record], preds: dict[str, str]) -> dict[str, f
             groups.update({f"{task}/{s}": [r for r in recs if r.source == s] for s in sources})
         for name, rs in groups.items():
             m = t.metrics([r.response for r in rs], [preds[r.id] for r in rs], [r.label for r in rs])
-            out.update(
-                {f"{name}.{k}": int(v) if k in ("n", "label_n") else round(float(v), 4) for k, v in m.items()}
-            )
+            out.update({f"{name}.{k}": int(v) if k in ("n", "label_n") else round(float(v), 4) for k, v in m.items()})
     return out
 
 
 def compute_cis(records: list[Record], preds: dict[str, str], n_boot: int = 1000) -> dict[str, list[float]]:
     """95% bootstrap intervals for the same '<task>[/<source>].<metric>' keys as compute_metrics."""
-    from emoverse.stats import bootstrap_ci
 
     out: dict[str, list[float]] = {}
     by_task: dict[str, list[Record]] = defaultdict(list)
@@ -104,12 +105,7 @@ class Predictor:
 
 
 def _load_runtime(spec: str):
-    from emoverse.runtime.backends import open_runtime
-
     if spec == ZERO_SHOT:
-        from emoverse.model import EmoVerse, ModelConfig
-        from emoverse.runtime.torch_ref import TorchRuntime
-
         return TorchRuntime(None, model=EmoVerse.build(ModelConfig(), lora=False))
     return open_runtime(spec, "auto")
 
@@ -182,10 +178,7 @@ def _run_model(
                     raise
                 for r, answer in zip(chunk, answers, strict=True):
                     preds[r.id] = answer
-                    f.write(
-                        json.dumps({"system": system, "id": r.id, "prediction": answer}, ensure_ascii=False)
-                        + "\n"
-                    )
+                    f.write(json.dumps({"system": system, "id": r.id, "prediction": answer}, ensure_ascii=False) + "\n")
                 f.flush()
                 bar.update(len(chunk))
             bar.close()
@@ -221,9 +214,7 @@ def evaluate(
             f"precision={precision!r}: use fp32 (the reference) or bf16 (autocast; faster on CPUs with "
             "AVX-512 BF16 or AMX)"
         )
-    autocast = (
-        torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    )
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
     if threads:
         torch.set_num_threads(threads)
@@ -248,9 +239,7 @@ def evaluate(
         name = "zero-shot" if model == ZERO_SHOT else "emoverse"
         with autocast:
             systems.update(
-                _run_model(
-                    name, _load_runtime(model), records, modes, partial, done, batch_size, missing_media
-                )
+                _run_model(name, _load_runtime(model), records, modes, partial, done, batch_size, missing_media)
             )
     baselines = baselines or []
     if model is None and not baselines:
@@ -299,7 +288,6 @@ def evaluate(
                     ensure_ascii=False,
                 )
             )
-    from emoverse.artifacts import atomic_write_text
 
     atomic_write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
     model_info: dict = {"spec": model}
@@ -352,12 +340,7 @@ def format_table(metrics: dict, keys: list[str] | None = None) -> str:
     systems = list(results)
     keys = keys or [k for k in HEADLINE if any(k in r for r in results.values())]
     extra = sorted(
-        {
-            k
-            for r in results.values()
-            for k in r
-            if "/" in k.split(".")[0] and not k.endswith((".n", ".label_n"))
-        }
+        {k for r in results.values() for k in r if "/" in k.split(".")[0] and not k.endswith((".n", ".label_n"))}
     )
     rows = ["| metric | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
     for k in keys + extra:
@@ -372,9 +355,7 @@ def merge_metrics(paths: list[str | os.PathLike]) -> dict:
     for p in paths:
         m = json.loads(Path(p).read_text(encoding="utf-8"))
         if merged["records"] is not None and m["records"] != merged["records"]:
-            raise ValueError(
-                f"{p}: evaluated on different records than {paths[0]}; not comparable side by side"
-            )
+            raise ValueError(f"{p}: evaluated on different records than {paths[0]}; not comparable side by side")
         merged["records"] = m["records"]
         for system, res in m["results"].items():
             merged["results"].setdefault(system, res)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emoverse.artifacts import ArtifactError, atomic_dir, verify, write_manifest
+from emoverse.artifacts import ArtifactError, atomic_dir, manifest_digest, sha256_file, verify, write_manifest
+from emoverse.fp8 import is_fp8_checkpoint, load_fp8_checkpoint
 from emoverse.prompting import IGNORE, PromptBuilder
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -69,9 +70,7 @@ def _package_dir(pkg: str) -> Path:
     # which we deliberately do not install).
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"package {pkg!r} is not installed (pip install --no-deps {pkg.replace('_', '-')})"
-        )
+        raise FileNotFoundError(f"package {pkg!r} is not installed (pip install --no-deps {pkg.replace('_', '-')})")
     return Path(spec.submodule_search_locations[0])
 
 
@@ -86,7 +85,6 @@ BASE_FILES = {
 
 def base_reference(cfg: ModelConfig) -> dict:
     """What an adapter-form release needs besides itself: each pretrained file by package, version and sha256."""
-    from emoverse.artifacts import sha256_file
 
     if cfg.llm == "tiny-random" and cfg.vision in ("efficientnet-lite0-random", "none"):
         return {"llm": {"builtin": "tiny-random", "seed": 0}, "vision": {"builtin": cfg.vision, "seed": 0}}
@@ -111,7 +109,6 @@ def base_reference(cfg: ModelConfig) -> dict:
 
 def check_base(reference: dict, where: Path) -> None:
     """Refuse to rebuild a release on base files other than the ones it was trained on."""
-    from emoverse.artifacts import sha256_file
 
     for part, ref in reference.items():
         if "package" not in ref:
@@ -173,9 +170,7 @@ def load_llm(cfg: ModelConfig, vocab_size: int):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if cfg.llm == "tiny-random":
-        conf = LlamaConfig(
-            vocab_size=vocab_size, max_position_embeddings=4096, tie_word_embeddings=True, **cfg.tiny
-        )
+        conf = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=4096, tie_word_embeddings=True, **cfg.tiny)
         with torch.random.fork_rng():  # a fixed init, so an adapter over it can be rebuilt (tests)
             torch.manual_seed(0)
             return LlamaForCausalLM(conf)
@@ -222,9 +217,7 @@ class AffectiveProjector(nn.Module):
         self.fc1 = nn.Linear(in_dim, hidden)
         self.fc2 = nn.Linear(hidden, hidden)
 
-    def forward(
-        self, feats: torch.Tensor
-    ) -> torch.Tensor:  # (N, grid*grid, in_dim) -> (N, grid*grid, hidden)
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:  # (N, grid*grid, in_dim) -> (N, grid*grid, hidden)
         return self.fc2(F.gelu(self.fc1(self.norm(feats))))
 
 
@@ -238,9 +231,7 @@ class EmoVerse(nn.Module):
         if vision is not None:
             vision.eval().requires_grad_(False)
         self.projector = AffectiveProjector(VISION_DIM, llm.config.hidden_size, cfg.visual_grid)
-        self.prompts = PromptBuilder(
-            tokenizer, cfg.n_visual, cfg.max_length, cfg.image_size, cfg.max_video_frames
-        )
+        self.prompts = PromptBuilder(tokenizer, cfg.n_visual, cfg.max_length, cfg.image_size, cfg.max_video_frames)
         self._feature_cache: dict[str, torch.Tensor] = {}
 
     # -- construction ----------------------------------------------------------------------------
@@ -253,9 +244,7 @@ class EmoVerse(nn.Module):
 
             n_layers = llm.config.num_hidden_layers
             if not 0 <= cfg.lora_from_layer < n_layers:
-                raise ValueError(
-                    f"lora_from_layer={cfg.lora_from_layer}: the LLM has layers 0..{n_layers - 1}"
-                )
+                raise ValueError(f"lora_from_layer={cfg.lora_from_layer}: the LLM has layers 0..{n_layers - 1}")
             layers = list(range(cfg.lora_from_layer, n_layers)) if cfg.lora_from_layer else None
             llm = get_peft_model(
                 llm,
@@ -317,9 +306,7 @@ class EmoVerse(nn.Module):
         if response_loss_only:
             return self.response_loss(batch, cache_features)
         embeds = self.embed(batch["input_ids"], batch["visual_mask"], batch["media"], cache=cache_features)
-        return self.llm(
-            inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch.get("labels")
-        )
+        return self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch.get("labels"))
 
     def response_loss(self, batch: dict, cache_features: bool = False) -> torch.Tensor:
         """The training loss (mean next-token cross-entropy over response tokens, as `forward(...).loss`),
@@ -327,9 +314,7 @@ class EmoVerse(nn.Module):
         sequence, never reach the 49,152 x 576 output matrix (about a fifth of the model's FLOPs)."""
         embeds = self.embed(batch["input_ids"], batch["visual_mask"], batch["media"], cache=cache_features)
         causal_lm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
-        hidden = causal_lm.model(
-            inputs_embeds=embeds, attention_mask=batch["attention_mask"]
-        ).last_hidden_state
+        hidden = causal_lm.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
         targets = batch["labels"][:, 1:]
         keep = targets != IGNORE
         logits = causal_lm.lm_head(hidden[:, :-1][keep])
@@ -344,9 +329,7 @@ class EmoVerse(nn.Module):
     def generate_batch(self, requests: list[tuple[str, list, list]], max_new_tokens: int = 32) -> list[str]:
         """Greedy answers for (query, images, videos) requests, decoded together (left-padded)."""
         encs = [self.prompts.encode(q, None, list(i), list(v)) for q, i, v in requests]
-        embeds = [
-            self.embed(torch.tensor([e.input_ids]), torch.tensor([e.visual_mask]), e.media)[0] for e in encs
-        ]
+        embeds = [self.embed(torch.tensor([e.input_ids]), torch.tensor([e.visual_mask]), e.media)[0] for e in encs]
         width = max(e.shape[0] for e in embeds)
         hidden = embeds[0].shape[-1]
         batch = torch.zeros(len(embeds), width, hidden, dtype=embeds[0].dtype)
@@ -375,9 +358,7 @@ class EmoVerse(nn.Module):
         one left-padded prefill for the batch (explicit positions, so padding changes nothing), then every
         (request, candidate) continuation as one batch over rows of its prompt's KV cache."""
         encs = [self.prompts.encode(q, None, list(i), list(v)) for q, _, i, v in requests]
-        embeds = [
-            self.embed(torch.tensor([e.input_ids]), torch.tensor([e.visual_mask]), e.media)[0] for e in encs
-        ]
+        embeds = [self.embed(torch.tensor([e.input_ids]), torch.tensor([e.visual_mask]), e.media)[0] for e in encs]
         lengths = [e.shape[0] for e in embeds]
         width = max(lengths)
         x = torch.zeros(len(embeds), width, embeds[0].shape[-1], dtype=embeds[0].dtype)
@@ -386,9 +367,7 @@ class EmoVerse(nn.Module):
             x[i, width - e.shape[0] :] = e
             mask[i, width - e.shape[0] :] = 1
         pos = (mask.cumsum(1) - 1).clamp(min=0)
-        out = self.llm(
-            inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1
-        )
+        out = self.llm(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         first = out.logits[:, -1].float().log_softmax(-1)
         cands = [[self.tokenizer.encode(c, add_special_tokens=False) for c in cs] for _, cs, _, _ in requests]
         scores = [[float(first[i, c[0]]) for c in cl] for i, cl in enumerate(cands)]
@@ -448,9 +427,7 @@ class EmoVerse(nn.Module):
                 )
             cfg = asdict(self.cfg)
             (tmp / "emoverse.json").write_text(json.dumps(cfg, indent=2) + "\n")
-            manifest = write_manifest(
-                tmp, kind="emoverse-model", producer=producer, inputs=inputs, extra=extra
-            )
+            manifest = write_manifest(tmp, kind="emoverse-model", producer=producer, inputs=inputs, extra=extra)
         return manifest
 
     def save_adapter(
@@ -482,9 +459,7 @@ class EmoVerse(nn.Module):
             (tmp / "base.json").write_text(json.dumps(base, indent=2) + "\n")
             for name, text in (files or {}).items():  # e.g. the recipe that reproduces it
                 (tmp / name).write_text(text)
-            manifest = write_manifest(
-                tmp, kind="emoverse-adapter", producer=producer, inputs=inputs, extra=extra
-            )
+            manifest = write_manifest(tmp, kind="emoverse-adapter", producer=producer, inputs=inputs, extra=extra)
         return manifest
 
     @classmethod
@@ -492,7 +467,6 @@ class EmoVerse(nn.Module):
         """A model folder with the merged LLM on disk, as stages that read weights from files (compress,
         export) need: the folder itself for the full form; for an adapter-form release, its expansion,
         built once and cached by the release's manifest digest."""
-        from emoverse.artifacts import manifest_digest
 
         path = Path(path)
         if not (path / "adapter.safetensors").is_file():
@@ -523,9 +497,7 @@ class EmoVerse(nn.Module):
         model = cls.build(cfg, lora=True)
         result = set_peft_model_state_dict(model.llm, load_file(path / "adapter.safetensors"))
         if getattr(result, "unexpected_keys", None):
-            raise ArtifactError(
-                f"{path}: adapter weights do not fit the model ({result.unexpected_keys[:2]})"
-            )
+            raise ArtifactError(f"{path}: adapter weights do not fit the model ({result.unexpected_keys[:2]})")
         model.projector.load_state_dict(load_file(path / "projector.safetensors"), strict=True)
         model.llm = model.llm.merge_and_unload()  # inference runs the merged weights, as every other artifact
         return model.eval()
@@ -547,7 +519,6 @@ class EmoVerse(nn.Module):
             raise ArtifactError(f"{path}: no emoverse.json; not an EmoVerse model artifact")
         cfg = ModelConfig(**json.loads(cfg_path.read_text()))
         tok = AutoTokenizer.from_pretrained(path / "llm")
-        from emoverse.fp8 import is_fp8_checkpoint, load_fp8_checkpoint
 
         quant = json.loads((path / "llm" / "config.json").read_text()).get("quantization_config") or {}
         if quant.get("quant_method") == "gptq":  # classic GPTQ format: GPTQModel's kernels (torch on CPU)

@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emoverse.artifacts import MODEL_KINDS, ArtifactError, atomic_write_json, manifest_digest, verify
-from emoverse.config import load_config
+from emoverse.bench.runner import BUDGETS, BenchConfig, run_bench
+from emoverse.compress.compare import compare
+from emoverse.compress.pipeline import compress
+from emoverse.config import load_config, resolve_recipe
+from emoverse.data import build_amt
+from emoverse.evaluate import evaluate
+from emoverse.export.bundle import RUNTIME_FORMAT, export_bundle
+from emoverse.records import load_records
+from emoverse.train.trainer import RECIPES, TrainConfig, train
 
 PIPELINES = Path(__file__).parent / "pipelines"
 EVAL_VERSION = 2  # bump when eval semantics change, so pipelines re-evaluate
@@ -24,7 +32,9 @@ class ExportSpec:
     name: str = "cpu-fp32"
     target: str = "cpu"
     precision: str | None = None
-    model: str = "teacher"  # "teacher" or the name of a compress entry
+    model: str = "teacher"  # "teacher" or the name of a compress entry (its artifact ships as it is)
+    embedding_bits: int | None = None  # cpu: 4 or 8-bit tied embedding / output projection
+    vision_int8: bool = False  # cpu: static INT8 vision encoder calibrated on FER training faces
 
 
 @dataclass
@@ -77,9 +87,7 @@ class Pipeline:
 
     def _record(self, stage: str, key: str, artifact: Path, kind: str) -> str:
         digest = manifest_digest(verify(artifact, kind=kind))
-        atomic_write_json(
-            self.state_dir / f"{stage}.json", {"key": key, "artifact": str(artifact), "digest": digest}
-        )
+        atomic_write_json(self.state_dir / f"{stage}.json", {"key": key, "artifact": str(artifact), "digest": digest})
         return digest
 
     def stage(self, name: str, key: str, artifact: Path, kind: str, run) -> str:
@@ -92,15 +100,6 @@ class Pipeline:
         return self._record(name, key, artifact, kind)
 
     def run(self) -> tuple[dict, list[str]]:
-        from emoverse.bench.runner import BUDGETS, BenchConfig, run_bench
-        from emoverse.compress.pipeline import compress
-        from emoverse.config import resolve_recipe
-        from emoverse.data import build_amt
-        from emoverse.evaluate import evaluate
-        from emoverse.export.bundle import RUNTIME_FORMAT, export_bundle
-        from emoverse.records import load_records
-        from emoverse.train.trainer import RECIPES, TrainConfig, train
-
         cfg = self.cfg
         data = self.out / "data"
         d_data = self.stage(
@@ -149,9 +148,7 @@ class Pipeline:
             key = _key(digest, d_data, cfg.eval_limit, EVAL_VERSION)
             state = self.state_dir / f"eval-{name}.json"
             if not (
-                state.is_file()
-                and json.loads(state.read_text()).get("key") == key
-                and (ev / "metrics.json").is_file()
+                state.is_file() and json.loads(state.read_text()).get("key") == key and (ev / "metrics.json").is_file()
             ):
                 self.log(f"[pipeline] eval {name}: running -> {ev}")
                 evaluate(str(art), [str(data)], ev, mode="score", limit=cfg.eval_limit)
@@ -164,7 +161,7 @@ class Pipeline:
             b = self.out / "bundles" / spec.name
             self.stage(
                 f"export-{spec.name}",
-                _key(digest, spec.target, spec.precision, RUNTIME_FORMAT),
+                _key(digest, spec.target, spec.precision, spec.embedding_bits, spec.vision_int8, RUNTIME_FORMAT),
                 b,
                 "emoverse-bundle",
                 lambda s=spec, a=art, bb=b: export_bundle(
@@ -174,22 +171,18 @@ class Pipeline:
                     precision=s.precision,
                     calibration_images=fer_images,
                     overwrite=True,
+                    embedding_bits=s.embedding_bits,
+                    vision_int8=s.vision_int8,
                 ),
             )
             bundles.append(b)
-        runnable = [
-            b for b, s in zip(bundles, cfg.exports, strict=True) if s.target in ("cpu", cfg.bench.target)
-        ]
+        runnable = [b for b, s in zip(bundles, cfg.exports, strict=True) if s.target in ("cpu", cfg.bench.target)]
         bcfg = BenchConfig(limit=cfg.bench.limit, warmup=cfg.bench.warmup)
         report, failures = run_bench(
             runnable, data, cfg.bench.budgets or BUDGETS, cfg.bench.target, self.out / "bench", bcfg
         )
         if len(evals) > 1:
-            from emoverse.compress.compare import compare
-
-            compare(
-                [evals["teacher"], *[v for k, v in evals.items() if k != "teacher"]], out=self.out / "compare"
-            )
+            compare([evals["teacher"], *[v for k, v in evals.items() if k != "teacher"]], out=self.out / "compare")
         return report, failures
 
 
@@ -199,7 +192,5 @@ def run_pipeline(
     out: str | os.PathLike,
     overrides: list[str] | None = None,
 ) -> tuple[dict, list[str]]:
-    from emoverse.config import resolve_recipe
-
     cfg = load_config(PipelineConfig, resolve_recipe(recipe, PIPELINES), overrides)
     return Pipeline(cfg, raw, out).run()

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emoverse.imaging import load_pixels, to_pixels
 from emoverse.tasks import IMAGE_PLACEHOLDER, SYSTEM_PROMPT
 
 IGNORE = -100
@@ -44,8 +45,6 @@ class Encoded:
 
 
 def load_image(path: str, size: int) -> torch.Tensor:
-    from emoverse.imaging import load_pixels
-
     return torch.from_numpy(load_pixels(path, size, MediaError))
 
 
@@ -79,7 +78,6 @@ def load_video_frame(ref: MediaRef, size: int) -> torch.Tensor:
         frame = iio.imread(ref.path, index=ref.frame)
     except Exception as e:  # noqa: BLE001
         raise MediaError(f"{ref.path}: cannot read frame {ref.frame} ({e})") from None
-    from emoverse.imaging import to_pixels
 
     return torch.from_numpy(to_pixels(Image.fromarray(frame), size))
 
@@ -110,11 +108,7 @@ class PromptBuilder:
         return refs
 
     def pixels(self, ref: MediaRef) -> torch.Tensor:
-        return (
-            load_image(ref.path, self.image_size)
-            if ref.frame is None
-            else load_video_frame(ref, self.image_size)
-        )
+        return load_image(ref.path, self.image_size) if ref.frame is None else load_video_frame(ref, self.image_size)
 
     def render(self, query: str, n_media: int) -> str:
         """Chat-template text of the prompt, with one IMAGE_PLACEHOLDER per media item."""
@@ -123,9 +117,7 @@ class PromptBuilder:
             query = query.replace(IMAGE_PLACEHOLDER, "", have - n_media).lstrip()
             have = n_media
         if have > n_media:
-            raise ValueError(
-                f"query has {have} {IMAGE_PLACEHOLDER} placeholders but only {n_media} images/frames"
-            )
+            raise ValueError(f"query has {have} {IMAGE_PLACEHOLDER} placeholders but only {n_media} images/frames")
         user = IMAGE_PLACEHOLDER * (n_media - have) + query  # media not placed in the query go first
         msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
         if self.tok.chat_template:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from emoverse.artifacts import atomic_write_text
 from emoverse.tasks import get_task, infer_task
 
 SPLITS = ("train", "dev", "test")
@@ -64,11 +65,7 @@ def record_from_dict(
         if not isinstance(obj[key], str):
             raise ValueError(f"'{key}' must be a string, got {type(obj[key]).__name__}")
     for key in ("task", "label", "id", "source", "split"):
-        if (
-            obj.get(key) is not None
-            and not isinstance(obj[key], (str, int))
-            or isinstance(obj.get(key), bool)
-        ):
+        if obj.get(key) is not None and not isinstance(obj[key], (str, int)) or isinstance(obj.get(key), bool):
             raise ValueError(f"'{key}' must be a string, got {type(obj[key]).__name__}")
     task = obj.get("task") or infer_task(str(obj["query"]))
     if task is None:
@@ -101,9 +98,7 @@ def record_from_dict(
     return rec
 
 
-def read_records(
-    path: str | os.PathLike, *, split: str | None = None, require_split: bool = False
-) -> Iterator[Record]:
+def read_records(path: str | os.PathLike, *, split: str | None = None, require_split: bool = False) -> Iterator[Record]:
     """Read a JSONL file (our form or ms-swift form) or a JSON list (the paper's files). A record without a
     'split' field takes `split`, else "test" — or, with require_split, is an error naming the record."""
     path = Path(path)
@@ -148,9 +143,7 @@ def read_records(
             raise RecordError(f"{path}:{lineno}: {e}") from None
 
 
-def load_records(
-    paths: str | os.PathLike | Iterable[str | os.PathLike], *, split: str | None = None
-) -> list[Record]:
+def load_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *, split: str | None = None) -> list[Record]:
     """Records from files or directories (a directory: every *.jsonl below it, sorted; a split filter)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -172,16 +165,13 @@ def load_records(
 
 def write_records(path: str | os.PathLike, records: Iterable[Record]) -> int:
     """Write JSONL atomically (temp file + fsync + rename); returns the count."""
-    from emoverse.artifacts import atomic_write_text
 
     lines = [r.to_json() for r in records]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     return len(lines)
 
 
-def select_records(
-    records: list[Record], *, tasks: list[str] | None, limit: int | None, seed: int = 0
-) -> list[Record]:
+def select_records(records: list[Record], *, tasks: list[str] | None, limit: int | None, seed: int = 0) -> list[Record]:
     """Filter by task; keep at most `limit` per (task, source), a seeded sample in file order."""
     if tasks:
         for t in tasks:

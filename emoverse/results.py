@@ -67,9 +67,7 @@ def build(
     keys = sorted({k for r in merged["results"].values() for k in r if not k.endswith((".n", ".label_n"))})
     for task_name, task in TASKS.items():
         for metric in [task.primary, *EXTRA_METRICS.get(task_name, [])]:
-            for key in [
-                k for k in keys if k.split(".")[0].split("/")[0] == task_name and k.endswith("." + metric)
-            ]:
+            for key in [k for k in keys if k.split(".")[0].split("/")[0] == task_name and k.endswith("." + metric)]:
                 group = key.rsplit(".", 1)[0]
                 n_key = f"{group}.label_n" if metric == "label_accuracy" else f"{group}.n"
                 cells = {}
@@ -91,9 +89,7 @@ def build(
                         "sample_limit": sample_of.get(task_name),
                         "systems": cells,
                         "target": TARGETS.get(key),
-                        "meets_target": None
-                        if TARGETS.get(key) is None or model is None
-                        else model >= TARGETS[key],
+                        "meets_target": None if TARGETS.get(key) is None or model is None else model >= TARGETS[key],
                         "best_baseline": max(baselines.items(), key=lambda kv: kv[1]) if baselines else None,
                         "beats_every_baseline": None
                         if model is None or not baselines
@@ -134,11 +130,7 @@ def markdown(res: dict) -> str:
         "|" + "---|" * len(head),
     ]
     for r in res["rows"]:
-        target = (
-            "–"
-            if r["target"] is None
-            else f"≥ {r['target']:.2f} ({'met' if r['meets_target'] else 'not met'})"
-        )
+        target = "–" if r["target"] is None else f"≥ {r['target']:.2f} ({'met' if r['meets_target'] else 'not met'})"
         beats = (
             "–"
             if r["beats_every_baseline"] is None

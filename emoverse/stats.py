@@ -35,8 +35,7 @@ def bootstrap_ci(
     idx = np.random.default_rng(seed).integers(0, len(gold), size=(n_boot, len(gold)))
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     return {
-        k: [round(float(x), 4) for x in np.percentile(v, q)]
-        for k, v in task.aggregate(_resample(stats, idx)).items()
+        k: [round(float(x), 4) for x in np.percentile(v, q)] for k, v in task.aggregate(_resample(stats, idx)).items()
     }
 
 

@@ -75,9 +75,7 @@ class PairGrammar(Grammar):
             parts = text.split(";")  # also accept a partially written head
             if not all(self._pair.fullmatch(p) for p in parts[:-1]):
                 return False
-            if not self.head.startswith(parts[-1]) and not re.fullmatch(
-                rf"{re.escape(self.head)}\d*", parts[-1]
-            ):
+            if not self.head.startswith(parts[-1]) and not re.fullmatch(rf"{re.escape(self.head)}\d*", parts[-1]):
                 return False
         return all(1 <= int(c) <= self.target for c in self._causes.findall(text))
 
@@ -148,9 +146,7 @@ class Task:
         raise NotImplementedError
 
     # -- resampling: per-record statistics, and metrics from resampled rows of them (bootstrap CIs) ----
-    def record_stats(
-        self, gold: list[str], pred: list[str], labels: list[str | None]
-    ) -> dict[str, np.ndarray]:
+    def record_stats(self, gold: list[str], pred: list[str], labels: list[str | None]) -> dict[str, np.ndarray]:
         """One number per record and statistic, parsed once; `aggregate` turns rows of them into metrics."""
         raise NotImplementedError
 
@@ -292,9 +288,7 @@ class FacialExpressionTask(Task):
     def response(self, label: str, aus: Sequence[int] | None) -> str:
         out = self.format_label(label)
         if aus:
-            out += (
-                " Facial action units: " + ", ".join(f"AU{a} {AU_NAMES.get(a, 'unnamed')}" for a in aus) + "."
-            )
+            out += " Facial action units: " + ", ".join(f"AU{a} {AU_NAMES.get(a, 'unnamed')}" for a in aus) + "."
         return out
 
     def parse(self, response: str) -> Parsed:
@@ -407,9 +401,7 @@ class ReasonTask(Task):
         "fear": ("fear", "fearful", "afraid", "scared", "frightened", "terrified"),
     }
     _WORD = re.compile(
-        r"\b("
-        + "|".join(sorted({w for ws in EMOTION_WORDS.values() for w in ws}, key=len, reverse=True))
-        + r")\b"
+        r"\b(" + "|".join(sorted({w for ws in EMOTION_WORDS.values() for w in ws}, key=len, reverse=True)) + r")\b"
     )
     _NEGATION = re.compile(r"\b(not|no|never|without|hardly|neither|nor)\b|n't\b")
     _LABEL_OF = {w: lbl for lbl, ws in EMOTION_WORDS.items() for w in ws}
@@ -471,9 +463,7 @@ class ReasonTask(Task):
 
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
         return {
-            "rouge_l": np.array(
-                [scorer.score(g, p)["rougeL"].fmeasure for g, p in zip(gold, pred, strict=True)]
-            ),
+            "rouge_l": np.array([scorer.score(g, p)["rougeL"].fmeasure for g, p in zip(gold, pred, strict=True)]),
             "labelled": np.array([bool(lbl) for lbl in labels]),
             "correct": np.array(
                 [bool(lbl) and self.label_matches(lbl, p) for lbl, p in zip(labels, pred, strict=True)]
@@ -558,8 +548,7 @@ class CausePairTask(Task):
         h_c: Counter = Counter(emo(x) for g, p in zip(gold_pairs, pred_pairs, strict=True) for x in g & p)
         if n_gold:
             out["weighted_f1"] = sum(
-                (2 * h_c[c] / (g_c[c] + p_c[c]) if g_c[c] + p_c[c] else 0.0) * g_c[c] / n_gold
-                for c in self.labels
+                (2 * h_c[c] / (g_c[c] + p_c[c]) if g_c[c] + p_c[c] else 0.0) * g_c[c] / n_gold for c in self.labels
             )
         return out
 

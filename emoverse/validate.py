@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from emoverse.prompting import MediaError, PromptTooLong, load_image
+from emoverse.model import load_tokenizer
+from emoverse.prompting import MediaError, PromptBuilder, PromptTooLong, load_image
 from emoverse.records import record_from_dict
 
 
@@ -20,9 +21,6 @@ def validate_files(
     check_media: bool = True,
     n_visual: int = 4,
 ) -> tuple[list[str], int]:
-    from emoverse.model import load_tokenizer
-    from emoverse.prompting import PromptBuilder
-
     builder = PromptBuilder(load_tokenizer(llm), n_visual, max_length, 32, 4)
     problems: list[str] = []
     n = 0

@@ -13,35 +13,38 @@ import torch
 from PIL import Image
 
 from emoverse.artifacts import MODEL_KINDS, atomic_dir, manifest_digest, verify, write_manifest
-from emoverse.export.gptq_onnx import NotGPTQ, dequantized_llm, gptq_scheme, read_linears, to_matmulnbits
+from emoverse.export.gptq_onnx import (
+    NotGPTQ,
+    dequantized_llm,
+    gptq_scheme,
+    read_linears,
+    to_int4_dequantize,
+    to_matmulnbits,
+)
 from emoverse.export.onnx_export import export_all
+from emoverse.export.targets import check_precision, get_target, resolve_precision
+from emoverse.export.tensorrt import write_plan
+from emoverse.imaging import load_pixels
+from emoverse.model import EmoVerse
 from emoverse.runtime.graphs import runtime_config  # noqa: F401  (the bundle format is the runtime's)
-from emoverse.runtime.ort import RUNTIME_FORMAT  # noqa: F401
+from emoverse.runtime.ort import RUNTIME_FORMAT, OrtRuntime  # noqa: F401  (format: the runtime owns it)
 from emoverse.tasks import TASKS
 
 
 @torch.no_grad()
 def parity(model, bundle_dir: Path, probes: list[tuple[str, list[str], str]]) -> dict:
     """Max |logit| difference between PyTorch and ONNX Runtime on the prompts, and greedy-token agreement."""
-    from emoverse.runtime.ort import OrtRuntime
-
     rt = OrtRuntime(bundle_dir, check=False)
     worst, same = 0.0, 0
     for query, images, task in probes:
         enc = model.prompts.encode(query, None, images, [])
         ids = torch.tensor([enc.input_ids])
-        ref = (
-            model.llm(inputs_embeds=model.embed(ids, torch.tensor([enc.visual_mask]), enc.media))
-            .logits[0]
-            .numpy()
-        )
+        ref = model.llm(inputs_embeds=model.embed(ids, torch.tensor([enc.visual_mask]), enc.media)).logits[0].numpy()
         emb = rt.embed(query, images)[None]
         got, _ = rt.forward(emb, np.ones((1, emb.shape[1]), dtype=np.int64), rt.empty_cache(1))
         worst = max(worst, float(np.abs(ref - got[0]).max()))
         n = TASKS[task].max_new_tokens
-        same += model.generate(query, images, max_new_tokens=n) == rt.generate(
-            query, images, max_new_tokens=n
-        )
+        same += model.generate(query, images, max_new_tokens=n) == rt.generate(query, images, max_new_tokens=n)
     return {"max_abs_logit_diff": worst, "greedy_identical": same, "probes": len(probes)}
 
 
@@ -63,21 +66,115 @@ def quantize_for_cpu(decoder: Path, precision: str) -> None:
     os.replace(tmp, decoder)
 
 
-def quantize_embeddings(bundle: Path, graphs: dict[str, str], bits: int) -> None:
-    """The tied 49,152 x 576 embedding (input table and output projection; ~20% of SmolLM2's weights) to
-    `bits`-bit blocks with onnxruntime's own quantizer: GatherBlockQuantized in the embed graph, MatMulNBits
-    for the decoder's remaining float MatMuls (the output projection; GPTQ layers are MatMulNBits already)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+TIED_FILE = "tied_embedding.bin"
 
-    for key, ops, axes in (("embed", ("Gather",), (("Gather", 1),)), ("decoder", ("MatMul",), None)):
-        path = bundle / graphs[key]
-        tmp = path.with_suffix(".q.onnx")
-        q = MatMulNBitsQuantizer(
-            str(path), bits=bits, block_size=32, is_symmetric=True, op_types_to_quantize=ops, quant_axes=axes
-        )
-        q.process()
-        q.model.save_model_to_file(str(tmp), use_external_data_format=False)
-        os.replace(tmp, path)
+
+def quantize_embeddings(
+    bundle: Path, graphs: dict[str, str], bits: int, block: int = 32, accuracy_level: int = 0
+) -> dict:
+    """The tied 49,152 x 576 table (input embedding and output projection; ~20% of SmolLM2's weights) as ONE
+    `bits`-bit copy that both graphs read: the embed graph's Gather becomes GatherBlockQuantized, the decoder's
+    output projection MatMulNBits, and both point at the same bytes of `graphs/tied_embedding.bin` (ONNX
+    external data with offsets). The two ops lay out a row-blocked table identically — data (V, H) = B
+    (V, H/block, block·bits/8), scales (V, H/block), zero points (V, H/block) — so the table is stored once,
+    where quantizing each graph separately stores it twice.
+
+    Symmetric round-to-nearest per block of 32 along the hidden size, written by hand: onnxruntime's
+    MatMulNBitsQuantizer quantizes each graph on its own (two copies) and leaves 8-bit Gathers in fp32."""
+    import onnx
+    from onnx import external_data_helper, helper
+
+    embed_path, decoder_path = bundle / graphs["embed"], bundle / graphs["decoder"]
+    embed, decoder = onnx.load(str(embed_path)), onnx.load(str(decoder_path))
+    inits = {t.name: t for t in embed.graph.initializer}
+    gather = next(n for n in embed.graph.node if n.op_type == "Gather" and n.input[0] in inits)
+    table = onnx.numpy_helper.to_array(inits[gather.input[0]]).astype(np.float32)  # (V, H)
+    vocab, hidden = table.shape
+    dec_inits = {t.name: t for t in decoder.graph.initializer}
+    head = next(
+        n
+        for n in decoder.graph.node
+        if n.op_type == "MatMul"
+        and n.input[1] in dec_inits
+        and tuple(dec_inits[n.input[1]].dims) == (hidden, vocab)
+        and np.array_equal(onnx.numpy_helper.to_array(dec_inits[n.input[1]]).T, table)
+    )
+    blocks = table.reshape(vocab, hidden // block, block)
+    qmax = 2 ** (bits - 1) - 1
+    scale = (np.abs(blocks).max(-1) / qmax).astype(np.float32)
+    scale[scale == 0] = 1.0
+    zero = 2 ** (bits - 1)  # unsigned storage, zero point in the middle (both ops' convention)
+    u = (np.clip(np.round(blocks / scale[..., None]), -qmax - 1, qmax) + zero).astype(np.uint8)
+    if bits == 4:
+        u = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)  # two per byte, first in the low nibble
+        zp = np.full((vocab, (hidden // block + 1) // 2), zero | (zero << 4), np.uint8)
+    else:
+        zp = np.full((vocab, hidden // block), zero, np.uint8)
+    parts = {"data": u.reshape(vocab, -1), "scales": scale, "zero_points": zp}
+    offsets, blob = {}, b""
+    for key, arr in parts.items():
+        offsets[key] = (len(blob), arr.nbytes)
+        blob += arr.tobytes()
+    (decoder_path.parent / TIED_FILE).write_bytes(blob)  # inside the bundle's temporary folder: atomic with it
+
+    def external(name: str, key: str, dtype: int, dims: tuple[int, ...]):
+        t = onnx.TensorProto(name=name, data_type=dtype, dims=list(dims), raw_data=b"")
+        external_data_helper.set_external_data(t, TIED_FILE, offset=offsets[key][0], length=offsets[key][1])
+        t.ClearField("raw_data")  # the bytes live in TIED_FILE only
+        return t
+
+    u8, f32 = onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT
+    n_blocks = hidden // block
+    embed.graph.initializer.remove(inits[gather.input[0]])
+    embed.graph.initializer.extend(
+        [
+            external("tied.data", "data", u8, parts["data"].shape),
+            external("tied.scales", "scales", f32, (vocab, n_blocks)),
+            external("tied.zero_points", "zero_points", u8, zp.shape),
+        ]
+    )
+    nodes = list(embed.graph.node)
+    nodes[nodes.index(gather)] = helper.make_node(
+        "GatherBlockQuantized",
+        ["tied.data", gather.input[1], "tied.scales", "tied.zero_points"],
+        list(gather.output),
+        domain="com.microsoft",
+        bits=bits,
+        block_size=block,
+        gather_axis=0,
+        quantize_axis=1,
+    )
+    del embed.graph.node[:]
+    embed.graph.node.extend(nodes)
+    decoder.graph.initializer.remove(dec_inits[head.input[1]])
+    decoder.graph.initializer.extend(
+        [
+            external("tied.B", "data", u8, (vocab, n_blocks, block * bits // 8)),
+            external("tied.scales", "scales", f32, (vocab * n_blocks,)),
+            external("tied.zero_points", "zero_points", u8, (zp.size,)),
+        ]
+    )
+    nodes = list(decoder.graph.node)
+    nodes[nodes.index(head)] = helper.make_node(
+        "MatMulNBits",
+        [head.input[0], "tied.B", "tied.scales", "tied.zero_points"],
+        list(head.output),
+        name=head.name + "_nbits",
+        domain="com.microsoft",
+        K=hidden,
+        N=vocab,
+        bits=bits,
+        block_size=block,
+        accuracy_level=accuracy_level,
+    )
+    del decoder.graph.node[:]
+    decoder.graph.node.extend(nodes)
+    for model, path in ((embed, embed_path), (decoder, decoder_path)):
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        onnx.save(model, str(path))
+    rel = f"{Path(graphs['decoder']).parent}/{TIED_FILE}"
+    return {"bits": bits, "block_size": block, "file": rel, "bytes": len(blob)}
 
 
 def quantize_vision_int8(vision: Path, pixels: np.ndarray) -> None:
@@ -106,25 +203,32 @@ def quantize_vision_int8(vision: Path, pixels: np.ndarray) -> None:
 
 
 def quantize_vision_qdq(vision: Path, out: Path, mode: str, pixels: np.ndarray) -> None:
-    """nvidia-modelopt ONNX PTQ: explicit Q/DQ nodes (int8 / fp8) that TensorRT turns into low-precision kernels."""
-    from modelopt.onnx.quantization import quantize
+    """nvidia-modelopt ONNX PTQ: explicit Q/DQ nodes (int8 / fp8) that TensorRT turns into low-precision kernels.
 
-    quantize(
-        str(vision),
-        quantize_mode=mode,
-        calibration_data={"pixels": pixels},
-        output_path=str(out),
-        calibration_eps=["cpu"],
-        log_level="WARNING",
-    )
+    Run in a child process: modelopt patches onnxruntime.quantization's classes in the process that imports
+    it, after which onnxruntime's own quantize_static (the CPU bundle's INT8 vision) fails on the Pad outputs
+    ("Quantization parameters are not specified"): the order-dependent test failure this fixes."""
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "pixels.npy", pixels)
+        code = (
+            "import sys, numpy as np\n"
+            "from modelopt.onnx.quantization import quantize\n"
+            "quantize(sys.argv[1], quantize_mode=sys.argv[2], calibration_data={'pixels': np.load(sys.argv[3])},"
+            " output_path=sys.argv[4], calibration_eps=['cpu'], log_level='WARNING')\n"
+        )
+        args = [sys.executable, "-c", code, str(vision), mode, str(Path(tmp) / "pixels.npy"), str(out)]
+        proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"{vision}: modelopt {mode} Q/DQ quantization failed:\n{proc.stderr[-3000:]}")
 
 
 def calibration_pixels(images: list[str], size: int, n: int = 16) -> np.ndarray:
-    from emoverse.runtime.ort import _pixels
-
     if not images:
         raise ValueError("Q/DQ calibration needs images (pass --data with FER train records)")
-    return np.stack([_pixels(p, size) for p in images[:n]])
+    return np.stack([load_pixels(p, size) for p in images[:n]])
 
 
 def export_bundle(
@@ -139,25 +243,20 @@ def export_bundle(
     overwrite: bool = False,
     embedding_bits: int | None = None,
     vision_int8: bool = False,
+    int8_activations: bool = False,
 ) -> dict:
-    from emoverse.export.tensorrt import check_precision, get_target, write_plan
-    from emoverse.model import EmoVerse
-
+    """int8_activations (cpu, 4/8-bit weights): MatMulNBits accuracy level 4, onnxruntime quantizes each
+    activation row to int8 and multiplies with integer kernels (VNNI/AMX where the CPU has them): faster,
+    not bit-exact; parity records what it costs."""
     tgt = get_target(target)
-    if target != "cpu" and precision is not None:
+    if precision:  # before any work: e.g. FP8 for Orin is refused for its compute capability
         check_precision(target, tgt, precision)
-        if precision not in tgt["precisions"]:
-            raise ValueError(f"target {target}: precision {precision!r} not in {tgt['precisions']}")
-    if target == "cpu":
-        precision = precision or "fp32"
-        if precision not in tgt["precisions"]:
-            raise ValueError(f"target cpu: precision {precision!r} not in {tgt['precisions']}")
     model_dir = EmoVerse.full_form(model_dir)  # an adapter-form release is expanded once (cached)
     parent = verify(model_dir, kind=MODEL_KINDS)
     llm_cfg = json.loads((model_dir / "llm" / "config.json").read_text())
     gptq = None
     if "quantization_config" in llm_cfg:
-        # A compress/ output is exported as it is: GPTQ W4A16 weights go into MatMulNBits unchanged.
+        # A compress/ output is exported as it is: GPTQ W4A16 weights go into the graphs unchanged.
         try:
             scheme = gptq_scheme(model_dir / "llm")
         except NotGPTQ as e:
@@ -165,17 +264,11 @@ def export_bundle(
                 f"{e}. Export takes full-precision models (quantized for the target here) and GPTQ "
                 "W4A16 artifacts (their own 4-bit weights)"
             ) from None
-        if target != "cpu":
-            raise ValueError(
-                f"{model_dir}: GPTQ W4A16 into TensorRT plans ({target}) is not implemented yet; export "
-                "it for target cpu (onnxruntime MatMulNBits), or export the full-precision teacher"
-            )
-        if precision not in ("int4", "fp32"):
-            raise ValueError(
-                f"{model_dir}: a GPTQ W4A16 artifact exports as int4 (its own weights); got {precision!r}"
-            )
-        precision = "int4"
-        gptq = {"linears": read_linears(model_dir / "llm"), **scheme}
+        gptq = scheme
+    precisions = resolve_precision(target, precision, gptq=gptq is not None)  # decided there, nowhere else
+    precision = precisions["decoder"]
+    if gptq is not None:
+        gptq = {"linears": read_linears(model_dir / "llm"), **gptq}
     model = EmoVerse.load(model_dir, check=False).eval()
     if gptq is not None:
         model.llm = dequantized_llm(model_dir / "llm", gptq["linears"])  # q x scale, bit for bit
@@ -190,9 +283,7 @@ def export_bundle(
     with image_dir, atomic_dir(out, overwrite=overwrite) as tmp:
         paths = export_all(model, tmp / "graphs")
         graphs = {k: str(p.relative_to(tmp)) for k, p in paths.items()}
-        model.tokenizer.backend_tokenizer.save(
-            str(tmp / "tokenizer.json")
-        )  # what the `tokenizers` runtime reads
+        model.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))  # what the `tokenizers` runtime reads
         cfg = runtime_config(model, graphs)
         (tmp / "runtime.json").write_text(json.dumps(cfg, indent=2) + "\n")
         report = parity(model, tmp, probes)  # the exported fp32 graphs against PyTorch
@@ -201,12 +292,30 @@ def export_bundle(
                 f"ONNX parity failed: max |logit diff| {report['max_abs_logit_diff']:.2e} > {max_abs_diff}"
             )
         extra: dict = {"parity_fp32": report, "target": target}
-        if gptq is not None:
-            info = to_matmulnbits(tmp / graphs["decoder"], gptq["linears"])
+        if gptq is not None and target != "cpu":
+            # TensorRT: the artifact's INT4 weights behind blocked DequantizeLinear nodes (weight-only); the
+            # same graph runs in onnxruntime, so the parity below checks exactly what the plan builds from
+            dq = tmp / "graphs" / "decoder.int4.qdq.onnx"
+            info = to_int4_dequantize(tmp / graphs["decoder"], dq, gptq["linears"])
             if info["unmatched"]:
-                raise ValueError(
-                    f"GPTQ export: no decoder MatMul carries the weights of {info['unmatched'][:3]}"
-                )
+                raise ValueError(f"GPTQ export: no decoder MatMul carries the weights of {info['unmatched'][:3]}")
+            (tmp / graphs["decoder"]).unlink()
+            graphs["decoder"] = str(dq.relative_to(tmp))
+            cfg["graphs"] = dict(graphs)
+            (tmp / "runtime.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            extra["weights_from"] = {
+                "artifact": str(model_dir.resolve()),
+                "format": "compressed-tensors pack-quantized",
+                "group_size": gptq["group_size"],
+                "int4_dequantize": info,
+            }
+            extra["parity"] = parity(model, tmp, probes)  # the INT4 graph against the PyTorch artifact
+            if extra["parity"]["max_abs_logit_diff"] > 50 * max_abs_diff:
+                raise ValueError(f"GPTQ bundle parity failed: {extra['parity']}")
+        elif gptq is not None:
+            info = to_matmulnbits(tmp / graphs["decoder"], gptq["linears"], accuracy_level=4 if int8_activations else 0)
+            if info["unmatched"]:
+                raise ValueError(f"GPTQ export: no decoder MatMul carries the weights of {info['unmatched'][:3]}")
             extra["weights_from"] = {
                 "artifact": str(model_dir.resolve()),
                 "format": "compressed-tensors pack-quantized",
@@ -214,13 +323,13 @@ def export_bundle(
                 "matmulnbits": info,
             }
             extra["parity"] = parity(model, tmp, probes)  # the bundle against the PyTorch compressed artifact
-            if extra["parity"]["max_abs_logit_diff"] > 50 * max_abs_diff:
+            if not int8_activations and extra["parity"]["max_abs_logit_diff"] > 50 * max_abs_diff:
                 raise ValueError(f"GPTQ bundle parity failed: {extra['parity']}")
         elif target == "cpu" and precision != "fp32":
             quantize_for_cpu(tmp / graphs["decoder"], precision)
             extra["parity"] = parity(model, tmp, probes)  # what quantization costs, recorded, not gated
         if tgt.get("runtime") == "tensorrt":
-            mode = tgt.get("vision_quantization")
+            mode = precisions["vision"]
             if mode and "vision" in graphs:
                 qdq = tmp / "graphs" / f"vision.{mode}.qdq.onnx"
                 quantize_vision_qdq(
@@ -230,7 +339,7 @@ def export_bundle(
                     calibration_pixels(calibration_images or [], model.cfg.image_size),
                 )
                 graphs["vision"] = str(qdq.relative_to(tmp))
-            extra["tensorrt_plan"] = write_plan(tmp, cfg, graphs, target)
+            extra["tensorrt_plan"] = write_plan(tmp, cfg, graphs, target, precisions)
             extra["device_files"] = [
                 "tensorrt/*.engine",
                 "tensorrt/timing.cache",
@@ -238,9 +347,10 @@ def export_bundle(
         if embedding_bits is not None:
             if target != "cpu" or embedding_bits not in (4, 8):
                 raise ValueError(f"embedding_bits={embedding_bits}: 4 or 8, for target cpu")
-            quantize_embeddings(tmp, graphs, embedding_bits)
+            info = quantize_embeddings(tmp, graphs, embedding_bits, accuracy_level=4 if int8_activations else 0)
             extra["embeddings"] = (
-                f"int{embedding_bits} (blocks of 32, onnxruntime GatherBlockQuantized/MatMulNBits)"
+                f"int{embedding_bits} tied table stored once ({info['file']}, blocks of 32): "
+                "GatherBlockQuantized in embed, MatMulNBits for the output projection"
             )
             extra["parity"] = parity(model, tmp, probes)  # recorded after every quantization step
         if vision_int8:
@@ -249,11 +359,9 @@ def export_bundle(
             quantize_vision_int8(
                 tmp / graphs["vision"], calibration_pixels(calibration_images or [], model.cfg.image_size)
             )
-            extra["vision"] = (
-                "int8 static (onnxruntime, QDQ, per-channel weights, calibrated on training faces)"
-            )
+            extra["vision"] = "int8 static (onnxruntime, QDQ, per-channel weights, calibrated on training faces)"
             extra["parity"] = parity(model, tmp, probes)
-        extra["precision"] = precision or tgt.get("decoder_precision")
+        extra["precision"] = precision
         manifest = write_manifest(
             tmp,
             kind="emoverse-bundle",

@@ -44,9 +44,7 @@ def gptq_scheme(llm_dir: Path) -> dict:
         or w.get("strategy") != "group"
         or w.get("type") != "int"
     ):
-        raise NotGPTQ(
-            f"{llm_dir}: MatMulNBits export takes 4-bit symmetric int weights in groups; this has {w}"
-        )
+        raise NotGPTQ(f"{llm_dir}: MatMulNBits export takes 4-bit symmetric int weights in groups; this has {w}")
     g = int(w["group_size"])
     if g < 16 or g & (g - 1):
         raise NotGPTQ(f"{llm_dir}: group_size {g}: MatMulNBits needs a power of two >= 16")
@@ -77,9 +75,7 @@ def read_linears(llm_dir: Path) -> dict[str, dict]:
 
 def dequantize(layer: dict) -> np.ndarray:
     """The artifact's own dequantization: q x scale of its group, in fp32."""
-    return (layer["q"].astype(np.float32) * np.repeat(layer["scale"], layer["group_size"], axis=1)).astype(
-        np.float32
-    )
+    return (layer["q"].astype(np.float32) * np.repeat(layer["scale"], layer["group_size"], axis=1)).astype(np.float32)
 
 
 def dequantized_llm(llm_dir: Path, linears: dict[str, dict]):
@@ -89,9 +85,7 @@ def dequantized_llm(llm_dir: Path, linears: dict[str, dict]):
     weights = {
         k: v.float()
         for k, v in state.items()
-        if not k.endswith(
-            (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point", ".weight_g_idx")
-        )
+        if not k.endswith((".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point", ".weight_g_idx"))
     }
     for name, layer in linears.items():
         weights[name + ".weight"] = torch.from_numpy(dequantize(layer))
@@ -120,54 +114,66 @@ def _digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
 
 
-def to_matmulnbits(decoder: Path, linears: dict[str, dict], accuracy_level: int = 0) -> dict:
-    """Rewrite the decoder graph in place; returns {"replaced": n, "layers": [...], "unmatched": [...]}.
-    accuracy_level 0 keeps fp32 activations (W4A16-like); 4 lets onnxruntime quantize them to int8."""
-    import onnx
-    from onnx import helper, numpy_helper
+def _replace_gptq_matmuls(model, linears: dict[str, dict], replace) -> list[str]:
+    """Swap every decoder MatMul whose constant weight equals a GPTQ layer's q x scale (by value, so it does not
+    depend on how the exporter names initializers) for `replace(node, name, layer)` -> (nodes, initializers).
+    Returns the layer names replaced; initializers left unused are dropped."""
+    from onnx import numpy_helper
 
-    model = onnx.load(str(decoder))
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     by_value = {_digest(dequantize(layer).T): name for name, layer in linears.items()}
-    replaced, used = [], set()
-    new_nodes = []
+    replaced, used, new_nodes, new_inits = [], set(), [], []
     for node in graph.node:
         if node.op_type == "MatMul" and node.input[1] in inits:
             arr = numpy_helper.to_array(inits[node.input[1]])
             name = by_value.get(_digest(arr)) if arr.ndim == 2 else None
             if name is not None:
-                layer = linears[name]
-                n, k = layer["q"].shape
-                b, s = pack(layer)
-                base = f"{name}.nbits"
-                graph.initializer.extend(
-                    [numpy_helper.from_array(b, base + ".B"), numpy_helper.from_array(s, base + ".scales")]
-                )
-                new_nodes.append(
-                    helper.make_node(
-                        "MatMulNBits",
-                        [node.input[0], base + ".B", base + ".scales"],
-                        list(node.output),
-                        name=node.name + "_nbits",
-                        domain="com.microsoft",
-                        K=k,
-                        N=n,
-                        bits=4,
-                        block_size=layer["group_size"],
-                        accuracy_level=accuracy_level,
-                    )
-                )
+                nodes, tensors = replace(node, name, linears[name])
+                new_nodes += nodes
+                new_inits += tensors
                 replaced.append(name)
                 used.add(node.input[1])
                 continue
         new_nodes.append(node)
     del graph.node[:]
     graph.node.extend(new_nodes)
+    graph.initializer.extend(new_inits)
     still_used = {i for node in graph.node for i in node.input}
     keep = [t for t in graph.initializer if t.name not in used or t.name in still_used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+    return replaced
+
+
+def to_matmulnbits(decoder: Path, linears: dict[str, dict], accuracy_level: int = 0) -> dict:
+    """ONNX Runtime form, in place: each GPTQ MatMul becomes MatMulNBits holding that layer's q (unsigned 4-bit,
+    zero point 8) and scales. Returns {"replaced": n, "unmatched": [...], ...}. accuracy_level 0 keeps fp32
+    activations (W4A16-like); 4 lets onnxruntime quantize them to int8."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    def replace(node, name, layer):
+        n, k = layer["q"].shape
+        b, s = pack(layer)
+        base = f"{name}.nbits"
+        return [
+            helper.make_node(
+                "MatMulNBits",
+                [node.input[0], base + ".B", base + ".scales"],
+                list(node.output),
+                name=node.name + "_nbits",
+                domain="com.microsoft",
+                K=k,
+                N=n,
+                bits=4,
+                block_size=layer["group_size"],
+                accuracy_level=accuracy_level,
+            )
+        ], [numpy_helper.from_array(b, base + ".B"), numpy_helper.from_array(s, base + ".scales")]
+
+    model = onnx.load(str(decoder))
+    replaced = _replace_gptq_matmuls(model, linears, replace)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, str(decoder))
@@ -175,5 +181,59 @@ def to_matmulnbits(decoder: Path, linears: dict[str, dict], accuracy_level: int 
         "replaced": len(replaced),
         "unmatched": sorted(set(linears) - set(replaced)),
         "accuracy_level": accuracy_level,
+        "group_size": next(iter(linears.values()))["group_size"],
+    }
+
+
+INT4_OPSET = 21  # INT4 tensors and DequantizeLinear's block_size arrived in opset 21 (IR 10)
+
+
+def int4_initializer(layer: dict, name: str):
+    """The layer's q transposed to MatMul's (K, N) layout as an ONNX INT4 tensor: two values per byte, the
+    first in the low nibble (the ONNX and TensorRT packing)."""
+    from onnx import TensorProto, helper
+
+    qt = np.ascontiguousarray(layer["q"].T)  # (K, N)
+    u = (qt.astype(np.uint8) & 0x0F).reshape(-1)
+    if u.size % 2:
+        u = np.append(u, np.uint8(0))
+    packed = (u[0::2] | (u[1::2] << 4)).astype(np.uint8)
+    return helper.make_tensor(name, TensorProto.INT4, list(qt.shape), packed.tobytes(), raw=True)
+
+
+def to_int4_dequantize(src: Path, dst: Path, linears: dict[str, dict]) -> dict:
+    """TensorRT form (INT4 weight-only, W4A16): each GPTQ MatMul's weight becomes the artifact's q as an INT4
+    initializer (K, N) behind DequantizeLinear(axis 0, block_size g, no zero point: symmetric) with the
+    artifact's scales (K/g, N) — the pre-quantized-weights pattern TensorRT's explicit quantization builds
+    INT4 weight-only GEMMs from (Ampere and later: Orin 8.7, H100 9.0). The graph is converted to opset 21
+    with onnx's version converter first. Written to `dst`; `src` is left as it is."""
+    import onnx
+    from onnx import helper, numpy_helper, version_converter
+
+    def replace(node, name, layer):
+        g = layer["group_size"]
+        base = f"{name}.int4"
+        scale = np.ascontiguousarray(layer["scale"].T.astype(np.float32))  # (K/g, N)
+        return [
+            helper.make_node(
+                "DequantizeLinear",
+                [base + ".weight", base + ".scale"],
+                [base + ".dequantized"],
+                name=node.name + "_dq",
+                axis=0,
+                block_size=g,
+            ),
+            helper.make_node("MatMul", [node.input[0], base + ".dequantized"], list(node.output), name=node.name),
+        ], [int4_initializer(layer, base + ".weight"), numpy_helper.from_array(scale, base + ".scale")]
+
+    model = version_converter.convert_version(onnx.load(str(src)), INT4_OPSET)
+    model.ir_version = max(model.ir_version, 10)
+    replaced = _replace_gptq_matmuls(model, linears, replace)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+    return {
+        "replaced": len(replaced),
+        "unmatched": sorted(set(linears) - set(replaced)),
+        "form": "INT4 DequantizeLinear (blocked, symmetric) -> MatMul, opset 21",
         "group_size": next(iter(linears.values()))["group_size"],
     }

@@ -32,9 +32,7 @@ from emoverse.runtime.graphs import (  # noqa: F401  (the graph modules are the 
 def export_all(model, out: Path, opset: int = OPSET) -> dict[str, Path]:
     """Write vision.onnx (when the model has a vision encoder), embed.onnx, decoder.onnx into `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    model = (
-        model.eval()
-    )  # and every wrapper below .eval(): torch.onnx.export restores a wrapper's training mode
+    model = model.eval()  # and every wrapper below .eval(): torch.onnx.export restores a wrapper's training mode
     llm = model.llm
     llm.config._attn_implementation = "eager"  # plain MatMul/Softmax: exports everywhere
     paths: dict[str, Path] = {}

@@ -12,41 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
-TARGETS_FILE = Path(__file__).parent / "targets.yaml"
-
-
-def load_targets() -> dict:
-    return yaml.safe_load(TARGETS_FILE.read_text())
-
-
-# The lowest CUDA compute capability with hardware for each precision (FP8 tensor cores: Ada 8.9, Hopper 9.0).
-MIN_COMPUTE_CAPABILITY = {"fp8": 8.9, "int8": 6.1, "fp16": 5.3}
-
-
-def check_precision(name: str, target: dict, precision: str) -> None:
-    """Refuse a precision the target's GPU has no kernels for, naming its compute capability."""
-    cc = target.get("compute_capability")
-    need = MIN_COMPUTE_CAPABILITY.get(precision)
-    if cc is not None and need is not None and float(cc) < need:
-        raise ValueError(
-            f"target {name}: {precision.upper()} needs CUDA compute capability >= {need}; this device "
-            f"is {cc} (e.g. Jetson Orin is 8.7, H100 9.0): use int8 or fp16 for {name}"
-        )
-
-
-def get_target(name: str) -> dict:
-    targets = load_targets()
-    if name not in targets:
-        raise ValueError(f"unknown target {name!r}; known: {', '.join(targets)}")
-    target = targets[name]
-    for key in ("vision_quantization", "decoder_precision"):  # the file's own choices must be buildable too
-        if target.get(key):
-            check_precision(name, target, target[key])
-    for prec in target.get("precisions", []):
-        check_precision(name, target, prec)
-    return target
+from emoverse.export.targets import get_target
 
 
 def input_shapes(runtime_cfg: dict, graph: str, profiles: dict) -> dict[str, list[list[int]]]:
@@ -71,20 +37,17 @@ def input_shapes(runtime_cfg: dict, graph: str, profiles: dict) -> dict[str, lis
     return shapes
 
 
-def build_plan(runtime_cfg: dict, graphs: dict[str, str], target_name: str) -> dict:
-    """One engine build per graph: precision flags, DLA placement, optimization profile."""
+def build_plan(runtime_cfg: dict, graphs: dict[str, str], target_name: str, precision: dict) -> dict:
+    """One engine build per graph: precision flags, DLA placement, optimization profile. `precision` is
+    `resolve_precision`'s {"decoder": ..., "vision": ...}; "int4" means the decoder graph carries pre-quantized
+    INT4 weights (GPTQ) behind DequantizeLinear nodes."""
     target = get_target(target_name)
     if target.get("runtime") != "tensorrt":
         raise ValueError(f"target {target_name!r} runs on {target.get('runtime')}, not TensorRT")
     builds = []
     for graph, onnx_path in graphs.items():
-        if graph == "vision":
-            precision = target.get("vision_quantization", "fp16")
-        elif graph == "decoder":
-            precision = target.get("decoder_precision", "fp16")
-        else:
-            precision = "fp16"
-        flags = ["fp16"] + ([precision] if precision != "fp16" else [])
+        precision_here = {"vision": precision.get("vision"), "decoder": precision["decoder"]}.get(graph) or "fp16"
+        flags = ["fp16"] + ([precision_here] if precision_here != "fp16" else [])
         use_dla = graph == "vision" and target.get("dla_cores", 0) > 0
         builds.append(
             {
@@ -146,7 +109,12 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, build["workspace_mb"] << 20)
     for flag in build["flags"]:
         config.set_flag(
-            {"fp16": trt.BuilderFlag.FP16, "int8": trt.BuilderFlag.INT8, "fp8": trt.BuilderFlag.FP8}[flag]
+            {
+                "fp16": trt.BuilderFlag.FP16,
+                "int8": trt.BuilderFlag.INT8,
+                "fp8": trt.BuilderFlag.FP8,
+                "int4": trt.BuilderFlag.INT4,
+            }[flag]
         )
     if build["dla_core"] is not None:
         config.default_device_type = trt.DeviceType.DLA
@@ -190,10 +158,16 @@ for b in plan["builds"]:
 '''
 
 
-def write_plan(bundle_tmp: Path, runtime_cfg: dict, graphs: dict[str, str], target_name: str) -> dict:
+def write_plan(
+    bundle_tmp: Path,
+    runtime_cfg: dict,
+    graphs: dict[str, str],
+    target_name: str,
+    precision: dict,
+) -> dict:
     import inspect
 
-    plan = build_plan(runtime_cfg, graphs, target_name)
+    plan = build_plan(runtime_cfg, graphs, target_name, precision)
     d = bundle_tmp / "tensorrt"
     d.mkdir(parents=True, exist_ok=True)
     (d / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")

@@ -34,6 +34,8 @@ def open_runtime(
     check: bool = True,
 ):
     backend = detect_backend(path) if backend == "auto" else backend
+    # Lazy on purpose: each backend loads only its own stack, so the ONNX Runtime path runs where torch is not
+    # installed (Jetson, slim containers; tests/export/test_bundle.py checks) and tensorrt only where it is.
     if backend == "onnxruntime":
         from emoverse.runtime.ort import OrtRuntime
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from emoverse.model import grid_pool
 from emoverse.runtime.ort import RUNTIME_FORMAT
 from emoverse.tasks import TASKS
 
@@ -24,8 +25,6 @@ class VisionGraph(nn.Module):
         self.grid = model.cfg.visual_grid
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        from emoverse.model import grid_pool
-
         return self.projector(grid_pool(self.vision.extract_features(pixels), self.grid))
 
 

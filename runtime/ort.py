@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from emoverse.artifacts import ArtifactError, verify
+from emoverse.imaging import load_pixels
 from emoverse.tasks import IMAGE_PLACEHOLDER, TASKS, get_task
 
 RUNTIME_FORMAT = "emoverse-runtime/2"  # the decoder takes logits_index (export.bundle writes the same)
@@ -34,8 +35,6 @@ class Answer:
 
 
 def _pixels(path: str, size: int) -> np.ndarray:
-    from emoverse.imaging import load_pixels
-
     return load_pixels(path, size, RequestError)
 
 
@@ -64,9 +63,7 @@ class OrtRuntime:
         graphs = self.cfg["graphs"]
         self.decoder = self._open_graph("decoder", graphs["decoder"], providers, threads)
         self.embedder = self._open_graph("embed", graphs["embed"], providers, threads)
-        self.vision = (
-            self._open_graph("vision", graphs["vision"], providers, threads) if graphs.get("vision") else None
-        )
+        self.vision = self._open_graph("vision", graphs["vision"], providers, threads) if graphs.get("vision") else None
         self.n_layers, self.kv_heads, self.head_dim = self.cfg["kv_shape"]
         self.eos = self.cfg["eos_token_id"]
         self.pad = self.cfg["pad_token_id"]
@@ -77,25 +74,19 @@ class OrtRuntime:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
+        # Weight-only DequantizeLinear -> MatMul (the TensorRT INT4 form) computes in fp32 like the artifact;
+        # onnxruntime's default when it fuses the pair into MatMulNBits (level 4) would round activations to int8
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if threads:
             opts.intra_op_num_threads = threads
-        return ort.InferenceSession(
-            str(self.dir / rel_path), opts, providers=providers or ["CPUExecutionProvider"]
-        )
+        return ort.InferenceSession(str(self.dir / rel_path), opts, providers=providers or ["CPUExecutionProvider"])
 
     # -- prompt --------------------------------------------------------------------------------
     def encode(self, query: str, images: list[str]) -> tuple[list[int], list[bool]]:
         have = query.count(IMAGE_PLACEHOLDER)
         if have > len(images):
-            raise RequestError(
-                f"query has {have} {IMAGE_PLACEHOLDER} placeholders but only {len(images)} images"
-            )
-        text = (
-            self.cfg["chat_prefix"]
-            + IMAGE_PLACEHOLDER * (len(images) - have)
-            + query
-            + self.cfg["chat_suffix"]
-        )
+            raise RequestError(f"query has {have} {IMAGE_PLACEHOLDER} placeholders but only {len(images)} images")
+        text = self.cfg["chat_prefix"] + IMAGE_PLACEHOLDER * (len(images) - have) + query + self.cfg["chat_suffix"]
         ids: list[int] = []
         vis: list[bool] = []
         n_visual = self.cfg["n_visual"]
@@ -107,9 +98,7 @@ class OrtRuntime:
             ids += seg_ids
             vis += [False] * len(seg_ids)
         if len(ids) > self.cfg["max_length"]:
-            raise RequestError(
-                f"prompt is {len(ids)} tokens, over the bundle's max_length {self.cfg['max_length']}"
-            )
+            raise RequestError(f"prompt is {len(ids)} tokens, over the bundle's max_length {self.cfg['max_length']}")
         return ids, vis
 
     def embed(self, query: str, images: list[str]) -> np.ndarray:
@@ -128,10 +117,7 @@ class OrtRuntime:
 
     # -- decoder -------------------------------------------------------------------------------
     def empty_cache(self, batch: int) -> list[np.ndarray]:
-        return [
-            np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
-            for _ in range(2 * self.n_layers)
-        ]
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32) for _ in range(2 * self.n_layers)]
 
     def forward(
         self,
@@ -165,9 +151,7 @@ class OrtRuntime:
         if getattr(self, "_prefix_kv", None) is None:
             ids = self.tok.encode(self.cfg["chat_prefix"], add_special_tokens=False).ids
             emb = self.token_embeds(np.array([ids]))
-            _, kv = self.forward(
-                emb, np.ones((1, len(ids)), dtype=np.int64), self.empty_cache(1), [len(ids) - 1]
-            )
+            _, kv = self.forward(emb, np.ones((1, len(ids)), dtype=np.int64), self.empty_cache(1), [len(ids) - 1])
             self._prefix_emb, self._prefix_kv = emb[0], kv
         return self._prefix_emb, self._prefix_kv
 
@@ -285,9 +269,7 @@ class OrtRuntime:
         """Closed-label scoring of several requests at once: one prefill of all prompts (left-padded, so
         every prompt ends in the last column), then every candidate of every request in one batch over
         the prompts' KV cache."""
-        return self.score_embedded(
-            [self.embed(q, list(images)) for q, _, images in items], [c for _, c, _ in items]
-        )
+        return self.score_embedded([self.embed(q, list(images)) for q, _, images in items], [c for _, c, _ in items])
 
     def score_embedded(self, embs: list[np.ndarray], candidates: list[list[str]]) -> list[list[float]]:
         last, cache, mask = self.prefill(embs)
@@ -298,9 +280,7 @@ class OrtRuntime:
         rest_len = max(len(c) for c in cand) - 1
         if rest_len > 0:  # teacher-force each candidate's remaining tokens over its request's cache
             rest = np.array([c[:-1] + [self.pad] * (rest_len + 1 - len(c)) for c in cand], dtype=np.int64)
-            cand_mask = np.array(
-                [[1] * (len(c) - 1) + [0] * (rest_len + 1 - len(c)) for c in cand], dtype=np.int64
-            )
+            cand_mask = np.array([[1] * (len(c) - 1) + [0] * (rest_len + 1 - len(c)) for c in cand], dtype=np.int64)
             lg, _ = self.forward(
                 self.token_embeds(rest),
                 np.concatenate([mask[rows], cand_mask], axis=1),

@@ -10,17 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emoverse.model import EmoVerse
 from emoverse.runtime.graphs import DecoderGraph, runtime_config
 from emoverse.runtime.ort import OrtRuntime, positions
 
 
 class TorchRuntime(OrtRuntime):
-    def __init__(
-        self, model_dir: str | os.PathLike | None, threads: int | None = None, check: bool = True, model=None
-    ):
+    def __init__(self, model_dir: str | os.PathLike | None, threads: int | None = None, check: bool = True, model=None):
         from tokenizers import Tokenizer
-
-        from emoverse.model import EmoVerse
 
         if threads:
             torch.set_num_threads(threads)
@@ -49,9 +46,7 @@ class TorchRuntime(OrtRuntime):
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         t = embeds.shape[1]
         pos = positions(mask, cache[0].shape[2], t)
-        index = (
-            torch.arange(t) if logits_index is None else torch.as_tensor(np.asarray(logits_index, np.int64))
-        )
+        index = torch.arange(t) if logits_index is None else torch.as_tensor(np.asarray(logits_index, np.int64))
         out = self.decoder_module(
             torch.from_numpy(embeds.astype(np.float32)),
             torch.from_numpy(mask.astype(np.int64)),
@@ -59,9 +54,7 @@ class TorchRuntime(OrtRuntime):
             index,
             *(torch.from_numpy(np.ascontiguousarray(c)) for c in cache),
         )
-        return out[0].float().numpy(), [
-            t.float().numpy() for t in out[1:]
-        ]  # fp32 out under bf16 autocast too
+        return out[0].float().numpy(), [t.float().numpy() for t in out[1:]]  # fp32 out under bf16 autocast too
 
     @torch.no_grad()
     def token_embeds(self, ids: np.ndarray) -> np.ndarray:

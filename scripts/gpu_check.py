@@ -115,9 +115,7 @@ def bundle_check(bundle: Path) -> dict:
     from emoverse.tasks import TASKS
 
     providers = ort.get_available_providers()
-    rt = open_runtime(
-        bundle, "onnxruntime", providers="cuda" if "CUDAExecutionProvider" in providers else "cpu"
-    )
+    rt = open_runtime(bundle, "onnxruntime", providers="cuda" if "CUDAExecutionProvider" in providers else "cpu")
     msa, mer = TASKS["msa"], TASKS["mer"]
     answers = {
         "msa": rt.answer("msa", msa.query("What a lovely day")).text,

@@ -9,9 +9,7 @@ from emoverse.cli import main
 
 
 def run(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "emoverse.cli", *args], capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([sys.executable, "-m", "emoverse.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize(
@@ -52,6 +50,4 @@ def test_validate_reports_bad_lines(tmp_path, capsys):
     )
     assert main(["data", "validate", str(f), "--no-media"]) == 1
     out = capsys.readouterr().out
-    assert (
-        "r.jsonl:2: invalid JSON" in out and "r.jsonl:3:" in out and "3 records checked, 2 problem(s)" in out
-    )
+    assert "r.jsonl:2: invalid JSON" in out and "r.jsonl:3:" in out and "3 records checked, 2 problem(s)" in out

@@ -55,9 +55,7 @@ def test_sixth_task_through_validate_eval_and_bench(sarcasm_data, tiny_model_dir
 
     problems, n = validate_files([str(sarcasm_data / "sarcasm" / "test.jsonl")], check_media=False)
     assert problems == [] and n == 4
-    m = evaluate(
-        str(tiny_model_dir), [str(sarcasm_data)], tmp_path / "eval", mode="score", baselines=["majority"]
-    )
+    m = evaluate(str(tiny_model_dir), [str(sarcasm_data)], tmp_path / "eval", mode="score", baselines=["majority"])
     res = m["results"]
     assert res["emoverse/score"]["sarcasm.n"] == 4 and "sarcasm.accuracy" in res["majority"]
     assert "sarcasm.accuracy" in m["ci"]["emoverse/score"]

@@ -114,13 +114,9 @@ def make_raw(root: Path, seed: int = 0) -> Path:
     v1, v2 = [], []
     for i in range(16):
         name, emo, sub = f"sample_{i:08d}", EMER_EMOTIONS[i % len(EMER_EMOTIONS)], _sentence(rng)
-        reason = (
-            f"In the video, the person speaks. Therefore, it is inferred that the emotional state is {emo}."
-        )
+        reason = f"In the video, the person speaks. Therefore, it is inferred that the emotional state is {emo}."
         v1.append([name, emo, sub, reason])
-        v2.append(
-            [name, f'In the video, the subtitle says "{sub}" and the person looks {emo}. Therefore, {emo}.']
-        )
+        v2.append([name, f'In the video, the subtitle says "{sub}" and the person looks {emo}. Therefore, {emo}.'])
     _csv(
         root / "emer_affectgpt" / "dataset-v1" / "gt-eng.csv",
         ["names", "emotions", "subtitles", "reasons"],
@@ -135,10 +131,7 @@ def make_raw(root: Path, seed: int = 0) -> Path:
             n = 5
             pairs = [(k, k) for k in range(2, n + 1) if emos[k - 1] != "neutral"] + [(3, 2)]
             lines = [f"{c} {n}", ", ".join(f"({a},{b})" for a, b in pairs)]
-            lines += [
-                f"{k} | {'AB'[k % 2]} | {emos[k - 1]} | {_sentence(rng)} | 00:00:0{k}"
-                for k in range(1, n + 1)
-            ]
+            lines += [f"{k} | {'AB'[k % 2]} | {emos[k - 1]} | {_sentence(rng)} | 00:00:0{k}" for k in range(1, n + 1)]
             blocks.append("\n".join(lines))
         (root / "ecf1_mecpe").mkdir(parents=True, exist_ok=True)
         (root / "ecf1_mecpe" / f"{split}.txt").write_text("\n".join(blocks) + "\n", encoding="utf-8")

@@ -38,9 +38,7 @@ def release(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool =
     summary = json.loads(summary_path.read_text())
     trained = read_manifest(run / "model")
     recipe = trained["producer"]["recipe"]
-    cfg = load_config(
-        TrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in recipe.items()]
-    )  # schema-checked
+    cfg = load_config(TrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in recipe.items()])  # schema-checked
     model = EmoVerse.build(cfg.model)
     model.freeze_base()
     ckpt = last_checkpoint(run)

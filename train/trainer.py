@@ -120,9 +120,7 @@ class Trainer:
             for task in needed:
                 path = Path(self.cfg.data) / task / "train.jsonl"
                 if not path.is_file():
-                    raise FileNotFoundError(
-                        f"{path}: no train records for task {task!r} (run `emoverse data build`)"
-                    )
+                    raise FileNotFoundError(f"{path}: no train records for task {task!r} (run `emoverse data build`)")
                 encoded, n_long = [], 0
                 for rec in load_records(path):
                     try:
@@ -143,9 +141,7 @@ class Trainer:
         tasks = [t for t, w in stage.task_weights.items() if w > 0]
         weights = np.array([stage.task_weights[t] for t in tasks], dtype=float)
         task = tasks[
-            np.random.default_rng([self.cfg.seed, stage_idx, step]).choice(
-                len(tasks), p=weights / weights.sum()
-            )
+            np.random.default_rng([self.cfg.seed, stage_idx, step]).choice(len(tasks), p=weights / weights.sum())
         ]
         rng = np.random.default_rng([self.cfg.seed, stage_idx, step, 1 + self.rank])
         pool = self.data[task]
@@ -193,9 +189,7 @@ class Trainer:
         from safetensors.torch import save_file
 
         with atomic_dir(self.ckpt_dir / f"stage{stage_idx}-step{step}", overwrite=True) as tmp:
-            save_file(
-                {k: v.detach().contiguous() for k, v in self.params.items()}, tmp / "trainable.safetensors"
-            )
+            save_file({k: v.detach().contiguous() for k, v in self.params.items()}, tmp / "trainable.safetensors")
             # optimizer state is tensors + numbers only: saved with torch.save, read back with weights_only=True
             torch.save(
                 {
@@ -215,9 +209,7 @@ class Trainer:
         weights = load_file(path / "trainable.safetensors")
         missing = set(self.params) ^ set(weights)
         if missing:
-            raise ValueError(
-                f"{path}: checkpoint does not match this model/recipe (parameters {sorted(missing)[:3]})"
-            )
+            raise ValueError(f"{path}: checkpoint does not match this model/recipe (parameters {sorted(missing)[:3]})")
         with torch.no_grad():
             for k, v in weights.items():
                 self.params[k].copy_(v)
@@ -247,9 +239,7 @@ class Trainer:
         if self.world > 1:
             net = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
         resume = self._checkpoints()
-        state, saved = (
-            self.load_checkpoint(resume[-1]) if resume else ({"stage": 0, "step": -1, "stats": {}}, None)
-        )
+        state, saved = self.load_checkpoint(resume[-1]) if resume else ({"stage": 0, "step": -1, "stats": {}}, None)
         stats = state["stats"] or {"tokens": 0, "seconds": 0.0, "steps": 0, "stages": {}}
         log_path = self.out / "train_log.jsonl"
         self.out.mkdir(parents=True, exist_ok=True)
@@ -313,9 +303,7 @@ class Trainer:
                             )
                             + "\n"
                         )
-                over_time = (
-                    stage.max_minutes is not None and time.monotonic() - t_stage > 60 * stage.max_minutes
-                )
+                over_time = stage.max_minutes is not None and time.monotonic() - t_stage > 60 * stage.max_minutes
                 if over_time:
                     st["ended_early"] = True
                 if (step + 1) % cfg.checkpoint_every == 0 or step == stage.steps - 1 or over_time:

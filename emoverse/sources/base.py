@@ -41,8 +41,7 @@ class BuildReport:
             rel = Path(path).relative_to(raw).as_posix()
             groups.setdefault(rel.split("/")[0], []).append(f"{rel} {digest}")
         return {
-            k: {"files": len(v), "sha256": hashlib.sha256("\n".join(v).encode()).hexdigest()}
-            for k, v in groups.items()
+            k: {"files": len(v), "sha256": hashlib.sha256("\n".join(v).encode()).hexdigest()} for k, v in groups.items()
         }
 
     def drop(self, source: str, reason: str) -> None:
@@ -64,9 +63,7 @@ def read_csv(path: Path, required: list[str], report: BuildReport) -> Iterator[t
                 raise SourceError(f"{path}:1: missing column(s) {missing}; found {reader.fieldnames}")
             for row in reader:
                 if None in row or any(v is None for v in row.values()):
-                    report.bad(
-                        f"{path}:{reader.line_num}", "wrong number of fields (truncated or malformed row)"
-                    )
+                    report.bad(f"{path}:{reader.line_num}", "wrong number of fields (truncated or malformed row)")
                     continue
                 yield reader.line_num, row
     except UnicodeDecodeError as e:

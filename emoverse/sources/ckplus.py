@@ -25,18 +25,12 @@ def read_facs(raw: Path, report: BuildReport) -> dict[str, list[int]]:
     aus: dict[str, list[int]] = {}
     for line, row in read_csv(path, ["video", "AU.combination"], report):
         try:
-            aus[row["video"].strip()] = sorted(
-                {int(a) for a in row["AU.combination"].split("_") if a.strip()}
-            )
+            aus[row["video"].strip()] = sorted({int(a) for a in row["AU.combination"].split("_") if a.strip()})
         except ValueError:
             # e.g. '4_7_9_1.7' (line 256): the table's one-hot AU columns are the unambiguous record
-            cols = sorted(
-                int(k[2:]) for k, v in row.items() if re.fullmatch(r"AU\d+", k) and v.strip() == "1"
-            )
+            cols = sorted(int(k[2:]) for k, v in row.items() if re.fullmatch(r"AU\d+", k) and v.strip() == "1")
             if not cols:
-                report.bad(
-                    f"{path}:{line}", f"AU combination {row['AU.combination']!r} is not '_'-joined numbers"
-                )
+                report.bad(f"{path}:{line}", f"AU combination {row['AU.combination']!r} is not '_'-joined numbers")
                 continue
             report.drop("ckplus", f"AU combination read from the one-hot columns ({row['video']})")
             aus[row["video"].strip()] = cols

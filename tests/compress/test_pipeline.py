@@ -25,9 +25,9 @@ def test_recipe_end_to_end(recipe, tiny_model_dir, small_amt, tmp_path):
 
 
 def test_calibration_covers_every_task(small_amt, tiny_model_dir):
-    calib, digest = calibration_set(small_amt, tiny_model_dir / "llm", n_per_task=2)
+    calib, digest = calibration_set(small_amt, EmoVerse.load(tiny_model_dir), n_per_task=2)
     assert sorted({c["task"] for c in calib}) == sorted(TASK_NAMES)
-    assert calibration_set(small_amt, tiny_model_dir / "llm", n_per_task=2)[1] == digest  # deterministic
+    assert calibration_set(small_amt, EmoVerse.load(tiny_model_dir), n_per_task=2)[1] == digest  # deterministic
 
 
 @pytest.mark.parametrize(
@@ -73,13 +73,10 @@ def test_distill_then_gptq(tiny_model_dir, small_amt, tmp_path):
 
     assert variant_name(tmp_path / "out") == "distill+gptq_w4a16"
     p.write_text(
-        "stages:\n  - type: distill\n    keep_layers: 1\n    steps: 1\n    batch_size: 2\n"
-        "    importance_samples: 2\n"
+        "stages:\n  - type: distill\n    keep_layers: 1\n    steps: 1\n    batch_size: 2\n    importance_samples: 2\n"
     )
     compress(p, tiny_model_dir, small_amt, tmp_path / "student")
-    compress(
-        "fp8-dynamic", tmp_path / "student", small_amt, tmp_path / "student-fp8"
-    )  # a second run on the first
+    compress("fp8-dynamic", tmp_path / "student", small_amt, tmp_path / "student-fp8")  # a second run on the first
     assert variant_name(tmp_path / "student-fp8") == "distill+fp8_dynamic"  # lineage through the parent
 
 
@@ -110,9 +107,12 @@ def test_compare_table(tiny_model_dir, small_amt, tmp_path):
     rep = compare([tmp_path / "ref-eval" / "metrics.json", both], out=tmp_path / "cmp")
     ref, row = rep["rows"]
     assert ref["size_ratio"] == 1.0 and row["variant"] == "fp8_dynamic" and ref["variant"] == "run"
-    assert {"msa.accuracy", "eri.label_accuracy"} <= set(row["metrics"]) and "mer.weighted_f1" not in row[
-        "metrics"
-    ]
+    assert {"msa.accuracy", "eri.label_accuracy"} <= set(row["metrics"]) and "mer.weighted_f1" not in row["metrics"]
+    paired = row["paired"]["msa"]  # paired with the reference on the same records, from the predictions files
+    assert paired["n"] >= 1 and paired["ratio_ci"][0] <= paired["ratio"] <= paired["ratio_ci"][1]
+    assert paired["verdict_99"] in ("pass", "fail", "inconclusive") and 0 <= paired["identical_answers"] <= 1
+    assert "eri" in row["paired"] and "identical_answers" not in row["paired"]["eri"]  # open answers: no agreement
+    assert ref["paired"] == {}
     with pytest.raises(ValueError, match="files evaluate different artifacts"):
         compare(
             [
@@ -183,8 +183,7 @@ def test_gptqmodel_classic_format(tiny_model_dir, small_amt, tmp_path):
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        f"stages:\n  - type: gptqmodel_w4a16\n    group_size: 32\n    calibration_samples: 8\n"
-        f"    python: {GPTQ_PY}\n"
+        f"stages:\n  - type: gptqmodel_w4a16\n    group_size: 32\n    calibration_samples: 8\n    python: {GPTQ_PY}\n"
     )
     m = compress(recipe, tiny_model_dir, small_amt, tmp_path / "out")
     q = json.loads((tmp_path / "out" / "llm" / "config.json").read_text())["quantization_config"]
@@ -208,12 +207,37 @@ def test_gptqmodel_classic_format(tiny_model_dir, small_amt, tmp_path):
         "print(len(m.score(q, ['Positive.', 'Negative.'])))"
     )
     out = subprocess.run([str(GPTQ_PY), "-c", code, str(tmp_path / "out")], capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.strip().endswith("2"), out.stderr[
-        -2000:
-    ]  # reloads and scores there
+    assert out.returncode == 0 and out.stdout.strip().endswith("2"), out.stderr[-2000:]  # reloads and scores there
 
 
 def test_calibration_is_round_robin_over_tasks(small_amt, tiny_model_dir):
     """Any prefix of five records a stage keeps holds every task (ECPE was never calibrated on before)."""
-    calib, _ = calibration_set(small_amt, tiny_model_dir / "llm", n_per_task=2)
+    calib, _ = calibration_set(small_amt, EmoVerse.load(tiny_model_dir), n_per_task=2)
     assert sorted(c["task"] for c in calib[:5]) == sorted(TASK_NAMES)
+
+
+def test_calibration_carries_real_visual_tokens(small_amt, tiny_model_dir):
+    """FER rows reach the quantizer with the projector's visual tokens in their image slots, not pad tokens."""
+    import torch
+
+    model = EmoVerse.load(tiny_model_dir)
+    calib, _ = calibration_set(small_amt, model, n_per_task=2)
+    fer = [c for c in calib if c["task"] == "fer"]
+    assert fer and all(c["visual_tokens"] == model.cfg.n_visual * len(c["media"]) > 0 for c in fer)
+    row = fer[0]
+    ids = torch.tensor(row["input_ids"])
+    slots = ids == model.tokenizer.pad_token_id
+    pad = model.llm.get_input_embeddings().weight[model.tokenizer.pad_token_id]
+    assert not torch.allclose(row["inputs_embeds"][slots], pad.expand(int(slots.sum()), -1))
+    text = row["inputs_embeds"][~slots]
+    assert torch.equal(text, model.llm.get_input_embeddings()(ids[~slots]).float())  # text positions untouched
+
+
+def test_extra_calibration_adds_records_of_a_task():
+    from emoverse.compress.stages import GPTQW4A16, select_calibration
+
+    calib = [{"id": f"{t}{i}", "task": t} for i in range(6) for t in ("msa", "fer")]
+    chosen = select_calibration(calib, GPTQW4A16(calibration_samples=4, extra_calibration={"fer": 3}))
+    assert [c["id"] for c in chosen] == ["msa0", "fer0", "msa1", "fer1", "fer2", "fer3", "fer4"]
+    with pytest.raises(ValueError, match="10 more 'fer' records wanted"):
+        select_calibration(calib, GPTQW4A16(calibration_samples=4, extra_calibration={"fer": 10}))

@@ -19,10 +19,7 @@ def test_counts_and_manifest(real_amt_dir):
     c = m["counts"]
     assert c["mer"]["train"]["total"] == 9989 and c["mer"]["test"]["total"] == 2610
     assert c["mer"]["dev"]["total"] == 1109
-    assert (
-        c["msa"]["test"]["by_source"]["mosi"] + c["msa"]["test"]["by_source"]["meld"]
-        == c["msa"]["test"]["total"]
-    )
+    assert c["msa"]["test"]["by_source"]["mosi"] + c["msa"]["test"]["by_source"]["meld"] == c["msa"]["test"]["total"]
     assert c["ecpe"]["test"]["by_source"]["ecf2"] == 1821
     assert c["fer"]["test"]["by_source"]["fer2013"] == 3589
     n_ck = sum(c["fer"][s]["by_source"].get("ckplus", 0) for s in ("train", "dev", "test"))

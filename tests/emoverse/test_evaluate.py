@@ -41,22 +41,19 @@ def test_eval_accepts_foreign_jsonl_and_resumes(tiny_model_dir, tmp_path):
     """A hand-written ms-swift JSONL (no id/task/split) is evaluated; a partial run is reused."""
     f = tmp_path / "mine.jsonl"
     rows = [
-        {"query": TASKS["msa"].query(t), "response": r}
-        for t, r in [("great", "Positive."), ("awful", "Negative.")]
+        {"query": TASKS["msa"].query(t), "response": r} for t, r in [("great", "Positive."), ("awful", "Negative.")]
     ]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     out.mkdir()
     # pretend an interrupted run already answered the first record with a marker answer
     (out / "predictions.partial.jsonl").write_text(
-        json.dumps({"system": "emoverse/score", "id": "mine-1", "prediction": "Negative."})
-        + "\n{cut-off line"
+        json.dumps({"system": "emoverse/score", "id": "mine-1", "prediction": "Negative."}) + "\n{cut-off line"
     )
     m = evaluate(str(tiny_model_dir), [str(f)], out, mode="score")
     assert set(m["results"]) == {"emoverse/score"}
     preds = {
-        json.loads(x)["id"]: json.loads(x)["prediction"]
-        for x in (out / "predictions.jsonl").read_text().splitlines()
+        json.loads(x)["id"]: json.loads(x)["prediction"] for x in (out / "predictions.jsonl").read_text().splitlines()
     }
     assert preds["mine-1"] == "Negative."
     assert m["results"]["emoverse/score"]["msa.n"] == 2
@@ -108,8 +105,6 @@ def test_merge_metrics_side_by_side(tmp_path):
 
 
 def test_score_mode_alone_still_answers_open_tasks(tiny_model_dir, small_amt, tmp_path):
-    m = evaluate(
-        str(tiny_model_dir), [str(small_amt)], tmp_path, mode="score", limit=1, tasks=["eri", "ecpe", "msa"]
-    )
+    m = evaluate(str(tiny_model_dir), [str(small_amt)], tmp_path, mode="score", limit=1, tasks=["eri", "ecpe", "msa"])
     res = m["results"]["emoverse/score"]
     assert "eri.rouge_l" in res and "ecpe.pair_f1" in res and "msa.accuracy" in res

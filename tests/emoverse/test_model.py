@@ -94,9 +94,7 @@ def test_score_equals_full_forward_logprob(model, face):
         enc.input_ids = enc.input_ids[:-1]  # drop the end-of-turn token the training form appends
         enc.visual_mask = enc.visual_mask[:-1]
         ids = torch.tensor([enc.input_ids])
-        logits = model.llm(inputs_embeds=model.embed(ids, torch.tensor([enc.visual_mask]), enc.media)).logits[
-            0
-        ]
+        logits = model.llm(inputs_embeds=model.embed(ids, torch.tensor([enc.visual_mask]), enc.media)).logits[0]
         n = len(model.tokenizer.encode(c, add_special_tokens=False))
         lp = logits[-n - 1 : -1].log_softmax(-1)
         ref = sum(float(lp[j, ids[0, -n + j]]) for j in range(n))

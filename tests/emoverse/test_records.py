@@ -45,9 +45,7 @@ def test_malformed_lines_name_file_and_line(tmp_path, line, msg):
 
 def test_ms_swift_form_infers_task_and_label(tmp_path):
     p = tmp_path / "swift.json"
-    p.write_text(
-        json.dumps([{"query": TASKS["msa"].query("great"), "response": "Positive.", "videos": ["v.mp4"]}])
-    )
+    p.write_text(json.dumps([{"query": TASKS["msa"].query("great"), "response": "Positive.", "videos": ["v.mp4"]}]))
     (r,) = list(read_records(p))
     assert (r.task, r.label, r.videos) == ("msa", "positive", ["v.mp4"])
 

@@ -24,9 +24,7 @@ def test_bundle_is_valid_and_verified(bundle):
     cfg = json.loads((bundle / "runtime.json").read_text())
     assert cfg["tasks"]["mer"]["labels"] == list(TASKS["mer"].labels)
     dec = onnx.load(str(bundle / "graphs" / "decoder.onnx"))
-    dims = {
-        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in dec.graph.input
-    }
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in dec.graph.input}
     assert dims["inputs_embeds"][:2] == ["batch", "seq"] and dims["past_key_0"][2] == "past"
 
 
@@ -46,9 +44,7 @@ def test_kv_cache_decode_equals_full_forward(runtime):
     emb = runtime.embed(TASKS["msa"].query("fine"), [])[None]
     n = emb.shape[1]
     full, _ = runtime.forward(emb, np.ones((1, n), dtype=np.int64), runtime.empty_cache(1))
-    first, cache = runtime.forward(
-        emb[:, : n - 3], np.ones((1, n - 3), dtype=np.int64), runtime.empty_cache(1)
-    )
+    first, cache = runtime.forward(emb[:, : n - 3], np.ones((1, n - 3), dtype=np.int64), runtime.empty_cache(1))
     rest, _ = runtime.forward(emb[:, n - 3 :], np.ones((1, n), dtype=np.int64), cache)
     assert np.allclose(full[0, -3:], rest[0], atol=1e-4)
     assert np.allclose(full[0, : n - 3], first[0], atol=1e-4)
@@ -59,9 +55,7 @@ def test_ecpe_output_follows_the_grammar(runtime):
     utts = [("neutral", "A", "hi"), ("joy", "B", "great news"), ("surprise", "A", "really?")]
     ans = runtime.answer("ecpe", ecpe.query(utts, 3))
     pairs = ecpe.parse(ans.text).pairs
-    assert ans.text == "" or all(
-        p.startswith("3_surprise,") and 1 <= int(p.split(",")[1]) <= 3 for p in pairs
-    )
+    assert ans.text == "" or all(p.startswith("3_surprise,") and 1 <= int(p.split(",")[1]) <= 3 for p in pairs)
     assert ans.text == ";".join(pairs)
 
 
@@ -162,10 +156,10 @@ def test_external_data_cannot_escape_the_bundle(bundle, tmp_path):
 @torch.no_grad()
 def test_vision_graph_equals_torch_and_keeps_relu6(tiny_model_dir, runtime, face):
     """Regression: efficientnet-lite's set_swish(False) turned Lite's ReLU6 into swish in the exported graph."""
-    from emoverse.runtime.ort import _pixels
+    from emoverse.imaging import load_pixels
 
     model = EmoVerse.load(tiny_model_dir).eval()
-    px = np.stack([_pixels(face, runtime.cfg["image_size"])])
+    px = np.stack([load_pixels(face, runtime.cfg["image_size"])])
     ref = model.projector(model.vision_features(torch.from_numpy(px))).numpy()
     assert np.abs(runtime.vision.run(None, {"pixels": px})[0] - ref).max() < 1e-4
     graph = onnx.load(str(runtime.dir / "graphs" / "vision.onnx"))

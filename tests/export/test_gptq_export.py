@@ -55,11 +55,45 @@ def test_gptq_bundle_weights_are_the_artifacts_bit_for_bit(gptq_artifact, tmp_pa
         assert np.array_equal(got, dequantize(layer)), name
 
 
-def test_gptq_artifact_refuses_other_precisions_and_gpu_targets(gptq_artifact, tmp_path):
-    with pytest.raises(ValueError, match="exports as int4"):
-        export_bundle(gptq_artifact, tmp_path / "c", precision="int8")
-    with pytest.raises(ValueError, match="not implemented yet"):
-        export_bundle(gptq_artifact, tmp_path / "d", target="jetson-agx-orin")
+def test_gptq_artifact_refuses_other_precisions(gptq_artifact, tmp_path):
+    for target, precision in [("cpu", "int8"), ("cpu", "fp32"), ("jetson-agx-orin", "fp16")]:
+        with pytest.raises(ValueError, match="its own int4 weights"):
+            export_bundle(gptq_artifact, tmp_path / "c", target=target, precision=precision)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("target", ["jetson-agx-orin", "h100"])
+def test_gptq_into_tensorrt_int4_weight_only(gptq_artifact, small_amt, tmp_path, target):
+    """The TensorRT plans get the same INT4 weights: blocked DequantizeLinear on INT4 initializers (opset 21)
+    whose values are the artifact's q, scales its scales; the graph passes onnx's checker and, run by
+    onnxruntime, matches the PyTorch compressed artifact; the plan builds the decoder with int4 weights."""
+    from emoverse.records import load_records
+
+    faces = [i for r in load_records(small_amt / "fer" / "train.jsonl") for i in r.images]
+    out = tmp_path / target
+    m = export_bundle(gptq_artifact, out, target=target, calibration_images=faces)
+    assert m["precision"] == "int4" and m["weights_from"]["int4_dequantize"]["unmatched"] == []
+    assert m["parity"]["max_abs_logit_diff"] < 1e-3 and m["parity"]["greedy_identical"] == m["parity"]["probes"]
+    rel = json.loads((out / "runtime.json").read_text())["graphs"]["decoder"]
+    assert rel.endswith("decoder.int4.qdq.onnx") and not (out / "graphs" / "decoder.onnx").exists()
+    graph = onnx.load(str(out / rel))
+    onnx.checker.check_model(graph)
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    inits = {t.name: t for t in graph.graph.initializer}
+    linears = read_linears(gptq_artifact / "llm")
+    dqs = [n for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith(".int4.weight")]
+    assert len(dqs) == len(linears)
+    for name, layer in linears.items():
+        w = inits[name + ".int4.weight"]
+        assert w.data_type == onnx.TensorProto.INT4
+        assert np.array_equal(numpy_helper.to_array(w).astype(np.int8), layer["q"].T), name
+        assert np.array_equal(numpy_helper.to_array(inits[name + ".int4.scale"]), layer["scale"].T), name
+    dq = dqs[0]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
+    assert attrs == {"axis": 0, "block_size": 32} and len(dq.input) == 2  # symmetric: no zero point
+    plan = json.loads((out / "tensorrt" / "plan.json").read_text())
+    decoder = next(b for b in plan["builds"] if b["graph"] == "decoder")
+    assert decoder["onnx"] == rel and "int4" in decoder["flags"]
 
 
 def test_whole_bundle_quantized_smaller_and_still_answers(gptq_artifact, small_amt, tmp_path):
@@ -80,3 +114,42 @@ def test_whole_bundle_quantized_smaller_and_still_answers(gptq_artifact, small_a
     fer = TASKS["fer"]
     a = open_runtime(tmp_path / "small").answer("fer", fer.query(fer.labels, False), [faces[0]])
     assert a.label in fer.labels
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tied_embedding_is_stored_once_and_read_by_both_graphs(tiny_model_dir, tmp_path, bits):
+    """The tied table is quantized once into graphs/tied_embedding.bin; the embed graph's GatherBlockQuantized
+    and the decoder's output-projection MatMulNBits both read those bytes (external data), and the lookup
+    equals the block-wise round-to-nearest of the fp32 table."""
+    import onnxruntime as ort
+
+    from emoverse.model import EmoVerse
+
+    out = tmp_path / f"b{bits}"
+    m = export_bundle(tiny_model_dir, out, embedding_bits=bits)
+    graphs = json.loads((out / "runtime.json").read_text())["graphs"]
+    embed = onnx.load(str(out / graphs["embed"]), load_external_data=False)
+    decoder = onnx.load(str(out / graphs["decoder"]), load_external_data=False)
+    assert [n.op_type for n in embed.graph.node] == ["GatherBlockQuantized"]
+    locations = {
+        (g, t.name): {e.key: e.value for e in t.external_data}["location"]
+        for g, model in (("embed", embed), ("decoder", decoder))
+        for t in model.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    }
+    assert set(locations.values()) == {"tied_embedding.bin"} and ("decoder", "tied.B") in locations
+    assert m["embeddings"].startswith(f"int{bits} tied table stored once")
+    table = EmoVerse.load(tiny_model_dir).llm.get_input_embeddings().weight.detach().numpy()
+    blocks = table.reshape(table.shape[0], -1, 32)
+    qmax = 2 ** (bits - 1) - 1
+    scale = np.abs(blocks).max(-1, keepdims=True) / qmax
+    scale[scale == 0] = 1
+    expect = (np.clip(np.round(blocks / scale), -qmax - 1, qmax) * scale).reshape(table.shape)
+    ids = np.arange(min(table.shape[0], 50))[None]
+    got = ort.InferenceSession(str(out / graphs["embed"])).run(None, {"input_ids": ids})[0][0]
+    assert np.allclose(got, expect[ids[0]], atol=1e-6)
+    vocab, hidden = table.shape  # bits per weight + an fp32 scale and a zero point per block of 32: one copy
+    zero_points = vocab * (hidden // 32) * bits // 8
+    assert (out / "graphs" / "tied_embedding.bin").stat().st_size == vocab * hidden * bits // 8 + vocab * (
+        hidden // 32
+    ) * 4 + zero_points

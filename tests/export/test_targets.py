@@ -9,7 +9,8 @@ import pytest
 
 from emoverse.artifacts import verify
 from emoverse.export.bundle import export_bundle
-from emoverse.export.tensorrt import load_targets, trtexec_lines
+from emoverse.export.targets import load_targets
+from emoverse.export.tensorrt import trtexec_lines
 from emoverse.tasks import TASKS
 
 
@@ -91,7 +92,7 @@ def test_quantized_artifacts_are_refused(tiny_model_dir, small_amt, tmp_path):
 
 
 def test_fp8_refused_for_orin_naming_the_compute_capability():
-    from emoverse.export.tensorrt import check_precision, get_target
+    from emoverse.export.targets import check_precision, get_target
 
     with pytest.raises(ValueError, match=r"FP8 needs CUDA compute capability >= 8.9; this device is 8.7"):
         check_precision("jetson-agx-orin", get_target("jetson-agx-orin"), "fp8")
@@ -105,3 +106,36 @@ def test_fp8_export_for_orin_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="compute capability"):
         export_bundle(tmp_path / "no-model", tmp_path / "out", target="jetson-orin-nano", precision="fp8")
     assert not (tmp_path / "out").exists()
+
+
+def test_targets_file_is_read_through_the_typed_loader(tmp_path):
+    from emoverse.config import RecipeError
+
+    good = load_targets()
+    assert good["cpu"]["default_precision"] == "fp32" and good["h100"]["profiles"]["batch"] == [1, 8, 64]
+    bad = tmp_path / "targets.yaml"
+    bad.write_text("orin:\n  runtime: tensorrt\n  precisions: [fp16]\n  default_precision: fp16\n  dla_core: 2\n")
+    with pytest.raises(RecipeError, match="orin.*dla_core"):  # a misspelt key names the entry and the key
+        load_targets(bad)
+    bad.write_text(
+        "orin:\n  runtime: tensorrt\n  precisions: [fp16, fp8]\n  default_precision: fp16\n"
+        "  compute_capability: '8.7'\n"
+    )
+    with pytest.raises(ValueError, match="FP8 needs CUDA compute capability >= 8.9"):
+        load_targets(bad)
+
+
+def test_precision_is_decided_in_one_place():
+    from emoverse.export.targets import resolve_precision
+
+    assert resolve_precision("cpu", None) == {"decoder": "fp32", "vision": None}
+    assert resolve_precision("jetson-agx-orin", None)["decoder"] == "fp16"
+    assert resolve_precision("h100", None) == {"decoder": "fp16", "vision": "fp8"}
+    for target in ("cpu", "jetson-orin-nano", "jetson-agx-orin", "h100"):  # GPTQ ships its own int4 weights
+        assert resolve_precision(target, None, gptq=True)["decoder"] == "int4"
+    with pytest.raises(ValueError, match="its own int4 weights"):
+        resolve_precision("cpu", "int8", gptq=True)
+    with pytest.raises(ValueError, match="compute capability >= 8.9; this device is 8.7"):
+        resolve_precision("jetson-agx-orin", "fp8")
+    with pytest.raises(ValueError, match="built from a compressed artifact"):  # no implicit TensorRT calibration
+        resolve_precision("jetson-agx-orin", "int8")

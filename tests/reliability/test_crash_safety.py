@@ -32,9 +32,7 @@ def _train_cmd(data, out, steps=8):
 
 
 def _run(cmd):
-    r = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -94,9 +92,7 @@ def test_kill_during_compress_leaves_no_artifact(tiny_model_dir, small_amt, tmp_
         "0",
     ]
     started = Path(tmp_path)
-    _kill_when(
-        cmd, lambda: any(p.name.startswith("emoverse-compress-") for p in started.iterdir()), timeout=300
-    )
+    _kill_when(cmd, lambda: any(p.name.startswith("emoverse-compress-") for p in started.iterdir()), timeout=300)
     assert not out.exists()
 
 

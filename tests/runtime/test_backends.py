@@ -79,9 +79,7 @@ def test_answer_many_batches_and_isolates_a_bad_request(runtime, face, tmp_path,
     bad = {"task": "fer", "query": reqs[1]["query"], "images": [str(tmp_path / "gone.png")]}
     calls = []
     real = runtime.score_embedded
-    monkeypatch.setattr(
-        runtime, "score_embedded", lambda embs, cands: calls.append(len(embs)) or real(embs, cands)
-    )
+    monkeypatch.setattr(runtime, "score_embedded", lambda embs, cands: calls.append(len(embs)) or real(embs, cands))
     out = runtime.answer_many(reqs[:2] + [bad] + reqs[2:], batch_size=8)
     assert isinstance(out[2], RequestError) and "gone.png" in str(out[2])
     assert calls == [4]  # one batch: the bad image was refused before the prefill
@@ -107,9 +105,7 @@ class _OrtAsEngine:
         return OrderedDict(reversed(list(zip(names, outs, strict=True))))
 
 
-def test_tensorrt_backend_runs_the_engines_of_its_plan(
-    tiny_model_dir, small_amt, tmp_path, runtime, face, monkeypatch
-):
+def test_tensorrt_backend_runs_the_engines_of_its_plan(tiny_model_dir, small_amt, tmp_path, runtime, face, monkeypatch):
     import polygraphy.backend.trt as ptrt
 
     from emoverse.records import load_records
@@ -129,9 +125,7 @@ def test_tensorrt_backend_runs_the_engines_of_its_plan(
     rt = open_runtime(out, "tensorrt")
     assert {type(g).__name__ for g in (rt.decoder, rt.embedder, rt.vision)} == {"TrtGraph"}
     q = TASKS["msa"].query("what a lovely day")
-    assert np.allclose(
-        rt.score(q, ["Positive.", "Negative."]), runtime.score(q, ["Positive.", "Negative."]), atol=1e-4
-    )
+    assert np.allclose(rt.score(q, ["Positive.", "Negative."]), runtime.score(q, ["Positive.", "Negative."]), atol=1e-4)
     assert isinstance(rt.answer("fer", TASKS["fer"].query(("happy", "anger"), False), [face]), Answer)
 
 

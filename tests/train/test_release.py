@@ -92,9 +92,7 @@ def test_training_run_becomes_a_release(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.real_weights
-@pytest.mark.skipif(
-    not (ROOT / "models" / "emoverse-nano" / "manifest.json").is_file(), reason="no shipped release"
-)
+@pytest.mark.skipif(not (ROOT / "models" / "emoverse-nano" / "manifest.json").is_file(), reason="no shipped release")
 def test_shipped_release_loads_and_verifies():
     from emoverse.artifacts import folder_bytes
 

@@ -34,9 +34,7 @@ def test_resume_reaches_the_same_weights(small_amt, tmp_path, tiny_config):
     full = tmp_path / "full"
     train(tiny_config(small_amt, full, checkpoint_every=1))
     part = tmp_path / "part"
-    assert (
-        train(tiny_config(small_amt, part, checkpoint_every=1, halt_after=4)) is None
-    )  # "killed" mid stage 2
+    assert train(tiny_config(small_amt, part, checkpoint_every=1, halt_after=4)) is None  # "killed" mid stage 2
     assert not (part / "model").exists()
     train(tiny_config(small_amt, part, checkpoint_every=1))
     a, b = _trainable(full), _trainable(part)
@@ -46,9 +44,7 @@ def test_resume_reaches_the_same_weights(small_amt, tmp_path, tiny_config):
 
 
 def test_sampling_follows_stage_weights(small_amt, tmp_path, tiny_config):
-    cfg = tiny_config(
-        small_amt, tmp_path, **{"stages.0.task_weights.fer": 0.0, "stages.0.task_weights.mer": 0.0}
-    )
+    cfg = tiny_config(small_amt, tmp_path, **{"stages.0.task_weights.fer": 0.0, "stages.0.task_weights.mer": 0.0})
     tr = Trainer(cfg)
     assert {tr.sample_batch(0, s)[0] for s in range(20)} == {"msa"}
 
