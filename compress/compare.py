@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from emoverse.artifacts import atomic_write_json, atomic_write_text, folder_bytes, read_manifest
+from emoverse.llm_files import quantization_config
+from emoverse.model import EmoVerse
 from emoverse.stats import paired_ratio, verdict
 from emoverse.tasks import TASKS
 
@@ -30,7 +32,7 @@ def parameter_count(artifact: Path) -> int:
 
     # quantization metadata (scales, zero points, group indices) is not model capacity
     extra = re.compile(r"(_scale|_zero_point|_g_idx|weight_shape|\.qzeros|\.scales|\.g_idx)$")
-    qcfg = json.loads((artifact / "llm" / "config.json").read_text()).get("quantization_config") or {}
+    qcfg = quantization_config(artifact / "llm")
     bits = qcfg.get("bits") or 0  # GPTQ
     for group in qcfg.get("config_groups", {}).values():  # compressed-tensors
         bits = (group.get("weights") or {}).get("num_bits") or bits
@@ -115,6 +117,8 @@ def _folder_facts(art: Path) -> dict:
         cfg = json.loads((art / "runtime.json").read_text())
         decoder = art / cfg["graphs"]["decoder"]
         return {"bytes": folder_bytes(art), "llm_bytes": decoder.stat().st_size, "parameters": cfg["llm_parameters"]}
+    if not (art / "llm").is_dir():  # an adapter-form release: counted as it runs, in its full form
+        art = EmoVerse.full_form(art)
     return {"bytes": folder_bytes(art), "llm_bytes": folder_bytes(art / "llm"), "parameters": parameter_count(art)}
 
 

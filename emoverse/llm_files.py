@@ -4,9 +4,16 @@ empty fp32 model of the folder's architecture, and loading weights into it with 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+
+
+def quantization_config(llm_dir: Path) -> dict:
+    """The LLM folder's `quantization_config` (compressed-tensors, GPTQ), or {} for a full-precision LLM: the
+    one place that reads it, for loading, export and compare."""
+    return json.loads((Path(llm_dir) / "config.json").read_text()).get("quantization_config") or {}
 
 
 def read_tensors(llm_dir: Path) -> dict[str, torch.Tensor]:

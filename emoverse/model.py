@@ -21,6 +21,7 @@ from torch import nn
 
 from emoverse.artifacts import ArtifactError, atomic_dir, manifest_digest, sha256_file, verify, write_manifest
 from emoverse.fp8 import is_fp8_checkpoint, load_fp8_checkpoint
+from emoverse.llm_files import quantization_config
 from emoverse.prompting import IGNORE, PromptBuilder
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -520,7 +521,7 @@ class EmoVerse(nn.Module):
         cfg = ModelConfig(**json.loads(cfg_path.read_text()))
         tok = AutoTokenizer.from_pretrained(path / "llm")
 
-        quant = json.loads((path / "llm" / "config.json").read_text()).get("quantization_config") or {}
+        quant = quantization_config(path / "llm")
         if quant.get("quant_method") == "gptq":  # classic GPTQ format: GPTQModel's kernels (torch on CPU)
             if importlib.util.find_spec("gptqmodel") is None:
                 raise ArtifactError(

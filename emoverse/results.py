@@ -207,7 +207,36 @@ def readme_table(results_dir: str | os.PathLike = "docs/results") -> str:
             f"{first['tokens_per_s']:.0f} → {last['tokens_per_s']:.0f} tokens/s, "
             f"**{last['speedup_vs_original']:.2f}×** the original settings in the same run.",
         ]
+    comp = results_dir / "compression.json"
+    if comp.is_file():
+        out += ["", *compression_table(json.loads(comp.read_text(encoding="utf-8")))]
     return "\n".join(out)
+
+
+def compression_table(report: dict) -> list[str]:
+    """README rows from `emoverse compare ... --out docs/results/compression.json`: each variant's size against
+    the FP32 teacher's bundle, and per task the paired ratio to the teacher with its 95% CI and the p90."""
+    tasks = list(TASKS)
+    lines = [
+        f"Compression (`docs/results/compression.json`; sizes against the FP32 teacher's bundle, "
+        f"{report['size_reference_bytes'] / 1e6:.0f} MB; per task: primary metric as a ratio to the teacher, "
+        "paired 95% CI, p90 ms on this CPU where benched):",
+        "",
+        "| variant | size MB | × smaller | " + " | ".join(tasks) + " |",
+        "|---|---:|---:|" + "---|" * len(tasks),
+    ]
+    for r in report["rows"][1:]:
+        cells = []
+        for t in tasks:
+            st = r.get("paired", {}).get(t)
+            lat = (r.get("latency") or {}).get(t)
+            if not st:
+                cells.append("–")
+                continue
+            cell = f"{st['ratio']:.1%} [{st['ratio_ci'][0]:.1%}, {st['ratio_ci'][1]:.1%}]"
+            cells.append(cell + (f", p90 {lat['p90_ms']:.0f} ms" if lat else ""))
+        lines.append(f"| {r['variant']} | {r['bytes'] / 1e6:.1f} | {r['size_ratio']:.2f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def update_readme(readme: str | os.PathLike, results_dir: str | os.PathLike = "docs/results") -> str:

@@ -25,6 +25,7 @@ from emoverse.export.onnx_export import export_all
 from emoverse.export.targets import check_precision, get_target, resolve_precision
 from emoverse.export.tensorrt import write_plan
 from emoverse.imaging import load_pixels
+from emoverse.llm_files import quantization_config
 from emoverse.model import EmoVerse
 from emoverse.runtime.graphs import runtime_config  # noqa: F401  (the bundle format is the runtime's)
 from emoverse.runtime.ort import RUNTIME_FORMAT, OrtRuntime  # noqa: F401  (format: the runtime owns it)
@@ -253,9 +254,8 @@ def export_bundle(
         check_precision(target, tgt, precision)
     model_dir = EmoVerse.full_form(model_dir)  # an adapter-form release is expanded once (cached)
     parent = verify(model_dir, kind=MODEL_KINDS)
-    llm_cfg = json.loads((model_dir / "llm" / "config.json").read_text())
     gptq = None
-    if "quantization_config" in llm_cfg:
+    if quantization_config(model_dir / "llm"):
         # A compress/ output is exported as it is: GPTQ W4A16 weights go into the graphs unchanged.
         try:
             scheme = gptq_scheme(model_dir / "llm")

@@ -14,13 +14,12 @@ round-to-nearest or its own GPTQ), and has no entry point for weights that are a
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from emoverse.llm_files import empty_fp32_llm, load_fitting, read_tensors
+from emoverse.llm_files import empty_fp32_llm, load_fitting, quantization_config, read_tensors
 
 
 class NotGPTQ(ValueError):
@@ -29,7 +28,7 @@ class NotGPTQ(ValueError):
 
 def gptq_scheme(llm_dir: Path) -> dict:
     """The 4-bit symmetric group scheme of a compressed-tensors artifact, or NotGPTQ saying what it is."""
-    cfg = json.loads((llm_dir / "config.json").read_text()).get("quantization_config") or {}
+    cfg = quantization_config(llm_dir)
     if cfg.get("quant_method") != "compressed-tensors" or cfg.get("format") != "pack-quantized":
         raise NotGPTQ(
             f"{llm_dir}: not a compressed-tensors pack-quantized artifact "

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The compression study behind docs/results/compression.json: the release teacher, what compress/ makes from
-# it, and the bundles export makes from those, each evaluated on the same full test splits (ECPE: the same
-# seeded 200 per source as the teacher) and benched side by side. Resumable: a step whose output exists is
-# skipped. About 2 hours on 2 CPU cores. Usage: scripts/compression_study.sh [STEP...] (default: all).
+# it, and the bundles export makes FROM those artifacts, each evaluated on the same test records as the
+# teacher's results (full splits; ECPE the same seeded 200 per source) and benched side by side in one run.
+# Resumable: a step whose output exists is skipped. About 1.5 hours on 2 CPU cores.
+# Needs the teacher's evals first (README "Results": runs/release-eval, runs/release-eval-eri, runs/release-eval-ecpe).
+# Usage: scripts/compression_study.sh [STEP ...]   (default: compress export eval_deployed bench eval_artifacts compare)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 E=.venv/bin/emoverse
@@ -22,33 +24,42 @@ evaluate() {  # MODEL OUT [extra args]: closed tasks + ERI on full splits, ECPE 
   [ -f "$out/eri/metrics.json" ] || $E eval --model "$model" $EV --tasks eri --out "$out/eri" "$@"
   [ -f "$out/ecpe/metrics.json" ] || $E eval --model "$model" $EV --tasks ecpe --limit 200 --out "$out/ecpe" "$@"
 }
+export_bundle() {  # NAME MODEL [export args]
+  local name=$1 model=$2; shift 2
+  [ -f "$B/$name/manifest.json" ] || $E export --model "$model" --target cpu --out "$B/$name" "$@"
+}
 
 step_compress() {
   compress gptq-w4a16 gptq-w4a16
-  compress int8-weight-only int8-weight-only
-  compress modelopt-fp8 modelopt-fp8
 }
 step_export() {
-  [ -f "$B/release-fp32/manifest.json" ] || $E export --model "$M" --target cpu --precision fp32 --out "$B/release-fp32"
-  # the deployed CPU bundle: GPTQ's own 4-bit weights (MatMulNBits), 4-bit tied embedding / output
-  # projection, static INT8 vision encoder calibrated on FER training faces
-  [ -f "$B/release-w4-deploy/manifest.json" ] || $E export --model "$R/gptq-w4a16" --target cpu \
-    --embedding-bits 4 --vision-int8 --calibration-data "$D" --out "$B/release-w4-deploy"
-  [ -f "$B/release-w4/manifest.json" ] || $E export --model "$R/gptq-w4a16" --target cpu --out "$B/release-w4"
+  export_bundle release-fp32 "$M" --precision fp32
+  # the deployed CPU bundle: GPTQ's own 4-bit weights (MatMulNBits), the tied embedding / output projection
+  # stored once at 8 bits, static INT8 vision encoder calibrated on FER training faces
+  export_bundle release-w4-deploy "$R/gptq-w4a16" --embedding-bits 8 --vision-int8 --calibration-data "$D"
+  # the same with int8 activations in MatMulNBits (latency lever; not bit-exact)
+  export_bundle release-w4-deploy-a8 "$R/gptq-w4a16" --embedding-bits 8 --vision-int8 --int8-activations \
+    --calibration-data "$D"
 }
 step_eval_deployed() {
   evaluate "$B/release-w4-deploy" "$R/eval/release-w4-deploy"
 }
-step_eval_artifacts() {  # the PyTorch compressed artifacts (bf16 autocast like the teacher's eval)
-  evaluate "$R/gptq-w4a16" "$R/eval/gptq-w4a16" --precision bf16
-  evaluate "$R/int8-weight-only" "$R/eval/int8-weight-only" --precision bf16
-  evaluate "$R/modelopt-fp8" "$R/eval/modelopt-fp8"
+step_bench() {  # latency side by side in one run: PyTorch FP32 teacher, FP32 bundle, deployed bundles
+  [ -f "$R/bench/report.json" ] || $E bench --model "$M" --bundle "$B/release-fp32" --bundle "$B/release-w4-deploy" \
+    --bundle "$B/release-w4-deploy-a8" --data "$D" --target cpu --limit 20 --out "$R/bench" || [ $? -eq 1 ]
 }
-step_bench() {  # latency side by side in one run: PyTorch FP32 teacher, FP32 bundle, GPTQ bundles
-  [ -f "$R/bench/report.json" ] || $E bench --model "$M" --bundle "$B/release-fp32" --bundle "$B/release-w4" \
-    --bundle "$B/release-w4-deploy" --data "$D" --target cpu --limit 20 --out "$R/bench" || [ $? -eq 1 ]
+step_eval_artifacts() {  # the PyTorch GPTQ artifact itself (bf16 autocast, as the teacher's eval), closed tasks
+  local out=$R/eval/gptq-w4a16
+  [ -f "$out/closed/metrics.json" ] || $E eval --model "$R/gptq-w4a16" $EV --tasks msa mer fer --precision bf16 \
+    --out "$out/closed"
+}
+step_compare() {
+  local T=runs/release-eval-eri/metrics.json+runs/release-eval/metrics.json+runs/release-eval-ecpe/metrics.json
+  local W=$R/eval/release-w4-deploy
+  $E compare "teacher=$T" \
+    "gptq-w4a16 (PyTorch)=$R/eval/gptq-w4a16/closed/metrics.json" \
+    "deployed bundle (w4 + int8 tied embedding + int8 vision)=$W/closed/metrics.json+$W/eri/metrics.json+$W/ecpe/metrics.json" \
+    --size-reference "$B/release-fp32" --bench "$R/bench/report.json" --out docs/results/compression.json
 }
 
-for step in "${@:-compress export eval_deployed bench eval_artifacts}"; do
-  for s in $step; do "step_$s"; done
-done
+for step in ${@:-compress export eval_deployed bench eval_artifacts compare}; do "step_$step"; done
