@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from emoverse.artifacts import MODEL_KINDS, atomic_dir, manifest_digest, verify, write_manifest
+from emoverse.export.fp8_onnx import plain_fp8_llm, read_fp8_linears, to_fp8_qdq
 from emoverse.export.gptq_onnx import (
     NotGPTQ,
     dequantized_llm,
@@ -24,6 +25,7 @@ from emoverse.export.gptq_onnx import (
 from emoverse.export.onnx_export import export_all
 from emoverse.export.targets import check_precision, get_target, resolve_precision
 from emoverse.export.tensorrt import write_plan
+from emoverse.fp8 import is_fp8_checkpoint
 from emoverse.imaging import load_pixels
 from emoverse.llm_files import quantization_config
 from emoverse.model import EmoVerse
@@ -255,7 +257,8 @@ def export_bundle(
     model_dir = EmoVerse.full_form(model_dir)  # an adapter-form release is expanded once (cached)
     parent = verify(model_dir, kind=MODEL_KINDS)
     gptq = None
-    if quantization_config(model_dir / "llm"):
+    fp8 = is_fp8_checkpoint(model_dir / "llm")
+    if quantization_config(model_dir / "llm") and not fp8:
         # A compress/ output is exported as it is: GPTQ W4A16 weights go into the graphs unchanged.
         try:
             scheme = gptq_scheme(model_dir / "llm")
@@ -265,13 +268,17 @@ def export_bundle(
                 "W4A16 artifacts (their own 4-bit weights)"
             ) from None
         gptq = scheme
-    precisions = resolve_precision(target, precision, gptq=gptq is not None)  # decided there, nowhere else
+    precisions = resolve_precision(target, precision, gptq=gptq is not None, fp8=fp8)  # decided there only
     precision = precisions["decoder"]
     if gptq is not None:
         gptq = {"linears": read_linears(model_dir / "llm"), **gptq}
     model = EmoVerse.load(model_dir, check=False).eval()
     if gptq is not None:
         model.llm = dequantized_llm(model_dir / "llm", gptq["linears"])  # q x scale, bit for bit
+    emulated_llm = None
+    if fp8:  # graphs from the plain FP8 x scale weights; the emulated artifact is what parity compares with
+        fp8_linears = read_fp8_linears(model_dir / "llm")
+        emulated_llm, model.llm = model.llm, plain_fp8_llm(model_dir / "llm")
     image_dir = tempfile.TemporaryDirectory()  # the probe image must not land in the bundle
     if probes is None:
         probes = [(TASKS["msa"].query("What a lovely day"), [], "msa")]
@@ -292,7 +299,21 @@ def export_bundle(
                 f"ONNX parity failed: max |logit diff| {report['max_abs_logit_diff']:.2e} > {max_abs_diff}"
             )
         extra: dict = {"parity_fp32": report, "target": target}
-        if gptq is not None and target != "cpu":
+        if fp8:
+            dq = tmp / "graphs" / "decoder.fp8.qdq.onnx"
+            info = to_fp8_qdq(tmp / graphs["decoder"], dq, fp8_linears)
+            if info["unmatched"]:
+                raise ValueError(f"FP8 export: no decoder MatMul carries the weights of {info['unmatched'][:3]}")
+            (tmp / graphs["decoder"]).unlink()
+            graphs["decoder"] = str(dq.relative_to(tmp))
+            cfg["graphs"] = dict(graphs)
+            (tmp / "runtime.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            extra["weights_from"] = {"artifact": str(model_dir.resolve()), "format": "modelopt fp8", "fp8": info}
+            model.llm = emulated_llm
+            extra["parity"] = parity(model, tmp, probes)  # the FP8 Q/DQ graph against the emulated artifact
+            if extra["parity"]["max_abs_logit_diff"] > 50 * max_abs_diff:
+                raise ValueError(f"FP8 bundle parity failed: {extra['parity']}")
+        elif gptq is not None and target != "cpu":
             # TensorRT: the artifact's INT4 weights behind blocked DequantizeLinear nodes (weight-only); the
             # same graph runs in onnxruntime, so the parity below checks exactly what the plan builds from
             dq = tmp / "graphs" / "decoder.int4.qdq.onnx"

@@ -109,7 +109,7 @@ def unpack(packed: np.ndarray, scales: np.ndarray, n: int, k: int, g: int) -> np
     return ((u - 8).astype(np.float32) * scales.reshape(n, k // g, 1)).reshape(n, k).astype(np.float32)
 
 
-def _digest(a: np.ndarray) -> str:
+def weight_digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
 
 
@@ -121,12 +121,12 @@ def _replace_gptq_matmuls(model, linears: dict[str, dict], replace) -> list[str]
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    by_value = {_digest(dequantize(layer).T): name for name, layer in linears.items()}
+    by_value = {weight_digest(dequantize(layer).T): name for name, layer in linears.items()}
     replaced, used, new_nodes, new_inits = [], set(), [], []
     for node in graph.node:
         if node.op_type == "MatMul" and node.input[1] in inits:
             arr = numpy_helper.to_array(inits[node.input[1]])
-            name = by_value.get(_digest(arr)) if arr.ndim == 2 else None
+            name = by_value.get(weight_digest(arr)) if arr.ndim == 2 else None
             if name is not None:
                 nodes, tensors = replace(node, name, linears[name])
                 new_nodes += nodes

@@ -80,7 +80,9 @@ def check_precision(name: str, target: dict, precision: str) -> None:
         )
 
 
-def resolve_precision(name: str, requested: str | None, *, gptq: bool = False) -> dict[str, str | None]:
+def resolve_precision(
+    name: str, requested: str | None, *, gptq: bool = False, fp8: bool = False
+) -> dict[str, str | None]:
     """The precision of each graph of a bundle for target `name`: {"decoder": ..., "vision": ...}.
 
     A GPTQ W4A16 artifact carries its own 4-bit weights: its decoder is int4 on every target (MatMulNBits on
@@ -89,6 +91,16 @@ def resolve_precision(name: str, requested: str | None, *, gptq: bool = False) -
     target = get_target(name)
     if requested:
         check_precision(name, target, requested)  # first, so FP8 on Orin is refused for its compute capability
+    if fp8:  # a ModelOpt FP8 artifact: its own E4M3 weights and input scales, for FP8 tensor cores only
+        check_precision(name, target, "fp8")  # Orin: refused for its compute capability
+        if target["runtime"] != "tensorrt" or "fp8" not in target["precisions"]:
+            raise ValueError(
+                f"target {name}: a ModelOpt FP8 artifact exports for TensorRT on FP8 hardware (h100); "
+                "measure it on CPU in PyTorch (`emoverse eval` emulates its numerics)"
+            )
+        if requested not in (None, "fp8"):
+            raise ValueError(f"a ModelOpt FP8 artifact exports with its own FP8 weights; got --precision {requested}")
+        return {"decoder": "fp8", "vision": target["vision_quantization"]}
     if gptq:
         if requested not in (None, "int4"):
             raise ValueError(

@@ -139,3 +139,37 @@ def test_precision_is_decided_in_one_place():
         resolve_precision("jetson-agx-orin", "fp8")
     with pytest.raises(ValueError, match="built from a compressed artifact"):  # no implicit TensorRT calibration
         resolve_precision("jetson-agx-orin", "int8")
+
+
+def test_modelopt_fp8_artifact_exports_for_h100_only(tiny_model_dir, small_amt, tmp_path, fer_images):
+    """FP8 -> H100 plan: the artifact's own E4M3 weights (FLOAT8E4M3FN initializers behind DequantizeLinear) and
+    Q/DQ inputs at its calibrated scales; onnxruntime runs the graph against the emulated PyTorch artifact.
+    Orin (8.7) is refused for its compute capability, the CPU target for having no FP8 plan."""
+    import torch
+    from onnx import numpy_helper
+
+    from emoverse.compress.pipeline import compress
+    from emoverse.export.fp8_onnx import read_fp8_linears
+
+    art = tmp_path / "fp8"
+    compress("modelopt-fp8", tiny_model_dir, small_amt, art, overrides=["stages.0.calibration_samples=5"])
+    m = export_bundle(art, tmp_path / "h100", target="h100", calibration_images=fer_images)
+    assert m["precision"] == "fp8" and m["weights_from"]["fp8"]["unmatched"] == []
+    assert m["parity"]["max_abs_logit_diff"] < 1e-3 and m["parity"]["greedy_identical"] == m["parity"]["probes"]
+    rel = json.loads((tmp_path / "h100" / "runtime.json").read_text())["graphs"]["decoder"]
+    graph = onnx.load(str(tmp_path / "h100" / rel))
+    inits = {t.name: t for t in graph.graph.initializer}
+    linears = read_fp8_linears(art / "llm")
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.graph.node) == len(linears)
+    for name, layer in linears.items():
+        w = inits[name + ".fp8.weight"]
+        assert w.data_type == onnx.TensorProto.FLOAT8E4M3FN
+        assert np.array_equal(np.frombuffer(w.raw_data, np.uint8).reshape(w.dims), layer["w8"].T)
+        assert float(numpy_helper.to_array(inits[name + ".fp8.input_scale"])) == layer["input_scale"]
+    plan = json.loads((tmp_path / "h100" / "tensorrt" / "plan.json").read_text())
+    assert "fp8" in next(b for b in plan["builds"] if b["graph"] == "decoder")["flags"]
+    with pytest.raises(ValueError, match="compute capability"):
+        export_bundle(art, tmp_path / "orin", target="jetson-agx-orin")
+    with pytest.raises(ValueError, match="FP8 hardware"):
+        export_bundle(art, tmp_path / "cpu")
+    assert torch.float8_e4m3fn  # the emulation's dtype exists in this torch
