@@ -37,7 +37,7 @@ def parameter_count(artifact: Path) -> int:
     for group in qcfg.get("config_groups", {}).values():  # compressed-tensors
         bits = (group.get("weights") or {}).get("num_bits") or bits
     total = 0
-    for f in sorted(artifact.rglob("*.safetensors")):
+    for f in sorted((artifact / "llm").rglob("*.safetensors")):  # the LLM's, as a bundle reports them
         with safe_open(str(f), "np") as st:
             for name in st.keys():
                 if extra.search(name):
@@ -116,7 +116,9 @@ def _folder_facts(art: Path) -> dict:
     if read_manifest(art).get("kind") == "emoverse-bundle":
         cfg = json.loads((art / "runtime.json").read_text())
         decoder = art / cfg["graphs"]["decoder"]
-        return {"bytes": folder_bytes(art), "llm_bytes": decoder.stat().st_size, "parameters": cfg["llm_parameters"]}
+        tied = decoder.parent / "tied_embedding.bin"  # the output projection, when the table is stored once
+        llm = decoder.stat().st_size + (tied.stat().st_size if tied.is_file() else 0)
+        return {"bytes": folder_bytes(art), "llm_bytes": llm, "parameters": cfg["llm_parameters"]}
     if not (art / "llm").is_dir():  # an adapter-form release: counted as it runs, in its full form
         art = EmoVerse.full_form(art)
     return {"bytes": folder_bytes(art), "llm_bytes": folder_bytes(art / "llm"), "parameters": parameter_count(art)}
@@ -226,7 +228,7 @@ def compare(
 
 def format_compare(report: dict) -> str:
     keys = list(PRIMARY.values())
-    head = "| variant | size MB | × smaller (all / LLM) | params M | " + " | ".join(keys) + " |"
+    head = "| variant | size MB | × smaller (all / LLM) | LLM params M | " + " | ".join(keys) + " |"
     lines = [head, "|---|---:|---:|---:|" + "---:|" * len(keys)]
     for r in report["rows"]:
         cells = []

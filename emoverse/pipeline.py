@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from emoverse.artifacts import MODEL_KINDS, ArtifactError, atomic_write_json, manifest_digest, verify
@@ -35,6 +35,7 @@ class ExportSpec:
     model: str = "teacher"  # "teacher" or the name of a compress entry (its artifact ships as it is)
     embedding_bits: int | None = None  # cpu: 4 or 8-bit tied embedding / output projection
     vision_int8: bool = False  # cpu: static INT8 vision encoder calibrated on FER training faces
+    int8_activations: bool = False  # cpu: MatMulNBits with int8 activations (the fast kernels; not bit-exact)
 
 
 @dataclass
@@ -161,7 +162,7 @@ class Pipeline:
             b = self.out / "bundles" / spec.name
             self.stage(
                 f"export-{spec.name}",
-                _key(digest, spec.target, spec.precision, spec.embedding_bits, spec.vision_int8, RUNTIME_FORMAT),
+                _key(digest, asdict(spec), RUNTIME_FORMAT),
                 b,
                 "emoverse-bundle",
                 lambda s=spec, a=art, bb=b: export_bundle(
@@ -173,6 +174,7 @@ class Pipeline:
                     overwrite=True,
                     embedding_bits=s.embedding_bits,
                     vision_int8=s.vision_int8,
+                    int8_activations=s.int8_activations,
                 ),
             )
             bundles.append(b)

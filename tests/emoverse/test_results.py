@@ -58,3 +58,25 @@ def test_readme_table_matches_the_results_files():
     table = text.split(results.BEGIN, 1)[1].split(results.END, 1)[0].strip()
     assert table == results.readme_table(root / "docs" / "results").strip()
     assert len(text.splitlines()) <= 200
+
+
+def test_compression_rows_in_the_readme_table():
+    """The README's compression rows come from compression.json: size ratio and per-task paired ratio + CI."""
+    from emoverse import results
+
+    report = {
+        "size_reference_bytes": 600e6,
+        "rows": [
+            {"variant": "teacher", "bytes": 600e6, "size_ratio": 1.0, "paired": {}},
+            {
+                "variant": "w4",
+                "bytes": 100e6,
+                "size_ratio": 6.0,
+                "paired": {"msa": {"ratio": 0.98, "ratio_ci": [0.97, 0.99]}},
+                "latency": {"msa": {"p90_ms": 81.4}},
+            },
+        ],
+    }
+    lines = results.compression_table(report)
+    row = next(line for line in lines if line.startswith("| w4 |"))
+    assert "| 100.0 | 6.00 |" in row and "98.0% [97.0%, 99.0%], p90 81 ms" in row and row.count("| – ") == 4
