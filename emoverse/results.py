@@ -220,7 +220,7 @@ def compression_table(report: dict) -> list[str]:
     lines = [
         f"Compression (`docs/results/compression.json`; sizes against the FP32 teacher's bundle, "
         f"{report['size_reference_bytes'] / 1e6:.0f} MB; per task: primary metric as a ratio to the teacher, "
-        "paired 95% CI, p90 ms on this CPU where benched):",
+        "paired 95% CI; p90 ms on this CPU from `docs/results/bench-cpu.md`, 10 test records per task and source):",
         "",
         "| variant | size MB | × smaller | " + " | ".join(tasks) + " |",
         "|---|---:|---:|" + "---|" * len(tasks),
