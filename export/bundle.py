@@ -311,8 +311,11 @@ def export_bundle(
             extra["weights_from"] = {"artifact": str(model_dir.resolve()), "format": "modelopt fp8", "fp8": info}
             model.llm = emulated_llm
             extra["parity"] = parity(model, tmp, probes)  # the FP8 Q/DQ graph against the emulated artifact
-            if extra["parity"]["max_abs_logit_diff"] > 50 * max_abs_diff:
-                raise ValueError(f"FP8 bundle parity failed: {extra['parity']}")
+            # Gated on the answers, not the logits: FP8 *activations* turn the 1e-6 differences between two
+            # kernels' inputs into whole E4M3 steps (12.5%) wherever a value sits near a rounding boundary, so
+            # logits drift by design across 30 layers (SmolLM2: max |diff| ~5 with identical greedy answers)
+            if extra["parity"]["greedy_identical"] < extra["parity"]["probes"]:
+                raise ValueError(f"FP8 bundle parity failed (greedy answers differ): {extra['parity']}")
         elif gptq is not None and target != "cpu":
             # TensorRT: the artifact's INT4 weights behind blocked DequantizeLinear nodes (weight-only); the
             # same graph runs in onnxruntime, so the parity below checks exactly what the plan builds from
