@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emoverse.export.gptq_onnx import weight_digest
+from emoverse.export.gptq_onnx import replace_matched_matmuls
 from emoverse.fp8 import load_fp8_checkpoint
 from emoverse.llm_files import read_tensors
 
@@ -62,47 +62,28 @@ def to_fp8_qdq(src: Path, dst: Path, linears: dict[str, dict]) -> dict:
 
     model = version_converter.convert_version(onnx.load(str(src)), FP8_OPSET)
     model.ir_version = max(model.ir_version, 9)
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    by_value = {weight_digest(dequantize_fp8(layer).T): name for name, layer in linears.items()}
     e4m3 = onnx.TensorProto.FLOAT8E4M3FN
-    new_nodes, new_inits, replaced, used = [], [], [], set()
-    for node in graph.node:
-        if node.op_type == "MatMul" and node.input[1] in inits:
-            arr = numpy_helper.to_array(inits[node.input[1]])
-            name = by_value.get(weight_digest(arr)) if arr.ndim == 2 else None
-            if name is not None:
-                layer, base = linears[name], f"{name}.fp8"
-                w8 = np.ascontiguousarray(layer["w8"].T)  # (K, N): MatMul's layout
-                new_inits += [
-                    helper.make_tensor(base + ".weight", e4m3, list(w8.shape), w8.tobytes(), raw=True),
-                    numpy_helper.from_array(np.array(layer["weight_scale"], np.float32), base + ".weight_scale"),
-                    numpy_helper.from_array(np.array(layer["input_scale"], np.float32), base + ".input_scale"),
-                    helper.make_tensor(base + ".zero", e4m3, [], [0]),
-                ]
-                new_nodes += [
-                    helper.make_node(
-                        "QuantizeLinear",
-                        [node.input[0], base + ".input_scale", base + ".zero"],
-                        [base + ".xq"],
-                        saturate=1,
-                    ),
-                    helper.make_node(
-                        "DequantizeLinear", [base + ".xq", base + ".input_scale", base + ".zero"], [base + ".x"]
-                    ),
-                    helper.make_node("DequantizeLinear", [base + ".weight", base + ".weight_scale"], [base + ".w"]),
-                    helper.make_node("MatMul", [base + ".x", base + ".w"], list(node.output), name=node.name),
-                ]
-                replaced.append(name)
-                used.add(node.input[1])
-                continue
-        new_nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    graph.initializer.extend(new_inits)
-    keep = [t for t in graph.initializer if t.name not in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+
+    def replace(node, name, layer):
+        base = f"{name}.fp8"
+        w8 = np.ascontiguousarray(layer["w8"].T)  # (K, N): MatMul's layout
+        tensors = [
+            helper.make_tensor(base + ".weight", e4m3, list(w8.shape), w8.tobytes(), raw=True),
+            numpy_helper.from_array(np.array(layer["weight_scale"], np.float32), base + ".weight_scale"),
+            numpy_helper.from_array(np.array(layer["input_scale"], np.float32), base + ".input_scale"),
+            helper.make_tensor(base + ".zero", e4m3, [], [0]),
+        ]
+        nodes = [
+            helper.make_node(
+                "QuantizeLinear", [node.input[0], base + ".input_scale", base + ".zero"], [base + ".xq"], saturate=1
+            ),
+            helper.make_node("DequantizeLinear", [base + ".xq", base + ".input_scale", base + ".zero"], [base + ".x"]),
+            helper.make_node("DequantizeLinear", [base + ".weight", base + ".weight_scale"], [base + ".w"]),
+            helper.make_node("MatMul", [base + ".x", base + ".w"], list(node.output), name=node.name),
+        ]
+        return nodes, tensors
+
+    replaced = replace_matched_matmuls(model, linears, replace, dequant=dequantize_fp8)
     onnx.checker.check_model(model)
     onnx.save(model, str(dst))
     return {

@@ -113,15 +113,17 @@ def weight_digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
 
 
-def _replace_gptq_matmuls(model, linears: dict[str, dict], replace) -> list[str]:
-    """Swap every decoder MatMul whose constant weight equals a GPTQ layer's q x scale (by value, so it does not
-    depend on how the exporter names initializers) for `replace(node, name, layer)` -> (nodes, initializers).
-    Returns the layer names replaced; initializers left unused are dropped."""
+def replace_matched_matmuls(model, linears: dict[str, dict], replace, dequant=None) -> list[str]:
+    """Swap every decoder MatMul whose constant weight equals a layer's dequantized weight (`dequant`: GPTQ's
+    q x scale by default, FP8 x scale for ModelOpt; matched by value, so it does not depend on how the exporter
+    names initializers) for `replace(node, name, layer)` -> (nodes, initializers). Returns the layer names
+    replaced; initializers left unused are dropped."""
     from onnx import numpy_helper
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    by_value = {weight_digest(dequantize(layer).T): name for name, layer in linears.items()}
+    dequant = dequant or dequantize
+    by_value = {weight_digest(dequant(layer).T): name for name, layer in linears.items()}
     replaced, used, new_nodes, new_inits = [], set(), [], []
     for node in graph.node:
         if node.op_type == "MatMul" and node.input[1] in inits:
@@ -172,7 +174,7 @@ def to_matmulnbits(decoder: Path, linears: dict[str, dict], accuracy_level: int 
         ], [numpy_helper.from_array(b, base + ".B"), numpy_helper.from_array(s, base + ".scales")]
 
     model = onnx.load(str(decoder))
-    replaced = _replace_gptq_matmuls(model, linears, replace)
+    replaced = replace_matched_matmuls(model, linears, replace)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, str(decoder))
@@ -227,7 +229,7 @@ def to_int4_dequantize(src: Path, dst: Path, linears: dict[str, dict]) -> dict:
 
     model = version_converter.convert_version(onnx.load(str(src)), INT4_OPSET)
     model.ir_version = max(model.ir_version, 10)
-    replaced = _replace_gptq_matmuls(model, linears, replace)
+    replaced = replace_matched_matmuls(model, linears, replace)
     onnx.checker.check_model(model)
     onnx.save(model, str(dst))
     return {
