@@ -234,6 +234,19 @@ def calibration_pixels(images: list[str], size: int, n: int = 16) -> np.ndarray:
     return np.stack([load_pixels(p, size) for p in images[:n]])
 
 
+def _require_all_matched(info: dict, what: str) -> None:
+    if info["unmatched"]:
+        raise ValueError(f"{what} export: no decoder MatMul carries the weights of {info['unmatched'][:3]}")
+
+
+def _replace_decoder(bundle: Path, graphs: dict[str, str], cfg: dict, new: Path) -> None:
+    """Ship `new` as the decoder graph (the full-precision one it was converted from is dropped)."""
+    (bundle / graphs["decoder"]).unlink()
+    graphs["decoder"] = str(new.relative_to(bundle))
+    cfg["graphs"] = dict(graphs)
+    (bundle / "runtime.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def export_bundle(
     model_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -302,12 +315,8 @@ def export_bundle(
         if fp8:
             dq = tmp / "graphs" / "decoder.fp8.qdq.onnx"
             info = to_fp8_qdq(tmp / graphs["decoder"], dq, fp8_linears)
-            if info["unmatched"]:
-                raise ValueError(f"FP8 export: no decoder MatMul carries the weights of {info['unmatched'][:3]}")
-            (tmp / graphs["decoder"]).unlink()
-            graphs["decoder"] = str(dq.relative_to(tmp))
-            cfg["graphs"] = dict(graphs)
-            (tmp / "runtime.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            _require_all_matched(info, "FP8")
+            _replace_decoder(tmp, graphs, cfg, dq)
             extra["weights_from"] = {"artifact": str(model_dir.resolve()), "format": "modelopt fp8", "fp8": info}
             model.llm = emulated_llm
             extra["parity"] = parity(model, tmp, probes)  # the FP8 Q/DQ graph against the emulated artifact
@@ -321,32 +330,20 @@ def export_bundle(
             # same graph runs in onnxruntime, so the parity below checks exactly what the plan builds from
             dq = tmp / "graphs" / "decoder.int4.qdq.onnx"
             info = to_int4_dequantize(tmp / graphs["decoder"], dq, gptq["linears"])
-            if info["unmatched"]:
-                raise ValueError(f"GPTQ export: no decoder MatMul carries the weights of {info['unmatched'][:3]}")
-            (tmp / graphs["decoder"]).unlink()
-            graphs["decoder"] = str(dq.relative_to(tmp))
-            cfg["graphs"] = dict(graphs)
-            (tmp / "runtime.json").write_text(json.dumps(cfg, indent=2) + "\n")
-            extra["weights_from"] = {
-                "artifact": str(model_dir.resolve()),
-                "format": "compressed-tensors pack-quantized",
-                "group_size": gptq["group_size"],
-                "int4_dequantize": info,
-            }
-            extra["parity"] = parity(model, tmp, probes)  # the INT4 graph against the PyTorch artifact
-            if extra["parity"]["max_abs_logit_diff"] > 50 * max_abs_diff:
-                raise ValueError(f"GPTQ bundle parity failed: {extra['parity']}")
+            _require_all_matched(info, "GPTQ")
+            _replace_decoder(tmp, graphs, cfg, dq)
         elif gptq is not None:
             info = to_matmulnbits(tmp / graphs["decoder"], gptq["linears"], accuracy_level=4 if int8_activations else 0)
-            if info["unmatched"]:
-                raise ValueError(f"GPTQ export: no decoder MatMul carries the weights of {info['unmatched'][:3]}")
+            _require_all_matched(info, "GPTQ")
+        if gptq is not None:
             extra["weights_from"] = {
                 "artifact": str(model_dir.resolve()),
                 "format": "compressed-tensors pack-quantized",
                 "group_size": gptq["group_size"],
-                "matmulnbits": info,
+                "int4_dequantize" if target != "cpu" else "matmulnbits": info,
             }
             extra["parity"] = parity(model, tmp, probes)  # the bundle against the PyTorch compressed artifact
+            # int8 activations are not bit-exact by design: recorded, not gated
             if not int8_activations and extra["parity"]["max_abs_logit_diff"] > 50 * max_abs_diff:
                 raise ValueError(f"GPTQ bundle parity failed: {extra['parity']}")
         elif target == "cpu" and precision != "fp32":
