@@ -31,6 +31,7 @@ from emoverse.config import RecipeError, load_config
 from emoverse.export.targets import load_targets, resolve_precision
 from emoverse.records import Record, load_records, select_records
 from emoverse.runtime.backends import detect_backend, open_runtime
+from emoverse.runtime.ort import decoder_weight_bytes
 from emoverse.stats import paired_ratio, verdict
 from emoverse.tasks import INVALID, TASKS
 
@@ -328,10 +329,7 @@ def bench_bundle(bundle: Path, records: list[Record], cfg: BenchConfig) -> dict:
     else:
         manifest = read_manifest(bundle)
         precision, target = manifest.get("precision"), manifest.get("target")
-        decoder = bundle / rt.cfg["graphs"]["decoder"]
-        tied = decoder.parent / "tied_embedding.bin"  # the output projection's weights, when stored once
-        weights = decoder.stat().st_size + (tied.stat().st_size if tied.is_file() else 0)
-        size = folder_bytes(bundle)
+        weights, size = decoder_weight_bytes(bundle, rt.cfg["graphs"]), folder_bytes(bundle)
     return {
         "bundle": variant_name(bundle),
         "path": str(bundle),

@@ -30,7 +30,7 @@ from emoverse.imaging import load_pixels
 from emoverse.llm_files import quantization_config
 from emoverse.model import EmoVerse
 from emoverse.runtime.graphs import runtime_config  # noqa: F401  (the bundle format is the runtime's)
-from emoverse.runtime.ort import RUNTIME_FORMAT, OrtRuntime  # noqa: F401  (format: the runtime owns it)
+from emoverse.runtime.ort import RUNTIME_FORMAT, TIED_FILE, OrtRuntime  # noqa: F401  (format: the runtime owns it)
 from emoverse.tasks import TASKS
 
 
@@ -67,9 +67,6 @@ def quantize_for_cpu(decoder: Path, precision: str) -> None:
     else:
         raise ValueError(f"unknown CPU precision {precision!r} (fp32, int8, int4)")
     os.replace(tmp, decoder)
-
-
-TIED_FILE = "tied_embedding.bin"
 
 
 def quantize_embeddings(

@@ -20,6 +20,14 @@ from emoverse.imaging import load_pixels
 from emoverse.tasks import IMAGE_PLACEHOLDER, TASKS, get_task
 
 RUNTIME_FORMAT = "emoverse-runtime/2"  # the decoder takes logits_index (export.bundle writes the same)
+TIED_FILE = "tied_embedding.bin"  # beside the graphs: a quantized tied table both embed and decoder read
+
+
+def decoder_weight_bytes(bundle: Path, graphs: dict[str, str]) -> int:
+    """Bytes of the decoder's weights on disk: its graph, plus the tied table it shares with embed if any."""
+    decoder = Path(bundle) / graphs["decoder"]
+    tied = decoder.parent / TIED_FILE
+    return decoder.stat().st_size + (tied.stat().st_size if tied.is_file() else 0)
 
 
 class RequestError(ValueError):
