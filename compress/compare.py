@@ -31,7 +31,7 @@ def parameter_count(artifact: Path) -> int:
     from safetensors import safe_open
 
     # quantization metadata (scales, zero points, group indices) is not model capacity
-    extra = re.compile(r"(_scale|_zero_point|_g_idx|weight_shape|\.qzeros|\.scales|\.g_idx)$")
+    extra = re.compile(r"(_scale|_zero_point|_g_idx|weight_shape|\.qzeros|\.scales|\.g_idx|\.d|\.m)$")
     qcfg = quantization_config(artifact / "llm")
     bits = qcfg.get("bits") or 0  # GPTQ
     for group in qcfg.get("config_groups", {}).values():  # compressed-tensors
@@ -45,7 +45,8 @@ def parameter_count(artifact: Path) -> int:
                 numel = int(np.prod(st.get_slice(name).get_shape()))
                 # compressed-tensors' `weight_packed` and GPTQ's `qweight` hold 32 // bits weights per int32
                 packed = name.endswith(("weight_packed", ".qweight")) and bits
-                total += numel * (32 // bits if packed else 1)
+                nibbles = name.endswith(".q4")  # W4 base + LoRA: two 4-bit weights per byte
+                total += numel * (32 // bits if packed else 2 if nibbles else 1)
     return total
 
 

@@ -156,7 +156,8 @@ def compress(
     need = max((getattr(params, "calibration_samples", 0) for _, params in stages), default=0)
     extra = max((n for _, p in stages for n in (getattr(p, "extra_calibration", None) or {}).values()), default=0)
     per_task = max(16, -(-need // len(TASKS)) + extra)
-    calib, calib_hash = calibration_set(data, EmoVerse.load(model), n_per_task=per_task)
+    # stages that calibrate nothing (w4_base_lora, fp8_dynamic, int8_weight_only) need no encoded records
+    calib, calib_hash = calibration_set(data, EmoVerse.load(model), n_per_task=per_task) if need else ([], None)
     infos = []
     with tempfile.TemporaryDirectory(
         prefix="emoverse-compress-", dir=Path(out).parent if Path(out).parent.exists() else None

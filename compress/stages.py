@@ -9,6 +9,7 @@ which transformers reloads; nothing here re-implements a quantizer.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import torch
 
 from emoverse.compress.distill import Distill, run_distill
 from emoverse.compress.modelopt_fp8 import quantize_fp8
+from emoverse.model import ModelConfig, base_llm_path
+from emoverse.w4lora import write as write_w4_lora
 
 STAGES: dict[str, type[Stage]] = {}
 
@@ -215,7 +218,6 @@ def gptqmodel_python(params: GPTQModelW4A16) -> Path:
 
 
 def _run_gptqmodel(params: GPTQModelW4A16, src: Path, dst: Path, calibration: list[dict]) -> dict:
-    import json
     import subprocess
     import tempfile
 
@@ -254,6 +256,26 @@ def _run_gptqmodel(params: GPTQModelW4A16, src: Path, dst: Path, calibration: li
     _copy_non_llm(src, dst)
     # GPTQModel's quantize() takes token ids only: its image slots hold pad tokens, said in the manifest
     return {"type": "gptqmodel_w4a16", "visual_calibration": False, **info}
+
+
+@register
+@dataclass
+class W4BaseLoRA(Stage):
+    """The base LLM's linear layers kept on their own 4-bit grid (SmolLM2 ships as Q4_1: they already are),
+    the fine-tune's update beside them as int8 rank-r factors (emoverse/w4lora.py says why). No calibration,
+    no requantized weight: the compressed model computes what the teacher computes, to the int8 rounding of
+    the update; export turns it into MatMulNBits + a low-rank correction."""
+
+    kind: ClassVar[str] = "w4_base_lora"
+    group_size: int = 32  # Q4_1's block
+    max_rank: int = 64  # a larger update is not a LoRA fine-tune: refused
+
+    def run(self, src, dst, calibration, data):
+        cfg = ModelConfig(**json.loads((src / "emoverse.json").read_text()))
+        base = Path(base_llm_path(cfg))
+        info = write_w4_lora(src / "llm", base, dst / "llm", group_size=self.group_size, max_rank=self.max_rank)
+        _copy_non_llm(src, dst)
+        return {"type": self.kind, "base": str(base), **info}
 
 
 @register

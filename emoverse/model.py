@@ -23,6 +23,7 @@ from emoverse.artifacts import ArtifactError, atomic_dir, manifest_digest, sha25
 from emoverse.fp8 import is_fp8_checkpoint, load_fp8_checkpoint
 from emoverse.llm_files import quantization_config
 from emoverse.prompting import IGNORE, PromptBuilder
+from emoverse.w4lora import is_w4_lora, load_w4_lora
 
 SMOLLM2 = "smollm2-135m-instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -175,8 +176,12 @@ def load_llm(cfg: ModelConfig, vocab_size: int):
         with torch.random.fork_rng():  # a fixed init, so an adapter over it can be rebuilt (tests)
             torch.manual_seed(0)
             return LlamaForCausalLM(conf)
-    path = smollm2_dir() if cfg.llm == SMOLLM2 else cfg.llm
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(base_llm_path(cfg), dtype=torch.float32)
+
+
+def base_llm_path(cfg: ModelConfig) -> str | Path:
+    """The base LLM a model config names: the shipped SmolLM2 (converted once), else a local folder or hub id."""
+    return smollm2_dir() if cfg.llm == SMOLLM2 else cfg.llm
 
 
 def load_vision(cfg: ModelConfig) -> nn.Module | None:
@@ -533,6 +538,8 @@ class EmoVerse(nn.Module):
             from gptqmodel import GPTQModel
 
             llm = GPTQModel.load(str(path / "llm"), device="cpu").model.to(torch.float32)
+        elif is_w4_lora(path / "llm"):  # the base on its own 4-bit grid + the fp16 update (compress w4_base_lora)
+            llm = load_w4_lora(path / "llm")
         elif is_fp8_checkpoint(path / "llm"):  # ModelOpt FP8 (TensorRT-LLM's form): emulated exactly on CPU
             llm = load_fp8_checkpoint(path / "llm")
         else:

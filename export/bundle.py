@@ -25,6 +25,7 @@ from emoverse.export.gptq_onnx import (
 from emoverse.export.onnx_export import export_all
 from emoverse.export.targets import check_precision, get_target, resolve_precision
 from emoverse.export.tensorrt import write_plan
+from emoverse.export.w4lora_onnx import to_int4_dequantize_lowrank, to_matmulnbits_lowrank
 from emoverse.fp8 import is_fp8_checkpoint
 from emoverse.imaging import load_pixels
 from emoverse.llm_files import quantization_config
@@ -32,6 +33,7 @@ from emoverse.model import EmoVerse
 from emoverse.runtime.graphs import runtime_config  # noqa: F401  (the bundle format is the runtime's)
 from emoverse.runtime.ort import RUNTIME_FORMAT, TIED_FILE, OrtRuntime  # noqa: F401  (format: the runtime owns it)
 from emoverse.tasks import TASKS
+from emoverse.w4lora import is_w4_lora, load_w4_lora, read_layers
 
 
 @torch.no_grad()
@@ -101,16 +103,15 @@ def quantize_embeddings(
     )
     blocks = table.reshape(vocab, hidden // block, block)
     qmax = 2 ** (bits - 1) - 1
-    scale = (np.abs(blocks).max(-1) / qmax).astype(np.float32)
+    # fp16 scales (cast to fp32 by a constant node both graphs fold on load): half the bytes, and exact for a
+    # GGUF Q8_0 table, whose scales are fp16. Rounded first, so q is computed with the scale that ships.
+    scale = (np.abs(blocks).max(-1) / qmax).astype(np.float16)
     scale[scale == 0] = 1.0
-    zero = 2 ** (bits - 1)  # unsigned storage, zero point in the middle (both ops' convention)
-    u = (np.clip(np.round(blocks / scale[..., None]), -qmax - 1, qmax) + zero).astype(np.uint8)
+    zero = 2 ** (bits - 1)  # unsigned storage around the middle: both ops' default zero point, so none is stored
+    u = (np.clip(np.round(blocks / scale.astype(np.float32)[..., None]), -qmax - 1, qmax) + zero).astype(np.uint8)
     if bits == 4:
         u = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)  # two per byte, first in the low nibble
-        zp = np.full((vocab, (hidden // block + 1) // 2), zero | (zero << 4), np.uint8)
-    else:
-        zp = np.full((vocab, hidden // block), zero, np.uint8)
-    parts = {"data": u.reshape(vocab, -1), "scales": scale, "zero_points": zp}
+    parts = {"data": u.reshape(vocab, -1), "scales": scale}
     offsets, blob = {}, b""
     for key, arr in parts.items():
         offsets[key] = (len(blob), arr.nbytes)
@@ -123,20 +124,20 @@ def quantize_embeddings(
         t.ClearField("raw_data")  # the bytes live in TIED_FILE only
         return t
 
-    u8, f32 = onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT
+    u8, f16 = onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT16
+    cast = helper.make_node("Cast", ["tied.scales16"], ["tied.scales"], to=onnx.TensorProto.FLOAT)
     n_blocks = hidden // block
     embed.graph.initializer.remove(inits[gather.input[0]])
     embed.graph.initializer.extend(
         [
             external("tied.data", "data", u8, parts["data"].shape),
-            external("tied.scales", "scales", f32, (vocab, n_blocks)),
-            external("tied.zero_points", "zero_points", u8, zp.shape),
+            external("tied.scales16", "scales", f16, (vocab, n_blocks)),
         ]
     )
     nodes = list(embed.graph.node)
     nodes[nodes.index(gather)] = helper.make_node(
         "GatherBlockQuantized",
-        ["tied.data", gather.input[1], "tied.scales", "tied.zero_points"],
+        ["tied.data", gather.input[1], "tied.scales"],
         list(gather.output),
         domain="com.microsoft",
         bits=bits,
@@ -145,19 +146,18 @@ def quantize_embeddings(
         quantize_axis=1,
     )
     del embed.graph.node[:]
-    embed.graph.node.extend(nodes)
+    embed.graph.node.extend([cast, *nodes])
     decoder.graph.initializer.remove(dec_inits[head.input[1]])
     decoder.graph.initializer.extend(
         [
             external("tied.B", "data", u8, (vocab, n_blocks, block * bits // 8)),
-            external("tied.scales", "scales", f32, (vocab * n_blocks,)),
-            external("tied.zero_points", "zero_points", u8, (zp.size,)),
+            external("tied.scales16", "scales", f16, (vocab * n_blocks,)),
         ]
     )
     nodes = list(decoder.graph.node)
     nodes[nodes.index(head)] = helper.make_node(
         "MatMulNBits",
-        [head.input[0], "tied.B", "tied.scales", "tied.zero_points"],
+        [head.input[0], "tied.B", "tied.scales"],
         list(head.output),
         name=head.name + "_nbits",
         domain="com.microsoft",
@@ -168,7 +168,7 @@ def quantize_embeddings(
         accuracy_level=accuracy_level,
     )
     del decoder.graph.node[:]
-    decoder.graph.node.extend(nodes)
+    decoder.graph.node.extend([cast, *nodes])
     for model, path in ((embed, embed_path), (decoder, decoder_path)):
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
@@ -231,6 +231,14 @@ def calibration_pixels(images: list[str], size: int, n: int = 16) -> np.ndarray:
     return np.stack([load_pixels(p, size) for p in images[:n]])
 
 
+def _check(model, bundle: Path, probes: list, extra: dict, step: str) -> dict:
+    """Parity of the bundle as it stands against the PyTorch model, kept per step in the manifest
+    (`parity_after`), so what each quantization step costs can be read from it."""
+    report = parity(model, bundle, probes)
+    extra.setdefault("parity_after", {})[step] = report
+    return report
+
+
 def _require_all_matched(info: dict, what: str) -> None:
     if info["unmatched"]:
         raise ValueError(f"{what} export: no decoder MatMul carries the weights of {info['unmatched'][:3]}")
@@ -268,23 +276,27 @@ def export_bundle(
     parent = verify(model_dir, kind=MODEL_KINDS)
     gptq = None
     fp8 = is_fp8_checkpoint(model_dir / "llm")
-    if quantization_config(model_dir / "llm") and not fp8:
+    w4 = read_layers(model_dir / "llm") if is_w4_lora(model_dir / "llm") else None
+    if quantization_config(model_dir / "llm") and not fp8 and w4 is None:
         # A compress/ output is exported as it is: GPTQ W4A16 weights go into the graphs unchanged.
         try:
             scheme = gptq_scheme(model_dir / "llm")
         except NotGPTQ as e:
             raise ValueError(
-                f"{e}. Export takes full-precision models (quantized for the target here) and GPTQ "
-                "W4A16 artifacts (their own 4-bit weights)"
+                f"{e}. Export takes full-precision models (quantized for the target here), GPTQ W4A16 and "
+                "W4 base + LoRA artifacts (their own 4-bit weights) and ModelOpt FP8 artifacts"
             ) from None
         gptq = scheme
-    precisions = resolve_precision(target, precision, gptq=gptq is not None, fp8=fp8)  # decided there only
+    own_int4 = gptq is not None or w4 is not None
+    precisions = resolve_precision(target, precision, int4=own_int4, fp8=fp8)  # decided there only
     precision = precisions["decoder"]
     if gptq is not None:
         gptq = {"linears": read_linears(model_dir / "llm"), **gptq}
     model = EmoVerse.load(model_dir, check=False).eval()
     if gptq is not None:
         model.llm = dequantized_llm(model_dir / "llm", gptq["linears"])  # q x scale, bit for bit
+    if w4 is not None:
+        model.llm = load_w4_lora(model_dir / "llm", w4)  # base d·q + m + B·A: the arrays the graph is matched on
     emulated_llm = None
     if fp8:  # graphs from the plain FP8 x scale weights; the emulated artifact is what parity compares with
         fp8_linears = read_fp8_linears(model_dir / "llm")
@@ -316,7 +328,7 @@ def export_bundle(
             _replace_decoder(tmp, graphs, cfg, dq)
             extra["weights_from"] = {"artifact": str(model_dir.resolve()), "format": "modelopt fp8", "fp8": info}
             model.llm = emulated_llm
-            extra["parity"] = parity(model, tmp, probes)  # the FP8 Q/DQ graph against the emulated artifact
+            extra["parity"] = _check(model, tmp, probes, extra, "fp8 decoder")
             # Gated on the answers, not the logits: FP8 *activations* turn the 1e-6 differences between two
             # kernels' inputs into whole E4M3 steps (12.5%) wherever a value sits near a rounding boundary, so
             # logits drift by design across 30 layers (SmolLM2: max |diff| ~5 with identical greedy answers)
@@ -332,20 +344,31 @@ def export_bundle(
         elif gptq is not None:
             info = to_matmulnbits(tmp / graphs["decoder"], gptq["linears"], accuracy_level=4 if int8_activations else 0)
             _require_all_matched(info, "GPTQ")
-        if gptq is not None:
+        elif w4 is not None and target != "cpu":
+            dq = tmp / "graphs" / "decoder.int4.qdq.onnx"
+            info = to_int4_dequantize_lowrank(tmp / graphs["decoder"], dq, w4)
+            _require_all_matched(info, "W4 base + LoRA")
+            _replace_decoder(tmp, graphs, cfg, dq)
+        elif w4 is not None:
+            accuracy = 4 if int8_activations else 0
+            info = to_matmulnbits_lowrank(tmp / graphs["decoder"], w4, accuracy_level=accuracy)
+            _require_all_matched(info, "W4 base + LoRA")
+        if own_int4:  # the artifact's own 4-bit weights: recorded with the form they took, checked by parity
             extra["weights_from"] = {
                 "artifact": str(model_dir.resolve()),
-                "format": "compressed-tensors pack-quantized",
-                "group_size": gptq["group_size"],
+                "format": "compressed-tensors pack-quantized"
+                if gptq is not None
+                else "emoverse w4 base + lora (the base's own 4-bit grid, fp16 low-rank update)",
+                "group_size": info["group_size"],
                 "int4_dequantize" if target != "cpu" else "matmulnbits": info,
             }
-            extra["parity"] = parity(model, tmp, probes)  # the bundle against the PyTorch compressed artifact
+            extra["parity"] = _check(model, tmp, probes, extra, "4-bit decoder")
             # int8 activations are not bit-exact by design: recorded, not gated
             if not int8_activations and extra["parity"]["max_abs_logit_diff"] > 50 * max_abs_diff:
-                raise ValueError(f"GPTQ bundle parity failed: {extra['parity']}")
+                raise ValueError(f"4-bit bundle parity failed: {extra['parity']}")
         elif target == "cpu" and precision != "fp32":
             quantize_for_cpu(tmp / graphs["decoder"], precision)
-            extra["parity"] = parity(model, tmp, probes)  # what quantization costs, recorded, not gated
+            extra["parity"] = _check(model, tmp, probes, extra, "quantized decoder")
         if tgt.get("runtime") == "tensorrt":
             mode = precisions["vision"]
             if mode and "vision" in graphs:
@@ -370,7 +393,7 @@ def export_bundle(
                 f"int{embedding_bits} tied table stored once ({info['file']}, blocks of 32): "
                 "GatherBlockQuantized in embed, MatMulNBits for the output projection"
             )
-            extra["parity"] = parity(model, tmp, probes)  # recorded after every quantization step
+            extra["parity"] = _check(model, tmp, probes, extra, "quantized tied embedding")
         if vision_int8:
             if target != "cpu" or "vision" not in graphs:
                 raise ValueError("vision_int8: for target cpu and a model with a vision encoder")
@@ -378,7 +401,7 @@ def export_bundle(
                 tmp / graphs["vision"], calibration_pixels(calibration_images or [], model.cfg.image_size)
             )
             extra["vision"] = "int8 static (onnxruntime, QDQ, per-channel weights, calibrated on training faces)"
-            extra["parity"] = parity(model, tmp, probes)
+            extra["parity"] = _check(model, tmp, probes, extra, "int8 vision")
         extra["precision"] = precision
         manifest = write_manifest(
             tmp,

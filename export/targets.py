@@ -81,13 +81,14 @@ def check_precision(name: str, target: dict, precision: str) -> None:
 
 
 def resolve_precision(
-    name: str, requested: str | None, *, gptq: bool = False, fp8: bool = False
+    name: str, requested: str | None, *, int4: bool = False, fp8: bool = False
 ) -> dict[str, str | None]:
     """The precision of each graph of a bundle for target `name`: {"decoder": ..., "vision": ...}.
 
-    A GPTQ W4A16 artifact carries its own 4-bit weights: its decoder is int4 on every target (MatMulNBits on
-    CPU, INT4 weight-only DequantizeLinear for TensorRT, Ampere and later), and asking for anything else is
-    refused. Otherwise the decoder takes `requested`, or the target's default, from the target's list."""
+    An artifact that carries its own 4-bit weights (`int4`: GPTQ W4A16, W4 base + LoRA) has an int4 decoder on
+    every target (MatMulNBits on CPU, INT4 weight-only DequantizeLinear for TensorRT, Ampere and later), and
+    asking for anything else is refused. Otherwise the decoder takes `requested`, or the target's default,
+    from the target's list."""
     target = get_target(name)
     if requested:
         check_precision(name, target, requested)  # first, so FP8 on Orin is refused for its compute capability
@@ -101,11 +102,12 @@ def resolve_precision(
         if requested not in (None, "fp8"):
             raise ValueError(f"a ModelOpt FP8 artifact exports with its own FP8 weights; got --precision {requested}")
         return {"decoder": "fp8", "vision": target["vision_quantization"]}
-    if gptq:
+    if int4:
         if requested not in (None, "int4"):
             raise ValueError(
-                f"a GPTQ W4A16 artifact exports with its own int4 weights; --precision {requested} would "
-                "quantize it again (export the full-precision teacher for other precisions)"
+                f"a 4-bit artifact (GPTQ W4A16, W4 base + LoRA) exports with its own int4 weights; "
+                f"--precision {requested} would quantize it again (export the full-precision teacher for "
+                "other precisions)"
             )
         decoder = "int4"
     else:

@@ -2,7 +2,7 @@
 # The compression study behind docs/results/compression.json: the release teacher, what compress/ makes from
 # it, and the bundles export makes FROM those artifacts, each evaluated on the same test records as the
 # teacher's results (full splits; ECPE the same seeded 200 per source) and benched side by side in one run.
-# Resumable: a step whose output exists is skipped. About 1.5 hours on 2 CPU cores.
+# Resumable: a step whose output exists is skipped. About 2.5 hours on 2 CPU cores.
 # Needs the teacher's evals first (README "Results": runs/release-eval, runs/release-eval-eri, runs/release-eval-ecpe).
 # Usage: scripts/compression_study.sh [STEP ...]   (default: compress export eval_deployed bench eval_artifacts more compare)
 set -euo pipefail
@@ -31,6 +31,7 @@ export_bundle() {  # NAME MODEL [export args]
 
 step_compress() {
   compress gptq-w4a16 gptq-w4a16
+  compress w4-base-lora w4-base-lora  # the base's own 4-bit grid + the adapter as int8 factors (no requantizing)
 }
 step_export() {
   export_bundle release-fp32 "$M" --precision fp32
@@ -40,14 +41,19 @@ step_export() {
   # the same with int8 activations in MatMulNBits (latency lever; not bit-exact)
   export_bundle release-w4-deploy-a8 "$R/gptq-w4a16" --embedding-bits 8 --vision-int8 --int8-activations \
     --calibration-data "$D"
+  # the same bundle parts around the W4 base + LoRA artifact (MatMulNBits + a low-rank correction per layer)
+  export_bundle release-w4lora "$R/w4-base-lora" --embedding-bits 8 --vision-int8 --calibration-data "$D"
+  export_bundle release-w4lora-a8 "$R/w4-base-lora" --embedding-bits 8 --vision-int8 --int8-activations \
+    --calibration-data "$D"
 }
 step_eval_deployed() {
-  evaluate "$B/release-w4-deploy" "$R/eval/release-w4-deploy"
-  evaluate "$B/release-w4-deploy-a8" "$R/eval/release-w4-deploy-a8"
+  local b
+  for b in release-w4-deploy release-w4-deploy-a8 release-w4lora-a8 release-w4lora; do evaluate "$B/$b" "$R/eval/$b"; done
 }
 step_bench() {  # latency side by side in one run: PyTorch FP32 teacher, FP32 bundle, deployed bundles
   [ -f "$R/bench/report.json" ] || $E bench --model "$M" --bundle "$B/release-fp32" --bundle "$B/release-w4-deploy" \
-    --bundle "$B/release-w4-deploy-a8" --data "$D" --target cpu --limit 10 --out "$R/bench" || [ $? -eq 1 ]
+    --bundle "$B/release-w4-deploy-a8" --bundle "$B/release-w4lora" --bundle "$B/release-w4lora-a8" \
+    --data "$D" --target cpu --limit 10 --out "$R/bench" || [ $? -eq 1 ]
   cp "$R/bench/report.json" docs/results/bench-cpu.json
   cp "$R/bench/report.md" docs/results/bench-cpu.md
 }
@@ -59,27 +65,30 @@ step_eval_artifacts() {  # the PyTorch GPTQ artifact itself (bf16 autocast, as t
 step_more() {  # the other compress outputs, measured in PyTorch on the closed tasks (full splits)
   compress int8-weight-only int8-weight-only
   compress modelopt-fp8 modelopt-fp8
-  # the FP32 teacher's bundle (fp32 onnxruntime numerics: the teacher's own eval ran bf16 autocast)
-  [ -f "$R/eval/release-fp32/closed/metrics.json" ] || $E eval --model "$B/release-fp32" $EV --tasks msa mer fer \
-    --out "$R/eval/release-fp32/closed"
+  # the FP32 teacher through its bundle (fp32 onnxruntime, logits within 1e-4 of PyTorch fp32): the reference
+  # every variant is judged against (the teacher's own eval ran bf16 autocast, itself not bit-exact)
+  evaluate "$B/release-fp32" "$R/eval/release-fp32"
   local v
   for v in int8-weight-only modelopt-fp8; do
     [ -f "$R/eval/$v/closed/metrics.json" ] || $E eval --model "$R/$v" $EV --tasks msa mer fer --precision bf16 \
       --out "$R/eval/$v/closed"
   done
 }
-step_compare() {
+all_tasks() {  # EVAL_DIR -> its three metrics files joined, as compare reads them
+  echo "$1/closed/metrics.json+$1/eri/metrics.json+$1/ecpe/metrics.json"
+}
+step_compare() {  # reference: the FP32 teacher (its bundle); the bf16 PyTorch teacher is a row like the others
   local T=runs/release-eval-eri/metrics.json+runs/release-eval/metrics.json+runs/release-eval-ecpe/metrics.json
-  local W=$R/eval/release-w4-deploy A=$R/eval/release-w4-deploy-a8
-  local more=() v
-  [ -f "$R/eval/release-fp32/closed/metrics.json" ] && more+=("FP32 bundle=$R/eval/release-fp32/closed/metrics.json")
+  local v more=()
   for v in int8-weight-only modelopt-fp8; do
     [ -f "$R/eval/$v/closed/metrics.json" ] && more+=("$v (PyTorch)=$R/eval/$v/closed/metrics.json")
   done
-  $E compare "teacher=$T" \
+  $E compare "teacher, FP32 (its bundle)=$(all_tasks "$R/eval/release-fp32")" "teacher, bf16 autocast (PyTorch)=$T" \
     "gptq-w4a16 (PyTorch)=$R/eval/gptq-w4a16/closed/metrics.json" "${more[@]}" \
-    "CPU bundle: GPTQ w4 + int8 tied table + int8 vision=$W/closed/metrics.json+$W/eri/metrics.json+$W/ecpe/metrics.json" \
-    "same, int8 activations (deployed)=$A/closed/metrics.json+$A/eri/metrics.json+$A/ecpe/metrics.json" \
+    "CPU bundle: GPTQ w4 + int8 tied table + int8 vision=$(all_tasks "$R/eval/release-w4-deploy")" \
+    "same, int8 activations=$(all_tasks "$R/eval/release-w4-deploy-a8")" \
+    "CPU bundle: W4 base + LoRA + int8 tied table + int8 vision=$(all_tasks "$R/eval/release-w4lora")" \
+    "same, int8 activations (deployed)=$(all_tasks "$R/eval/release-w4lora-a8")" \
     --size-reference "$B/release-fp32" --bench "$R/bench/report.json" --out docs/results/compression.json
 }
 

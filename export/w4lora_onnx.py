@@ -1,0 +1,172 @@
+"""W4 base + LoRA artifacts (emoverse/w4lora.py; `emoverse compress --recipe w4-base-lora`) into the bundle's
+decoder: each layer's weight base + B·A, with base = d·q + m on its own grid, becomes
+
+    y = MatMulNBits(x; q, d)  +  (x · [E | Aᵀ]) · [(m + 8d)ᵀ ; Bᵀ]
+
+MatMulNBits multiplies by d·(q - 8) (4-bit, default zero point 8: the fast integer kernels), so the block
+minima m and the 8d it subtracted come back through E, the (K, K/32) block-sum matrix: Σ_k x_k·c_block(k) =
+Σ_blocks (Σ_{k in block} x_k)·c_block. The update shares that small second MatMul (K/32 + r columns), so a
+layer costs one 4-bit GEMM and two thin ones. Nothing is requantized: q, d, m are the artifact's bits.
+
+CPU (onnxruntime): d and m are stored in fp16, the factors in int8 with fp16 row scales, turned into fp32 by
+constant nodes that onnxruntime folds when the session loads (the file keeps the small sizes; the kernels
+get fp32). TensorRT: the same algebra with
+the base as an INT4 initializer behind a blocked DequantizeLinear (INT4 weight-only), constants in fp32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from emoverse.export.gptq_onnx import INT4_OPSET, int4_initializer, replace_matched_matmuls
+from emoverse.w4lora import factors, merged
+
+
+def _block_sum(k: int, g: int) -> np.ndarray:
+    return np.kron(np.eye(k // g, dtype=np.float32), np.ones((g, 1), dtype=np.float32))
+
+
+def _replace(model, layers: dict[str, dict], accuracy_level: int, tensorrt: bool) -> list[str]:
+    from onnx import TensorProto, helper, numpy_helper
+
+    shared: dict[str, object] = {}  # block-sum matrices and constants, one per graph
+
+    def const(name: str, arr: np.ndarray) -> str:
+        if name not in shared:
+            shared[name] = numpy_helper.from_array(arr, name)
+        return name
+
+    def replace(node, name, layer):
+        n, k = layer["q"].shape
+        g = layer["group_size"]
+        base, x, y = f"{name}.w4", node.input[0], node.output[0]
+        nodes, inits = [], []
+        e = const(f"w4lora.E{k}x{g}", _block_sum(k, g))
+        d32 = layer["d"].astype(np.float32)
+        if tensorrt:  # fp32 constants: TensorRT's DequantizeLinear wants its scale as an initializer
+            inits.append(numpy_helper.from_array(((layer["m"].astype(np.float32) + 8 * d32).T).copy(), base + ".m8"))
+            m8 = base + ".m8"
+            parts_a = [e] + ([base + ".a"] if "a_q" in layer else [])
+            parts_b = [m8] + ([base + ".b"] if "a_q" in layer else [])
+            if "a_q" in layer:
+                b, a = factors(layer)
+                inits += [
+                    numpy_helper.from_array(a.T.copy(), base + ".a"),
+                    numpy_helper.from_array(b.T.copy(), base + ".b"),
+                ]
+            signed = {"q": (layer["q"].astype(np.int16) - 8).astype(np.int8), "group_size": g}
+            inits += [int4_initializer(signed, base + ".q"), numpy_helper.from_array(d32.T.copy(), base + ".d")]
+            nodes += [
+                helper.make_node(
+                    "DequantizeLinear",
+                    [base + ".q", base + ".d"],
+                    [base + ".w"],
+                    name=base + "_dq",
+                    axis=0,
+                    block_size=g,
+                ),
+                helper.make_node("MatMul", [x, base + ".w"], [base + ".y0"], name=node.name),
+            ]
+        else:  # fp16 on disk, cast when onnxruntime loads the graph (constant folding)
+            flat = const("w4lora.flat", np.array([-1], dtype=np.int64))
+            eight = const("w4lora.eight", np.array(8, dtype=np.float32))
+            inits += [
+                numpy_helper.from_array(_pack(layer["q"], g), base + ".q"),
+                numpy_helper.from_array(layer["d"], base + ".d16"),
+                numpy_helper.from_array(layer["m"], base + ".m16"),
+            ]
+            f32 = TensorProto.FLOAT
+            nodes += [
+                helper.make_node("Cast", [base + ".d16"], [base + ".d"], to=f32),
+                helper.make_node("Reshape", [base + ".d", flat], [base + ".scales"]),
+                helper.make_node("Cast", [base + ".m16"], [base + ".m"], to=f32),
+                helper.make_node("Mul", [base + ".d", eight], [base + ".d8"]),
+                helper.make_node("Add", [base + ".m", base + ".d8"], [base + ".m8t"]),
+                helper.make_node("Transpose", [base + ".m8t"], [base + ".m8"], perm=[1, 0]),
+                helper.make_node(
+                    "MatMulNBits",
+                    [x, base + ".q", base + ".scales"],
+                    [base + ".y0"],
+                    name=node.name + "_nbits",
+                    domain="com.microsoft",
+                    K=k,
+                    N=n,
+                    bits=4,
+                    block_size=g,
+                    accuracy_level=accuracy_level,
+                ),
+            ]
+            parts_a, parts_b = [e], [base + ".m8"]
+            if "a_q" in layer:  # int8 factors transposed for x·Aᵀ·Bᵀ, their fp16 row scales along the last axis
+                for f in ("a", "b"):
+                    inits += [
+                        numpy_helper.from_array(layer[f"{f}_q"].T.copy(), f"{base}.{f}8"),
+                        numpy_helper.from_array(layer[f"{f}_s"], f"{base}.{f}16"),
+                    ]
+                    nodes += [
+                        helper.make_node("Cast", [f"{base}.{f}8"], [f"{base}.{f}8f"], to=f32),
+                        helper.make_node("Cast", [f"{base}.{f}16"], [f"{base}.{f}s"], to=f32),
+                        helper.make_node("Mul", [f"{base}.{f}8f", f"{base}.{f}s"], [f"{base}.{f}"]),
+                    ]
+                parts_a, parts_b = [e, base + ".a"], [base + ".m8", base + ".b"]
+        nodes += [
+            helper.make_node("Concat", parts_a, [base + ".left"], axis=1),
+            helper.make_node("Concat", parts_b, [base + ".right"], axis=0),
+            helper.make_node("MatMul", [x, base + ".left"], [base + ".h"]),
+            helper.make_node("MatMul", [base + ".h", base + ".right"], [base + ".y1"]),
+            helper.make_node("Add", [base + ".y0", base + ".y1"], [y]),
+        ]
+        return nodes, inits
+
+    replaced = replace_matched_matmuls(
+        model, layers, replace, dequant=lambda layer: layer.setdefault("weight", merged(layer))
+    )
+    model.graph.initializer.extend(shared.values())
+    return replaced
+
+
+def _pack(q: np.ndarray, g: int) -> np.ndarray:
+    """MatMulNBits' B: (N, K/g, g/2) bytes, two 4-bit values per byte, the first in the low nibble."""
+    n, k = q.shape
+    u = q.reshape(n, k // g, g)
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+
+
+def to_matmulnbits_lowrank(decoder: Path, layers: dict[str, dict], accuracy_level: int = 0) -> dict:
+    """The onnxruntime form, in place. accuracy_level 4 lets MatMulNBits quantize activations to int8."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(decoder))
+    replaced = _replace(model, layers, accuracy_level, tensorrt=False)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(decoder))
+    return _report(layers, replaced, {"accuracy_level": accuracy_level, "form": "MatMulNBits + low-rank correction"})
+
+
+def to_int4_dequantize_lowrank(src: Path, dst: Path, layers: dict[str, dict]) -> dict:
+    """The TensorRT form (INT4 weight-only base + fp32 low-rank correction), opset 21, written to `dst`."""
+    import onnx
+    from onnx import version_converter
+
+    model = version_converter.convert_version(onnx.load(str(src)), INT4_OPSET)
+    model.ir_version = max(model.ir_version, 10)
+    replaced = _replace(model, layers, 0, tensorrt=True)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+    return _report(
+        layers, replaced, {"form": "INT4 DequantizeLinear (blocked) -> MatMul + low-rank correction, opset 21"}
+    )
+
+
+def _report(layers: dict[str, dict], replaced: list[str], extra: dict) -> dict:
+    return {
+        "replaced": len(replaced),
+        "unmatched": sorted(set(layers) - set(replaced)),
+        "group_size": next(iter(layers.values()))["group_size"],
+        "adapted": sum("a_q" in layers[n] for n in replaced),
+        **extra,
+    }

@@ -1,0 +1,143 @@
+"""W4 base + LoRA: the base's own 4-bit grid kept bit for bit, the fine-tune's update beside it, through
+compress -> the PyTorch artifact -> the CPU bundle (MatMulNBits + low-rank correction) and the TensorRT
+graph (INT4 DequantizeLinear + the same correction); refusals for a base off the grid or a full-rank update."""
+
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from emoverse.compress.pipeline import compress
+from emoverse.export.bundle import export_bundle
+from emoverse.model import EmoVerse, load_llm
+from emoverse.w4lora import NotOnGrid, dequantize, find_grid, merged, read_layers
+
+
+def snap_q4_1(w: np.ndarray, group: int = 32) -> np.ndarray:
+    """What llama.cpp's Q4_1 does to a weight, dequantized: blocks of `group`, d = (max - min) / 15, m = min,
+    both stored fp16, q = round((w - min) / d)."""
+    n, k = w.shape
+    b = w.reshape(n, k // group, group)
+    lo, hi = b.min(-1, keepdims=True), b.max(-1, keepdims=True)
+    q = np.clip(np.floor((b - lo) / ((hi - lo) / 15) + 0.5), 0, 15)
+    d, m = ((hi - lo) / 15).astype(np.float16).astype(np.float32), lo.astype(np.float16).astype(np.float32)
+    return (d * q + m).reshape(n, k).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def grid_model(tiny_model_dir, tmp_path_factory):
+    """The tiny trained model moved onto a base whose linear layers are on a Q4_1 grid (as SmolLM2's GGUF
+    is): returns (base LLM folder, full-form model = that base + the tiny model's own LoRA update)."""
+    root = tmp_path_factory.mktemp("grid")
+    tiny = EmoVerse.load(tiny_model_dir)
+    random_base = load_llm(tiny.cfg, vocab_size=tiny.llm.config.vocab_size)  # the init its LoRA was trained on
+    base = copy.deepcopy(random_base)
+    with torch.no_grad():
+        for name, mod in base.named_modules():
+            if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
+                mod.weight.copy_(torch.from_numpy(snap_q4_1(mod.weight.numpy())))
+        for (_, tuned), (_, init), (_, grid) in zip(
+            tiny.llm.named_parameters(), random_base.named_parameters(), base.named_parameters(), strict=True
+        ):
+            tuned.copy_(grid + (tuned - init))  # the same update, over the grid base
+    base.save_pretrained(root / "base")
+    tiny.tokenizer.save_pretrained(root / "base")
+    tiny.cfg = dataclasses.replace(tiny.cfg, llm=str(root / "base"))
+    tiny.save(root / "model", producer={"stage": "test"})
+    return root / "base", root / "model"
+
+
+@pytest.fixture(scope="module")
+def w4_artifact(grid_model, small_amt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("w4lora") / "art"
+    compress("w4-base-lora", grid_model[1], small_amt, out)
+    return out
+
+
+def test_find_grid_recovers_q4_1_exactly_and_refuses_off_grid():
+    rng = np.random.default_rng(0)
+    w = snap_q4_1(rng.standard_normal((8, 64)).astype(np.float32))
+    q, d, m = find_grid(w, 32)
+    assert q.max() == 15 and q.min() == 0 and d.dtype == np.float16 and m.dtype == np.float16
+    assert np.array_equal(dequantize({"q": q, "d": d, "m": m, "group_size": 32}), w)  # bit for bit
+    off = w.copy()
+    off[3, 5] += 1e-4  # one weight off the grid
+    assert find_grid(off, 32) is None
+    assert find_grid(w, 48) is None  # 64 is not a whole number of blocks of 48
+
+
+def test_compress_keeps_the_base_bits_and_the_update(grid_model, w4_artifact):
+    base_dir, model_dir = grid_model
+    from emoverse.llm_files import read_tensors
+
+    base = read_tensors(base_dir)
+    layers = read_layers(w4_artifact / "llm")
+    assert layers and all(np.array_equal(dequantize(v), base[k + ".weight"].numpy()) for k, v in layers.items())
+    stage = json.loads((w4_artifact / "manifest.json").read_text())["producer"]["stages"][0]
+    assert stage["type"] == "w4_base_lora" and stage["adapted_layers"] > 0 and stage["max_rank"] <= 4
+    assert stage["worst_update_residual"] < 0.02  # int8 rows of the update
+    teacher, art = EmoVerse.load(model_dir), EmoVerse.load(w4_artifact)
+    ids = torch.tensor([teacher.tokenizer("a lovely day at the beach")["input_ids"]])
+    with torch.no_grad():
+        ref, got = teacher.llm(ids).logits, art.llm(ids).logits
+    assert (ref - got).abs().max() < 1e-3 * ref.abs().max()
+    tuned = dict(teacher.llm.named_parameters())
+    # the update is kept: the artifact's weights are far closer to the teacher than its base is
+    name = next(k for k, v in layers.items() if "a_q" in v)
+    w_teacher = tuned[name + ".weight"].detach().numpy()
+    assert np.abs(merged(layers[name]) - w_teacher).max() < 0.05 * np.abs(dequantize(layers[name]) - w_teacher).max()
+
+
+def test_cpu_bundle_is_matmulnbits_on_the_artifacts_bits(w4_artifact, tmp_path):
+    out = tmp_path / "cpu"
+    m = export_bundle(w4_artifact, out, embedding_bits=8)
+    assert m["parity_after"]["4-bit decoder"]["max_abs_logit_diff"] < 1e-3
+    assert m["weights_from"]["matmulnbits"]["unmatched"] == []
+    graphs = json.loads((out / "runtime.json").read_text())["graphs"]
+    decoder = onnx.load(str(out / graphs["decoder"]), load_external_data=False)
+    inits = {t.name: t for t in decoder.graph.initializer}
+    layers = read_layers(w4_artifact / "llm")
+    nbits = [n for n in decoder.graph.node if n.op_type == "MatMulNBits" and n.input[1] != "tied.B"]
+    assert len(nbits) == len(layers)
+    for node in nbits:
+        name = node.input[1][: -len(".w4.q")]
+        q = layers[name]["q"]
+        packed = numpy_helper.to_array(inits[node.input[1]])  # (N, K/32, 16): two 4-bit values per byte
+        unpacked = np.stack([packed & 0x0F, packed >> 4], -1).reshape(q.shape)
+        assert np.array_equal(unpacked, q)  # the artifact's own bits, not a second quantization
+        assert np.array_equal(numpy_helper.to_array(inits[name + ".w4.d16"]), layers[name]["d"])
+
+
+def test_tensorrt_graph_is_int4_weight_only_on_the_same_bits(w4_artifact, small_amt, tmp_path):
+    from emoverse.records import load_records
+
+    faces = [i for r in load_records(small_amt / "fer" / "train.jsonl") for i in r.images]
+    out = tmp_path / "orin"
+    m = export_bundle(w4_artifact, out, target="jetson-agx-orin", calibration_images=faces)
+    assert m["precision"] == "int4" and m["parity_after"]["4-bit decoder"]["max_abs_logit_diff"] < 1e-3
+    graphs = json.loads((out / "runtime.json").read_text())["graphs"]
+    decoder = onnx.load(str(out / graphs["decoder"]))
+    onnx.checker.check_model(decoder)
+    inits = {t.name: t for t in decoder.graph.initializer}
+    for name, layer in read_layers(w4_artifact / "llm").items():
+        w = inits[name + ".w4.q"]  # q - 8 as signed INT4 (K, N): DequantizeLinear's symmetric form, scale d
+        assert w.data_type == onnx.TensorProto.INT4
+        assert np.array_equal(numpy_helper.to_array(w).astype(np.int16), layer["q"].T.astype(np.int16) - 8), name
+    assert "int4" in json.dumps(m["tensorrt_plan"])
+
+
+def test_refuses_a_base_off_the_grid_and_a_full_rank_update(grid_model, tiny_model_dir, small_amt, tmp_path):
+    from emoverse.w4lora import write
+
+    base_dir, model_dir = grid_model
+    # the tiny model's own random base is not on any 4-bit grid: named, nothing written
+    with pytest.raises(NotOnGrid, match="not on a 4-bit grid"):
+        write(tiny_model_dir / "llm", tiny_model_dir / "llm", tmp_path / "a")
+    with pytest.raises(NotOnGrid, match="rank"):
+        compress("w4-base-lora", model_dir, small_amt, tmp_path / "b", overrides=["stages.0.max_rank=1"])
+    assert not (tmp_path / "b").exists()
