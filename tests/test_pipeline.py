@@ -37,7 +37,7 @@ def test_shipped_pipelines_parse():
 
 def test_shipped_pipelines_export_what_they_compress():
     """Every shipped pipeline parses through the typed loader and each export names the teacher or one of its
-    compress entries; the quick start ships the GPTQ artifact itself (not a re-quantized teacher)."""
+    compress entries; the quick start ships the compressed artifact itself (not a re-quantized teacher)."""
     from emoverse.config import load_config
     from emoverse.pipeline import PIPELINES, PipelineConfig
 
@@ -47,4 +47,4 @@ def test_shipped_pipelines_export_what_they_compress():
         assert all(e.model in names for e in cfg.exports), path.name
     release = load_config(PipelineConfig, PIPELINES / "release.yaml")
     cpu = next(e for e in release.exports if e.name == "cpu-w4")
-    assert cpu.model == "gptq-w4a16" and cpu.precision is None and cpu.embedding_bits == 8 and cpu.int8_activations
+    assert cpu.model == "w4-base-lora" and cpu.precision is None and cpu.embedding_bits == 8 and cpu.int8_activations
