@@ -385,13 +385,13 @@ def roofline_estimates(result: dict, targets: dict, ctx: int = 256) -> dict:
     params = result["llm"]["parameters"]
     n_layers, kv_heads, head_dim = result["llm"]["kv_shape"]
     kv = 2 * n_layers * kv_heads * head_dim * ctx * 2
-    own_int4 = result.get("precision") == "int4" and result.get("weights_from_artifact", False)
+    own = result.get("precision") if result.get("weights_from_artifact", False) else None
     out = {}
     for name, tgt in targets.items():
         if not tgt.get("peak_tflops") or tgt.get("runtime") != "tensorrt":
             continue
         try:
-            prec = resolve_precision(name, None, int4=own_int4)["decoder"]
+            prec = resolve_precision(name, None, own_weights=own)["decoder"]
         except ValueError:
             continue
         compute = "fp16" if prec == "int4" else prec  # weight-only int4 multiplies in fp16

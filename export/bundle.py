@@ -283,12 +283,12 @@ def export_bundle(
             scheme = gptq_scheme(model_dir / "llm")
         except NotGPTQ as e:
             raise ValueError(
-                f"{e}. Export takes full-precision models (quantized for the target here), GPTQ W4A16 and "
-                "W4 base + LoRA artifacts (their own 4-bit weights) and ModelOpt FP8 artifacts"
+                f"{e}. Export takes full-precision models (quantized for the target here), GPTQ W4A16, INT8 "
+                "weight-only and W4 base + LoRA artifacts (their own weights) and ModelOpt FP8 artifacts"
             ) from None
         gptq = scheme
-    own_int4 = gptq is not None or w4 is not None
-    precisions = resolve_precision(target, precision, int4=own_int4, fp8=fp8)  # decided there only
+    own_bits = "int4" if w4 is not None else f"int{gptq['bits']}" if gptq is not None else None
+    precisions = resolve_precision(target, precision, own_weights=own_bits, fp8=fp8)  # decided there only
     precision = precisions["decoder"]
     if gptq is not None:
         gptq = {"linears": read_linears(model_dir / "llm"), **gptq}
@@ -337,7 +337,7 @@ def export_bundle(
         elif gptq is not None and target != "cpu":
             # TensorRT: the artifact's INT4 weights behind blocked DequantizeLinear nodes (weight-only); the
             # same graph runs in onnxruntime, so the parity below checks exactly what the plan builds from
-            dq = tmp / "graphs" / "decoder.int4.qdq.onnx"
+            dq = tmp / "graphs" / f"decoder.{own_bits}.qdq.onnx"
             info = to_int4_dequantize(tmp / graphs["decoder"], dq, gptq["linears"])
             _require_all_matched(info, "GPTQ")
             _replace_decoder(tmp, graphs, cfg, dq)
@@ -353,19 +353,19 @@ def export_bundle(
             accuracy = 4 if int8_activations else 0
             info = to_matmulnbits_lowrank(tmp / graphs["decoder"], w4, accuracy_level=accuracy)
             _require_all_matched(info, "W4 base + LoRA")
-        if own_int4:  # the artifact's own 4-bit weights: recorded with the form they took, checked by parity
+        if own_bits:  # the artifact's own 4/8-bit weights: recorded with the form they took, checked by parity
             extra["weights_from"] = {
                 "artifact": str(model_dir.resolve()),
                 "format": "compressed-tensors pack-quantized"
                 if gptq is not None
                 else "emoverse w4 base + lora (the base's own 4-bit grid, fp16 low-rank update)",
                 "group_size": info["group_size"],
-                "int4_dequantize" if target != "cpu" else "matmulnbits": info,
+                "dequantize_linear" if target != "cpu" else "matmulnbits": info,
             }
             extra["parity"] = _check(model, tmp, probes, extra, "4-bit decoder")
             # int8 activations are not bit-exact by design: recorded, not gated
             if not int8_activations and extra["parity"]["max_abs_logit_diff"] > 50 * max_abs_diff:
-                raise ValueError(f"4-bit bundle parity failed: {extra['parity']}")
+                raise ValueError(f"{own_bits} bundle parity failed: {extra['parity']}")
         elif target == "cpu" and precision != "fp32":
             quantize_for_cpu(tmp / graphs["decoder"], precision)
             extra["parity"] = _check(model, tmp, probes, extra, "quantized decoder")

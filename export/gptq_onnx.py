@@ -1,6 +1,8 @@
-"""GPTQ W4A16 artifacts (compressed-tensors `pack-quantized`, what `emoverse compress --recipe gptq-w4a16`
-writes) into ONNX Runtime's `MatMulNBits`, from the artifact's own 4-bit weights and group scales: no second
-quantization, so the bundle computes with exactly the weights compress/ made and measured.
+"""Weight-quantized compressed-tensors artifacts (`pack-quantized`: GPTQ W4A16 from `emoverse compress --recipe
+gptq-w4a16`, INT8 weight-only from `--recipe int8-weight-only`) into ONNX Runtime's `MatMulNBits`, from the
+artifact's own weights and scales: no second quantization, so the bundle computes with exactly the weights
+compress/ made and measured. INT8 per-channel scales become blocks of 32 that repeat the channel's scale
+(MatMulNBits wants power-of-two blocks; the repetition is exact).
 
 How: the LLM is rebuilt in fp32 with weight = q x scale (the artifact's dequantization, bit for bit), the
 graphs are exported as for any model, then every decoder MatMul whose constant weight equals one of those
@@ -27,7 +29,8 @@ class NotGPTQ(ValueError):
 
 
 def gptq_scheme(llm_dir: Path) -> dict:
-    """The 4-bit symmetric group scheme of a compressed-tensors artifact, or NotGPTQ saying what it is."""
+    """The weight scheme of a compressed-tensors artifact — 4-bit symmetric groups (GPTQ W4A16) or 8-bit
+    symmetric per channel (INT8 weight-only) — or NotGPTQ saying what it is."""
     cfg = quantization_config(llm_dir)
     if cfg.get("quant_method") != "compressed-tensors" or cfg.get("format") != "pack-quantized":
         raise NotGPTQ(
@@ -36,36 +39,44 @@ def gptq_scheme(llm_dir: Path) -> dict:
         )
     groups = list(cfg.get("config_groups", {}).values())
     w = groups[0].get("weights") if len(groups) == 1 else None
-    if (
-        not w
-        or w.get("num_bits") != 4
-        or not w.get("symmetric")
-        or w.get("strategy") != "group"
-        or w.get("type") != "int"
-    ):
-        raise NotGPTQ(f"{llm_dir}: MatMulNBits export takes 4-bit symmetric int weights in groups; this has {w}")
+    if groups and len(groups) == 1 and (groups[0].get("input_activations") or groups[0].get("output_activations")):
+        raise NotGPTQ(f"{llm_dir}: quantizes activations too (MatMulNBits export takes weight-only schemes)")
+    four = w and w.get("num_bits") == 4 and w.get("strategy") == "group"
+    eight = w and w.get("num_bits") == 8 and w.get("strategy") == "channel"
+    if not (four or eight) or not w.get("symmetric") or w.get("type") != "int":
+        raise NotGPTQ(
+            f"{llm_dir}: MatMulNBits export takes symmetric int weights, 4-bit in groups or 8-bit per channel; "
+            f"this has {w}"
+        )
+    if eight:
+        return {"bits": 8, "group_size": None, "ignore": cfg.get("ignore", [])}
     g = int(w["group_size"])
     if g < 16 or g & (g - 1):
         raise NotGPTQ(f"{llm_dir}: group_size {g}: MatMulNBits needs a power of two >= 16")
-    return {"group_size": g, "ignore": cfg.get("ignore", [])}
+    return {"bits": 4, "group_size": g, "ignore": cfg.get("ignore", [])}
+
+
+CHANNEL_BLOCK = 32  # MatMulNBits block for per-channel INT8: every block of a row repeats the row's scale
 
 
 def read_linears(llm_dir: Path) -> dict[str, dict]:
-    """{module name: {"q": int8 (N, K) in [-8, 7], "scale": float32 (N, K / group), "group_size": g}}."""
+    """{module name: {"q": int8 (N, K), "scale": float32 (N, K / group), "group_size": g, "bits": b}}; a
+    per-channel scheme is one group of K (scale (N, 1))."""
     from compressed_tensors.compressors import unpack_from_int32
 
-    g = gptq_scheme(llm_dir)["group_size"]
+    scheme = gptq_scheme(llm_dir)
     state = read_tensors(llm_dir)
     out = {}
     for key in state:
         if key.endswith(".weight_packed"):
             name = key[: -len(".weight_packed")]
             shape = torch.Size(state[name + ".weight_shape"].tolist())
-            q = unpack_from_int32(state[key], 4, shape)
+            q = unpack_from_int32(state[key], scheme["bits"], shape)
             out[name] = {
                 "q": q.to(torch.int8).numpy(),
                 "scale": state[name + ".weight_scale"].float().numpy(),
-                "group_size": g,
+                "group_size": scheme["group_size"] or int(shape[1]),
+                "bits": scheme["bits"],
             }
     if not out:
         raise NotGPTQ(f"{llm_dir}: no packed weights found")
@@ -91,22 +102,33 @@ def dequantized_llm(llm_dir: Path, linears: dict[str, dict]):
     return load_fitting(model, weights, llm_dir).eval()
 
 
+def nbits_block(layer: dict) -> int:
+    """The MatMulNBits block of a layer: its group, or CHANNEL_BLOCK for a per-channel (one group of K) scale."""
+    return layer["group_size"] if layer["group_size"] < layer["q"].shape[1] else CHANNEL_BLOCK
+
+
 def pack(layer: dict) -> tuple[np.ndarray, np.ndarray]:
-    """MatMulNBits inputs B (N, K/g, g/2) uint8 — two 4-bit values per byte, low nibble first, stored as q + 8
-    (the default zero point of 4-bit MatMulNBits) — and scales (N * K/g,)."""
-    q, g = layer["q"], layer["group_size"]
+    """MatMulNBits inputs B (N, K/block, block·bits/8) uint8 — 4-bit: two values per byte, low nibble first —
+    stored as q + 2^(bits-1) (MatMulNBits' default zero point), and scales (N * K/block,)."""
+    q, g, bits = layer["q"], nbits_block(layer), layer.get("bits", 4)
     n, k = q.shape
-    u = (q.astype(np.int16) + 8).astype(np.uint8).reshape(n, k // g, g)
-    packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
-    return packed, layer["scale"].astype(np.float32).reshape(-1)
+    u = (q.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8).reshape(n, k // g, g)
+    if bits == 4:
+        u = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    scale = np.repeat(layer["scale"], layer["group_size"] // g, axis=1)  # a channel's scale in each block
+    return u, scale.astype(np.float32).reshape(-1)
 
 
-def unpack(packed: np.ndarray, scales: np.ndarray, n: int, k: int, g: int) -> np.ndarray:
+def unpack(packed: np.ndarray, scales: np.ndarray, n: int, k: int, g: int, bits: int = 4) -> np.ndarray:
     """MatMulNBits B + scales -> the (N, K) fp32 weight onnxruntime multiplies with (for checking)."""
     u = np.empty((n, k // g, g), dtype=np.int16)
-    u[..., 0::2] = packed & 0x0F
-    u[..., 1::2] = packed >> 4
-    return ((u - 8).astype(np.float32) * scales.reshape(n, k // g, 1)).reshape(n, k).astype(np.float32)
+    if bits == 4:
+        u[..., 0::2] = packed & 0x0F
+        u[..., 1::2] = packed >> 4
+    else:
+        u[:] = packed
+    q = u - 2 ** (bits - 1)
+    return (q.astype(np.float32) * scales.reshape(n, k // g, 1)).reshape(n, k).astype(np.float32)
 
 
 def weight_digest(a: np.ndarray) -> str:
@@ -167,8 +189,8 @@ def to_matmulnbits(decoder: Path, linears: dict[str, dict], accuracy_level: int 
                 domain="com.microsoft",
                 K=k,
                 N=n,
-                bits=4,
-                block_size=layer["group_size"],
+                bits=layer.get("bits", 4),
+                block_size=nbits_block(layer),
                 accuracy_level=accuracy_level,
             )
         ], [numpy_helper.from_array(b, base + ".B"), numpy_helper.from_array(s, base + ".scales")]
@@ -178,11 +200,13 @@ def to_matmulnbits(decoder: Path, linears: dict[str, dict], accuracy_level: int 
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, str(decoder))
+    first = next(iter(linears.values()))
     return {
         "replaced": len(replaced),
         "unmatched": sorted(set(linears) - set(replaced)),
         "accuracy_level": accuracy_level,
-        "group_size": next(iter(linears.values()))["group_size"],
+        "bits": first.get("bits", 4),
+        "group_size": first["group_size"] if first["group_size"] < first["q"].shape[1] else "channel",
     }
 
 
@@ -203,38 +227,47 @@ def int4_initializer(layer: dict, name: str):
 
 
 def to_int4_dequantize(src: Path, dst: Path, linears: dict[str, dict]) -> dict:
-    """TensorRT form (INT4 weight-only, W4A16): each GPTQ MatMul's weight becomes the artifact's q as an INT4
+    """TensorRT form (weight-only): each quantized MatMul's weight becomes the artifact's q as an INT4
     initializer (K, N) behind DequantizeLinear(axis 0, block_size g, no zero point: symmetric) with the
     artifact's scales (K/g, N) — the pre-quantized-weights pattern TensorRT's explicit quantization builds
-    INT4 weight-only GEMMs from (Ampere and later: Orin 8.7, H100 9.0). The graph is converted to opset 21
-    with onnx's version converter first. Written to `dst`; `src` is left as it is."""
+    INT4 weight-only GEMMs from (Ampere and later: Orin 8.7, H100 9.0); an INT8 per-channel artifact becomes
+    an INT8 initializer behind DequantizeLinear(axis 1, scale (N,)), TensorRT's INT8 weight-only pattern. The
+    graph is converted to opset 21 with onnx's version converter first. Written to `dst`; `src` is left as it is."""
     import onnx
     from onnx import helper, numpy_helper, version_converter
 
     def replace(node, name, layer):
         g = layer["group_size"]
-        base = f"{name}.int4"
-        scale = np.ascontiguousarray(layer["scale"].T.astype(np.float32))  # (K/g, N)
+        if layer.get("bits", 4) == 8:  # per channel: one scale per output column of the (K, N) weight
+            base = f"{name}.int8"
+            weight = numpy_helper.from_array(np.ascontiguousarray(layer["q"].T.astype(np.int8)), base + ".weight")
+            scale, attrs = layer["scale"][:, 0].astype(np.float32), {"axis": 1}
+        else:
+            base = f"{name}.int4"
+            weight = int4_initializer(layer, base + ".weight")
+            scale, attrs = np.ascontiguousarray(layer["scale"].T.astype(np.float32)), {"axis": 0, "block_size": g}
         return [
             helper.make_node(
                 "DequantizeLinear",
                 [base + ".weight", base + ".scale"],
                 [base + ".dequantized"],
                 name=node.name + "_dq",
-                axis=0,
-                block_size=g,
+                **attrs,
             ),
             helper.make_node("MatMul", [node.input[0], base + ".dequantized"], list(node.output), name=node.name),
-        ], [int4_initializer(layer, base + ".weight"), numpy_helper.from_array(scale, base + ".scale")]
+        ], [weight, numpy_helper.from_array(scale, base + ".scale")]
 
     model = version_converter.convert_version(onnx.load(str(src)), INT4_OPSET)
     model.ir_version = max(model.ir_version, 10)
     replaced = replace_matched_matmuls(model, linears, replace)
     onnx.checker.check_model(model)
     onnx.save(model, str(dst))
+    first = next(iter(linears.values()))
+    eight = first.get("bits", 4) == 8
     return {
         "replaced": len(replaced),
         "unmatched": sorted(set(linears) - set(replaced)),
-        "form": "INT4 DequantizeLinear (blocked, symmetric) -> MatMul, opset 21",
-        "group_size": next(iter(linears.values()))["group_size"],
+        "form": "INT8 DequantizeLinear (per channel)" if eight else "INT4 DequantizeLinear (blocked, symmetric)",
+        "bits": first.get("bits", 4),
+        "group_size": "channel" if eight else first["group_size"],
     }

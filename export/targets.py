@@ -81,13 +81,13 @@ def check_precision(name: str, target: dict, precision: str) -> None:
 
 
 def resolve_precision(
-    name: str, requested: str | None, *, int4: bool = False, fp8: bool = False
+    name: str, requested: str | None, *, own_weights: str | None = None, fp8: bool = False
 ) -> dict[str, str | None]:
     """The precision of each graph of a bundle for target `name`: {"decoder": ..., "vision": ...}.
 
-    An artifact that carries its own 4-bit weights (`int4`: GPTQ W4A16, W4 base + LoRA) has an int4 decoder on
-    every target (MatMulNBits on CPU, INT4 weight-only DequantizeLinear for TensorRT, Ampere and later), and
-    asking for anything else is refused. Otherwise the decoder takes `requested`, or the target's default,
+    An artifact that carries its own quantized weights (`own_weights`: "int4" for GPTQ W4A16 and W4 base + LoRA,
+    "int8" for INT8 weight-only) has a decoder of that precision on every target that lists it (MatMulNBits
+    on CPU, weight-only DequantizeLinear for TensorRT), and asking for anything else is refused. Otherwise the decoder takes `requested`, or the target's default,
     from the target's list."""
     target = get_target(name)
     if requested:
@@ -102,14 +102,15 @@ def resolve_precision(
         if requested not in (None, "fp8"):
             raise ValueError(f"a ModelOpt FP8 artifact exports with its own FP8 weights; got --precision {requested}")
         return {"decoder": "fp8", "vision": target["vision_quantization"]}
-    if int4:
-        if requested not in (None, "int4"):
+    if own_weights:
+        if requested not in (None, own_weights):
             raise ValueError(
-                f"a 4-bit artifact (GPTQ W4A16, W4 base + LoRA) exports with its own int4 weights; "
-                f"--precision {requested} would quantize it again (export the full-precision teacher for "
-                "other precisions)"
+                f"an artifact with its own {own_weights} weights exports with them; --precision {requested} "
+                "would quantize it again (export the full-precision teacher for other precisions)"
             )
-        decoder = "int4"
+        decoder = own_weights
+        if decoder not in target["precisions"]:
+            raise ValueError(f"target {name}: an {decoder} artifact needs one of {target['precisions']}")
     else:
         decoder = requested or target["default_precision"]
         if decoder not in target["precisions"]:

@@ -72,7 +72,7 @@ def test_gptq_into_tensorrt_int4_weight_only(gptq_artifact, small_amt, tmp_path,
     faces = [i for r in load_records(small_amt / "fer" / "train.jsonl") for i in r.images]
     out = tmp_path / target
     m = export_bundle(gptq_artifact, out, target=target, calibration_images=faces)
-    assert m["precision"] == "int4" and m["weights_from"]["int4_dequantize"]["unmatched"] == []
+    assert m["precision"] == "int4" and m["weights_from"]["dequantize_linear"]["unmatched"] == []
     assert m["parity"]["max_abs_logit_diff"] < 1e-3 and m["parity"]["greedy_identical"] == m["parity"]["probes"]
     rel = json.loads((out / "runtime.json").read_text())["graphs"]["decoder"]
     assert rel.endswith("decoder.int4.qdq.onnx") and not (out / "graphs" / "decoder.onnx").exists()
@@ -152,3 +152,42 @@ def test_tied_embedding_is_stored_once_and_read_by_both_graphs(tiny_model_dir, t
     assert (out / "graphs" / "tied_embedding.bin").stat().st_size == vocab * hidden * bits // 8 + vocab * (
         hidden // 32
     ) * 2
+
+
+@pytest.fixture(scope="module")
+def int8_artifact(tiny_model_dir, small_amt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "art"
+    compress("int8-weight-only", tiny_model_dir, small_amt, out)
+    return out
+
+
+def test_int8_weight_only_exports_as_its_own_bytes(int8_artifact, small_amt, tmp_path):
+    """INT8 weight-only (per-channel) -> CPU MatMulNBits bits=8 whose weights equal the artifact's q x scale bit
+    for bit (each channel's scale repeated over blocks of 32), and -> TensorRT INT8 initializers behind a
+    per-channel DequantizeLinear; both match the PyTorch artifact."""
+    from emoverse.records import load_records
+
+    linears = read_linears(int8_artifact / "llm")
+    assert {v["bits"] for v in linears.values()} == {8}
+    m = export_bundle(int8_artifact, tmp_path / "cpu")
+    assert m["precision"] == "int8" and m["weights_from"]["matmulnbits"]["unmatched"] == []
+    assert m["parity"]["max_abs_logit_diff"] < 1e-3
+    graphs = json.loads((tmp_path / "cpu" / "runtime.json").read_text())["graphs"]
+    graph = onnx.load(str(tmp_path / "cpu" / graphs["decoder"]))
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
+    for node in (n for n in graph.graph.node if n.op_type == "MatMulNBits"):
+        attrs = {a.name: a.i for a in node.attribute}
+        assert attrs["bits"] == 8 and attrs["block_size"] == 32
+        name = node.input[1][: -len(".nbits.B")]
+        got = unpack(inits[node.input[1]], inits[node.input[2]], attrs["N"], attrs["K"], 32, bits=8)
+        assert np.array_equal(got, dequantize(linears[name])), name
+    faces = [i for r in load_records(small_amt / "fer" / "train.jsonl") for i in r.images]
+    t = export_bundle(int8_artifact, tmp_path / "orin", target="jetson-agx-orin", calibration_images=faces)
+    assert t["precision"] == "int8" and t["parity"]["max_abs_logit_diff"] < 1e-3
+    rel = json.loads((tmp_path / "orin" / "runtime.json").read_text())["graphs"]["decoder"]
+    trt = onnx.load(str(tmp_path / "orin" / rel))
+    onnx.checker.check_model(trt)
+    dqs = [n for n in trt.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith(".int8.weight")]
+    assert len(dqs) == len(linears)
+    with pytest.raises(ValueError, match="own int8 weights"):
+        export_bundle(int8_artifact, tmp_path / "again", precision="int4")

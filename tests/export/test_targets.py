@@ -132,9 +132,9 @@ def test_precision_is_decided_in_one_place():
     assert resolve_precision("jetson-agx-orin", None)["decoder"] == "fp16"
     assert resolve_precision("h100", None) == {"decoder": "fp16", "vision": "fp8"}
     for target in ("cpu", "jetson-orin-nano", "jetson-agx-orin", "h100"):  # GPTQ ships its own int4 weights
-        assert resolve_precision(target, None, int4=True)["decoder"] == "int4"
+        assert resolve_precision(target, None, own_weights="int4")["decoder"] == "int4"
     with pytest.raises(ValueError, match="its own int4 weights"):
-        resolve_precision("cpu", "int8", int4=True)
+        resolve_precision("cpu", "int8", own_weights="int4")
     with pytest.raises(ValueError, match="compute capability >= 8.9; this device is 8.7"):
         resolve_precision("jetson-agx-orin", "fp8")
     with pytest.raises(ValueError, match="built from a compressed artifact"):  # no implicit TensorRT calibration
