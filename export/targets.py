@@ -87,8 +87,8 @@ def resolve_precision(
 
     An artifact that carries its own quantized weights (`own_weights`: "int4" for GPTQ W4A16 and W4 base + LoRA,
     "int8" for INT8 weight-only) has a decoder of that precision on every target that lists it (MatMulNBits
-    on CPU, weight-only DequantizeLinear for TensorRT), and asking for anything else is refused. Otherwise the decoder takes `requested`, or the target's default,
-    from the target's list."""
+    on CPU, weight-only DequantizeLinear for TensorRT), and asking for anything else is refused. Otherwise
+    the decoder takes `requested`, or the target's default, from the target's list."""
     target = get_target(name)
     if requested:
         check_precision(name, target, requested)  # first, so FP8 on Orin is refused for its compute capability
