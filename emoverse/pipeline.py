@@ -35,6 +35,7 @@ class ExportSpec:
     model: str = "teacher"  # "teacher" or the name of a compress entry (its artifact ships as it is)
     embedding_bits: int | None = None  # cpu: 4 or 8-bit tied embedding / output projection
     vision_int8: bool = False  # cpu: static INT8 vision encoder calibrated on FER training faces
+    vision_int8_weights: bool = False  # cpu: INT8 vision weights, fp32 activations (closer to fp32 than static)
     int8_activations: bool = False  # cpu: MatMulNBits with int8 activations (the fast kernels; not bit-exact)
 
 
@@ -174,6 +175,7 @@ class Pipeline:
                     overwrite=True,
                     embedding_bits=s.embedding_bits,
                     vision_int8=s.vision_int8,
+                    vision_int8_weights=s.vision_int8_weights,
                     int8_activations=s.int8_activations,
                 ),
             )

@@ -202,6 +202,52 @@ def quantize_vision_int8(vision: Path, pixels: np.ndarray) -> None:
     os.replace(tmp, vision)
 
 
+def quantize_vision_weights_int8(vision: Path) -> int:
+    """Weight-only INT8 of the vision graph, in place: each Conv/MatMul/Gemm weight stored as int8 per output
+    channel (symmetric) + fp32 scales, turned back into fp32 by Cast → Mul nodes onnxruntime folds when the
+    session loads. Activations stay fp32, so the only rounding is the weights' (static INT8 also rounds every
+    activation, which is what moved FER answers). Returns the number of weights quantized.
+
+    Written by hand: onnxruntime's quantizers either quantize activations too (static/dynamic QDQ) or handle
+    MatMul only (MatMulNBits); a weight-only Conv has no entry point there."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(vision))
+    inits = {t.name: t for t in model.graph.initializer}
+    axis_of = {}
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in inits:
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            axis_of[node.input[1]] = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and trans_b) else -1
+    nodes = []
+    for name, axis in axis_of.items():
+        w = numpy_helper.to_array(inits[name])
+        if w.dtype != np.float32 or w.ndim < 2:
+            continue
+        moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+        scale = (np.abs(moved).max(1) / 127).astype(np.float32)
+        scale[scale == 0] = 1
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        model.graph.initializer.remove(inits[name])
+        model.graph.initializer.extend(
+            [numpy_helper.from_array(q, name + ".i8"), numpy_helper.from_array(scale, name + ".s")]
+        )
+        nodes += [
+            helper.make_node("Cast", [name + ".i8"], [name + ".f"], to=onnx.TensorProto.FLOAT),
+            helper.make_node("Mul", [name + ".f", name + ".s"], [name]),
+        ]
+    graph_nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes + graph_nodes)  # constants first: the graph stays topologically sorted
+    onnx.checker.check_model(model)
+    onnx.save(model, str(vision))
+    return len(nodes) // 2
+
+
 def quantize_vision_qdq(vision: Path, out: Path, mode: str, pixels: np.ndarray) -> None:
     """nvidia-modelopt ONNX PTQ: explicit Q/DQ nodes (int8 / fp8) that TensorRT turns into low-precision kernels.
 
@@ -264,12 +310,15 @@ def export_bundle(
     overwrite: bool = False,
     embedding_bits: int | None = None,
     vision_int8: bool = False,
+    vision_int8_weights: bool = False,
     int8_activations: bool = False,
 ) -> dict:
     """int8_activations (cpu, 4/8-bit weights): MatMulNBits accuracy level 4, onnxruntime quantizes each
     activation row to int8 and multiplies with integer kernels (VNNI/AMX where the CPU has them): faster,
     not bit-exact; parity records what it costs."""
     tgt = get_target(target)
+    if vision_int8 and vision_int8_weights:
+        raise ValueError("vision_int8_weights: one vision quantization, not with vision_int8 (static) as well")
     if precision:  # before any work: e.g. FP8 for Orin is refused for its compute capability
         check_precision(target, tgt, precision)
     model_dir = EmoVerse.full_form(model_dir)  # an adapter-form release is expanded once (cached)
@@ -402,6 +451,12 @@ def export_bundle(
             )
             extra["vision"] = "int8 static (onnxruntime, QDQ, per-channel weights, calibrated on training faces)"
             extra["parity"] = _check(model, tmp, probes, extra, "int8 vision")
+        if vision_int8_weights:
+            if target != "cpu" or "vision" not in graphs:
+                raise ValueError("vision_int8_weights: for target cpu and a model with a vision encoder")
+            n = quantize_vision_weights_int8(tmp / graphs["vision"])
+            extra["vision"] = f"int8 weights per output channel ({n} tensors), fp32 activations"
+            extra["parity"] = _check(model, tmp, probes, extra, "int8 vision weights")
         extra["precision"] = precision
         manifest = write_manifest(
             tmp,

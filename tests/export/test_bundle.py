@@ -167,3 +167,33 @@ def test_vision_graph_equals_torch_and_keeps_relu6(tiny_model_dir, runtime, face
     assert "Clip" in ops and "Sigmoid" not in ops  # ReLU6 as Clip; no swish (x * sigmoid(x)) in Lite
     m = verify(runtime.dir, kind="emoverse-bundle")
     assert m["parity_fp32"]["probes"] == 2  # a text probe and an image probe gate the export
+
+
+def test_vision_int8_weights_keep_fp32_activations(tiny_model_dir, tmp_path, face):
+    """--vision-int8-weights: every Conv weight of the vision graph is stored as int8 per output channel and
+    cast back by constant nodes (no QuantizeLinear on activations); the encoder's tokens stay within the
+    weight rounding of the fp32 ones, and the bundle answers image requests."""
+    from onnx import numpy_helper
+
+    from emoverse.export.bundle import export_bundle
+    from emoverse.runtime.ort import OrtRuntime
+
+    ref = export_bundle(tiny_model_dir, tmp_path / "fp32")
+    m = export_bundle(tiny_model_dir, tmp_path / "w8", vision_int8_weights=True)
+    assert m["vision"].startswith("int8 weights per output channel") and "int8 vision weights" in m["parity_after"]
+    graphs = json.loads((tmp_path / "w8" / "runtime.json").read_text())["graphs"]
+    vision = onnx.load(str(tmp_path / "w8" / graphs["vision"]))
+    ops = {n.op_type for n in vision.graph.node}
+    assert "QuantizeLinear" not in ops and "Cast" in ops
+    int8 = [numpy_helper.to_array(t) for t in vision.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    made_by_mul = {o for n in vision.graph.node if n.op_type == "Mul" for o in n.output}
+    convs = [n for n in vision.graph.node if n.op_type == "Conv"]
+    assert all(n.input[1] in made_by_mul for n in convs)  # every Conv weight is cast back from int8
+    assert len(int8) >= len(convs) and all(np.abs(q).max() == 127 for q in int8)  # each tensor's max hits 127
+    pixels = np.random.default_rng(0).random((1, 3, 32, 32)).astype(np.float32)
+    a = OrtRuntime(tmp_path / "fp32").visual_tokens(pixels)
+    b = OrtRuntime(tmp_path / "w8").visual_tokens(pixels)
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max() and not np.array_equal(a, b)
+    assert ref["precision"] == "fp32"
+    with pytest.raises(ValueError, match="not with vision_int8"):
+        export_bundle(tiny_model_dir, tmp_path / "both", vision_int8=True, vision_int8_weights=True)
