@@ -215,12 +215,16 @@ def readme_table(results_dir: str | os.PathLike = "docs/results") -> str:
 
 def compression_table(report: dict) -> list[str]:
     """README rows from `emoverse compare ... --out docs/results/compression.json`: each variant's size against
-    the FP32 teacher's bundle, and per task the paired ratio to the teacher with its 95% CI and the p90."""
+    the FP32 teacher's bundle, and per task the paired ratio to the reference with its 95% CI, the verdict
+    against 99%, the identical closed answers and the p90."""
     tasks = list(TASKS)
+    mark = {"pass": "✓", "fail": "✗", "inconclusive": "?"}
     lines = [
         f"Compression (`docs/results/compression.json`; sizes against the FP32 teacher's bundle, "
-        f"{report['size_reference_bytes'] / 1e6:.0f} MB; per task: primary metric as a ratio to the teacher, "
-        "paired 95% CI; p90 ms on this CPU from `docs/results/bench-cpu.md`, 10 test records per task and source):",
+        f"{report['size_reference_bytes'] / 1e6:.0f} MB; per task: primary metric as a ratio to "
+        f"**{report['rows'][0]['variant']}**, paired 95% CI, ✓/?/✗ = the CI above / straddling / below 99%, "
+        "identical closed answers; p90 ms on this CPU from `docs/results/bench-cpu.md`, 10 test records per "
+        "task and source):",
         "",
         "| variant | size MB | × smaller | " + " | ".join(tasks) + " |",
         "|---|---:|---:|" + "---|" * len(tasks),
@@ -233,7 +237,9 @@ def compression_table(report: dict) -> list[str]:
             if not st:
                 cells.append("–")
                 continue
-            cell = f"{st['ratio']:.1%} [{st['ratio_ci'][0]:.1%}, {st['ratio_ci'][1]:.1%}]"
+            cell = f"{st['ratio']:.1%} [{st['ratio_ci'][0]:.1%}, {st['ratio_ci'][1]:.1%}] {mark[st['verdict_99']]}"
+            if "identical_answers" in st:
+                cell += f", {st['identical_answers']:.0%} same"
             cells.append(cell + (f", p90 {lat['p90_ms']:.0f} ms" if lat else ""))
         lines.append(f"| {r['variant']} | {r['bytes'] / 1e6:.1f} | {r['size_ratio']:.2f} | " + " | ".join(cells) + " |")
     return lines

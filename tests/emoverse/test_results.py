@@ -61,7 +61,8 @@ def test_readme_table_matches_the_results_files():
 
 
 def test_compression_rows_in_the_readme_table():
-    """The README's compression rows come from compression.json: size ratio and per-task paired ratio + CI."""
+    """The README's compression rows come from compression.json: size ratio and per-task paired ratio + CI,
+    its verdict against 99% and the identical answers, against the reference the report names."""
     from emoverse import results
 
     report = {
@@ -72,11 +73,19 @@ def test_compression_rows_in_the_readme_table():
                 "variant": "w4",
                 "bytes": 100e6,
                 "size_ratio": 6.0,
-                "paired": {"msa": {"ratio": 0.98, "ratio_ci": [0.97, 0.99]}},
+                "paired": {
+                    "msa": {
+                        "ratio": 0.98,
+                        "ratio_ci": [0.97, 0.99],
+                        "verdict_99": "inconclusive",
+                        "identical_answers": 0.953,
+                    }
+                },
                 "latency": {"msa": {"p90_ms": 81.4}},
             },
         ],
     }
     lines = results.compression_table(report)
     row = next(line for line in lines if line.startswith("| w4 |"))
-    assert "| 100.0 | 6.00 |" in row and "98.0% [97.0%, 99.0%], p90 81 ms" in row and row.count("| – ") == 4
+    assert "| 100.0 | 6.00 |" in row and "98.0% [97.0%, 99.0%] ?, 95% same, p90 81 ms" in row
+    assert row.count("| – ") == 4 and "ratio to **teacher**" in lines[0]
