@@ -104,7 +104,7 @@ def _compress(a: argparse.Namespace) -> int:
         f"{sizes['parent_bytes'] / max(sizes['bytes'], 1):.2f}x smaller)"
     )
     if a.eval_limit > 0:
-        from emoverse.compress.compare import compare, format_compare
+        from emoverse.compare import compare, format_compare
         from emoverse.evaluate import evaluate
 
         ev = Path(f"{a.out}-eval")
@@ -116,7 +116,7 @@ def _compress(a: argparse.Namespace) -> int:
 
 
 def _compare(a: argparse.Namespace) -> int:
-    from emoverse.compress.compare import compare, format_compare
+    from emoverse.compare import compare, format_compare
 
     report = compare(a.metrics, out=a.out, system=a.system, size_reference=a.size_reference, bench_report=a.bench)
     print(format_compare(report))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from emoverse.artifacts import MODEL_KINDS, ArtifactError, atomic_write_json, manifest_digest, verify
 from emoverse.bench.runner import BUDGETS, BenchConfig, run_bench
-from emoverse.compress.compare import compare
+from emoverse.compare import compare
 from emoverse.compress.pipeline import compress
 from emoverse.config import load_config, resolve_recipe
 from emoverse.data import build_amt

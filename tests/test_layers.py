@@ -1,5 +1,5 @@
 """The dependency direction, checked on the source: core <- runtime <- export/bench, core <- train <- compress,
-and an app layer (CLI, pipeline, evaluator) on top that nothing imports. Rooms follow pyproject's
+and an app layer (CLI, pipeline, evaluator, compare) on top that nothing imports. Rooms follow pyproject's
 package-dir mapping (`train/` is `emoverse.train`, ...); imports inside functions count too."""
 
 import ast
@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-APP = {"emoverse/cli.py", "emoverse/pipeline.py", "emoverse/evaluate.py"}
+APP = {"emoverse/cli.py", "emoverse/pipeline.py", "emoverse/evaluate.py", "emoverse/compare.py"}
 ALLOWED = {
     "core": set(),
     "runtime": {"core"},

@@ -69,7 +69,7 @@ def test_distill_then_gptq(tiny_model_dir, small_amt, tmp_path):
     model = EmoVerse.load(tmp_path / "out")
     assert model.llm.config.num_hidden_layers == 1
     assert isinstance(model.generate(TASKS["mer"].query("hi"), max_new_tokens=3), str)
-    from emoverse.compress.compare import variant_name
+    from emoverse.compare import variant_name
 
     assert variant_name(tmp_path / "out") == "distill+gptq_w4a16"
     p.write_text(
@@ -88,7 +88,7 @@ def test_distill_keep_layers_bounds(tiny_model_dir, small_amt, tmp_path):
 
 
 def test_compare_table(tiny_model_dir, small_amt, tmp_path):
-    from emoverse.compress.compare import compare, format_compare
+    from emoverse.compare import compare, format_compare
     from emoverse.evaluate import evaluate
 
     q = tmp_path / "fp8"

@@ -1,7 +1,8 @@
 """`emoverse compare`: what each compressed variant costs, task by task, against the FP32 reference.
 
 Input: metrics.json files from `emoverse eval` on the same records (the first is the reference). Each
-names its model artifact, whose size on disk and parameter count are read from the folder.
+names its model artifact or bundle, whose size on disk and parameter count are read from the folder. It
+reads what every layer makes (model artifacts, bundles), so it lives in the app layer.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from emoverse.artifacts import atomic_write_json, atomic_write_text, folder_bytes, read_manifest
 from emoverse.llm_files import quantization_config
 from emoverse.model import EmoVerse
+from emoverse.runtime.ort import decoder_weight_bytes
 from emoverse.stats import paired_ratio, verdict
 from emoverse.tasks import TASKS
 
@@ -116,9 +118,7 @@ def _folder_facts(art: Path) -> dict:
     """Size on disk, the LLM's share and its logical parameter count, for a model artifact or a bundle."""
     if read_manifest(art).get("kind") == "emoverse-bundle":
         cfg = json.loads((art / "runtime.json").read_text())
-        decoder = art / cfg["graphs"]["decoder"]
-        tied = decoder.parent / "tied_embedding.bin"  # the output projection, when the table is stored once
-        llm = decoder.stat().st_size + (tied.stat().st_size if tied.is_file() else 0)
+        llm = decoder_weight_bytes(art, cfg["graphs"])  # the bundle format is the runtime's
         return {"bytes": folder_bytes(art), "llm_bytes": llm, "parameters": cfg["llm_parameters"]}
     if not (art / "llm").is_dir():  # an adapter-form release: counted as it runs, in its full form
         art = EmoVerse.full_form(art)
