@@ -411,7 +411,7 @@ def export_bundle(
                 "group_size": info["group_size"],
                 "dequantize_linear" if target != "cpu" else "matmulnbits": info,
             }
-            extra["parity"] = _check(model, tmp, probes, extra, "4-bit decoder")
+            extra["parity"] = _check(model, tmp, probes, extra, f"{own_bits} decoder")
             # int8 activations are not bit-exact by design: recorded, not gated
             if not int8_activations and extra["parity"]["max_abs_logit_diff"] > 50 * max_abs_diff:
                 raise ValueError(f"{own_bits} bundle parity failed: {extra['parity']}")

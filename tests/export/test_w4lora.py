@@ -96,7 +96,7 @@ def test_compress_keeps_the_base_bits_and_the_update(grid_model, w4_artifact):
 def test_cpu_bundle_is_matmulnbits_on_the_artifacts_bits(w4_artifact, tmp_path):
     out = tmp_path / "cpu"
     m = export_bundle(w4_artifact, out, embedding_bits=8)
-    assert m["parity_after"]["4-bit decoder"]["max_abs_logit_diff"] < 1e-3
+    assert m["parity_after"]["int4 decoder"]["max_abs_logit_diff"] < 1e-3
     assert m["weights_from"]["matmulnbits"]["unmatched"] == []
     graphs = json.loads((out / "runtime.json").read_text())["graphs"]
     decoder = onnx.load(str(out / graphs["decoder"]), load_external_data=False)
@@ -119,7 +119,7 @@ def test_tensorrt_graph_is_int4_weight_only_on_the_same_bits(w4_artifact, small_
     faces = [i for r in load_records(small_amt / "fer" / "train.jsonl") for i in r.images]
     out = tmp_path / "orin"
     m = export_bundle(w4_artifact, out, target="jetson-agx-orin", calibration_images=faces)
-    assert m["precision"] == "int4" and m["parity_after"]["4-bit decoder"]["max_abs_logit_diff"] < 1e-3
+    assert m["precision"] == "int4" and m["parity_after"]["int4 decoder"]["max_abs_logit_diff"] < 1e-3
     graphs = json.loads((out / "runtime.json").read_text())["graphs"]
     decoder = onnx.load(str(out / graphs["decoder"]))
     onnx.checker.check_model(decoder)
