@@ -229,11 +229,14 @@ def compression_table(report: dict) -> list[str]:
         "| variant | size MB | × smaller | " + " | ".join(tasks) + " |",
         "|---|---:|---:|" + "---|" * len(tasks),
     ]
-    for r in report["rows"][1:]:
+    for i, r in enumerate(report["rows"]):
         cells = []
         for t in tasks:
             st = r.get("paired", {}).get(t)
             lat = (r.get("latency") or {}).get(t)
+            if i == 0 and lat:  # the reference: its latency only
+                cells.append(f"reference, p90 {lat['p90_ms']:.0f} ms")
+                continue
             if not st:
                 cells.append("–")
                 continue

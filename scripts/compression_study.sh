@@ -58,10 +58,9 @@ step_eval_deployed() {
   [ -f "$out/closed/metrics.json" ] || $E eval --model "$B/release-w4lora" $EV --tasks msa mer fer --out "$out/closed"
 }
 step_bench() {  # latency side by side in one run: PyTorch FP32 teacher, FP32 bundle, deployed bundles
-  [ -f "$R/bench/report.json" ] || $E bench --model "$M" --bundle "$B/release-fp32" --bundle "$B/release-w4-deploy" \
-    --bundle "$B/release-w4-deploy-a8" --bundle "$B/release-int8" --bundle "$B/release-w4lora" \
-    --bundle "$B/release-w4lora-a8" --bundle "$B/release-w4lora-deploy" \
-    --data "$D" --target cpu --limit 10 --out "$R/bench" || [ $? -eq 1 ]
+  [ -f "$R/bench/report.json" ] || $E bench --model "$M" --bundle "$B/release-fp32" --bundle "$B/release-w4-deploy-a8" \
+    --bundle "$B/release-int8" --bundle "$B/release-w4lora" --bundle "$B/release-w4lora-a8" \
+    --bundle "$B/release-w4lora-deploy" --data "$D" --target cpu --limit 10 --out "$R/bench" || [ $? -eq 1 ]
   cp "$R/bench/report.json" docs/results/bench-cpu.json
   cp "$R/bench/report.md" docs/results/bench-cpu.md
 }
