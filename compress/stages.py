@@ -20,7 +20,7 @@ import torch
 
 from emoverse.compress.distill import Distill, run_distill
 from emoverse.compress.modelopt_fp8 import quantize_fp8
-from emoverse.model import ModelConfig, base_llm_path
+from emoverse.model import base_llm_path, read_model_config
 from emoverse.w4lora import write as write_w4_lora
 
 STAGES: dict[str, type[Stage]] = {}
@@ -271,8 +271,7 @@ class W4BaseLoRA(Stage):
     max_rank: int = 64  # a larger update is not a LoRA fine-tune: refused
 
     def run(self, src, dst, calibration, data):
-        cfg = ModelConfig(**json.loads((src / "emoverse.json").read_text()))
-        base = Path(base_llm_path(cfg))
+        base = Path(base_llm_path(read_model_config(src)))
         info = write_w4_lora(src / "llm", base, dst / "llm", group_size=self.group_size, max_rank=self.max_rank)
         _copy_non_llm(src, dst)
         return {"type": self.kind, "base": str(base), **info}

@@ -179,6 +179,14 @@ def load_llm(cfg: ModelConfig, vocab_size: int):
     return AutoModelForCausalLM.from_pretrained(base_llm_path(cfg), dtype=torch.float32)
 
 
+def read_model_config(path: Path) -> ModelConfig:
+    """The ModelConfig an artifact folder (full or adapter form) was built with: its emoverse.json."""
+    cfg_path = Path(path) / "emoverse.json"
+    if not cfg_path.is_file():
+        raise ArtifactError(f"{path}: no emoverse.json; not an EmoVerse model artifact")
+    return ModelConfig(**json.loads(cfg_path.read_text()))
+
+
 def base_llm_path(cfg: ModelConfig) -> str | Path:
     """The base LLM a model config names: the shipped SmolLM2 (converted once), else a local folder or hub id."""
     return smollm2_dir() if cfg.llm == SMOLLM2 else cfg.llm
@@ -498,7 +506,7 @@ class EmoVerse(nn.Module):
 
         if check:
             verify(path, kind="emoverse-adapter")
-        cfg = ModelConfig(**json.loads((path / "emoverse.json").read_text()))
+        cfg = read_model_config(path)
         check_base(json.loads((path / "base.json").read_text()), path)
         model = cls.build(cfg, lora=True)
         result = set_peft_model_state_dict(model.llm, load_file(path / "adapter.safetensors"))
@@ -520,10 +528,7 @@ class EmoVerse(nn.Module):
             return cls._load_adapter(path, check)
         if check:
             verify(path, kind="emoverse-model")
-        cfg_path = path / "emoverse.json"
-        if not cfg_path.is_file():
-            raise ArtifactError(f"{path}: no emoverse.json; not an EmoVerse model artifact")
-        cfg = ModelConfig(**json.loads(cfg_path.read_text()))
+        cfg = read_model_config(path)
         tok = AutoTokenizer.from_pretrained(path / "llm")
 
         quant = quantization_config(path / "llm")

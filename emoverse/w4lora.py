@@ -85,15 +85,23 @@ def merged(layer: dict) -> np.ndarray:
     return w.astype(np.float32)
 
 
+def weight(layer: dict) -> np.ndarray:
+    """`merged(layer)`, computed once and kept in the layer: the PyTorch model and export's by-value matcher
+    must see the very same array."""
+    if "weight" not in layer:
+        layer["weight"] = merged(layer)
+    return layer["weight"]
+
+
 def pack_nibbles(q: np.ndarray) -> np.ndarray:
-    """(N, K) values 0..15 -> (N, K/2) bytes, first value in the low nibble (MatMulNBits' order)."""
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+    """Values 0..15 -> bytes, pairs along the last axis, the first in the low nibble: the one 4-bit layout of
+    this artifact, MatMulNBits, GatherBlockQuantized and ONNX INT4 tensors (export packs with this too)."""
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
 
 def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
-    q = np.empty((packed.shape[0], packed.shape[1] * 2), dtype=np.uint8)
-    q[:, 0::2], q[:, 1::2] = packed & 0x0F, packed >> 4
-    return q
+    """pack_nibbles' inverse: (..., M) bytes -> (..., 2M) values 0..15."""
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1).astype(np.uint8)
 
 
 def low_rank(delta: np.ndarray, max_rank: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -129,14 +137,15 @@ def write(
     max_rank: int = 64,
     tolerance: float = 1e-3,
 ) -> dict:
-    """Write `merged_llm` (a fine-tuned LLM folder) as base grid + fp16 low-rank update into `out_llm`; the base
+    """Write `merged_llm` (a fine-tuned LLM folder) as base grid + int8 low-rank update into `out_llm`; the base
     layers come from `base_llm`, and each must be on a 4-bit grid of `group_size` (else NotOnGrid naming it)."""
     from safetensors.numpy import save_file
 
     tuned, base = read_tensors(merged_llm), read_tensors(base_llm)
     tensors: dict[str, np.ndarray] = {}
     ranks, worst = {}, 0.0
-    for name in _linear_names(tuned):
+    linears = _linear_names(tuned)
+    for name in linears:
         if name + ".weight" not in base:
             raise NotOnGrid(f"{base_llm}: has no {name}.weight (not the base of {merged_llm})")
         w_base = base[name + ".weight"].float().numpy()
@@ -164,10 +173,10 @@ def write(
             (b_q, b_s), (a_q, a_s) = quantize_rows(b), quantize_rows(a)
             tensors |= {f"{name}.lora_b": b_q, f"{name}.lora_b_scale": b_s}
             tensors |= {f"{name}.lora_a": a_q, f"{name}.lora_a_scale": a_s}
-            update = {"b_q": b_q, "b_s": b_s, "a_q": a_q, "a_s": a_s}
-            err = np.linalg.norm(np.subtract(*[m @ n for m, n in (factors(update), (b, a))]))
-            ranks[name], worst = len(a), max(worst, residual, float(err / np.linalg.norm(delta)))
-    linear_keys = {f"{name}.weight" for name in _linear_names(tuned)}
+            b8, a8 = factors({"b_q": b_q, "b_s": b_s, "a_q": a_q, "a_s": a_s})
+            rounding = float(np.linalg.norm(b8 @ a8 - b @ a) / np.linalg.norm(delta))
+            ranks[name], worst = len(a), max(worst, residual, rounding)
+    linear_keys = {f"{name}.weight" for name in linears}
     for key, value in tuned.items():  # norms, the embedding table: as they are
         if key not in linear_keys:
             tensors[key] = value.float().numpy()
@@ -185,9 +194,8 @@ def write(
     }
     (out_llm / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, str(out_llm / "model.safetensors"))
-    n_layers = len([k for k in tensors if k.endswith(".q4")])
     return {
-        "layers": n_layers,
+        "layers": len(linears),
         "adapted_layers": len(ranks),
         "max_rank": max(ranks.values(), default=0),
         "worst_update_residual": worst,
@@ -227,6 +235,5 @@ def load_w4_lora(llm_dir: Path, layers: dict[str, dict] | None = None):
     own = (".q4", ".d", ".m", ".lora_a", ".lora_b", ".lora_a_scale", ".lora_b_scale")
     weights = {k: v.float() for k, v in state.items() if not k.endswith(own)}
     for name, layer in layers.items():
-        layer.setdefault("weight", merged(layer))
-        weights[name + ".weight"] = torch.from_numpy(layer["weight"])
+        weights[name + ".weight"] = torch.from_numpy(weight(layer))
     return load_fitting(empty_fp32_llm(llm_dir), weights, llm_dir).eval()

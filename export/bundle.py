@@ -33,7 +33,7 @@ from emoverse.model import EmoVerse
 from emoverse.runtime.graphs import runtime_config  # noqa: F401  (the bundle format is the runtime's)
 from emoverse.runtime.ort import RUNTIME_FORMAT, TIED_FILE, OrtRuntime  # noqa: F401  (format: the runtime owns it)
 from emoverse.tasks import TASKS
-from emoverse.w4lora import is_w4_lora, load_w4_lora, read_layers
+from emoverse.w4lora import is_w4_lora, load_w4_lora, pack_nibbles, read_layers
 
 
 @torch.no_grad()
@@ -110,7 +110,7 @@ def quantize_embeddings(
     zero = 2 ** (bits - 1)  # unsigned storage around the middle: both ops' default zero point, so none is stored
     u = (np.clip(np.round(blocks / scale.astype(np.float32)[..., None]), -qmax - 1, qmax) + zero).astype(np.uint8)
     if bits == 4:
-        u = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)  # two per byte, first in the low nibble
+        u = pack_nibbles(u)  # two per byte, first in the low nibble
     parts = {"data": u.reshape(vocab, -1), "scales": scale}
     offsets, blob = {}, b""
     for key, arr in parts.items():
@@ -277,12 +277,10 @@ def calibration_pixels(images: list[str], size: int, n: int = 16) -> np.ndarray:
     return np.stack([load_pixels(p, size) for p in images[:n]])
 
 
-def _check(model, bundle: Path, probes: list, extra: dict, step: str) -> dict:
-    """Parity of the bundle as it stands against the PyTorch model, kept per step in the manifest
-    (`parity_after`), so what each quantization step costs can be read from it."""
-    report = parity(model, bundle, probes)
-    extra.setdefault("parity_after", {})[step] = report
-    return report
+def _check(model, bundle: Path, probes: list, extra: dict, step: str) -> None:
+    """Parity of the bundle as it stands against the PyTorch model: the manifest's `parity` (the bundle as
+    shipped, once every step is done) and `parity_after[step]`, so what each step costs can be read from it."""
+    extra["parity"] = extra.setdefault("parity_after", {})[step] = parity(model, bundle, probes)
 
 
 def _require_all_matched(info: dict, what: str) -> None:
@@ -377,47 +375,40 @@ def export_bundle(
             _replace_decoder(tmp, graphs, cfg, dq)
             extra["weights_from"] = {"artifact": str(model_dir.resolve()), "format": "modelopt fp8", "fp8": info}
             model.llm = emulated_llm
-            extra["parity"] = _check(model, tmp, probes, extra, "fp8 decoder")
+            _check(model, tmp, probes, extra, "fp8 decoder")
             # Gated on the answers, not the logits: FP8 *activations* turn the 1e-6 differences between two
             # kernels' inputs into whole E4M3 steps (12.5%) wherever a value sits near a rounding boundary, so
             # logits drift by design across 30 layers (SmolLM2: max |diff| ~5 with identical greedy answers)
             if extra["parity"]["greedy_identical"] < extra["parity"]["probes"]:
                 raise ValueError(f"FP8 bundle parity failed (greedy answers differ): {extra['parity']}")
-        elif gptq is not None and target != "cpu":
-            # TensorRT: the artifact's INT4 weights behind blocked DequantizeLinear nodes (weight-only); the
-            # same graph runs in onnxruntime, so the parity below checks exactly what the plan builds from
-            dq = tmp / "graphs" / f"decoder.{own_bits}.qdq.onnx"
-            info = to_int4_dequantize(tmp / graphs["decoder"], dq, gptq["linears"])
-            _require_all_matched(info, "GPTQ")
-            _replace_decoder(tmp, graphs, cfg, dq)
-        elif gptq is not None:
-            info = to_matmulnbits(tmp / graphs["decoder"], gptq["linears"], accuracy_level=4 if int8_activations else 0)
-            _require_all_matched(info, "GPTQ")
-        elif w4 is not None and target != "cpu":
-            dq = tmp / "graphs" / "decoder.int4.qdq.onnx"
-            info = to_int4_dequantize_lowrank(tmp / graphs["decoder"], dq, w4)
-            _require_all_matched(info, "W4 base + LoRA")
-            _replace_decoder(tmp, graphs, cfg, dq)
-        elif w4 is not None:
-            accuracy = 4 if int8_activations else 0
-            info = to_matmulnbits_lowrank(tmp / graphs["decoder"], w4, accuracy_level=accuracy)
-            _require_all_matched(info, "W4 base + LoRA")
-        if own_bits:  # the artifact's own 4/8-bit weights: recorded with the form they took, checked by parity
+        elif own_bits:  # the artifact's own 4/8-bit weights, in the form the target's runtime multiplies
+            layers = w4 if w4 is not None else gptq["linears"]
+            if target != "cpu":
+                # TensorRT: weight-only DequantizeLinear nodes on the artifact's integers; the same graph runs
+                # in onnxruntime, so the parity below checks exactly what the plan builds from
+                dq = tmp / "graphs" / f"decoder.{own_bits}.qdq.onnx"
+                convert = to_int4_dequantize_lowrank if w4 is not None else to_int4_dequantize
+                info = convert(tmp / graphs["decoder"], dq, layers)
+                _replace_decoder(tmp, graphs, cfg, dq)  # a mismatch below discards the whole folder anyway
+            else:
+                convert = to_matmulnbits_lowrank if w4 is not None else to_matmulnbits
+                info = convert(tmp / graphs["decoder"], layers, accuracy_level=4 if int8_activations else 0)
+            _require_all_matched(info, "W4 base + LoRA" if w4 is not None else "GPTQ")
             extra["weights_from"] = {
                 "artifact": str(model_dir.resolve()),
                 "format": "compressed-tensors pack-quantized"
                 if gptq is not None
-                else "emoverse w4 base + lora (the base's own 4-bit grid, fp16 low-rank update)",
+                else "emoverse w4 base + lora (the base's own 4-bit grid, int8 low-rank update)",
                 "group_size": info["group_size"],
                 "dequantize_linear" if target != "cpu" else "matmulnbits": info,
             }
-            extra["parity"] = _check(model, tmp, probes, extra, f"{own_bits} decoder")
+            _check(model, tmp, probes, extra, f"{own_bits} decoder")  # against the PyTorch compressed artifact
             # int8 activations are not bit-exact by design: recorded, not gated
             if not int8_activations and extra["parity"]["max_abs_logit_diff"] > 50 * max_abs_diff:
                 raise ValueError(f"{own_bits} bundle parity failed: {extra['parity']}")
         elif target == "cpu" and precision != "fp32":
             quantize_for_cpu(tmp / graphs["decoder"], precision)
-            extra["parity"] = _check(model, tmp, probes, extra, "quantized decoder")
+            _check(model, tmp, probes, extra, "quantized decoder")
         if tgt.get("runtime") == "tensorrt":
             mode = precisions["vision"]
             if mode and "vision" in graphs:
@@ -442,7 +433,7 @@ def export_bundle(
                 f"int{embedding_bits} tied table stored once ({info['file']}, blocks of 32): "
                 "GatherBlockQuantized in embed, MatMulNBits for the output projection"
             )
-            extra["parity"] = _check(model, tmp, probes, extra, "quantized tied embedding")
+            _check(model, tmp, probes, extra, "quantized tied embedding")
         if vision_int8:
             if target != "cpu" or "vision" not in graphs:
                 raise ValueError("vision_int8: for target cpu and a model with a vision encoder")
@@ -450,13 +441,13 @@ def export_bundle(
                 tmp / graphs["vision"], calibration_pixels(calibration_images or [], model.cfg.image_size)
             )
             extra["vision"] = "int8 static (onnxruntime, QDQ, per-channel weights, calibrated on training faces)"
-            extra["parity"] = _check(model, tmp, probes, extra, "int8 vision")
+            _check(model, tmp, probes, extra, "int8 vision")
         if vision_int8_weights:
             if target != "cpu" or "vision" not in graphs:
                 raise ValueError("vision_int8_weights: for target cpu and a model with a vision encoder")
             n = quantize_vision_weights_int8(tmp / graphs["vision"])
             extra["vision"] = f"int8 weights per output channel ({n} tensors), fp32 activations"
-            extra["parity"] = _check(model, tmp, probes, extra, "int8 vision weights")
+            _check(model, tmp, probes, extra, "int8 vision weights")
         extra["precision"] = precision
         manifest = write_manifest(
             tmp,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from emoverse.llm_files import empty_fp32_llm, load_fitting, quantization_config, read_tensors
+from emoverse.w4lora import pack_nibbles, unpack_nibbles
 
 
 class NotGPTQ(ValueError):
@@ -114,19 +115,14 @@ def pack(layer: dict) -> tuple[np.ndarray, np.ndarray]:
     n, k = q.shape
     u = (q.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8).reshape(n, k // g, g)
     if bits == 4:
-        u = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+        u = pack_nibbles(u)
     scale = np.repeat(layer["scale"], layer["group_size"] // g, axis=1)  # a channel's scale in each block
     return u, scale.astype(np.float32).reshape(-1)
 
 
 def unpack(packed: np.ndarray, scales: np.ndarray, n: int, k: int, g: int, bits: int = 4) -> np.ndarray:
     """MatMulNBits B + scales -> the (N, K) fp32 weight onnxruntime multiplies with (for checking)."""
-    u = np.empty((n, k // g, g), dtype=np.int16)
-    if bits == 4:
-        u[..., 0::2] = packed & 0x0F
-        u[..., 1::2] = packed >> 4
-    else:
-        u[:] = packed
+    u = (unpack_nibbles(packed) if bits == 4 else packed).reshape(n, k // g, g).astype(np.int16)
     q = u - 2 ** (bits - 1)
     return (q.astype(np.float32) * scales.reshape(n, k // g, 1)).reshape(n, k).astype(np.float32)
 
@@ -219,10 +215,10 @@ def int4_initializer(layer: dict, name: str):
     from onnx import TensorProto, helper
 
     qt = np.ascontiguousarray(layer["q"].T)  # (K, N)
-    u = (qt.astype(np.uint8) & 0x0F).reshape(-1)
+    u = (qt.astype(np.uint8) & 0x0F).reshape(-1)  # two's complement low nibble: the signed INT4 value
     if u.size % 2:
         u = np.append(u, np.uint8(0))
-    packed = (u[0::2] | (u[1::2] << 4)).astype(np.uint8)
+    packed = pack_nibbles(u)
     return helper.make_tensor(name, TensorProto.INT4, list(qt.shape), packed.tobytes(), raw=True)
 
 

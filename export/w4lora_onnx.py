@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from emoverse.export.gptq_onnx import INT4_OPSET, int4_initializer, replace_matched_matmuls
-from emoverse.w4lora import factors, merged
+from emoverse.w4lora import factors, pack_nibbles, weight
 
 
 def _block_sum(k: int, g: int) -> np.ndarray:
@@ -44,13 +44,11 @@ def _replace(model, layers: dict[str, dict], accuracy_level: int, tensorrt: bool
         base, x, y = f"{name}.w4", node.input[0], node.output[0]
         nodes, inits = [], []
         e = const(f"w4lora.E{k}x{g}", _block_sum(k, g))
-        d32 = layer["d"].astype(np.float32)
+        adapted = "a_q" in layer
         if tensorrt:  # fp32 constants: TensorRT's DequantizeLinear wants its scale as an initializer
+            d32 = layer["d"].astype(np.float32)
             inits.append(numpy_helper.from_array(((layer["m"].astype(np.float32) + 8 * d32).T).copy(), base + ".m8"))
-            m8 = base + ".m8"
-            parts_a = [e] + ([base + ".a"] if "a_q" in layer else [])
-            parts_b = [m8] + ([base + ".b"] if "a_q" in layer else [])
-            if "a_q" in layer:
+            if adapted:
                 b, a = factors(layer)
                 inits += [
                     numpy_helper.from_array(a.T.copy(), base + ".a"),
@@ -73,7 +71,7 @@ def _replace(model, layers: dict[str, dict], accuracy_level: int, tensorrt: bool
             flat = const("w4lora.flat", np.array([-1], dtype=np.int64))
             eight = const("w4lora.eight", np.array(8, dtype=np.float32))
             inits += [
-                numpy_helper.from_array(_pack(layer["q"], g), base + ".q"),
+                numpy_helper.from_array(pack_nibbles(layer["q"]).reshape(n, k // g, g // 2), base + ".q"),
                 numpy_helper.from_array(layer["d"], base + ".d16"),
                 numpy_helper.from_array(layer["m"], base + ".m16"),
             ]
@@ -98,8 +96,7 @@ def _replace(model, layers: dict[str, dict], accuracy_level: int, tensorrt: bool
                     accuracy_level=accuracy_level,
                 ),
             ]
-            parts_a, parts_b = [e], [base + ".m8"]
-            if "a_q" in layer:  # int8 factors transposed for x·Aᵀ·Bᵀ, their fp16 row scales along the last axis
+            if adapted:  # int8 factors transposed for x·Aᵀ·Bᵀ, their fp16 row scales along the last axis
                 for f in ("a", "b"):
                     inits += [
                         numpy_helper.from_array(layer[f"{f}_q"].T.copy(), f"{base}.{f}8"),
@@ -110,28 +107,20 @@ def _replace(model, layers: dict[str, dict], accuracy_level: int, tensorrt: bool
                         helper.make_node("Cast", [f"{base}.{f}16"], [f"{base}.{f}s"], to=f32),
                         helper.make_node("Mul", [f"{base}.{f}8f", f"{base}.{f}s"], [f"{base}.{f}"]),
                     ]
-                parts_a, parts_b = [e, base + ".a"], [base + ".m8", base + ".b"]
+        # both forms name the same pieces: [E | Aᵀ] on the left, [(m + 8d)ᵀ ; Bᵀ] on the right
+        left, right = [e, base + ".a"] if adapted else [e], [base + ".m8", base + ".b"] if adapted else [base + ".m8"]
         nodes += [
-            helper.make_node("Concat", parts_a, [base + ".left"], axis=1),
-            helper.make_node("Concat", parts_b, [base + ".right"], axis=0),
+            helper.make_node("Concat", left, [base + ".left"], axis=1),
+            helper.make_node("Concat", right, [base + ".right"], axis=0),
             helper.make_node("MatMul", [x, base + ".left"], [base + ".h"]),
             helper.make_node("MatMul", [base + ".h", base + ".right"], [base + ".y1"]),
             helper.make_node("Add", [base + ".y0", base + ".y1"], [y]),
         ]
         return nodes, inits
 
-    replaced = replace_matched_matmuls(
-        model, layers, replace, dequant=lambda layer: layer.setdefault("weight", merged(layer))
-    )
+    replaced = replace_matched_matmuls(model, layers, replace, dequant=weight)
     model.graph.initializer.extend(shared.values())
     return replaced
-
-
-def _pack(q: np.ndarray, g: int) -> np.ndarray:
-    """MatMulNBits' B: (N, K/g, g/2) bytes, two 4-bit values per byte, the first in the low nibble."""
-    n, k = q.shape
-    u = q.reshape(n, k // g, g)
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
 
 
 def to_matmulnbits_lowrank(decoder: Path, layers: dict[str, dict], accuracy_level: int = 0) -> dict:
