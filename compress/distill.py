@@ -127,7 +127,7 @@ def run_distill(params: Distill, src: Path, dst: Path, data: str | Path) -> dict
     keep = sorted(sorted(range(n_layers), key=lambda i: -scores[i])[: params.keep_layers])
 
     # 2. student = pruned LLM + teacher's projector; KD on response tokens
-    student = EmoVerse(teacher.cfg, prune_layers(teacher.llm, keep), teacher.tokenizer, teacher.vision)
+    student = EmoVerse(teacher.cfg, prune_layers(teacher.llm, keep), teacher.tokenizer, teacher.vision, teacher.face)
     student.projector.load_state_dict(teacher.projector.state_dict())
     student._feature_cache = teacher._feature_cache  # same frozen encoder
     for n, p in student.named_parameters():

@@ -20,7 +20,7 @@ import torch
 
 from emoverse.compress.distill import Distill, run_distill
 from emoverse.compress.modelopt_fp8 import quantize_fp8
-from emoverse.model import base_llm_path, read_model_config
+from emoverse.model import NON_LLM_FILES, base_llm_path, read_model_config
 from emoverse.w4lora import write as write_w4_lora
 
 STAGES: dict[str, type[Stage]] = {}
@@ -325,7 +325,7 @@ def _calibrated_oneshot(model, recipe, calibration: list[dict], params) -> dict:
 
 
 def _copy_non_llm(src: Path, dst: Path) -> None:
-    for name in ("vision.safetensors", "projector.safetensors", "emoverse.json"):
+    for name in NON_LLM_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
 

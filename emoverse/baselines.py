@@ -8,8 +8,9 @@ exactly as they score the model. All of them learn from the training split only;
 - vader: VADER lexicon polarity for MSA
 - heuristic: each task's rule-based answer where it has one (ECPE: "the target and the one before it")
 - tfidf-lr: TF-IDF word/bigram features + logistic regression (scikit-learn) for MSA and MER
-- fer-probe: logistic regression on the frozen encoder's mean-pooled image features (the linear probe the
-  FER path must at least match)
+- fer-probe: logistic regression on the frozen scene encoder's mean-pooled image features
+- face-probe: the same on the frozen face encoder's 4 x 4 map (the linear probe on the features the model's
+  face tokens carry: the bar its FER path must at least match)
 """
 
 from __future__ import annotations
@@ -112,25 +113,48 @@ def tfidf_lr(records: list[Record], train: list[Record]) -> dict[str, str]:
     return preds
 
 
-def image_features(paths: list[str], image_size: int = 224, batch: int = 64) -> np.ndarray:  # noqa: F821
-    """Mean-pooled ImageNet EfficientNet-Lite0 features (the model's frozen encoder, its input scaling)."""
+def image_features(
+    paths: list[str],
+    image_size: int = 224,
+    batch: int = 64,
+    encoder: str = "scene",
+) -> np.ndarray:  # noqa: F821
+    """Frozen features of the model's encoders, with its input scaling: "scene" = mean-pooled ImageNet
+    EfficientNet-Lite0 (1280); "face" = the FER2013 mini-Xception's whole 4 x 4 map, as the model's face
+    tokens see it (2048)."""
     import numpy as np
     import torch
 
-    # lazy: only this probe needs the vision encoder (torch); the CLI imports this module to list the
+    # lazy: only these probes need the encoders (torch); the CLI imports this module to list the
     # baselines, and `emoverse run` on an onnxruntime-only install must not need torch
-    from emoverse.model import ModelConfig, load_vision
+    from emoverse.model import ModelConfig, load_face, load_vision
 
-    net = load_vision(ModelConfig()).eval()
+    if encoder == "face":
+        net = load_face(ModelConfig(face_encoder="mini-xception-fer2013"))
+
+        def features(px):
+            return net.features(px).flatten(1)
+    else:
+        net = load_vision(ModelConfig()).eval()
+
+        def features(px):
+            return net.extract_features(px).mean(dim=(2, 3))
+
     out = []
     with torch.no_grad():
         for i in range(0, len(paths), batch):
             px = torch.from_numpy(np.stack([load_pixels(p, image_size) for p in paths[i : i + batch]]))
-            out.append(net.extract_features(px).mean(dim=(2, 3)).numpy())
-    return np.concatenate(out) if out else np.zeros((0, 1280), dtype=np.float32)
+            out.append(features(px).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1), dtype=np.float32)
 
 
-def fer_probe(records: list[Record], train: list[Record]) -> dict[str, str]:
+def face_probe(records: list[Record], train: list[Record]) -> dict[str, str]:
+    """`fer_probe` on the face encoder's 4 x 4 map: what a linear classifier gets from the face features the
+    model reads (the bar its FER path must reach)."""
+    return fer_probe(records, train, encoder="face")
+
+
+def fer_probe(records: list[Record], train: list[Record], encoder: str = "scene") -> dict[str, str]:
     """Logistic regression on frozen mean-pooled features of the FER training faces; each test face gets the
     most probable label among those its query offers."""
     import numpy as np
@@ -143,8 +167,8 @@ def fer_probe(records: list[Record], train: list[Record]) -> dict[str, str]:
         return {}
     rows = [r for r in _need_train(train, "fer", "fer-probe") if r.images and r.label]
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.1))
-    clf.fit(image_features([r.images[0] for r in rows]), [r.label for r in rows])
-    proba = clf.predict_proba(image_features([r.images[0] for r in todo]))
+    clf.fit(image_features([r.images[0] for r in rows], encoder=encoder), [r.label for r in rows])
+    proba = clf.predict_proba(image_features([r.images[0] for r in todo], encoder=encoder))
     classes = list(clf.classes_)
     fer = TASKS["fer"]
     preds = {}
@@ -165,6 +189,7 @@ BASELINES: dict[str, Callable[[list[Record], list[Record]], dict[str, str]]] = {
     "heuristic": ecpe_heuristic,
     "tfidf-lr": tfidf_lr,
     "fer-probe": fer_probe,
+    "face-probe": face_probe,
 }
 
 

