@@ -5,8 +5,8 @@
 # Resumable: a step whose output exists is skipped. About 2.5 hours on 2 CPU cores.
 # Needs the teacher's evals first (README "Results": runs/release-eval, runs/release-eval-eri, runs/release-eval-ecpe).
 # Usage: scripts/compression_study.sh [STEP ...]   (default: compress export eval_deployed bench eval_artifacts more compare)
-#        scripts/compression_study.sh core bench_core compare_core   (~55 min: the deployed bundle against the FP32
-#        teacher's bundle, closed tasks + ECPE, latency; compression.json from those rows only)
+#        scripts/compression_study.sh core compare_core   (~25 min: the deployed bundle against the FP32 teacher's
+#        bundle on the closed tasks; add core_ecpe and bench_core before compare_core for ECPE and latency)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 E=.venv/bin/emoverse
@@ -88,7 +88,7 @@ step_more() {  # the other compress outputs, measured in PyTorch on the closed t
   [ -f "$R/eval/release-int8/closed/metrics.json" ] || $E eval --model "$B/release-int8" $EV --tasks msa mer fer \
     --out "$R/eval/release-int8/closed"
 }
-step_core() {  # the deployed W4 base + LoRA bundle and the FP32 reference bundle, side by side
+step_core() {  # the deployed W4 base + LoRA bundle and the FP32 reference bundle, closed tasks (~25 min)
   compress w4-base-lora w4-base-lora
   export_bundle release-fp32 "$M" --precision fp32
   export_bundle release-w4lora-deploy "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations
@@ -96,6 +96,12 @@ step_core() {  # the deployed W4 base + LoRA bundle and the FP32 reference bundl
   for b in release-fp32 release-w4lora-deploy; do
     out=$R/eval/$b
     [ -f "$out/closed/metrics.json" ] || $E eval --model "$B/$b" $EV --tasks msa mer fer --out "$out/closed"
+  done
+}
+step_core_ecpe() {  # the same two on the teacher's ECPE sample (~15 min)
+  local b out
+  for b in release-fp32 release-w4lora-deploy; do
+    out=$R/eval/$b
     [ -f "$out/ecpe/metrics.json" ] || $E eval --model "$B/$b" $EV --tasks ecpe --limit 200 --out "$out/ecpe"
   done
 }
@@ -105,14 +111,17 @@ step_bench_core() {  # latency of the two, with the PyTorch FP32 teacher, in one
   cp "$R/bench/report.json" docs/results/bench-cpu.json
   cp "$R/bench/report.md" docs/results/bench-cpu.md
 }
-step_compare_core() {
-  local T=runs/release-eval/metrics.json+runs/release-eval-ecpe/metrics.json f=$R/eval/release-fp32
-  local d=$R/eval/release-w4lora-deploy bench=()
-  [ -f "$R/bench/report.json" ] && bench=(--bench "$R/bench/report.json")
-  $E compare "teacher, FP32 (its bundle)=$f/closed/metrics.json+$f/ecpe/metrics.json" \
-    "teacher, bf16 autocast (PyTorch)=$T" \
-    "CPU bundle: W4 base + LoRA, int8 act., INT8 vision weights (deployed)=$d/closed/metrics.json+$d/ecpe/metrics.json" \
-    --size-reference "$B/release-fp32" "${bench[@]}" --out docs/results/compression.json
+step_compare_core() {  # compression.json from the core rows (ECPE and latency where measured)
+  local f=$R/eval/release-fp32/closed/metrics.json d=$R/eval/release-w4lora-deploy/closed/metrics.json
+  local T=runs/release-eval/metrics.json more=()
+  if [ -f "$R/eval/release-w4lora-deploy/ecpe/metrics.json" ]; then
+    f+=+$R/eval/release-fp32/ecpe/metrics.json d+=+$R/eval/release-w4lora-deploy/ecpe/metrics.json
+    T+=+runs/release-eval-ecpe/metrics.json
+  fi
+  [ -f "$R/bench/report.json" ] && more=(--bench "$R/bench/report.json")
+  $E compare "teacher, FP32 (its bundle)=$f" "teacher, bf16 autocast (PyTorch)=$T" \
+    "CPU bundle: W4 base + LoRA, int8 act., INT8 vision weights (deployed)=$d" \
+    --size-reference "$B/release-fp32" "${more[@]}" --out docs/results/compression.json
 }
 all_tasks() {  # EVAL_DIR -> its three metrics files joined, as compare reads them
   echo "$1/closed/metrics.json+$1/eri/metrics.json+$1/ecpe/metrics.json"
