@@ -12,8 +12,11 @@ cd "$(dirname "$0")/.."
 E=.venv/bin/emoverse
 M=${MODEL:-models/emoverse-nano}
 D=${DATA:-data/amt}
-R=${RUNS:-runs/compression}
-B=${BUNDLES:-bundles}
+# Outputs are keyed by the model's manifest digest: a step is skipped only when its output was made from
+# this very model (a new release must not reuse the bundles of the previous one).
+TAG=$(sha256sum "$M/manifest.json" | cut -c1-12)
+R=${RUNS:-runs/compression/$TAG}
+B=${BUNDLES:-bundles/$TAG}
 EV="--data $D --mode score --batch-size 16"
 mkdir -p "$R" "$B"
 
