@@ -575,20 +575,32 @@ class EmoVerse(nn.Module):
             )
         return out
 
-    @classmethod
-    def _load_adapter(cls, path: Path, check: bool) -> EmoVerse:
+    def load_adapter_files(self, path: Path, *, strict: bool = True) -> list[str]:
+        """Read an adapter-form release's LoRA and projector weights into this LoRA-wrapped model. Weights it
+        has no place for, or of another shape, are refused naming the folder; with strict=False, projector
+        parameters the release lacks keep their init and are returned."""
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
+        try:
+            result = set_peft_model_state_dict(self.llm, load_file(path / "adapter.safetensors"))
+        except RuntimeError as e:  # shapes: another rank or base
+            raise ArtifactError(f"{path}: adapter weights do not fit the model ({str(e)[:300]})") from None
+        if getattr(result, "unexpected_keys", None):
+            raise ArtifactError(f"{path}: adapter weights do not fit the model ({result.unexpected_keys[:2]})")
+        proj = self.projector.load_state_dict(load_file(path / "projector.safetensors"), strict=strict)
+        if proj.unexpected_keys:
+            raise ArtifactError(f"{path}: projector weights do not fit the model ({proj.unexpected_keys[:2]})")
+        return list(proj.missing_keys)
+
+    @classmethod
+    def _load_adapter(cls, path: Path, check: bool) -> EmoVerse:
         if check:
             verify(path, kind="emoverse-adapter")
         cfg = read_model_config(path)
         check_base(json.loads((path / "base.json").read_text()), path)
         model = cls.build(cfg, lora=True)
-        result = set_peft_model_state_dict(model.llm, load_file(path / "adapter.safetensors"))
-        if getattr(result, "unexpected_keys", None):
-            raise ArtifactError(f"{path}: adapter weights do not fit the model ({result.unexpected_keys[:2]})")
-        model.projector.load_state_dict(load_file(path / "projector.safetensors"), strict=True)
+        model.load_adapter_files(path)
         model.llm = model.llm.merge_and_unload()  # inference runs the merged weights, as every other artifact
         return model.eval()
 

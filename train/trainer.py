@@ -22,7 +22,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from emoverse.artifacts import atomic_dir, atomic_write_json, manifest_digest, read_manifest, sha256_file, verify
+from emoverse.artifacts import (
+    ArtifactError,
+    atomic_dir,
+    atomic_write_json,
+    manifest_digest,
+    read_manifest,
+    sha256_file,
+    verify,
+)
 from emoverse.model import EmoVerse, ModelConfig
 from emoverse.prompting import Encoded, PromptTooLong
 from emoverse.records import RecordError, load_records
@@ -115,42 +123,37 @@ class Trainer:
     def _init_from(self, src: Path) -> dict:
         """Copy a trained model's LoRA + projector into this one (a fresh run; a resumed one then overwrites
         them from its own checkpoint). Refuses weights this model has no place for, or of another shape."""
-        from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         if (src / "adapter.safetensors").is_file():
             manifest = verify(src, kind="emoverse-adapter")
             try:
-                result = set_peft_model_state_dict(self.model.llm, load_file(src / "adapter.safetensors"))
-            except RuntimeError as e:  # shapes: another rank or base
-                raise ValueError(f"{src}: its LoRA weights do not fit this model ({str(e)[:300]})") from None
-            if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"{src}: its LoRA weights do not fit this model ({result.unexpected_keys[:2]})")
-            proj = load_file(src / "projector.safetensors")
-            loaded = {f"projector.{k}" for k in proj} | {n for n in self.params if "lora_" in n}
-            info = {"path": str(src), "kind": "emoverse-adapter", "digest": manifest_digest(manifest)}
-            info["parent_training"] = manifest.get("training", {}).get("steps")
-        elif (src / "trainable.safetensors").is_file():
-            weights = load_file(src / "trainable.safetensors")
-            proj = {k.removeprefix("projector."): v for k, v in weights.items() if k.startswith("projector.")}
+                missing = self.model.load_adapter_files(src, strict=False)
+            except ArtifactError as e:  # a recipe error: reported like the other config checks
+                raise ValueError(str(e)) from None
+            return {
+                "path": str(src),
+                "kind": "emoverse-adapter",
+                "digest": manifest_digest(manifest),
+                "parent_training": manifest.get("training", {}).get("steps"),
+                "new_parameters": sorted({k.split(".")[0] for k in missing}),
+            }
+        if (src / "trainable.safetensors").is_file():
+            weights = load_file(src / "trainable.safetensors")  # named as self.params, projector included
             extra = set(weights) - set(self.params)
             if extra:
                 raise ValueError(f"{src}: weights this model has no place for ({sorted(extra)[:2]})")
             with torch.no_grad():
                 for k, v in weights.items():
-                    if not k.startswith("projector."):
-                        self.params[k].copy_(v)
-            loaded = set(weights)
-            info = {"path": str(src), "kind": "checkpoint", "sha256": sha256_file(src / "trainable.safetensors")}
-        else:
-            raise FileNotFoundError(f"{src}: init_from needs an adapter-form release or a checkpoint folder")
-        result = self.model.projector.load_state_dict(proj, strict=False)
-        if result.unexpected_keys:
-            raise ValueError(f"{src}: projector weights this model has no place for ({result.unexpected_keys[:2]})")
-        info["new_parameters"] = sorted(
-            {n.split(".")[1] if n.startswith("projector.") else n for n in set(self.params) - loaded}
-        )
-        return info
+                    self.params[k].copy_(v)
+            new = {n.split(".")[1] if n.startswith("projector.") else n for n in set(self.params) - set(weights)}
+            return {
+                "path": str(src),
+                "kind": "checkpoint",
+                "sha256": sha256_file(src / "trainable.safetensors"),
+                "new_parameters": sorted(new),
+            }
+        raise FileNotFoundError(f"{src}: init_from needs an adapter-form release or a checkpoint folder")
 
     # -- data ------------------------------------------------------------------------------------
     def _encode_train_records(self) -> tuple[dict[str, list[Encoded]], dict[str, int]]:

@@ -117,7 +117,6 @@ def test_fer2013_weights_recognise_ckplus_faces(real_raw_dir):
 
     net = load_face(ModelConfig(face_encoder="mini-xception-fer2013"))
     assert isinstance(net, MiniXception)
-    hits = 0
     files = []
     for label in ("happy", "surprise"):
         files += [(label, p) for p in sorted((real_raw_dir / "ck_plus_48" / "CK+48" / label).glob("*.png"))[::9][:12]]
