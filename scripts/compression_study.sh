@@ -23,15 +23,31 @@ mkdir -p "$R" "$B"
 compress() {  # NAME RECIPE
   [ -f "$R/$1/manifest.json" ] || $E compress --recipe "$2" --model "$M" --data "$D" --out "$R/$1" --eval-limit 0
 }
-evaluate() {  # MODEL OUT [extra args]: closed tasks + ERI on full splits, ECPE on the teacher's seeded sample
+eval_closed() {  # MODEL OUT [extra args]: MSA, MER, FER on their full splits
   local model=$1 out=$2; shift 2
   [ -f "$out/closed/metrics.json" ] || $E eval --model "$model" $EV --tasks msa mer fer --out "$out/closed" "$@"
-  [ -f "$out/eri/metrics.json" ] || $E eval --model "$model" $EV --tasks eri --out "$out/eri" "$@"
+}
+eval_ecpe() {  # MODEL OUT [extra args]: ECPE on the teacher's seeded sample
+  local model=$1 out=$2; shift 2
   [ -f "$out/ecpe/metrics.json" ] || $E eval --model "$model" $EV --tasks ecpe --limit 200 --out "$out/ecpe" "$@"
+}
+evaluate() {  # MODEL OUT [extra args]: closed tasks + ERI on full splits, ECPE on the teacher's seeded sample
+  local model=$1 out=$2; shift 2
+  eval_closed "$model" "$out" "$@"
+  [ -f "$out/eri/metrics.json" ] || $E eval --model "$model" $EV --tasks eri --out "$out/eri" "$@"
+  eval_ecpe "$model" "$out" "$@"
 }
 export_bundle() {  # NAME MODEL [export args]
   local name=$1 model=$2; shift 2
   [ -f "$B/$name/manifest.json" ] || $E export --model "$model" --target cpu --out "$B/$name" "$@"
+}
+
+export_reference() {  # the FP32 teacher's bundle: the reference every variant is judged against
+  export_bundle release-fp32 "$M" --precision fp32
+}
+export_deployed() {  # the deployed bundle: the vision encoder's weights in INT8 with fp32 activations instead of
+  # static INT8 (static INT8 moved 8% of CK+ answers; weight-only ~3%, and it is 0.3 MB smaller)
+  export_bundle release-w4lora-deploy "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations
 }
 
 step_compress() {
@@ -39,7 +55,7 @@ step_compress() {
   compress w4-base-lora w4-base-lora  # the base's own 4-bit grid + the adapter as int8 factors (no requantizing)
 }
 step_export() {
-  export_bundle release-fp32 "$M" --precision fp32
+  export_reference
   # the deployed CPU bundle: GPTQ's own 4-bit weights (MatMulNBits), the tied embedding / output projection
   # stored once at 8 bits, static INT8 vision encoder calibrated on FER training faces
   export_bundle release-w4-deploy "$R/gptq-w4a16" --embedding-bits 8 --vision-int8 --calibration-data "$D"
@@ -50,17 +66,14 @@ step_export() {
   export_bundle release-w4lora "$R/w4-base-lora" --embedding-bits 8 --vision-int8 --calibration-data "$D"
   export_bundle release-w4lora-a8 "$R/w4-base-lora" --embedding-bits 8 --vision-int8 --int8-activations \
     --calibration-data "$D"
-  # the deployed bundle: the vision encoder's weights in INT8 with fp32 activations instead of static INT8
-  # (static INT8 moved 8% of CK+ answers; weight-only ~3%, and it is 0.3 MB smaller)
-  export_bundle release-w4lora-deploy "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations
+  export_deployed
 }
 step_eval_deployed() {
   local b
   for b in release-w4lora-deploy release-w4-deploy release-w4-deploy-a8 release-w4lora-a8; do evaluate "$B/$b" "$R/eval/$b"; done
   # fp32 activations, static INT8 vision: what the W4 base + LoRA representation itself costs. Closed tasks
   # only: its text answers are 100% those of the FP32 bundle there, and the text tasks never read the vision graph
-  local out=$R/eval/release-w4lora
-  [ -f "$out/closed/metrics.json" ] || $E eval --model "$B/release-w4lora" $EV --tasks msa mer fer --out "$out/closed"
+  eval_closed "$B/release-w4lora" "$R/eval/release-w4lora"
 }
 step_bench() {  # latency side by side in one run: PyTorch FP32 teacher, FP32 bundle, deployed bundles
   [ -f "$R/bench/report.json" ] || $E bench --model "$M" --bundle "$B/release-fp32" --bundle "$B/release-w4-deploy-a8" \
@@ -70,9 +83,7 @@ step_bench() {  # latency side by side in one run: PyTorch FP32 teacher, FP32 bu
   cp "$R/bench/report.md" docs/results/bench-cpu.md
 }
 step_eval_artifacts() {  # the PyTorch GPTQ artifact itself (bf16 autocast, as the teacher's eval), closed tasks
-  local out=$R/eval/gptq-w4a16
-  [ -f "$out/closed/metrics.json" ] || $E eval --model "$R/gptq-w4a16" $EV --tasks msa mer fer --precision bf16 \
-    --out "$out/closed"
+  eval_closed "$R/gptq-w4a16" "$R/eval/gptq-w4a16" --precision bf16
 }
 step_more() {  # the other compress outputs, measured in PyTorch on the closed tasks (full splits)
   compress int8-weight-only int8-weight-only
@@ -82,31 +93,23 @@ step_more() {  # the other compress outputs, measured in PyTorch on the closed t
   evaluate "$B/release-fp32" "$R/eval/release-fp32"
   local v
   for v in int8-weight-only modelopt-fp8; do
-    [ -f "$R/eval/$v/closed/metrics.json" ] || $E eval --model "$R/$v" $EV --tasks msa mer fer --precision bf16 \
-      --out "$R/eval/$v/closed"
+    eval_closed "$R/$v" "$R/eval/$v" --precision bf16
   done
   # the INT8 weight-only artifact as a CPU bundle (MatMulNBits bits=8 from its own bytes), closed tasks
   export_bundle release-int8 "$R/int8-weight-only" --embedding-bits 8 --vision-int8 --int8-activations \
     --calibration-data "$D"
-  [ -f "$R/eval/release-int8/closed/metrics.json" ] || $E eval --model "$B/release-int8" $EV --tasks msa mer fer \
-    --out "$R/eval/release-int8/closed"
+  eval_closed "$B/release-int8" "$R/eval/release-int8"
 }
 step_core() {  # the deployed W4 base + LoRA bundle and the FP32 reference bundle, closed tasks (~25 min)
   compress w4-base-lora w4-base-lora
-  export_bundle release-fp32 "$M" --precision fp32
-  export_bundle release-w4lora-deploy "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations
-  local b out
-  for b in release-fp32 release-w4lora-deploy; do
-    out=$R/eval/$b
-    [ -f "$out/closed/metrics.json" ] || $E eval --model "$B/$b" $EV --tasks msa mer fer --out "$out/closed"
-  done
+  export_reference
+  export_deployed
+  local b
+  for b in release-fp32 release-w4lora-deploy; do eval_closed "$B/$b" "$R/eval/$b"; done
 }
 step_core_ecpe() {  # the same two on the teacher's ECPE sample (~15 min)
-  local b out
-  for b in release-fp32 release-w4lora-deploy; do
-    out=$R/eval/$b
-    [ -f "$out/ecpe/metrics.json" ] || $E eval --model "$B/$b" $EV --tasks ecpe --limit 200 --out "$out/ecpe"
-  done
+  local b
+  for b in release-fp32 release-w4lora-deploy; do eval_ecpe "$B/$b" "$R/eval/$b"; done
 }
 step_bench_core() {  # latency of the two, with the PyTorch FP32 teacher, in one run (~10 min)
   [ -f "$R/bench/report.json" ] || $E bench --model "$M" --bundle "$B/release-fp32" --bundle "$B/release-w4lora-deploy" \
