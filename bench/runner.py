@@ -237,7 +237,7 @@ def _answer(rt, rec: Record) -> tuple[str, float, float | None, int]:
     """(prediction, latency ms, time-to-first-token ms or None, output tokens)."""
     task = TASKS[rec.task]
     t0 = time.perf_counter()
-    if task.closed:
+    if task.scored:
         ans = rt.answer(rec.task, rec.query, rec.images, mode="score")
         return ans.text, (time.perf_counter() - t0) * 1e3, None, 0
     ttft, pieces = None, []
@@ -288,7 +288,7 @@ def bench_bundle(bundle: Path, records: list[Record], cfg: BenchConfig) -> dict:
                         tpot.append((ms - first) / (n_tokens - 1))
                 peak = max(peak, rss_mb())
         t0 = time.perf_counter()  # Offline: all queries at once; closed-label ones batched in one prefill each
-        if TASKS[task].closed:
+        if TASKS[task].scored:
             rt.answer_many(
                 [{"task": r.task, "query": r.query, "images": r.images} for r in recs],
                 batch_size=cfg.offline_batch,
@@ -303,7 +303,7 @@ def bench_bundle(bundle: Path, records: list[Record], cfg: BenchConfig) -> dict:
         prompt_tokens = [len(rt.encode(r.query, r.images)[0]) for r in recs]
         cand_tokens = (
             max(len(rt.tok.encode(c, add_special_tokens=False).ids) for c in t.candidates(recs[0].query))
-            if t.closed
+            if t.scored
             else 0
         )
         out_tasks[task] = {

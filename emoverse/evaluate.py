@@ -1,8 +1,8 @@
 """`emoverse eval`: predictions and per-task metrics for a model artifact and baselines, on any AMT records.
 
-Closed-label tasks (MSA, MER, FER) are answered two ways: `score` ranks the task's candidate answers by
-log-probability (one prefill), `generate` decodes greedily and parses the text. Open tasks (ERI, ECPE)
-are generated. Predictions are appended to a partial file as they are made, so an interrupted eval
+Closed-label tasks (MSA, MER, FER) and ECPE are answered two ways: `score` scores the task's candidate
+answers by log-probability (one prefill) and the task chooses (the best label; ECPE's likely causes),
+`generate` decodes greedily (ECPE under its grammar) and parses the text. ERI is generated. Predictions are appended to a partial file as they are made, so an interrupted eval
 resumes where it stopped.
 """
 
@@ -159,7 +159,7 @@ def _run_model(
             preds = results.setdefault(system, {})
             todo = []
             for r in records:
-                if mode == "score" and not TASKS[r.task].closed and "generate" in modes:
+                if mode == "score" and not TASKS[r.task].scored and "generate" in modes:
                     continue  # generated once, under the generate mode, and counted under both
                 if (system, r.id) in done:
                     preds[r.id] = done[(system, r.id)]

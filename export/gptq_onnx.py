@@ -136,25 +136,43 @@ def replace_matched_matmuls(model, linears: dict[str, dict], replace, dequant=No
     q x scale by default, FP8 x scale for ModelOpt; matched by value, so it does not depend on how the exporter
     names initializers) for `replace(node, name, layer)` -> (nodes, initializers). Returns the layer names
     replaced; initializers left unused are dropped."""
+    return replace_matched_matmul_groups(
+        model, linears, lambda nodes, names: replace(nodes[0], names[0], linears[names[0]]), dequant, fuse=False
+    )
+
+
+def replace_matched_matmul_groups(model, linears: dict[str, dict], replace, dequant=None, fuse=True) -> list[str]:
+    """As `replace_matched_matmuls`, but the matched MatMuls that read the same activation (q/k/v, gate/up) go
+    to `replace(nodes, names)` together and their replacement takes the first one's place in the graph (its
+    input exists there; its outputs are only read later). fuse=False: one MatMul at a time."""
     from onnx import numpy_helper
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     dequant = dequant or dequantize
     by_value = {weight_digest(dequant(layer).T): name for name, layer in linears.items()}
-    replaced, used, new_nodes, new_inits = [], set(), [], []
-    for node in graph.node:
+    matched: dict[int, str] = {}
+    for i, node in enumerate(graph.node):
         if node.op_type == "MatMul" and node.input[1] in inits:
             arr = numpy_helper.to_array(inits[node.input[1]])
             name = by_value.get(weight_digest(arr)) if arr.ndim == 2 else None
             if name is not None:
-                nodes, tensors = replace(node, name, linears[name])
-                new_nodes += nodes
-                new_inits += tensors
-                replaced.append(name)
-                used.add(node.input[1])
-                continue
-        new_nodes.append(node)
+                matched[i] = name
+    groups: dict[str, list[int]] = {}
+    for i in matched:
+        groups.setdefault(graph.node[i].input[0] if fuse else str(i), []).append(i)
+    at = {members[0]: members for members in groups.values()}
+    replaced, used, new_nodes, new_inits = [], set(), [], []
+    for i, node in enumerate(graph.node):
+        if i in at:
+            members = [graph.node[j] for j in at[i]]
+            nodes, tensors = replace(members, [matched[j] for j in at[i]])
+            new_nodes += nodes
+            new_inits += tensors
+            replaced += [matched[j] for j in at[i]]
+            used |= {m.input[1] for m in members}
+        elif i not in matched:
+            new_nodes.append(node)
     del graph.node[:]
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)

@@ -1,8 +1,9 @@
 """A lean EmoVerse runtime on ONNX Runtime: numpy, onnxruntime, tokenizers and pillow — no torch, no
 transformers — so it runs where the training stack does not (Jetson, a slim container).
 
-KV-cache greedy decoding, closed-label answers by scoring the candidate labels in one prefill, ECPE
-answers constrained to the `k_emotion,c;...` grammar, token streaming for ERI, and batched requests.
+KV-cache greedy decoding, closed-label answers by scoring the candidate labels in one prefill, ECPE answers
+by scoring its candidate cause sets the same way (or decoded under the `k_emotion,c;...` grammar), token
+streaming for ERI, and batched requests.
 """
 
 from __future__ import annotations
@@ -326,9 +327,9 @@ class OrtRuntime:
         except ValueError as e:
             raise RequestError(str(e)) from None
         images = list(images)
-        if t.closed and mode == "score":
+        if t.scored and mode == "score":
             cands = t.candidates(query)
-            return _label_answer(t, cands, self.score(query, cands, images))
+            return _scored_answer(t, cands, self.score(query, cands, images))
         text = self.generate(query, images, t.max_new_tokens, self.grammar_for(task, query))
         parsed = t.parse(text)
         return Answer(task, text, parsed.label if t.closed else None)
@@ -336,7 +337,7 @@ class OrtRuntime:
     def answer_many(
         self, requests: list[dict], mode: str = "score", batch_size: int = 8
     ) -> list[Answer | RequestError]:
-        """Batched requests, `batch_size` at a time: closed-label ones scored in one prefill, generated ones
+        """Batched requests, `batch_size` at a time: scored ones (label tasks, ECPE) in one prefill, generated ones
         decoded together (`generate_many`, with each task's grammar); a bad request yields its error in its
         place and the others are still answered."""
         out: list[Answer | RequestError | None] = [None] * len(requests)
@@ -346,7 +347,7 @@ class OrtRuntime:
             try:
                 t = get_task(r["task"])
                 images = list(r.get("images", []))
-                if t.closed and mode == "score":  # embedded alone, so a bad image or prompt fails alone
+                if t.scored and mode == "score":  # embedded alone, so a bad image or prompt fails alone
                     batch.append((i, self.embed(r["query"], images), t.candidates(r["query"]), t))
                 else:  # embedded alone too, and the embedding kept for the batch
                     item = (r["query"], images, t.max_new_tokens, self.grammar_for(t.name, r["query"]))
@@ -364,7 +365,7 @@ class OrtRuntime:
             chunk = batch[start : start + batch_size]
             scored = self.score_embedded([e for _, e, _, _ in chunk], [c for _, _, c, _ in chunk])
             for (i, _, cands, t), s in zip(chunk, scored, strict=True):
-                out[i] = _label_answer(t, cands, s)
+                out[i] = _scored_answer(t, cands, s)
         return out  # type: ignore[return-value]
 
 
@@ -385,10 +386,12 @@ def check_graph_paths(bundle: Path, graph: str) -> None:
                 )
 
 
-def _label_answer(task, candidates: list[str], scores: list[float]) -> Answer:
-    """A closed-label answer: the best-scoring candidate, its label, and every candidate's score."""
-    best = candidates[int(np.argmax(scores))]
-    return Answer(task.name, best, task.parse_label(best), dict(zip(candidates, scores, strict=True)))
+def _scored_answer(task, candidates: list[str], scores: list[float]) -> Answer:
+    """A scored answer: what the task chooses from its candidates' scores (a label task: the best one, and its
+    label), with every candidate's score."""
+    text = task.choose(candidates, scores)
+    label = task.parse_label(text) if task.closed else None
+    return Answer(task.name, text, label, dict(zip(candidates, scores, strict=True)))
 
 
 def _common_prefix(embs: list[np.ndarray], start: int) -> int:

@@ -4,22 +4,11 @@ in both forms and the vision graph export; the real FER2013 weights read from th
 import numpy as np
 import pytest
 import torch
+from tiny_models import TINY_FACE
 
 from emoverse.face import FER2013_LABELS, MiniXception, _tf_same_pad
 from emoverse.model import EmoVerse, ModelConfig, grid_pool, load_face
 from emoverse.tasks import TASKS
-
-TINY_FACE = dict(
-    llm="tiny-random",
-    vision="efficientnet-lite0-random",
-    image_size=32,
-    visual_grid=2,
-    face_encoder="mini-xception-random",
-    face_grid=2,
-    face_label_token=True,
-    lora_r=4,
-    lora_alpha=8,
-)
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,12 @@
 import pytest
 import torch
 from PIL import Image
+from tiny_models import TINY
 
 from emoverse.artifacts import ArtifactError
 from emoverse.model import EmoVerse, ModelConfig
 from emoverse.prompting import MediaError, PromptTooLong
 from emoverse.tasks import TASKS
-
-TINY = dict(
-    llm="tiny-random",
-    vision="efficientnet-lite0-random",
-    image_size=32,
-    visual_grid=2,
-    lora_r=4,
-    lora_alpha=8,
-)
 
 
 @pytest.fixture(scope="module")

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from emoverse.tasks import INVALID, TASKS, get_task, infer_task
@@ -94,3 +95,31 @@ def test_ecpe_grammar_owned_by_the_task():
     assert not g.ok_prefix("3_sad") and not g.ok_prefix("3_joy,4") and not g.ok_prefix("2_joy,1")
     assert g.complete("3_joy,3;3_joy,2") and not g.complete("3_joy,") and not g.complete("")
     assert TASKS["msa"].grammar(TASKS["msa"].query("x")) is None
+
+
+def test_ecpe_candidates_are_every_cause_set_in_the_window():
+    ecpe = TASKS["ecpe"]
+    utts = [("neutral", "A", "a"), ("joy", "B", "b"), ("joy", "A", "c"), ("sadness", "B", "d"), ("joy", "A", "e")]
+    assert ecpe.candidates(ecpe.query(utts, 1)) == ["1_neutral,1"]
+    cands = ecpe.candidates(ecpe.query(utts, 5))
+    assert len(cands) == 2**ecpe.window - 1 and len(set(cands)) == len(cands)
+    assert "5_joy,3;5_joy,4;5_joy,5" in cands and "5_joy,4;5_joy,5" in cands and "5_joy,2" not in cands
+    g = ecpe.grammar(ecpe.query(utts, 5))
+    assert all(g.complete(c) for c in cands)  # each one an answer the grammar accepts
+
+
+def test_ecpe_keeps_the_causes_whose_posterior_marginal_reaches_the_threshold():
+    ecpe = TASKS["ecpe"]
+    cands = ["3_joy,2", "3_joy,3", "3_joy,2;3_joy,3"]
+    # P({3}) = 0.5, P({2,3}) = 0.4, P({2}) = 0.1: marginals 3 -> 0.9, 2 -> 0.5; both reach the threshold,
+    # while the single most probable set names only 3 (what greedy decoding answers).
+    scores = list(np.log([0.1, 0.5, 0.4]))
+    assert ecpe.choose(cands, scores) == "3_joy,2;3_joy,3"
+    assert TASKS["msa"].choose(cands, scores) == "3_joy,3"  # label tasks: the most probable candidate
+    # P({3}) = 0.8: cause 2's marginal 0.15 stays out
+    assert ecpe.choose(cands, list(np.log([0.05, 0.8, 0.15]))) == "3_joy,3"
+    # no cause reaches it (three equally likely single causes): the best one, never an empty answer
+    flat = ["3_joy,1", "3_joy,2", "3_joy,3"]
+    assert ecpe.choose(flat, [0.0, 0.01, -0.01]) == "3_joy,2"
+    # a shift of every score (an unnormalised log-probability) changes nothing
+    assert ecpe.choose(cands, [s - 50.0 for s in scores]) == "3_joy,2;3_joy,3"

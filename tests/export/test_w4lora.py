@@ -103,14 +103,20 @@ def test_cpu_bundle_is_matmulnbits_on_the_artifacts_bits(w4_artifact, tmp_path):
     inits = {t.name: t for t in decoder.graph.initializer}
     layers = read_layers(w4_artifact / "llm")
     nbits = [n for n in decoder.graph.node if n.op_type == "MatMulNBits" and n.input[1] != "tied.B"]
-    assert len(nbits) == len(layers)
-    for node in nbits:
-        name = node.input[1][: -len(".w4.q")]
-        q = layers[name]["q"]
-        packed = numpy_helper.to_array(inits[node.input[1]])  # (N, K/32, 16): two 4-bit values per byte
-        unpacked = np.stack([packed & 0x0F, packed >> 4], -1).reshape(q.shape)
-        assert np.array_equal(unpacked, q)  # the artifact's own bits, not a second quantization
-        assert np.array_equal(numpy_helper.to_array(inits[name + ".w4.d16"]), layers[name]["d"])
+    made_by = {o: n for n in decoder.graph.node for o in n.output}
+    covered = []
+    for node in nbits:  # a layer's own q, or the layers of one input joined (q/k/v, gate/up) by a Concat
+        sources = [node.input[1]] if node.input[1] in inits else list(made_by[node.input[1]].input)
+        for source in sources:
+            name = source[: -len(".w4.q")]
+            q = layers[name]["q"]
+            packed = numpy_helper.to_array(inits[source])  # (N, K/32, 16): two 4-bit values per byte
+            unpacked = np.stack([packed & 0x0F, packed >> 4], -1).reshape(q.shape)
+            assert np.array_equal(unpacked, q)  # the artifact's own bits, not a second quantization
+            assert np.array_equal(numpy_helper.to_array(inits[name + ".w4.d16"]), layers[name]["d"])
+            covered.append(name)
+    assert sorted(covered) == sorted(layers)
+    assert len(nbits) < len(layers)  # fused: one 4-bit kernel per group of layers that read one activation
 
 
 def test_tensorrt_graph_is_int4_weight_only_on_the_same_bits(w4_artifact, small_amt, tmp_path):

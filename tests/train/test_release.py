@@ -6,20 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import TINY
 
 from emoverse.artifacts import ArtifactError, verify
 from emoverse.model import EmoVerse, ModelConfig
 from emoverse.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = dict(
-    llm="tiny-random",
-    vision="efficientnet-lite0-random",
-    image_size=32,
-    visual_grid=2,
-    lora_r=4,
-    lora_alpha=8,
-)
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,14 @@
 """Throughput settings change speed, not results: response-only logits, bf16 autocast, LoRA layer range,
 length buckets — each checked against the original computation on a tiny random model (no raw data)."""
 
+import tiny_models
 import torch
 
 from emoverse.model import EmoVerse, ModelConfig
 from emoverse.tasks import TASKS
 from emoverse.train.trainer import TrainConfig, Trainer
 
-TINY = dict(
-    llm="tiny-random",
-    vision="efficientnet-lite0-random",
-    image_size=32,
-    visual_grid=2,
-    lora_r=4,
-    lora_alpha=8,
-    lora_dropout=0.0,
-)
+TINY = dict(tiny_models.TINY, lora_dropout=0.0)
 
 
 def _model(**over) -> EmoVerse:
