@@ -171,7 +171,7 @@ def _run(a: argparse.Namespace) -> int:
         raise ValueError("give --text (msa, mer, eri) or --query (any task)")
     rt = open_runtime(a.bundle, a.backend, threads=a.threads, providers=a.providers)
     try:
-        if a.stream and not task.closed:
+        if a.stream and not task.scored:  # streamed: the generated tasks (ERI); scored ones answer whole
             for piece in rt.stream(query, a.image or [], task.max_new_tokens):
                 print(piece, end="", flush=True)
             print()
@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--query", help="a full query in the AMT form instead of --text")
     r.add_argument("--image", action="append", help="image path (repeatable)")
     r.add_argument("--mode", choices=["score", "generate"], default="score")
-    r.add_argument("--stream", action="store_true", help="print generated text as it is decoded (eri, ecpe)")
+    r.add_argument("--stream", action="store_true", help="print generated text as it is decoded (eri)")
     r.add_argument("--threads", type=int)
     r.set_defaults(func=_run)
 

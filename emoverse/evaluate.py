@@ -2,8 +2,8 @@
 
 Closed-label tasks (MSA, MER, FER) and ECPE are answered two ways: `score` scores the task's candidate
 answers by log-probability (one prefill) and the task chooses (the best label; ECPE's likely causes),
-`generate` decodes greedily (ECPE under its grammar) and parses the text. ERI is generated. Predictions are appended to a partial file as they are made, so an interrupted eval
-resumes where it stopped.
+`generate` decodes greedily (ECPE under its grammar) and parses the text. ERI is generated. Predictions
+are appended to a partial file as they are made, so an interrupted eval resumes where it stopped.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ TARGETS = {
     "eri.label_accuracy": 0.45,
     "eri.rouge_l": 0.25,
 }
-MODEL_SYSTEM = "emoverse/score"  # closed tasks by label scoring; ERI and ECPE generated
+MODEL_SYSTEM = "emoverse/score"  # closed tasks and ECPE by scoring candidates; ERI generated
 
 
 def build(
