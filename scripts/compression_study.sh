@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The compression study behind docs/results/compression.json: the release teacher, what compress/ makes from
 # it, and the bundles export makes FROM those artifacts, each evaluated on the same test records as the
-# teacher's results (full splits; ECPE the same seeded 200 per source) and benched side by side in one run.
+# teacher's results (full splits; ECPE a seeded 200 per source, records the teacher's full-split ECPE eval
+# contains, so the paired ratios pair them) and benched side by side in one run.
 # Resumable: a step whose output exists is skipped. About 2.5 hours on 2 CPU cores.
 # Needs the teacher's evals first (README "Results": runs/release-eval, runs/release-eval-eri, runs/release-eval-ecpe).
 # Usage: scripts/compression_study.sh [STEP ...]   (default: compress export eval_deployed bench eval_artifacts more compare)
@@ -27,11 +28,11 @@ eval_closed() {  # MODEL OUT [extra args]: MSA, MER, FER on their full splits
   local model=$1 out=$2; shift 2
   [ -f "$out/closed/metrics.json" ] || $E eval --model "$model" $EV --tasks msa mer fer --out "$out/closed" "$@"
 }
-eval_ecpe() {  # MODEL OUT [extra args]: ECPE on the teacher's seeded sample
+eval_ecpe() {  # MODEL OUT [extra args]: ECPE on a seeded 200 per source (the full split is ~1 h per bundle)
   local model=$1 out=$2; shift 2
   [ -f "$out/ecpe/metrics.json" ] || $E eval --model "$model" $EV --tasks ecpe --limit 200 --out "$out/ecpe" "$@"
 }
-evaluate() {  # MODEL OUT [extra args]: closed tasks + ERI on full splits, ECPE on the teacher's seeded sample
+evaluate() {  # MODEL OUT [extra args]: closed tasks + ERI on full splits, ECPE on its seeded sample
   local model=$1 out=$2; shift 2
   eval_closed "$model" "$out" "$@"
   [ -f "$out/eri/metrics.json" ] || $E eval --model "$model" $EV --tasks eri --out "$out/eri" "$@"
@@ -107,7 +108,7 @@ step_core() {  # the deployed W4 base + LoRA bundle and the FP32 reference bundl
   local b
   for b in release-fp32 release-w4lora-deploy; do eval_closed "$B/$b" "$R/eval/$b"; done
 }
-step_core_ecpe() {  # the same two on the teacher's ECPE sample (~15 min)
+step_core_ecpe() {  # the same two on the ECPE sample (~15 min)
   local b
   for b in release-fp32 release-w4lora-deploy; do eval_ecpe "$B/$b" "$R/eval/$b"; done
 }
