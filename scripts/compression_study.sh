@@ -7,7 +7,7 @@
 # Needs the teacher's evals first (README "Results": runs/release-eval, runs/release-eval-eri, runs/release-eval-ecpe).
 # Usage: scripts/compression_study.sh [STEP ...]   (default: compress export eval_deployed bench eval_artifacts more compare)
 #        scripts/compression_study.sh core compare_core   (~25 min: the deployed bundle against the FP32 teacher's
-#        bundle on the closed tasks; add core_ecpe and bench_core before compare_core for ECPE and latency)
+#        bundle on the closed tasks; add core_open and bench_core before compare_core for ECPE/ERI and latency)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 E=.venv/bin/emoverse
@@ -32,10 +32,14 @@ eval_ecpe() {  # MODEL OUT [extra args]: ECPE on a seeded 200 per source (the fu
   local model=$1 out=$2; shift 2
   [ -f "$out/ecpe/metrics.json" ] || $E eval --model "$model" $EV --tasks ecpe --limit 200 --out "$out/ecpe" "$@"
 }
+eval_eri() {  # MODEL OUT [extra args]: ERI on its full split
+  local model=$1 out=$2; shift 2
+  [ -f "$out/eri/metrics.json" ] || $E eval --model "$model" $EV --tasks eri --out "$out/eri" "$@"
+}
 evaluate() {  # MODEL OUT [extra args]: closed tasks + ERI on full splits, ECPE on its seeded sample
   local model=$1 out=$2; shift 2
   eval_closed "$model" "$out" "$@"
-  [ -f "$out/eri/metrics.json" ] || $E eval --model "$model" $EV --tasks eri --out "$out/eri" "$@"
+  eval_eri "$model" "$out" "$@"
   eval_ecpe "$model" "$out" "$@"
 }
 export_bundle() {  # NAME MODEL [export args]
@@ -108,9 +112,9 @@ step_core() {  # the deployed W4 base + LoRA bundle and the FP32 reference bundl
   local b
   for b in release-fp32 release-w4lora-deploy; do eval_closed "$B/$b" "$R/eval/$b"; done
 }
-step_core_ecpe() {  # the same two on the ECPE sample (~15 min)
+step_core_open() {  # the same two on the ECPE sample and ERI's full split (~25 min)
   local b
-  for b in release-fp32 release-w4lora-deploy; do eval_ecpe "$B/$b" "$R/eval/$b"; done
+  for b in release-fp32 release-w4lora-deploy; do eval_ecpe "$B/$b" "$R/eval/$b" && eval_eri "$B/$b" "$R/eval/$b"; done
 }
 step_bench_core() {  # latency of the two, with the PyTorch FP32 teacher, in one run (~10 min)
   [ -f "$R/bench/report.json" ] || $E bench --model "$M" --bundle "$B/release-fp32" --bundle "$B/release-w4lora-deploy" \
@@ -121,10 +125,13 @@ step_bench_core() {  # latency of the two, with the PyTorch FP32 teacher, in one
 step_compare_core() {  # compression.json from the core rows (ECPE and latency where measured)
   local f=$R/eval/release-fp32/closed/metrics.json d=$R/eval/release-w4lora-deploy/closed/metrics.json
   local T=runs/release-eval/metrics.json more=()
-  if [ -f "$R/eval/release-w4lora-deploy/ecpe/metrics.json" ]; then
-    f+=+$R/eval/release-fp32/ecpe/metrics.json d+=+$R/eval/release-w4lora-deploy/ecpe/metrics.json
-    T+=+runs/release-eval-ecpe/metrics.json
-  fi
+  local open
+  for open in ecpe eri; do  # where measured (core_open)
+    if [ -f "$R/eval/release-w4lora-deploy/$open/metrics.json" ]; then
+      f+=+$R/eval/release-fp32/$open/metrics.json d+=+$R/eval/release-w4lora-deploy/$open/metrics.json
+    fi
+  done
+  [ -f "$R/eval/release-w4lora-deploy/ecpe/metrics.json" ] && T+=+runs/release-eval-ecpe/metrics.json
   [ -f "$R/bench/report.json" ] && more=(--bench "$R/bench/report.json")
   $E compare "teacher, FP32 (its bundle)=$f" "teacher, bf16 autocast (PyTorch)=$T" \
     "CPU bundle: W4 base + LoRA, int8 act., INT8 vision weights (deployed)=$d" \
