@@ -22,6 +22,7 @@ from emoverse.tasks import IMAGE_PLACEHOLDER, TASKS, get_task
 
 RUNTIME_FORMAT = "emoverse-runtime/2"  # the decoder takes logits_index (export.bundle writes the same)
 TIED_FILE = "tied_embedding.bin"  # beside the graphs: a quantized tied table both embed and decoder read
+SCORE_ROWS = 32  # candidate continuations teacher-forced per decoder call (bounds the copies of the KV cache)
 
 
 def decoder_weight_bytes(bundle: Path, graphs: dict[str, str]) -> int:
@@ -287,17 +288,24 @@ class OrtRuntime:
         cand = [self.tok.encode(c, add_special_tokens=False).ids for cands in candidates for c in cands]
         flat = [float(first[r, c[0]]) for r, c in zip(rows, cand, strict=True)]
         rest_len = max(len(c) for c in cand) - 1
-        if rest_len > 0:  # teacher-force each candidate's remaining tokens over its request's cache
-            rest = np.array([c[:-1] + [self.pad] * (rest_len + 1 - len(c)) for c in cand], dtype=np.int64)
-            cand_mask = np.array([[1] * (len(c) - 1) + [0] * (rest_len + 1 - len(c)) for c in cand], dtype=np.int64)
+        # Teacher-force each candidate's remaining tokens over its request's cache, SCORE_ROWS candidates at a
+        # time: every row carries a copy of its prompt's KV cache, so ECPE's 7 cause sets x 16 long prompts at
+        # once would hold ~100 copies of a ~600-token cache (an eval was OOM-killed at 16 GB that way).
+        for start in range(0, len(cand) if rest_len > 0 else 0, SCORE_ROWS):
+            part = range(start, min(start + SCORE_ROWS, len(cand)))
+            at = [rows[k] for k in part]
+            rest = np.array([cand[k][:-1] + [self.pad] * (rest_len + 1 - len(cand[k])) for k in part], dtype=np.int64)
+            cand_mask = np.array(
+                [[1] * (len(cand[k]) - 1) + [0] * (rest_len + 1 - len(cand[k])) for k in part], dtype=np.int64
+            )
             lg, _ = self.forward(
                 self.token_embeds(rest),
-                np.concatenate([mask[rows], cand_mask], axis=1),
-                [kv[rows] for kv in cache],
+                np.concatenate([mask[at], cand_mask], axis=1),
+                [kv[at] for kv in cache],
             )
             lp = _log_softmax(lg)
-            for k, c in enumerate(cand):
-                flat[k] += sum(float(lp[k, j, c[j + 1]]) for j in range(len(c) - 1))
+            for i, k in enumerate(part):
+                flat[k] += sum(float(lp[i, j, cand[k][j + 1]]) for j in range(len(cand[k]) - 1))
         out, k = [], 0
         for cands in candidates:
             out.append(flat[k : k + len(cands)])

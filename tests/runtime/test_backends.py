@@ -74,6 +74,18 @@ def test_batched_scoring_equals_one_by_one(runtime, face):
         assert np.allclose(runtime.score(q, c, im), b, atol=1e-4)
 
 
+def test_scoring_in_row_chunks_changes_no_score(runtime, face, monkeypatch):
+    """Candidates are teacher-forced SCORE_ROWS at a time (memory); chunks of 2 give the same scores as one pass."""
+    import emoverse.runtime.ort as ort
+
+    reqs = _requests(face)
+    items = [(r["query"], TASKS[r["task"]].candidates(r["query"]), r.get("images", [])) for r in reqs]
+    whole = runtime.score_batch(items)
+    monkeypatch.setattr(ort, "SCORE_ROWS", 2)
+    for a, b in zip(runtime.score_batch(items), whole, strict=True):
+        assert np.allclose(a, b, atol=1e-4)
+
+
 def test_answer_many_batches_and_isolates_a_bad_request(runtime, face, tmp_path, monkeypatch):
     reqs = _requests(face)
     bad = {"task": "fer", "query": reqs[1]["query"], "images": [str(tmp_path / "gone.png")]}
