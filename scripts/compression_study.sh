@@ -131,7 +131,12 @@ step_compare_core() {  # compression.json from the core rows (ECPE and latency w
       f+=+$R/eval/release-fp32/$open/metrics.json d+=+$R/eval/release-w4lora-deploy/$open/metrics.json
     fi
   done
-  [ -f "$R/eval/release-w4lora-deploy/ecpe/metrics.json" ] && T+=+runs/release-eval-ecpe/metrics.json
+  if [ -f "$R/eval/release-w4lora-deploy/ecpe/metrics.json" ]; then
+    # the teacher's bf16 row on the same ECPE sample (the full-split eval answers them alike; reusing its
+    # predictions saves ~7 min: cp runs/release-eval-ecpe's into the out folder's predictions.partial.jsonl)
+    eval_ecpe "$M" "$R/eval/teacher-bf16" --precision bf16
+    T+=+$R/eval/teacher-bf16/ecpe/metrics.json
+  fi
   [ -f "$R/bench/report.json" ] && more=(--bench "$R/bench/report.json")
   $E compare "teacher, FP32 (its bundle)=$f" "teacher, bf16 autocast (PyTorch)=$T" \
     "CPU bundle: W4 base + LoRA, int8 act., INT8 vision weights (deployed)=$d" \
