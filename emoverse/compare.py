@@ -52,7 +52,7 @@ def parameter_count(artifact: Path) -> int:
     return total
 
 
-GENERATED_ONLY = ("eri", "ecpe")  # answered by generation in both eval modes
+GENERATED_ONLY = ("eri",)  # answered by generation in both eval modes (ECPE is scored in score mode)
 ACCURACY_BUDGET = 0.99  # the deploy issue's "at least 99% of the teacher", judged on the paired CI
 
 
@@ -65,7 +65,7 @@ def _split_name(spec: str | os.PathLike) -> tuple[str | None, str]:
 
 def _load_variant(spec: str | os.PathLike, system: str) -> tuple[Path, dict, dict, dict, dict]:
     """One variant's (artifact or bundle, records, results, predictions by id) from `a.json` or `a.json+b.json`
-    (e.g. a closed-label score eval plus a generation eval of ERI/ECPE of the same model), and the CIs."""
+    (e.g. a closed-label score eval plus an ERI or ECPE eval of the same model), and the CIs."""
     art, records, res, preds, cis = None, {}, {}, {}, {}
     for f in str(spec).split("+"):
         m = json.loads(Path(f).read_text(encoding="utf-8"))
@@ -77,7 +77,7 @@ def _load_variant(spec: str | os.PathLike, system: str) -> tuple[Path, dict, dic
         art = this
         got = dict(m["results"].get(system) or {})
         gen = m["results"].get("emoverse/generate") or {}
-        for k, v in gen.items():  # ERI/ECPE are generated in either mode
+        for k, v in gen.items():  # ERI is generated in either mode
             if k.split(".")[0].split("/")[0] in GENERATED_ONLY:
                 got.setdefault(k, v)
         if not got:
