@@ -548,8 +548,10 @@ class CausePairTask(Task):
         sets = [s for n in range(1, len(window) + 1) for s in itertools.combinations(window, n)]
         return [";".join(f"{k}_{emotion},{c}" for c in s) for s in sets]
 
-    def choose(self, candidates: list[str], scores: list[float]) -> str:
-        """The causes whose posterior marginal reaches the threshold (see `window`), ascending."""
+    @staticmethod
+    def marginals(candidates: list[str], scores: list[float]) -> dict[str, float]:
+        """Each pair's posterior marginal: the candidate sets' scores normalised over the candidates, summed
+        over the sets that contain the pair."""
         s = np.asarray(scores, dtype=np.float64)
         posterior = np.exp(s - s.max())
         posterior /= posterior.sum()
@@ -557,6 +559,11 @@ class CausePairTask(Task):
         for answer, p in zip(candidates, posterior, strict=True):
             for pair in answer.split(";"):
                 marginal[pair] = marginal.get(pair, 0.0) + float(p)
+        return marginal
+
+    def choose(self, candidates: list[str], scores: list[float]) -> str:
+        """The causes whose posterior marginal reaches the threshold (see `window`), ascending."""
+        marginal = self.marginals(candidates, scores)
         keep = [pair for pair, m in marginal.items() if m >= self.threshold] or [max(marginal, key=marginal.get)]
         return ";".join(sorted(keep, key=lambda pair: int(pair.rsplit(",", 1)[1])))
 

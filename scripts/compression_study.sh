@@ -4,7 +4,7 @@
 # teacher's results (full splits; ECPE a seeded 200 per source, records the teacher's full-split ECPE eval
 # contains, so the paired ratios pair them) and benched side by side in one run.
 # Resumable: a step whose output exists is skipped. About 2.5 hours on 2 CPU cores.
-# Needs the teacher's evals first (README "Results": runs/release-eval, runs/release-eval-eri, runs/release-eval-ecpe).
+# Needs the teacher's closed-task + ERI eval first (README "Results": runs/release-eval).
 # Usage: scripts/compression_study.sh [STEP ...]   (default: compress export eval_deployed bench eval_artifacts more compare)
 #        scripts/compression_study.sh core compare_core   (~25 min: the deployed bundle against the FP32 teacher's
 #        bundle on the closed tasks; add core_open and bench_core before compare_core for ECPE/ERI and latency)
@@ -131,22 +131,23 @@ step_compare_core() {  # compression.json from the core rows (ECPE and latency w
       f+=+$R/eval/release-fp32/$open/metrics.json d+=+$R/eval/release-w4lora-deploy/$open/metrics.json
     fi
   done
-  if [ -f "$R/eval/release-w4lora-deploy/ecpe/metrics.json" ]; then
-    # the teacher's bf16 row on the same ECPE sample (the full-split eval answers them alike; reusing its
-    # predictions saves ~7 min: cp runs/release-eval-ecpe's into the out folder's predictions.partial.jsonl)
-    eval_ecpe "$M" "$R/eval/teacher-bf16" --precision bf16
-    T+=+$R/eval/teacher-bf16/ecpe/metrics.json
-  fi
+  [ -f "$R/eval/release-w4lora-deploy/ecpe/metrics.json" ] && T+=+$(teacher_ecpe_sample)
   [ -f "$R/bench/report.json" ] && more=(--bench "$R/bench/report.json")
   $E compare "teacher, FP32 (its bundle)=$f" "teacher, bf16 autocast (PyTorch)=$T" \
     "CPU bundle: W4 base + LoRA, int8 act., INT8 vision weights (deployed)=$d" \
     --size-reference "$B/release-fp32" "${more[@]}" --out docs/results/compression.json
 }
+teacher_ecpe_sample() {  # the teacher's bf16 eval on the bundles' ECPE sample -> its metrics file
+  # (the teacher's full-split eval answers those records alike; copying runs/release-eval-ecpe/predictions.jsonl
+  # to the out folder's predictions.partial.jsonl first saves its ~7 min)
+  eval_ecpe "$M" "$R/eval/teacher-bf16" --precision bf16 >&2
+  echo "$R/eval/teacher-bf16/ecpe/metrics.json"
+}
 all_tasks() {  # EVAL_DIR -> its three metrics files joined, as compare reads them
   echo "$1/closed/metrics.json+$1/eri/metrics.json+$1/ecpe/metrics.json"
 }
 step_compare() {  # reference: the FP32 teacher (its bundle); the bf16 PyTorch teacher is a row like the others
-  local T=runs/release-eval-eri/metrics.json+runs/release-eval/metrics.json+runs/release-eval-ecpe/metrics.json
+  local T=runs/release-eval/metrics.json+$(teacher_ecpe_sample)
   local v more=()
   for v in int8-weight-only modelopt-fp8; do
     [ -f "$R/eval/$v/closed/metrics.json" ] && more+=("$v (PyTorch)=$R/eval/$v/closed/metrics.json")

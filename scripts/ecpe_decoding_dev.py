@@ -63,12 +63,6 @@ def report(path: Path) -> dict:
     def pair_f1(answers: list[str]) -> float:
         return float(ecpe.metrics([r["gold"] for r in rows], answers, [None] * len(rows))["pair_f1"])
 
-    def marginal(r: dict, pair: str) -> float:
-        s = np.asarray(r["scores"])
-        p = np.exp(s - s.max())
-        p /= p.sum()
-        return float(sum(pi for c, pi in zip(r["cands"], p, strict=True) if pair in c.split(";")))
-
     out = {
         "records": len(rows),
         "heuristic": pair_f1([ecpe.heuristic_answer(r["query"]) for r in rows]),
@@ -87,7 +81,7 @@ def report(path: Path) -> dict:
             if k + offset >= 1:
                 pair = f"{k}_{emotion},{k + offset}"
                 y.append(pair in g)
-                s.append(marginal(r, pair))
+                s.append(ecpe.marginals(r["cands"], r["scores"]).get(pair, 0.0))
         out["auc_by_offset"][str(offset)] = float(roc_auc_score(y, s))
     return out
 
