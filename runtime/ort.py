@@ -23,6 +23,11 @@ from emoverse.tasks import IMAGE_PLACEHOLDER, TASKS, get_task
 RUNTIME_FORMAT = "emoverse-runtime/2"  # the decoder takes logits_index (export.bundle writes the same)
 TIED_FILE = "tied_embedding.bin"  # beside the graphs: a quantized tied table both embed and decoder read
 SCORE_ROWS = 32  # candidate continuations teacher-forced per decoder call (bounds the copies of the KV cache)
+# A candidate's summed log-probability is at most its first token's, so when only the best candidate matters,
+# those whose first token is more than this (nats) below the top one wait for a second pass, needed only if
+# one's bound still reaches the best complete score. The top label's later tokens ('.', 'ness') cost ~0 nats:
+# with 0, the release bundle needed a second pass in none of 100 MER and 100 FER test requests.
+PRUNE_MARGIN = 0.0
 
 
 def decoder_weight_bytes(bundle: Path, graphs: dict[str, str]) -> int:
@@ -87,6 +92,12 @@ class OrtRuntime:
         # Weight-only DequantizeLinear -> MatMul (the TensorRT INT4 form) computes in fp32 like the artifact;
         # onnxruntime's default when it fuses the pair into MatMulNBits (level 4) would round activations to int8
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        if key != "decoder":
+            # Each session has its own intra-op threads, which spin after a run; the vision and embedding
+            # graphs' spinning threads then compete with the decoder's prefill that follows them for the same
+            # cores (FER's prefill measured 74 ms after the vision graph vs 49 ms alone on 2 cores). The
+            # decoder keeps spinning: its calls follow each other (prefill, continuation, decode steps).
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
         return ort.InferenceSession(str(self.dir / rel_path), opts, providers=providers or ["CPUExecutionProvider"])
@@ -281,18 +292,54 @@ class OrtRuntime:
         the prompts' KV cache."""
         return self.score_embedded([self.embed(q, list(images)) for q, _, images in items], [c for _, c, _ in items])
 
-    def score_embedded(self, embs: list[np.ndarray], candidates: list[list[str]]) -> list[list[float]]:
+    def score_embedded(
+        self, embs: list[np.ndarray], candidates: list[list[str]], best_only: list[bool] | None = None
+    ) -> list[list[float]]:
+        """Summed log-probability of every candidate of every prompt, from one prefill of all prompts.
+
+        `best_only[i]`: request i needs only its best candidate (a label task). Its candidates are then scored
+        branch-and-bound: the first token's log-probability bounds a candidate's sum from above (each further
+        token adds a log-probability <= 0), so only candidates whose bound reaches the best complete score
+        are teacher-forced to the end; the others are returned as -inf (they cannot win). The argmax is the
+        same as scoring all; MER's 7 labels cost one continuation row instead of 7 in almost every request."""
         last, cache, mask = self.prefill(embs)
         first = _log_softmax(last)
+        best_only = best_only or [False] * len(embs)
         rows = [i for i, cands in enumerate(candidates) for _ in cands]
         cand = [self.tok.encode(c, add_special_tokens=False).ids for cands in candidates for c in cands]
-        flat = [float(first[r, c[0]]) for r, c in zip(rows, cand, strict=True)]
-        rest_len = max(len(c) for c in cand) - 1
-        # Teacher-force each candidate's remaining tokens over its request's cache, SCORE_ROWS candidates at a
-        # time: every row carries a copy of its prompt's KV cache, so ECPE's 7 cause sets x 16 long prompts at
-        # once would hold ~100 copies of a ~600-token cache (an eval was OOM-killed at 16 GB that way).
-        for start in range(0, len(cand) if rest_len > 0 else 0, SCORE_ROWS):
-            part = range(start, min(start + SCORE_ROWS, len(cand)))
+        bound = [float(first[r, c[0]]) for r, c in zip(rows, cand, strict=True)]
+        full: list[float | None] = [b if len(c) == 1 else None for b, c in zip(bound, cand, strict=True)]
+        top: dict[int, float] = {}
+        for r, b in zip(rows, bound, strict=True):
+            top[r] = max(top.get(r, -np.inf), b)
+        todo = [
+            k
+            for k in range(len(cand))
+            if full[k] is None and (not best_only[rows[k]] or bound[k] >= top[rows[k]] - PRUNE_MARGIN)
+        ]
+        self._continue(cand, rows, cache, mask, todo, bound, full)
+        # Second pass: a candidate left out whose bound still reaches its request's best complete score.
+        best: dict[int, float] = {}
+        for k, f in enumerate(full):
+            if f is not None:
+                best[rows[k]] = max(best.get(rows[k], -np.inf), f)
+        todo = [k for k in range(len(cand)) if full[k] is None and bound[k] >= best[rows[k]]]
+        self._continue(cand, rows, cache, mask, todo, bound, full)
+        flat = [-np.inf if f is None else f for f in full]
+        out, k = [], 0
+        for cands in candidates:
+            out.append(flat[k : k + len(cands)])
+            k += len(cands)
+        return out
+
+    def _continue(self, cand, rows, cache, mask, todo: list[int], bound: list[float], full: list) -> None:
+        """Complete the scores of candidates `todo`: teacher-force their remaining tokens over their request's
+        cache, SCORE_ROWS candidates at a time (every row carries a copy of its prompt's KV cache, so ECPE's
+        7 cause sets x 16 long prompts at once would hold ~100 copies of a ~600-token cache; an eval was
+        OOM-killed at 16 GB that way)."""
+        for start in range(0, len(todo), SCORE_ROWS):
+            part = todo[start : start + SCORE_ROWS]
+            rest_len = max(len(cand[k]) for k in part) - 1
             at = [rows[k] for k in part]
             rest = np.array([cand[k][:-1] + [self.pad] * (rest_len + 1 - len(cand[k])) for k in part], dtype=np.int64)
             cand_mask = np.array(
@@ -305,12 +352,7 @@ class OrtRuntime:
             )
             lp = _log_softmax(lg)
             for i, k in enumerate(part):
-                flat[k] += sum(float(lp[i, j, cand[k][j + 1]]) for j in range(len(cand[k]) - 1))
-        out, k = [], 0
-        for cands in candidates:
-            out.append(flat[k : k + len(cands)])
-            k += len(cands)
-        return out
+                full[k] = bound[k] + sum(float(lp[i, j, cand[k][j + 1]]) for j in range(len(cand[k]) - 1))
 
     def grammar_for(self, task: str, query: str) -> Callable[[str], Callable[[int], bool]] | None:
         """The task's output grammar (tasks.py owns it; ECPE's pair form) as a token filter: given the text so
@@ -337,7 +379,8 @@ class OrtRuntime:
         images = list(images)
         if t.scored and mode == "score":
             cands = t.candidates(query)
-            return _scored_answer(t, cands, self.score(query, cands, images))
+            scores = self.score_embedded([self.embed(query, images)], [cands], [t.chooses_best])[0]
+            return _scored_answer(t, cands, scores)
         text = self.generate(query, images, t.max_new_tokens, self.grammar_for(task, query))
         parsed = t.parse(text)
         return Answer(task, text, parsed.label if t.closed else None)
@@ -371,7 +414,9 @@ class OrtRuntime:
                 out[i] = Answer(t.name, text, t.parse(text).label if t.closed else None)
         for start in range(0, len(batch), batch_size):
             chunk = batch[start : start + batch_size]
-            scored = self.score_embedded([e for _, e, _, _ in chunk], [c for _, _, c, _ in chunk])
+            scored = self.score_embedded(
+                [e for _, e, _, _ in chunk], [c for _, _, c, _ in chunk], [t.chooses_best for *_, t in chunk]
+            )
             for (i, _, cands, t), s in zip(chunk, scored, strict=True):
                 out[i] = _scored_answer(t, cands, s)
         return out  # type: ignore[return-value]
@@ -396,10 +441,10 @@ def check_graph_paths(bundle: Path, graph: str) -> None:
 
 def _scored_answer(task, candidates: list[str], scores: list[float]) -> Answer:
     """A scored answer: what the task chooses from its candidates' scores (a label task: the best one, and its
-    label), with every candidate's score."""
+    label), with the score of every candidate scored to the end (one ruled out by its bound is left out)."""
     text = task.choose(candidates, scores)
     label = task.parse_label(text) if task.closed else None
-    return Answer(task.name, text, label, dict(zip(candidates, scores, strict=True)))
+    return Answer(task.name, text, label, {c: s for c, s in zip(candidates, scores, strict=True) if s > -np.inf})
 
 
 def _common_prefix(embs: list[np.ndarray], start: int) -> int:

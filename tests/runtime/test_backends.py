@@ -86,12 +86,53 @@ def test_scoring_in_row_chunks_changes_no_score(runtime, face, monkeypatch):
         assert np.allclose(a, b, atol=1e-4)
 
 
+def test_label_answers_scored_branch_and_bound_equal_the_full_argmax(runtime, face, monkeypatch):
+    """A label task's answer teacher-forces only the candidates that can still win (a candidate's score is at
+    most its first token's log-probability), yet picks what scoring all of them picks; ECPE, whose answer
+    needs every set's score, scores all. The random model's next-token distribution is flat, so two
+    candidates' first tokens are lifted: the runner-up's bound then still beats the leader's complete score
+    (a second pass), the others' does not (never teacher-forced)."""
+    rows = []
+    real_continue, real_prefill = runtime._continue, runtime.prefill
+
+    def lifted_prefill(embs):
+        last, cache, mask = real_prefill(embs)
+        last = last.copy()
+        last[:, lead] += 30.0
+        last[:, runner_up] += 29.0
+        return last, cache, mask
+
+    monkeypatch.setattr(runtime, "prefill", lifted_prefill)
+    monkeypatch.setattr(
+        runtime,
+        "_continue",
+        lambda cand, r, c, m, todo, *a: rows.append(len(todo)) or real_continue(cand, r, c, m, todo, *a),
+    )
+    reqs = _requests(face) + [{"task": "mer", "query": TASKS["mer"].query(w)} for w in ("fine", "ugh")]
+    for r in reqs:
+        t, images = TASKS[r["task"]], r.get("images", [])
+        cands = t.candidates(r["query"])
+        lead, runner_up = (runtime.tok.encode(c, add_special_tokens=False).ids[0] for c in cands[-2:])
+        full = runtime.score(r["query"], cands, images)
+        rows.clear()
+        a = runtime.answer(r["task"], r["query"], images)
+        assert a.text == cands[int(np.argmax(full))] and a.text in cands[-2:]
+        assert rows == [1, 1]  # the leader, then the runner-up whose bound still reaches it; no other
+        assert sorted(a.scores) == sorted(cands[-2:])
+        for c, s in a.scores.items():
+            assert s == pytest.approx(full[cands.index(c)], abs=1e-4)
+        assert [b.text for b in runtime.answer_many([r])] == [a.text]
+    lead = runner_up = 0
+    q = TASKS["ecpe"].query([("neutral", "A", "hi"), ("joy", "B", "great news"), ("joy", "A", "yay")], 3)
+    assert len(runtime.answer("ecpe", q).scores) == len(TASKS["ecpe"].candidates(q))
+
+
 def test_answer_many_batches_and_isolates_a_bad_request(runtime, face, tmp_path, monkeypatch):
     reqs = _requests(face)
     bad = {"task": "fer", "query": reqs[1]["query"], "images": [str(tmp_path / "gone.png")]}
     calls = []
     real = runtime.score_embedded
-    monkeypatch.setattr(runtime, "score_embedded", lambda embs, cands: calls.append(len(embs)) or real(embs, cands))
+    monkeypatch.setattr(runtime, "score_embedded", lambda embs, *a: calls.append(len(embs)) or real(embs, *a))
     out = runtime.answer_many(reqs[:2] + [bad] + reqs[2:], batch_size=8)
     assert isinstance(out[2], RequestError) and "gone.png" in str(out[2])
     assert calls == [4]  # one batch: the bad image was refused before the prefill
