@@ -28,6 +28,8 @@ SCORE_ROWS = 32  # candidate continuations teacher-forced per decoder call (boun
 # one's bound still reaches the best complete score. The top label's later tokens ('.', 'ness') cost ~0 nats:
 # with 0, the release bundle needed a second pass in none of 100 MER and 100 FER test requests.
 PRUNE_MARGIN = 0.0
+# Graphs whose intra-op threads spin after a run (see OrtRuntime._open_graph); scripts/latency_ab.py varies it.
+SPINNING_GRAPHS = ("decoder",)
 
 
 def decoder_weight_bytes(bundle: Path, graphs: dict[str, str]) -> int:
@@ -92,7 +94,7 @@ class OrtRuntime:
         # Weight-only DequantizeLinear -> MatMul (the TensorRT INT4 form) computes in fp32 like the artifact;
         # onnxruntime's default when it fuses the pair into MatMulNBits (level 4) would round activations to int8
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-        if key != "decoder":
+        if key not in SPINNING_GRAPHS:
             # Each session has its own intra-op threads, which spin after a run; the vision and embedding
             # graphs' spinning threads then compete with the decoder's prefill that follows them for the same
             # cores (FER's prefill measured 74 ms after the vision graph vs 49 ms alone on 2 cores). The
