@@ -284,20 +284,27 @@ class OrtRuntime:
     def generate(self, query: str, images: list[str] = (), max_new_tokens: int = 32, allowed=None) -> str:
         return "".join(self.stream(query, images, max_new_tokens, allowed)).strip()
 
-    def score(self, query: str, candidates: list[str], images: list[str] = ()) -> list[float]:
-        """Sum log-probability of each candidate answer after the prompt."""
-        return self.score_batch([(query, candidates, list(images))])[0]
+    def score(self, query: str, candidates: list[str], images: list[str] = (), with_end: bool = False) -> list[float]:
+        """Sum log-probability of each candidate answer after the prompt (`with_end`: and of the end of the
+        answer after it)."""
+        return self.score_batch([(query, candidates, list(images))], with_end)[0]
 
-    def score_batch(self, items: list[tuple[str, list[str], list[str]]]) -> list[list[float]]:
+    def score_batch(self, items: list[tuple[str, list[str], list[str]]], with_end: bool = False) -> list[list[float]]:
         """Closed-label scoring of several requests at once: one prefill of all prompts (left-padded, so
         every prompt ends in the last column), then every candidate of every request in one batch over
         the prompts' KV cache."""
-        return self.score_embedded([self.embed(q, list(images)) for q, _, images in items], [c for _, c, _ in items])
+        embs = [self.embed(q, list(images)) for q, _, images in items]
+        return self.score_embedded(embs, [c for _, c, _ in items], None, [with_end] * len(items))
 
     def score_embedded(
-        self, embs: list[np.ndarray], candidates: list[list[str]], best_only: list[bool] | None = None
+        self,
+        embs: list[np.ndarray],
+        candidates: list[list[str]],
+        best_only: list[bool] | None = None,
+        with_end: list[bool] | None = None,
     ) -> list[list[float]]:
-        """Summed log-probability of every candidate of every prompt, from one prefill of all prompts.
+        """Summed log-probability of every candidate of every prompt, from one prefill of all prompts;
+        `with_end[i]`: request i's candidates are followed by the end of the answer (`Task.score_with_end`).
 
         `best_only[i]`: request i needs only its best candidate (a label task). Its candidates are then scored
         branch-and-bound: the first token's log-probability bounds a candidate's sum from above (each further
@@ -308,7 +315,12 @@ class OrtRuntime:
         first = _log_softmax(last)
         best_only = best_only or [False] * len(embs)
         rows = [i for i, cands in enumerate(candidates) for _ in cands]
-        cand = [self.tok.encode(c, add_special_tokens=False).ids for cands in candidates for c in cands]
+        with_end = with_end or [False] * len(embs)
+        cand = [
+            self.tok.encode(c, add_special_tokens=False).ids + ([self.eos] if with_end[i] else [])
+            for i, cands in enumerate(candidates)
+            for c in cands
+        ]
         bound = [float(first[r, c[0]]) for r, c in zip(rows, cand, strict=True)]
         full: list[float | None] = [b if len(c) == 1 else None for b, c in zip(bound, cand, strict=True)]
         top: dict[int, float] = {}
@@ -381,7 +393,7 @@ class OrtRuntime:
         images = list(images)
         if t.scored and mode == "score":
             cands = t.candidates(query)
-            scores = self.score_embedded([self.embed(query, images)], [cands], [t.chooses_best])[0]
+            scores = self.score_embedded([self.embed(query, images)], [cands], [t.chooses_best], [t.score_with_end])[0]
             return _scored_answer(t, cands, scores)
         text = self.generate(query, images, t.max_new_tokens, self.grammar_for(task, query))
         parsed = t.parse(text)
@@ -417,7 +429,10 @@ class OrtRuntime:
         for start in range(0, len(batch), batch_size):
             chunk = batch[start : start + batch_size]
             scored = self.score_embedded(
-                [e for _, e, _, _ in chunk], [c for _, _, c, _ in chunk], [t.chooses_best for *_, t in chunk]
+                [e for _, e, _, _ in chunk],
+                [c for _, _, c, _ in chunk],
+                [t.chooses_best for *_, t in chunk],
+                [t.score_with_end for *_, t in chunk],
             )
             for (i, _, cands, t), s in zip(chunk, scored, strict=True):
                 out[i] = _scored_answer(t, cands, s)

@@ -6,7 +6,7 @@ decision at several thresholds beside the "target + previous" rule, the single m
 well the marginals rank each position (AUC). Scores are cached in --scores, so a rerun only re-reads them.
 
     .venv/bin/python scripts/ecpe_decoding_dev.py --model models/emoverse-nano --data data/amt \
-        --scores runs/ecpe-dev/scores.jsonl --out docs/results/ecpe-decoding-dev.json   # ~10 min on 2 cores
+        --scores runs/ecpe-dev/scores-with-end.jsonl --out docs/results/ecpe-decoding-dev.json   # ~10 min on 2 cores
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ def score_dev(model: str, data: str, path: Path, precision: str) -> None:
     with open(path, "a", encoding="utf-8") as f, autocast:
         for chunk in _chunks(records, "score", 8):
             items = [(r.query, ecpe.candidates(r.query), list(r.images)) for r in chunk]
-            for r, (_, cands, _), scores in zip(chunk, items, rt.score_batch(items), strict=True):
+            for r, (_, cands, _), scores in zip(
+                chunk, items, rt.score_batch(items, with_end=ecpe.score_with_end), strict=True
+            ):
                 f.write(
                     json.dumps({"id": r.id, "query": r.query, "gold": r.response, "cands": cands, "scores": scores})
                 )
@@ -90,7 +92,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/emoverse-nano")
     ap.add_argument("--data", default="data/amt")
-    ap.add_argument("--scores", type=Path, default=Path("runs/ecpe-dev/scores.jsonl"))
+    ap.add_argument("--scores", type=Path, default=Path("runs/ecpe-dev/scores-with-end.jsonl"))
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     ap.add_argument("--out", type=Path, default=Path("docs/results/ecpe-decoding-dev.json"))
     a = ap.parse_args()

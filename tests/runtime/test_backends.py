@@ -66,6 +66,27 @@ def test_scores_equal_the_full_sequence_likelihood(runtime):
         assert s == pytest.approx(sum(lp[n - 1 + j, t] for j, t in enumerate(ids)), abs=1e-3)
 
 
+def test_candidates_scored_with_the_end_of_the_answer(runtime):
+    """ECPE's cause sets are scored as whole answers: each set's tokens and then end-of-answer, so the set {1}
+    no longer counts the probability of every answer that begins with it ({1, 2}, {1, 3}, ...)."""
+    ecpe = TASKS["ecpe"]
+    q = ecpe.query([("neutral", "A", "hi"), ("joy", "B", "great news"), ("joy", "A", "yay")], 3)
+    cands = ecpe.candidates(q)
+    assert ecpe.score_with_end and not TASKS["mer"].score_with_end
+    bare, ended = runtime.score(q, cands), runtime.score(q, cands, with_end=True)
+    prompt = runtime.embed(q, [])
+    for cand, b, e in zip(cands, bare, ended, strict=True):
+        ids = runtime.tok.encode(cand, add_special_tokens=False).ids
+        x = np.concatenate([prompt, runtime.token_embeds(np.array([ids]))[0]])[None]
+        logits, _ = runtime.forward(
+            x, np.ones((1, x.shape[1]), dtype=np.int64), runtime.empty_cache(1), [x.shape[1] - 1]
+        )
+        row = logits[0, -1]
+        end_lp = row[runtime.eos] - row.max() - np.log(np.exp(row - row.max()).sum())
+        assert e == pytest.approx(b + end_lp, abs=1e-3)
+    assert runtime.answer("ecpe", q).scores == pytest.approx(dict(zip(cands, ended, strict=True)), abs=1e-4)
+
+
 def test_batched_scoring_equals_one_by_one(runtime, face):
     reqs = _requests(face)
     items = [(r["query"], TASKS[r["task"]].candidates(r["query"]), r.get("images", [])) for r in reqs]

@@ -71,6 +71,10 @@ def test_shipped_recipes_parse():
     # the v2 release recipe: one more stage on top of the v1 release, with the face encoder
     cfg = load_config(TrainConfig, RECIPES / "nano-release-face.yaml")
     assert len(cfg.stages) == 1 and cfg.init_from and cfg.model.face_encoder == "mini-xception-fer2013"
+    # experiments on top of the v2 release (docs/history.md): one stage each, from the shipped release
+    for name in ("exp-v2-faces",):
+        cfg = load_config(TrainConfig, RECIPES / f"{name}.yaml")
+        assert len(cfg.stages) == 1 and cfg.init_from == "models/emoverse-nano"
 
 
 def test_ddp_two_cpu_processes(small_amt, tmp_path):
