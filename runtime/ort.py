@@ -18,7 +18,7 @@ import numpy as np
 
 from emoverse.artifacts import ArtifactError, verify
 from emoverse.imaging import load_pixels
-from emoverse.tasks import IMAGE_PLACEHOLDER, TASKS, get_task
+from emoverse.tasks import IMAGE_PLACEHOLDER, TASKS, Task, get_task
 
 RUNTIME_FORMAT = "emoverse-runtime/2"  # the decoder takes logits_index (export.bundle writes the same)
 TIED_FILE = "tied_embedding.bin"  # beside the graphs: a quantized tied table both embed and decoder read
@@ -284,40 +284,38 @@ class OrtRuntime:
     def generate(self, query: str, images: list[str] = (), max_new_tokens: int = 32, allowed=None) -> str:
         return "".join(self.stream(query, images, max_new_tokens, allowed)).strip()
 
-    def score(self, query: str, candidates: list[str], images: list[str] = (), with_end: bool = False) -> list[float]:
-        """Sum log-probability of each candidate answer after the prompt (`with_end`: and of the end of the
-        answer after it)."""
-        return self.score_batch([(query, candidates, list(images))], with_end)[0]
+    def score(self, query: str, candidates: list[str], images: list[str] = (), task: Task | None = None) -> list[float]:
+        """Sum log-probability of each candidate answer after the prompt (`task`: scored as that task's answers
+        are, see `score_embedded`)."""
+        return self.score_batch([(query, candidates, list(images))], task)[0]
 
-    def score_batch(self, items: list[tuple[str, list[str], list[str]]], with_end: bool = False) -> list[list[float]]:
+    def score_batch(self, items: list[tuple[str, list[str], list[str]]], task: Task | None = None) -> list[list[float]]:
         """Closed-label scoring of several requests at once: one prefill of all prompts (left-padded, so
         every prompt ends in the last column), then every candidate of every request in one batch over
         the prompts' KV cache."""
         embs = [self.embed(q, list(images)) for q, _, images in items]
-        return self.score_embedded(embs, [c for _, c, _ in items], None, [with_end] * len(items))
+        return self.score_embedded(embs, [c for _, c, _ in items], [task] * len(items))
 
     def score_embedded(
-        self,
-        embs: list[np.ndarray],
-        candidates: list[list[str]],
-        best_only: list[bool] | None = None,
-        with_end: list[bool] | None = None,
+        self, embs: list[np.ndarray], candidates: list[list[str]], tasks: list[Task | None] | None = None
     ) -> list[list[float]]:
-        """Summed log-probability of every candidate of every prompt, from one prefill of all prompts;
-        `with_end[i]`: request i's candidates are followed by the end of the answer (`Task.score_with_end`).
+        """Summed log-probability of every candidate of every prompt, from one prefill of all prompts, each
+        request's candidates scored as its task says (`tasks[i]`; None: every candidate as given, to its end).
 
-        `best_only[i]`: request i needs only its best candidate (a label task). Its candidates are then scored
+        `Task.score_with_end`: each candidate is followed by the end of the answer. `Task.chooses_best`: the
+        request needs only its best candidate (a label task), so its candidates are scored
         branch-and-bound: the first token's log-probability bounds a candidate's sum from above (each further
         token adds a log-probability <= 0), so only candidates whose bound reaches the best complete score
         are teacher-forced to the end; the others are returned as -inf (they cannot win). The argmax is the
         same as scoring all; MER's 7 labels cost one continuation row instead of 7 in almost every request."""
         last, cache, mask = self.prefill(embs)
         first = _log_softmax(last)
-        best_only = best_only or [False] * len(embs)
+        tasks = tasks or [None] * len(embs)
+        best_only = [t is not None and t.chooses_best for t in tasks]
+        end = [[self.eos] if t is not None and t.score_with_end else [] for t in tasks]
         rows = [i for i, cands in enumerate(candidates) for _ in cands]
-        with_end = with_end or [False] * len(embs)
         cand = [
-            self.tok.encode(c, add_special_tokens=False).ids + ([self.eos] if with_end[i] else [])
+            self.tok.encode(c, add_special_tokens=False).ids + end[i]
             for i, cands in enumerate(candidates)
             for c in cands
         ]
@@ -393,8 +391,7 @@ class OrtRuntime:
         images = list(images)
         if t.scored and mode == "score":
             cands = t.candidates(query)
-            scores = self.score_embedded([self.embed(query, images)], [cands], [t.chooses_best], [t.score_with_end])[0]
-            return _scored_answer(t, cands, scores)
+            return _scored_answer(t, cands, self.score(query, cands, images, t))
         text = self.generate(query, images, t.max_new_tokens, self.grammar_for(task, query))
         parsed = t.parse(text)
         return Answer(task, text, parsed.label if t.closed else None)
@@ -429,10 +426,7 @@ class OrtRuntime:
         for start in range(0, len(batch), batch_size):
             chunk = batch[start : start + batch_size]
             scored = self.score_embedded(
-                [e for _, e, _, _ in chunk],
-                [c for _, _, c, _ in chunk],
-                [t.chooses_best for *_, t in chunk],
-                [t.score_with_end for *_, t in chunk],
+                [e for _, e, _, _ in chunk], [c for _, _, c, _ in chunk], [t for *_, t in chunk]
             )
             for (i, _, cands, t), s in zip(chunk, scored, strict=True):
                 out[i] = _scored_answer(t, cands, s)

@@ -45,9 +45,7 @@ def score_dev(model: str, data: str, path: Path, precision: str) -> None:
     with open(path, "a", encoding="utf-8") as f, autocast:
         for chunk in _chunks(records, "score", 8):
             items = [(r.query, ecpe.candidates(r.query), list(r.images)) for r in chunk]
-            for r, (_, cands, _), scores in zip(
-                chunk, items, rt.score_batch(items, with_end=ecpe.score_with_end), strict=True
-            ):
+            for r, (_, cands, _), scores in zip(chunk, items, rt.score_batch(items, ecpe), strict=True):
                 f.write(
                     json.dumps({"id": r.id, "query": r.query, "gold": r.response, "cands": cands, "scores": scores})
                 )

@@ -73,7 +73,7 @@ def test_candidates_scored_with_the_end_of_the_answer(runtime):
     q = ecpe.query([("neutral", "A", "hi"), ("joy", "B", "great news"), ("joy", "A", "yay")], 3)
     cands = ecpe.candidates(q)
     assert ecpe.score_with_end and not TASKS["mer"].score_with_end
-    bare, ended = runtime.score(q, cands), runtime.score(q, cands, with_end=True)
+    bare, ended = runtime.score(q, cands), runtime.score(q, cands, task=ecpe)
     prompt = runtime.embed(q, [])
     for cand, b, e in zip(cands, bare, ended, strict=True):
         ids = runtime.tok.encode(cand, add_special_tokens=False).ids
