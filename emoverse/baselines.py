@@ -154,20 +154,26 @@ def face_probe(records: list[Record], train: list[Record]) -> dict[str, str]:
     return fer_probe(records, train, encoder="face")
 
 
+def linear_probe(features, labels: list[str]):
+    """The probe's classifier (standardised features, L2 logistic regression), fitted: the face-probe
+    baseline and the model's fitted face-probe token (`train/face_probe.py`) share it."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.1)).fit(features, labels)
+
+
 def fer_probe(records: list[Record], train: list[Record], encoder: str = "scene") -> dict[str, str]:
     """Logistic regression on frozen mean-pooled features of the FER training faces; each test face gets the
     most probable label among those its query offers."""
     import numpy as np
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     todo = [r for r in records if r.task == "fer" and r.images]
     if not todo:
         return {}
     rows = [r for r in _need_train(train, "fer", "fer-probe") if r.images and r.label]
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.1))
-    clf.fit(image_features([r.images[0] for r in rows], encoder=encoder), [r.label for r in rows])
+    clf = linear_probe(image_features([r.images[0] for r in rows], encoder=encoder), [r.label for r in rows])
     proba = clf.predict_proba(image_features([r.images[0] for r in todo], encoder=encoder))
     classes = list(clf.classes_)
     fer = TASKS["fer"]

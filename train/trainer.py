@@ -45,7 +45,9 @@ class StageConfig:
     steps: int = 100
     lr: float = 2e-4
     warmup_steps: int = 10
-    task_weights: dict[str, float] = field(default_factory=lambda: {"msa": 1.0})
+    # empty by default: OmegaConf merges a recipe's mapping into the default one, so a non-empty default
+    # would add its tasks to every stage that does not name them
+    task_weights: dict[str, float] = field(default_factory=dict)
     max_minutes: float | None = None  # CPU time budget: the stage ends early (checkpointed) when spent
 
 
@@ -72,8 +74,11 @@ class TrainConfig:
     # Start from a trained model's LoRA + projector (an adapter-form release, or a run's checkpoint folder)
     # instead of fresh adapters; parameters it lacks (e.g. a newly added face projector) keep their init.
     init_from: str | None = None
+    # false: LoRA is held as init_from left it and only the projector trains, so text-only answers stay
+    # exactly the parent's (a vision-path stage; the release's text results carry over unchanged)
+    train_lora: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
-    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(task_weights={"msa": 1.0})])
 
 
 def _dist() -> tuple[int, int]:
@@ -114,9 +119,10 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         torch.manual_seed(cfg.seed)
         self.model = EmoVerse.build(cfg.model)
-        self.model.freeze_base()
+        self.model.freeze_base(train_lora=cfg.train_lora)
         self.params = self.model.trainable_parameters()
         self.init_info = self._init_from(Path(cfg.init_from)) if cfg.init_from else None
+        self.face_probe_info = self._fit_face_probe()
         self.data, self.dropped = self._encode_train_records()
         self._orders: dict[str, list[int]] = {}
 
@@ -154,6 +160,21 @@ class Trainer:
                 "new_parameters": sorted(new),
             }
         raise FileNotFoundError(f"{src}: init_from needs an adapter-form release or a checkpoint folder")
+
+    def _fit_face_probe(self) -> dict | None:
+        """Fit the face-probe token on the FER training faces when the model has one that init_from did not
+        bring (a resumed run then reads the same weights back from its checkpoint)."""
+        probe = self.model.projector.face_probe
+        if probe is None or probe.weight.any():
+            return None
+        from emoverse.train.face_probe import fit_face_probe
+
+        path = Path(self.cfg.data) / "fer" / "train.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: the face probe is fitted on the FER train records (run `emoverse data build`)"
+            )
+        return fit_face_probe(self.model, load_records(path))
 
     # -- data ------------------------------------------------------------------------------------
     def _encode_train_records(self) -> tuple[dict[str, list[Encoded]], dict[str, int]]:
@@ -264,8 +285,9 @@ class Trainer:
 
     # -- loop ------------------------------------------------------------------------------------
     def _optimizer(self, stage: StageConfig):
-        proj = [p for n, p in self.params.items() if n.startswith("projector.")]
-        rest = [p for n, p in self.params.items() if not n.startswith("projector.")]
+        updated = {n: p for n, p in self.params.items() if p.requires_grad}  # not the fitted probe, nor frozen LoRA
+        proj = [p for n, p in updated.items() if n.startswith("projector.")]
+        rest = [p for n, p in updated.items() if not n.startswith("projector.")]
         groups = [
             {"params": rest, "lr": stage.lr},
             {"params": proj, "lr": stage.lr * self.cfg.projector_lr_scale},
@@ -323,7 +345,7 @@ class Trainer:
                 loss = self.loss(net, batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_([p for p in self.params.values() if p.requires_grad], cfg.grad_clip)
                 opt.step()
                 sched.step()
                 n_tok = int(batch["attention_mask"].sum()) * self.world
@@ -379,11 +401,22 @@ class Trainer:
             overwrite=True,
             producer={"stage": "train", "recipe": asdict(self.cfg)},
             inputs={"data": data_manifest},
-            extra={"training": stats, "dropped_too_long": self.dropped, "init_from": self.init_info},
+            extra={
+                "training": stats,
+                "dropped_too_long": self.dropped,
+                "init_from": self.init_info,
+                "face_probe": self.face_probe_info,
+            },
         )
         atomic_write_json(
             self.out / "train_summary.json",
-            {"model": str(out), **stats, "dropped_too_long": self.dropped, "init_from": self.init_info},
+            {
+                "model": str(out),
+                **stats,
+                "dropped_too_long": self.dropped,
+                "init_from": self.init_info,
+                "face_probe": self.face_probe_info,
+            },
         )
         return out
 

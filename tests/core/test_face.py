@@ -134,3 +134,80 @@ def test_face_model_bundle_answers_image_requests_like_pytorch(model, face, tmp_
     want = model.eval().score(query, ["Happy.", "Anger."], [face])
     got = fp32.score(query, ["Happy.", "Anger."], [face])
     assert got == pytest.approx(want, abs=1e-3)
+
+
+def test_face_probe_token_is_the_fitted_probe_as_a_soft_word(tmp_path):
+    """The face-probe token: the fitted linear probe (folded standardisation + logistic regression) over the
+    face grid, as a soft word over the FER label words; the layer gives sklearn's own probabilities, labels no
+    training face has get ~0, and it never trains (LoRA too, with train_lora=False)."""
+    from PIL import Image
+
+    from emoverse.model import FACE_PROBE_LABELS
+    from emoverse.records import Record
+    from emoverse.train.face_probe import ABSENT_LOGIT, face_grid_features, fit_face_probe
+
+    torch.manual_seed(0)
+    m = EmoVerse.build(ModelConfig(**TINY_FACE, face_probe_token=True))
+    assert m.cfg.n_visual == 4 + 4 + 1 + 1
+    assert not m.projector.face_probe.weight.any()  # unfitted until fit_face_probe
+    rng = np.random.default_rng(0)
+    records = []
+    for i, label in enumerate(["happy", "anger", "surprise"] * 4):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(path)
+        records.append(
+            Record(
+                id=f"r{i}",
+                task="fer",
+                source="t",
+                split="train",
+                query="q",
+                response="r",
+                label=label,
+                images=[str(path)],
+            )
+        )
+    info = fit_face_probe(m, records)
+    assert info["records"] == 12 and info["classes"] == ["anger", "happy", "surprise"]
+
+    from emoverse.baselines import linear_probe
+
+    feats = face_grid_features(m, [r.images[0] for r in records])
+    want = linear_probe(feats, [r.label for r in records]).predict_proba(feats)
+    with torch.no_grad():
+        got = m.projector.face_probe(torch.from_numpy(feats)).softmax(-1).numpy()
+    cols = [FACE_PROBE_LABELS.index(c) for c in info["classes"]]
+    assert np.abs(got[:, cols] - want).max() < 1e-4
+    assert (m.projector.face_probe.bias[FACE_PROBE_LABELS.index("neutral")] == ABSENT_LOGIT).all()
+
+    # the last visual token is that distribution over the LLM's embeddings of the label words
+    table = m.llm.get_input_embeddings().weight
+    ids = [m.tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in FACE_PROBE_LABELS]
+    px = torch.from_numpy(
+        np.stack([m.prompts.pixels(mr) for mr in m.prompts.encode("<image> q", None, records[0].images, []).media])
+    )
+    with torch.no_grad():
+        token = m.projector(m.vision_features(px))[:, -1]
+        probs = m.projector.face_probe(torch.from_numpy(face_grid_features(m, records[0].images))).softmax(-1)
+    assert torch.allclose(token, probs @ table[ids], atol=1e-5)
+
+    m.freeze_base(train_lora=False)
+    trainable = {n for n, p in m.trainable_parameters().items() if p.requires_grad}
+    assert "projector.face_probe_word.weight" in trainable and "projector.face_fc1.weight" in trainable
+    assert not any("lora_" in n or n.startswith("projector.face_probe.") for n in trainable)
+    assert "projector.face_probe.weight" in m.trainable_parameters()  # still saved with the adapter
+
+    # the fitted probe travels through save/load and the vision graph like the rest of the projector
+    import onnxruntime as ort
+
+    from emoverse.export.onnx_export import export_all
+
+    m.save(tmp_path / "full", producer={"stage": "test"})
+    again = EmoVerse.load(tmp_path / "full")
+    assert torch.equal(again.projector.face_probe.weight, m.projector.face_probe.weight)
+    paths = export_all(m, tmp_path / "onnx")
+    got = ort.InferenceSession(str(paths["vision"])).run(None, {"pixels": px.numpy()})[0]
+    with torch.no_grad():
+        ref = m.projector(m.vision_features(px)).numpy()
+    assert got.shape == ref.shape == (1, 10, m.llm.config.hidden_size)
+    assert np.abs(got - ref).max() < 1e-4

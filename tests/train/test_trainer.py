@@ -77,6 +77,16 @@ def test_shipped_recipes_parse():
         assert len(cfg.stages) == 1 and cfg.init_from == "models/emoverse-nano"
 
 
+def test_a_stage_trains_exactly_the_tasks_its_recipe_names():
+    """A stage's task_weights replace the default mix (OmegaConf merges mappings: a default {msa: 1} once
+    added MSA to every stage that did not name it)."""
+    cfg = load_config(TrainConfig, {"stages": [{"name": "s", "task_weights": {"fer": 1.0}}]})
+    assert cfg.stages[0].task_weights == {"fer": 1.0}
+    assert load_config(TrainConfig, None).stages[0].task_weights == {"msa": 1.0}
+    cfg = load_config(TrainConfig, RECIPES / "nano-release-probe.yaml")
+    assert cfg.stages[0].task_weights == {"fer": 1.0} and cfg.train_lora is False and cfg.model.face_probe_token
+
+
 def test_ddp_two_cpu_processes(small_amt, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -134,3 +144,38 @@ def test_init_from_a_release_keeps_its_weights_and_adds_a_face_projector(small_a
 
     with pytest.raises(ValueError, match="do not fit"):
         Trainer(tiny_config(small_amt, tmp_path / "c", init_from=tmp_path / "parent", **{"model.lora_r": 2}))
+
+
+def test_a_projector_only_stage_fits_the_face_probe_and_holds_lora(amt_dir, tmp_path, tiny_config):
+    """train_lora: false with a face-probe token: the probe is fitted on the FER train faces before step 1 and
+    never changes, LoRA stays the parent's bit for bit (text-only answers unchanged), the projector trains."""
+    import torch
+    from safetensors.torch import load_file
+
+    from emoverse.model import EmoVerse
+    from emoverse.train.release import last_checkpoint
+
+    face = {"model.face_encoder": "mini-xception-random", "model.face_grid": 2, "model.face_label_token": True}
+    parent = EmoVerse.build(tiny_config(amt_dir, tmp_path / "a", **face).model)
+    parent.freeze_base()
+    with torch.no_grad():
+        for p in parent.trainable_parameters().values():
+            p.add_(torch.randn_like(p) * 0.05)
+    parent.save_adapter(tmp_path / "parent", producer={"stage": "test"})
+    over = {
+        **face,
+        "model.face_probe_token": True,
+        "train_lora": False,
+        "init_from": tmp_path / "parent",
+        "stages": "[{name: s, steps: 2, lr: 0.01, warmup_steps: 1, task_weights: {fer: 1.0}}]",
+    }
+    child = Trainer(tiny_config(amt_dir, tmp_path / "b", **over))
+    assert child.face_probe_info["records"] > 0
+    fitted = child.model.projector.face_probe.weight.detach().clone()
+    assert fitted.any()
+    train(child.cfg)
+    weights = load_file(last_checkpoint(tmp_path / "b") / "trainable.safetensors")
+    want = parent.trainable_parameters()
+    assert all(torch.equal(weights[k], v) for k, v in want.items() if "lora_" in k)
+    assert torch.equal(weights["projector.face_probe.weight"], fitted)
+    assert not torch.equal(weights["projector.face_fc1.weight"], want["projector.face_fc1.weight"])
