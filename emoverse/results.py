@@ -38,38 +38,6 @@ TARGETS = {
 MODEL_SYSTEM = "emoverse/score"  # closed tasks and ECPE by scoring candidates; ERI generated
 
 
-def _carried(spec: str) -> tuple[dict, dict]:
-    """`RESULTS.json::ecpe,eri` -> those tasks' rows of an earlier results file as eval metrics, and the source
-    entry that says so. For a release whose answers on those tasks are the same as the one measured there (e.g.
-    a vision-only stage: text-only requests never read what changed); the entry keeps the earlier evals."""
-    path, _, names = spec.partition("::")
-    tasks = [t for t in names.split(",") if t]
-    unknown = [t for t in tasks if t not in TASKS]
-    if not tasks or unknown:
-        raise ValueError(f"{spec}: name the tasks to carry after '::' (known: {', '.join(TASKS)})")
-    old = json.loads(Path(path).read_text(encoding="utf-8"))
-    if "rows" not in old:
-        raise ValueError(f"{path}: not a results file (`emoverse results --out`); carry rows from one")
-    m: dict = {"results": {}, "ci": {}}
-    limits: dict[str, int | None] = {}
-    for row in old["rows"]:
-        if row["task"] not in tasks:
-            continue
-        key = f"{row['group']}.{row['metric']}"
-        n_key = f"{row['group']}.label_n" if row["metric"] == "label_accuracy" else f"{row['group']}.n"
-        for system, cell in row["systems"].items():
-            m["results"].setdefault(system, {})[key] = cell["value"]
-            m["ci"].setdefault(system, {})[key] = cell["ci"]
-        m["results"].setdefault(old["model_system"], {})[n_key] = row["n"]
-        limits[row["task"]] = row.get("sample_limit")
-    missing = [t for t in tasks if t not in limits]
-    if missing:
-        raise ValueError(f"{path}: no rows for {', '.join(missing)} to carry")
-    evals = [e for e in old.get("evals", []) if any(k.split("/")[0] in tasks for k in e.get("records") or {})]
-    source = {"path": path, "carried_tasks": tasks, "carried_from": evals, "sample_limit": limits}
-    return m, source
-
-
 def build(
     metrics_paths: list[str | os.PathLike], *, model_system: str = MODEL_SYSTEM, command: str | None = None
 ) -> dict:
@@ -77,14 +45,6 @@ def build(
     sources = []
     sample_of: dict[str, int | None] = {}  # task -> --limit per source of its eval (None: the full split)
     for p in metrics_paths:
-        if "::" in str(p):  # RESULTS.json::task,...: rows carried from an earlier results file
-            m, source = _carried(str(p))
-            sources.append(source)
-            sample_of.update(source["sample_limit"])
-            for system, res in m["results"].items():
-                merged["results"].setdefault(system, {}).update(res)
-                merged["ci"].setdefault(system, {}).update(m["ci"].get(system, {}))
-            continue
         m = json.loads(Path(p).read_text(encoding="utf-8"))
         sources.append(
             {
@@ -189,13 +149,6 @@ def markdown(res: dict) -> str:
     sampled = _sampled(res)
     if sampled:
         lines.append(f"† {sampled}; every other row is the full test split.")
-    for e in res.get("evals", []):
-        if e.get("carried_tasks"):
-            models = sorted({str((c.get("model") or {}).get("spec")) for c in e.get("carried_from", [])})
-            lines.append(
-                f"{', '.join(t.upper() for t in e['carried_tasks'])}: rows carried from {e['path']} (evals of "
-                f"{', '.join(models)}), whose answers on these tasks this model shares."
-            )
     lines.append("")
     return "\n".join(lines)
 

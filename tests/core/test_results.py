@@ -47,23 +47,6 @@ def test_results_label_sampled_evals(tmp_path):
     assert "mer: a seeded random sample of at most 100 test records per source" in results.markdown(res)
 
 
-def test_rows_carried_from_an_earlier_results_file_equal_the_original_rows(tmp_path):
-    """`old.json::mer` brings that task's rows back unchanged (values, CIs, n, verdicts), says so in the
-    evals and the table, and refuses an unnamed or absent task."""
-    first = tmp_path / "a"
-    first.mkdir()
-    old, _ = results.write(results.build([_metrics(first)]), tmp_path / "old.json")
-    res = results.build([f"{old}::mer"])
-    before = json.loads(old.read_text())["rows"]
-    assert json.loads(json.dumps(res["rows"])) == before
-    assert res["evals"][0]["carried_tasks"] == ["mer"] and res["evals"][0]["carried_from"]
-    assert "MER: rows carried from" in results.markdown(res)
-    with pytest.raises(ValueError, match="name the tasks"):
-        results.build([f"{old}::"])
-    with pytest.raises(ValueError, match="no rows for ecpe"):
-        results.build([f"{old}::ecpe"])
-
-
 def test_readme_table_matches_the_results_files():
     """README's results table is exactly what `emoverse results --readme` generates from docs/results."""
     from pathlib import Path

@@ -72,7 +72,7 @@ def test_shipped_recipes_parse():
     cfg = load_config(TrainConfig, RECIPES / "nano-release-face.yaml")
     assert len(cfg.stages) == 1 and cfg.init_from and cfg.model.face_encoder == "mini-xception-fer2013"
     # experiments on top of the v2 release (docs/history.md): one stage each, from the shipped release
-    for name in ("exp-v2-faces",):
+    for name in ("exp-v2-faces", "exp-v2-probe"):
         cfg = load_config(TrainConfig, RECIPES / f"{name}.yaml")
         assert len(cfg.stages) == 1 and cfg.init_from == "models/emoverse-nano"
 
@@ -83,7 +83,7 @@ def test_a_stage_trains_exactly_the_tasks_its_recipe_names():
     cfg = load_config(TrainConfig, {"stages": [{"name": "s", "task_weights": {"fer": 1.0}}]})
     assert cfg.stages[0].task_weights == {"fer": 1.0}
     assert load_config(TrainConfig, None).stages[0].task_weights == {"msa": 1.0}
-    cfg = load_config(TrainConfig, RECIPES / "nano-release-probe.yaml")
+    cfg = load_config(TrainConfig, RECIPES / "exp-v2-probe.yaml")
     assert cfg.stages[0].task_weights == {"fer": 1.0} and cfg.train_lora is False and cfg.model.face_probe_token
 
 
