@@ -51,7 +51,8 @@ class ModelConfig:
     # logistic regression on the FER training faces before training, then frozen) as a soft word over the FER
     # task's label words. Why: SGD through the LLM fits the training subjects' faces (CK+ train 0.97) and
     # generalises worse (test 0.83) than the L2-regularised probe on the same features (0.93); a fitted, frozen
-    # probe gives the LLM a signal whose train-time reliability is close to its test-time one.
+    # probe gives the LLM a signal whose train-time reliability is close to its test-time one. Measured, not in
+    # the release: CK+ +4.5 points but FER2013 -1.4 to -2.0 (docs/history.md).
     face_probe_token: bool = False
     max_video_frames: int = 4
     max_length: int = 2048  # ECF prompts reach ~1,500 tokens; SmolLM2 reads 8,192

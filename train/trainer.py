@@ -75,7 +75,7 @@ class TrainConfig:
     # instead of fresh adapters; parameters it lacks (e.g. a newly added face projector) keep their init.
     init_from: str | None = None
     # false: LoRA is held as init_from left it and only the projector trains, so text-only answers stay
-    # exactly the parent's (a vision-path stage; the release's text results carry over unchanged)
+    # exactly the parent's (a vision-path stage: the parent's text results still hold)
     train_lora: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(task_weights={"msa": 1.0})])
