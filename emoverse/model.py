@@ -306,6 +306,11 @@ class AffectiveProjector(nn.Module):
             nn.init.zeros_(self.face_probe.bias)
             self.face_probe_word = nn.Linear(face_probe_labels, hidden, bias=False)
 
+    def face_cells(self, feats: torch.Tensor) -> torch.Tensor:
+        """(N, F) frozen features -> (N, face_grid^2 * FACE_DIM) the face grid's part (what the probe reads)."""
+        n_scene = self.grid * self.grid * self.in_dim
+        return feats[:, n_scene : n_scene + self.face_grid * self.face_grid * FACE_DIM]
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:  # (N, F) -> (N, n_visual, hidden)
         n = feats.shape[0]
         n_scene = self.grid * self.grid * self.in_dim
@@ -319,7 +324,7 @@ class AffectiveProjector(nn.Module):
                 probs = feats[:, n_scene + n_cells : n_scene + n_cells + len(FER2013_LABELS)].softmax(dim=-1)
                 tokens.append(self.face_label(probs).unsqueeze(1))
             if self.face_probe is not None:
-                probs = self.face_probe(feats[:, n_scene : n_scene + n_cells]).softmax(dim=-1)
+                probs = self.face_probe(self.face_cells(feats)).softmax(dim=-1)
                 tokens.append(self.face_probe_word(probs).unsqueeze(1))
         return torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
 

@@ -9,9 +9,8 @@ import numpy as np
 import torch
 
 from emoverse.baselines import linear_probe
-from emoverse.face import FACE_DIM
 from emoverse.imaging import load_pixels
-from emoverse.model import FACE_PROBE_LABELS, VISION_DIM, EmoVerse
+from emoverse.model import FACE_PROBE_LABELS, EmoVerse
 from emoverse.records import Record
 
 ABSENT_LOGIT = -30.0  # a label no training face has: probability ~1e-13, finite for every backend
@@ -19,13 +18,10 @@ ABSENT_LOGIT = -30.0  # a label no training face has: probability ~1e-13, finite
 
 def face_grid_features(model: EmoVerse, paths: list[str], batch: int = 64) -> np.ndarray:
     """(N, face_grid^2 * FACE_DIM) the frozen face grid of each image, in the projector's layout."""
-    cfg = model.cfg
-    start = cfg.visual_grid * cfg.visual_grid * VISION_DIM
-    stop = start + cfg.face_grid * cfg.face_grid * FACE_DIM
     out = []
     for i in range(0, len(paths), batch):
-        px = torch.from_numpy(np.stack([load_pixels(p, cfg.image_size) for p in paths[i : i + batch]]))
-        out.append(model.vision_features(px)[:, start:stop].float().numpy())
+        px = torch.from_numpy(np.stack([load_pixels(p, model.cfg.image_size) for p in paths[i : i + batch]]))
+        out.append(model.projector.face_cells(model.vision_features(px)).float().numpy())
     return np.concatenate(out)
 
 
