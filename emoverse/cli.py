@@ -88,6 +88,7 @@ def _eval(a: argparse.Namespace) -> int:
         missing_media=a.missing_media,
         batch_size=a.batch_size,
         precision=a.precision,
+        device=a.device,
     )
     print(format_table(metrics))
     print(f"wrote {Path(a.out) / 'metrics.json'} and {Path(a.out) / 'predictions.jsonl'}")
@@ -313,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["fp32", "bf16"],
         default="fp32",
         help="fp32 (default, the reference numerics) or bf16 autocast (about 2x faster where the CPU has it)",
+    )
+    e.add_argument(
+        "--device",
+        default="cpu",
+        help="where the PyTorch model runs: cpu (default, the reference) or cuda (a GPU machine; bundles "
+        "choose devices through their providers)",
     )
     e.add_argument(
         "--missing-media",

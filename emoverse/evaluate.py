@@ -104,10 +104,10 @@ class Predictor:
         return [a.text for a in answers]
 
 
-def _load_runtime(spec: str):
+def _load_runtime(spec: str, device: str = "cpu"):
     if spec == ZERO_SHOT:
-        return TorchRuntime(None, model=EmoVerse.build(ModelConfig(), lora=False))
-    return open_runtime(spec, "auto")
+        return TorchRuntime(None, model=EmoVerse.build(ModelConfig(), lora=False), device=device)
+    return open_runtime(spec, "auto", device=device)
 
 
 def _chunks(records: list[Record], mode: str, size: int) -> list[list[Record]]:
@@ -204,6 +204,7 @@ def evaluate(
     missing_media: str = "error",
     batch_size: int = 8,
     precision: str = "fp32",
+    device: str = "cpu",
 ) -> dict:
     import contextlib
 
@@ -214,7 +215,8 @@ def evaluate(
             f"precision={precision!r}: use fp32 (the reference) or bf16 (autocast; faster on CPUs with "
             "AVX-512 BF16 or AMX)"
         )
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    dev_type = torch.device(device).type
+    autocast = torch.autocast(dev_type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
     if threads:
         torch.set_num_threads(threads)
@@ -239,7 +241,7 @@ def evaluate(
         name = "zero-shot" if model == ZERO_SHOT else "emoverse"
         with autocast:
             systems.update(
-                _run_model(name, _load_runtime(model), records, modes, partial, done, batch_size, missing_media)
+                _run_model(name, _load_runtime(model, device), records, modes, partial, done, batch_size, missing_media)
             )
     baselines = baselines or []
     if model is None and not baselines:
@@ -249,7 +251,7 @@ def evaluate(
             systems.update(
                 _run_model(
                     "zero-shot",
-                    _load_runtime(ZERO_SHOT),
+                    _load_runtime(ZERO_SHOT, device),
                     records,
                     modes,
                     partial,
@@ -302,6 +304,7 @@ def evaluate(
         "seed": seed,
         "missing_media": missing_media,
         "precision": precision,
+        "device": device if dev_type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
         "records": dict(sorted(Counter(f"{r.task}/{r.source}" for r in records).items())),
         "results": {s: _drop_generated_only(s, compute_metrics(records, p)) for s, p in systems.items()},
         "ci": {s: _drop_generated_only(s, compute_cis(records, p)) for s, p in systems.items()},

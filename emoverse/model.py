@@ -400,13 +400,18 @@ class EmoVerse(nn.Module):
             fitted = n.startswith("projector.face_probe.")
             p.requires_grad_(_is_adapter(n) and not fitted and (train_lora or "lora_" not in n))
 
+    @property
+    def device(self) -> torch.device:
+        """Where the LLM's weights are (inputs built on the CPU are moved there)."""
+        return self.llm.get_input_embeddings().weight.device
+
     # -- vision ----------------------------------------------------------------------------------
     @torch.no_grad()
     def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) normalised images -> (N, F) pooled frozen features (see `frozen_features`)."""
         if self.vision is None:
             raise ValueError("this model has no vision encoder (vision: none) but the input has images")
-        return frozen_features(self.vision, self.face, pixels, self.cfg)
+        return frozen_features(self.vision, self.face, pixels.to(self.device), self.cfg)
 
     def media_features(self, media: list, cache: bool = False) -> torch.Tensor:
         """Frozen features for MediaRefs, cached by key when asked (the encoder never changes in training)."""
@@ -425,7 +430,8 @@ class EmoVerse(nn.Module):
     def embed(
         self, input_ids: torch.Tensor, visual_mask: torch.Tensor, media: list, cache: bool = False
     ) -> torch.Tensor:
-        embeds = self.llm.get_input_embeddings()(input_ids)
+        embeds = self.llm.get_input_embeddings()(input_ids.to(self.device))
+        visual_mask = visual_mask.to(self.device)
         if media:
             vis = self.projector(self.media_features(media, cache=cache)).reshape(-1, embeds.shape[-1])
             if int(visual_mask.sum()) != vis.shape[0]:
@@ -465,8 +471,8 @@ class EmoVerse(nn.Module):
         embeds = [self.embed(torch.tensor([e.input_ids]), torch.tensor([e.visual_mask]), e.media)[0] for e in encs]
         width = max(e.shape[0] for e in embeds)
         hidden = embeds[0].shape[-1]
-        batch = torch.zeros(len(embeds), width, hidden, dtype=embeds[0].dtype)
-        mask = torch.zeros(len(embeds), width, dtype=torch.long)
+        batch = torch.zeros(len(embeds), width, hidden, dtype=embeds[0].dtype, device=self.device)
+        mask = torch.zeros(len(embeds), width, dtype=torch.long, device=self.device)
         for i, e in enumerate(embeds):
             batch[i, width - e.shape[0] :] = e
             mask[i, width - e.shape[0] :] = 1
@@ -494,27 +500,28 @@ class EmoVerse(nn.Module):
         embeds = [self.embed(torch.tensor([e.input_ids]), torch.tensor([e.visual_mask]), e.media)[0] for e in encs]
         lengths = [e.shape[0] for e in embeds]
         width = max(lengths)
-        x = torch.zeros(len(embeds), width, embeds[0].shape[-1], dtype=embeds[0].dtype)
-        mask = torch.zeros(len(embeds), width, dtype=torch.long)
+        x = torch.zeros(len(embeds), width, embeds[0].shape[-1], dtype=embeds[0].dtype, device=self.device)
+        mask = torch.zeros(len(embeds), width, dtype=torch.long, device=self.device)
         for i, e in enumerate(embeds):
             x[i, width - e.shape[0] :] = e
             mask[i, width - e.shape[0] :] = 1
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         out = self.llm(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        first = out.logits[:, -1].float().log_softmax(-1)
+        first = out.logits[:, -1].float().log_softmax(-1).cpu()
         cands = [[self.tokenizer.encode(c, add_special_tokens=False) for c in cs] for _, cs, _, _ in requests]
         scores = [[float(first[i, c[0]]) for c in cl] for i, cl in enumerate(cands)]
         rows = [(i, j) for i, cl in enumerate(cands) for j, c in enumerate(cl) if len(c) > 1]
         if rows:
             longest = max(len(cands[i][j]) for i, j in rows)
             cache = out.past_key_values
-            cache.batch_select_indices(torch.tensor([i for i, _ in rows]))
+            cache.batch_select_indices(torch.tensor([i for i, _ in rows], device=self.device))
             pad = self.tokenizer.pad_token_id
             rest = torch.tensor([cands[i][j][:-1] + [pad] * (longest - len(cands[i][j])) for i, j in rows])
             rest_mask = torch.tensor(
                 [[1] * (len(cands[i][j]) - 1) + [0] * (longest - len(cands[i][j])) for i, j in rows]
             )
             rest_pos = torch.tensor([[lengths[i] + k for k in range(longest - 1)] for i, _ in rows])
+            rest, rest_mask, rest_pos = rest.to(self.device), rest_mask.to(self.device), rest_pos.to(self.device)
             logits = (
                 self.llm(
                     input_ids=rest,
@@ -524,6 +531,7 @@ class EmoVerse(nn.Module):
                 )
                 .logits.float()
                 .log_softmax(-1)
+                .cpu()
             )
             for r, (i, j) in enumerate(rows):
                 c = cands[i][j]

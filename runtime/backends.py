@@ -32,7 +32,9 @@ def open_runtime(
     threads: int | None = None,
     providers: str = "cpu",
     check: bool = True,
+    device: str = "cpu",
 ):
+    """`device` places the torch backend's model ("cpu", "cuda"); bundles pick devices by `providers`."""
     backend = detect_backend(path) if backend == "auto" else backend
     # Lazy on purpose: each backend loads only its own stack, so the ONNX Runtime path runs where torch is not
     # installed (Jetson, slim containers; tests/export/test_bundle.py checks) and tensorrt only where it is.
@@ -49,5 +51,5 @@ def open_runtime(
     if backend == "torch":
         from emoverse.runtime.torch_ref import TorchRuntime
 
-        return TorchRuntime(path, threads=threads, check=check)
+        return TorchRuntime(path, threads=threads, check=check, device=device)
     raise ValueError(f"unknown backend {backend!r}; known: auto, {', '.join(BACKENDS)}")

@@ -59,7 +59,7 @@ class DecoderGraph(nn.Module):
         k_pos = torch.arange(total, device=inputs_embeds.device)
         causal = k_pos[None, :] <= q_pos[:, None]
         allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
-        mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype).masked_fill(
+        mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device).masked_fill(
             ~allowed, torch.finfo(inputs_embeds.dtype).min
         )
         out = self.llm(

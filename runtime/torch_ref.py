@@ -1,6 +1,7 @@
 """The PyTorch backend: a model artifact behind the same runtime API as the bundles (prompt, label
 scoring, KV-cache decoding, ECPE grammar, batching), so "same answers as torch fp32" compares like with
-like. The decoder step is the very module the ONNX decoder is exported from."""
+like. The decoder step is the very module the ONNX decoder is exported from. On a GPU (`device="cuda"`) the
+arrays cross to the device and back at every call: the same answers' code path, not a fast GPU server."""
 
 from __future__ import annotations
 
@@ -16,13 +17,22 @@ from emoverse.runtime.ort import OrtRuntime, positions
 
 
 class TorchRuntime(OrtRuntime):
-    def __init__(self, model_dir: str | os.PathLike | None, threads: int | None = None, check: bool = True, model=None):
+    def __init__(
+        self,
+        model_dir: str | os.PathLike | None,
+        threads: int | None = None,
+        check: bool = True,
+        model=None,
+        device: str = "cpu",
+    ):
         from tokenizers import Tokenizer
 
         if threads:
             torch.set_num_threads(threads)
         self.dir = Path(model_dir) if model_dir is not None else None
         self.model = model.eval() if model is not None else EmoVerse.load(self.dir, check=check).eval()
+        self.device = torch.device(device)
+        self.model.to(self.device)
         self.cfg = runtime_config(self.model, {})
         self.tok = Tokenizer.from_str(self.model.tokenizer.backend_tokenizer.to_str())
         self.decoder_module = DecoderGraph(self.model.llm).eval()
@@ -34,7 +44,7 @@ class TorchRuntime(OrtRuntime):
 
     @torch.no_grad()
     def visual_tokens(self, pixels: np.ndarray) -> np.ndarray:
-        return self.model.projector(self.model.vision_features(torch.from_numpy(pixels))).float().numpy()
+        return self.model.projector(self.model.vision_features(torch.from_numpy(pixels))).float().cpu().numpy()
 
     @torch.no_grad()
     def forward(
@@ -47,15 +57,20 @@ class TorchRuntime(OrtRuntime):
         t = embeds.shape[1]
         pos = positions(mask, cache[0].shape[2], t)
         index = torch.arange(t) if logits_index is None else torch.as_tensor(np.asarray(logits_index, np.int64))
+
+        def dev(a: np.ndarray | torch.Tensor) -> torch.Tensor:
+            return (torch.from_numpy(a) if isinstance(a, np.ndarray) else a).to(self.device)
+
         out = self.decoder_module(
-            torch.from_numpy(embeds.astype(np.float32)),
-            torch.from_numpy(mask.astype(np.int64)),
-            torch.from_numpy(pos),
-            index,
-            *(torch.from_numpy(np.ascontiguousarray(c)) for c in cache),
+            dev(embeds.astype(np.float32)),
+            dev(mask.astype(np.int64)),
+            dev(pos),
+            dev(index),
+            *(dev(np.ascontiguousarray(c)) for c in cache),
         )
-        return out[0].float().numpy(), [t.float().numpy() for t in out[1:]]  # fp32 out under bf16 autocast too
+        # fp32 out under bf16 autocast too
+        return out[0].float().cpu().numpy(), [t.float().cpu().numpy() for t in out[1:]]
 
     @torch.no_grad()
     def token_embeds(self, ids: np.ndarray) -> np.ndarray:
-        return self.embedder(torch.from_numpy(ids.astype(np.int64))).float().numpy()
+        return self.embedder(torch.from_numpy(ids.astype(np.int64)).to(self.device)).float().cpu().numpy()

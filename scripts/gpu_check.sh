@@ -6,6 +6,7 @@ set -euo pipefail
 OUT="${OUT:-.}"
 mkdir -p "$OUT"
 export PYTHONPATH="$(pwd)/.gpu-path${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONSAFEPATH=1  # else the cwd comes first, whose emoverse/ lacks train/, runtime/, ...
 # the package-dir mapping of pyproject (train/ -> emoverse.train, ...) as links, so `import emoverse.*` works
 mkdir -p .gpu-path/emoverse
 for f in emoverse/*.py; do ln -sf "$(pwd)/$f" .gpu-path/emoverse/; done

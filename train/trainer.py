@@ -48,7 +48,10 @@ class StageConfig:
     # empty by default: OmegaConf merges a recipe's mapping into the default one, so a non-empty default
     # would add its tasks to every stage that does not name them
     task_weights: dict[str, float] = field(default_factory=dict)
-    max_minutes: float | None = None  # CPU time budget: the stage ends early (checkpointed) when spent
+    max_minutes: float | None = None  # time budget: the stage ends early (checkpointed) when spent
+    # true: the cosine decay runs on whichever is further along, steps or the time budget, so a stage the
+    # budget cuts short still ends at the low learning rate (a GPU lease of fixed minutes, an unknown speed)
+    anneal_in_time: bool = False
 
 
 @dataclass
@@ -66,6 +69,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     threads: int | None = None
+    device: str = "auto"  # "auto": CUDA when present, else CPU; "cpu" / "cuda" / "cuda:N"
     # Throughput settings (bench/train_throughput.py measures each against the original ones, side by side):
     precision: str = "fp32"  # "bf16": autocast matmuls to bfloat16 (fp32 master weights, fp32 loss)
     response_logits_only: bool = False  # vocabulary projection only at response positions
@@ -125,6 +129,12 @@ class Trainer:
         self.face_probe_info = self._fit_face_probe()
         self.data, self.dropped = self._encode_train_records()
         self._orders: dict[str, list[int]] = {}
+        self._stage_clock: float | None = None  # monotonic start of the running stage (time-annealed stages)
+        # set up on the CPU (encoding, probe fitting), then moved: a GPU holds only what the steps use
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        )
+        self.model.to(self.device)
 
     def _init_from(self, src: Path) -> dict:
         """Copy a trained model's LoRA + projector into this one (a fresh run; a resumed one then overwrites
@@ -238,7 +248,7 @@ class Trainer:
         import contextlib
 
         ctx = (
-            torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
             if self.cfg.precision == "bf16"
             else contextlib.nullcontext()
         )
@@ -257,7 +267,9 @@ class Trainer:
         from safetensors.torch import save_file
 
         with atomic_dir(self.ckpt_dir / f"stage{stage_idx}-step{step}", overwrite=True) as tmp:
-            save_file({k: v.detach().contiguous() for k, v in self.params.items()}, tmp / "trainable.safetensors")
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.params.items()}, tmp / "trainable.safetensors"
+            )
             # optimizer state is tensors + numbers only: saved with torch.save, read back with weights_only=True
             torch.save(
                 {
@@ -298,6 +310,8 @@ class Trainer:
             if step < stage.warmup_steps:
                 return (step + 1) / stage.warmup_steps
             progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
+            if stage.anneal_in_time and stage.max_minutes and self._stage_clock is not None:
+                progress = max(progress, (time.monotonic() - self._stage_clock) / (60 * stage.max_minutes))
             return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
@@ -316,6 +330,8 @@ class Trainer:
         for si, stage in enumerate(cfg.stages):
             if si < state["stage"]:
                 continue
+            t_stage = time.monotonic() - stats["stages"].get(stage.name, {}).get("seconds", 0.0)
+            self._stage_clock = t_stage
             opt, sched = self._optimizer(stage)
             start = 0
             if saved is not None and si == state["stage"]:
@@ -325,7 +341,6 @@ class Trainer:
                 start = state["step"] + 1
                 if stats["stages"].get(stage.name, {}).get("ended_early"):
                     start = stage.steps
-            t_stage = time.monotonic() - stats["stages"].get(stage.name, {}).get("seconds", 0.0)
             bar = tqdm(
                 range(start, stage.steps),
                 desc=f"{stage.name}",
@@ -341,7 +356,10 @@ class Trainer:
             for step in bar:
                 t0 = time.monotonic()
                 task, items = self.sample_batch(si, step)
-                batch = self.model.prompts.collate(items)
+                batch = {
+                    k: v.to(self.device) if torch.is_tensor(v) else v
+                    for k, v in self.model.prompts.collate(items).items()
+                }
                 loss = self.loss(net, batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -395,6 +413,8 @@ class Trainer:
         if (data_dir / "manifest.json").is_file():
             data_manifest["digest"] = manifest_digest(read_manifest(data_dir))
         stats["tokens_per_s"] = round(stats["tokens"] / max(stats["seconds"], 1e-9), 1)
+        stats["device"] = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.model.to("cpu")  # the artifact is written (and later read) on the CPU
         out = self.out / "model"
         self.model.save(
             out,
