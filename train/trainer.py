@@ -95,6 +95,21 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+def _resolve_device(name: str) -> torch.device:
+    """The recipe's device, checked before any work: "auto" is CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r}: this machine has no CUDA device (use device=auto or cpu)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={name!r}: use auto, cpu, cuda or cuda:N")
+    return dev
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first (the order resume and release read them in)."""
     found = []
@@ -119,6 +134,7 @@ class Trainer:
                 raise ValueError(f"stage {s.name!r}: unknown task(s) {sorted(unknown)}; known: {list(TASKS)}")
             if not any(w > 0 for w in s.task_weights.values()):
                 raise ValueError(f"stage {s.name!r}: task_weights are all zero")
+        self.device = _resolve_device(cfg.device)
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
         torch.manual_seed(cfg.seed)
@@ -130,11 +146,7 @@ class Trainer:
         self.data, self.dropped = self._encode_train_records()
         self._orders: dict[str, list[int]] = {}
         self._stage_clock: float | None = None  # monotonic start of the running stage (time-annealed stages)
-        # set up on the CPU (encoding, probe fitting), then moved: a GPU holds only what the steps use
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-        )
-        self.model.to(self.device)
+        self.model.to(self.device)  # set up on the CPU (encoding, probe fitting), then moved
 
     def _init_from(self, src: Path) -> dict:
         """Copy a trained model's LoRA + projector into this one (a fresh run; a resumed one then overwrites
@@ -267,9 +279,7 @@ class Trainer:
         from safetensors.torch import save_file
 
         with atomic_dir(self.ckpt_dir / f"stage{stage_idx}-step{step}", overwrite=True) as tmp:
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in self.params.items()}, tmp / "trainable.safetensors"
-            )
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.params.items()}, tmp / "trainable.safetensors")
             # optimizer state is tensors + numbers only: saved with torch.save, read back with weights_only=True
             torch.save(
                 {

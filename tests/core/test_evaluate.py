@@ -28,6 +28,7 @@ def test_eval_writes_predictions_and_metrics(tiny_model_dir, small_amt, tmp_path
     assert "fer.au_f1" in res["emoverse/generate"]
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["results"] == json.loads(json.dumps(res))
+    assert saved["device"] == "cpu"  # where the answers were computed is part of the record
     preds = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert {p["system"] for p in preds} == set(res)
     assert not (tmp_path / "predictions.partial.jsonl").exists()

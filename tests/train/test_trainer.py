@@ -179,3 +179,45 @@ def test_a_projector_only_stage_fits_the_face_probe_and_holds_lora(amt_dir, tmp_
     assert all(torch.equal(weights[k], v) for k, v in want.items() if "lora_" in k)
     assert torch.equal(weights["projector.face_probe.weight"], fitted)
     assert not torch.equal(weights["projector.face_fc1.weight"], want["projector.face_fc1.weight"])
+
+
+def test_a_time_annealed_stage_decays_by_its_clock(small_amt, tmp_path, tiny_config, monkeypatch):
+    """anneal_in_time: the cosine runs on whichever is further along, steps or the time budget; without it
+    the clock changes nothing."""
+    import emoverse.train.trainer as trainer_module
+
+    now = [1000.0]
+    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: now[0])
+    lrs = {}
+    for anneal in (False, True):
+        cfg = tiny_config(
+            small_amt,
+            tmp_path / str(anneal),
+            **{"stages.0.steps": 100, "stages.0.warmup_steps": 1, "stages.0.max_minutes": 1.0},
+            **{"stages.0.anneal_in_time": anneal},
+        )
+        tr = Trainer(cfg)
+        tr._stage_clock = now[0]
+        opt, sched = tr._optimizer(cfg.stages[0])
+        lambda_at = sched.lr_lambdas[0]
+        now[0] += 30.0  # half the budget, one step in
+        lrs[anneal] = lambda_at(1)
+        now[0] += 60.0  # the budget spent
+        lrs[(anneal, "end")] = lambda_at(1)
+        now[0] = 1000.0
+    assert lrs[False] == lrs[(False, "end")] > 0.99  # step 1 of 100: still at the top
+    assert lrs[True] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway by the clock
+    assert lrs[(True, "end")] == pytest.approx(0.1)  # the floor once the budget is spent
+
+
+def test_the_trainer_places_the_model_on_its_device(small_amt, tmp_path, tiny_config):
+    import torch
+
+    tr = Trainer(tiny_config(small_amt, tmp_path, device="cpu"))
+    assert tr.device == torch.device("cpu") and tr.model.device == torch.device("cpu")
+    for bad, msg in (("nodevice", "use auto, cpu"), ("meta", "use auto, cpu")):
+        with pytest.raises(ValueError, match=msg):
+            Trainer(tiny_config(small_amt, tmp_path / "bad", device=bad))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            Trainer(tiny_config(small_amt, tmp_path / "bad", device="cuda"))
