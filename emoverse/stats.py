@@ -69,16 +69,19 @@ def paired_ratio(
     b = task.aggregate(_resample(new, idx))[metric]
     ratio = b / np.where(a > 0, a, np.nan)
     whole = np.arange(len(gold))[None]
-    r0 = float(task.aggregate(_resample(new, whole))[metric][0]) / max(
-        float(task.aggregate(_resample(ref, whole))[metric][0]), 1e-12
-    )
+    a0 = float(task.aggregate(_resample(ref, whole))[metric][0])
+    b0 = float(task.aggregate(_resample(new, whole))[metric][0])
+    r0 = b0 / max(a0, 1e-12)
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     lo, hi = np.nanpercentile(ratio, q)
     diff_lo, diff_hi = np.percentile(b - a, q)
     return {
         "metric": metric,
+        "reference": round(a0, 4),
+        "new": round(b0, 4),
         "ratio": round(r0, 4),
         "ratio_ci": [round(float(lo), 4), round(float(hi), 4)],
+        "difference": round(b0 - a0, 4),
         "difference_ci": [round(float(diff_lo), 4), round(float(diff_hi), 4)],
         "n": len(gold),
     }

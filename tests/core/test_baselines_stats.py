@@ -103,6 +103,9 @@ def test_paired_ratio_identical_systems_is_exactly_one():
     worse = [t.format_label("neutral")] * 60
     r2 = paired_ratio(t, gold, pred, worse, [None] * 60)
     assert r2["ratio_ci"][1] < 1.0
+    # the point values and their difference come with it: new - reference, inside its own interval
+    assert r2["difference"] == pytest.approx(r2["new"] - r2["reference"], abs=1e-4) and r2["difference"] < 0
+    assert r2["difference_ci"][0] <= r2["difference"] <= r2["difference_ci"][1]
 
 
 @pytest.mark.parametrize(
