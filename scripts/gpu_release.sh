@@ -18,7 +18,7 @@ shift || true
 RUN=runs/gpu-release-run
 REL=runs/gpu-release
 T0=$(date +%s)
-mkdir -p "$OUT"
+mkdir -p "$OUT" runs  # runs/ is gitignored: absent on a fresh copy
 log() { echo "[$(($(date +%s) - T0))s] $*" | tee -a "$OUT/log.txt"; }
 left() { echo $((DEADLINE_S - ($(date +%s) - T0))); }
 
