@@ -4,7 +4,7 @@
 # teacher's results (full splits; ECPE a seeded 200 per source, records the teacher's full-split ECPE eval
 # contains, so the paired ratios pair them) and benched side by side in one run.
 # Resumable: a step whose output exists is skipped. About 2.5 hours on 2 CPU cores.
-# Needs the teacher's closed-task + ERI eval first (README "Results": runs/release-eval).
+# Needs the teacher's closed-task + ERI eval first (README "Results": runs/release-eval, or TEACHER_EVAL=DIR).
 # Usage: scripts/compression_study.sh [STEP ...]   (default: compress export eval_deployed bench eval_artifacts more compare)
 #        scripts/compression_study.sh core compare_core   (~25 min: the deployed bundle against the FP32 teacher's
 #        bundle on the closed tasks; add core_open and bench_core before compare_core for ECPE/ERI and latency)
@@ -19,6 +19,7 @@ TAG=$(sha256sum "$M/manifest.json" | cut -c1-12)
 R=${RUNS:-runs/compression/$TAG}
 B=${BUNDLES:-bundles/$TAG}
 EV="--data $D --mode score --batch-size 16"
+TEACHER_EVAL=${TEACHER_EVAL:-runs/release-eval}  # the teacher's closed-task + ERI eval (README "Results")
 mkdir -p "$R" "$B"
 
 compress() {  # NAME RECIPE
@@ -105,10 +106,13 @@ step_more() {  # the other compress outputs, measured in PyTorch on the closed t
     --calibration-data "$D"
   eval_closed "$B/release-int8" "$R/eval/release-int8"
 }
-step_core() {  # the deployed W4 base + LoRA bundle and the FP32 reference bundle, closed tasks (~25 min)
+step_core_build() {  # the deployed W4 base + LoRA bundle and the FP32 reference bundle (~5 min)
   compress w4-base-lora w4-base-lora
   export_reference
   export_deployed
+}
+step_core() {  # the same two evaluated on the closed tasks (~25 min with the build)
+  step_core_build
   local b
   for b in release-fp32 release-w4lora-deploy; do eval_closed "$B/$b" "$R/eval/$b"; done
 }
@@ -124,7 +128,7 @@ step_bench_core() {  # latency of the two, with the PyTorch FP32 teacher, in one
 }
 step_compare_core() {  # compression.json from the core rows (ECPE and latency where measured)
   local f=$R/eval/release-fp32/closed/metrics.json d=$R/eval/release-w4lora-deploy/closed/metrics.json
-  local T=runs/release-eval/metrics.json more=()
+  local T=$TEACHER_EVAL/metrics.json more=()
   local open
   for open in ecpe eri; do  # where measured (core_open)
     if [ -f "$R/eval/release-w4lora-deploy/$open/metrics.json" ]; then
@@ -147,7 +151,7 @@ all_tasks() {  # EVAL_DIR -> its three metrics files joined, as compare reads th
   echo "$1/closed/metrics.json+$1/eri/metrics.json+$1/ecpe/metrics.json"
 }
 step_compare() {  # reference: the FP32 teacher (its bundle); the bf16 PyTorch teacher is a row like the others
-  local T=runs/release-eval/metrics.json+$(teacher_ecpe_sample)
+  local T=$TEACHER_EVAL/metrics.json+$(teacher_ecpe_sample)
   local v more=()
   for v in int8-weight-only modelopt-fp8; do
     [ -f "$R/eval/$v/closed/metrics.json" ] && more+=("$v (PyTorch)=$R/eval/$v/closed/metrics.json")

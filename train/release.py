@@ -57,6 +57,7 @@ def release(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool =
         "training": {k: summary.get(k) for k in ("steps", "tokens", "seconds", "tokens_per_s", "stages")},
         "wall_seconds": round(sum(s.get("seconds", 0.0) for s in summary.get("stages", {}).values()), 1),
         "cpu": trained.get("release_cpu") or cpu_name(),
+        "device": summary.get("device", "cpu"),  # where the steps ran (a GPU-trained run: its name)
         "checkpoint": ckpt.name,
         "init_from": summary.get("init_from"),
         "reproduce": [

@@ -75,6 +75,7 @@ def test_training_run_becomes_a_release(tiny_model_dir, tmp_path):
     run = tiny_model_dir.parent
     m = release(run, tmp_path / "rel")
     assert m["release"]["training"]["steps"] == 6 and m["release"]["cpu"]
+    assert m["release"]["device"] == "cpu"  # where the steps ran (a GPU name for a GPU-trained run)
     assert (tmp_path / "rel" / "recipe.yaml").read_text().startswith("data:")
     merged = EmoVerse.load(tiny_model_dir)
     rel = EmoVerse.load(tmp_path / "rel")
