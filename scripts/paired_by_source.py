@@ -4,7 +4,7 @@ with the paired bootstrap CI of `emoverse.stats.paired_ratio`, and the share of 
 Each side is one or more predictions.jsonl files joined with '+' (e.g. a closed-task eval + an ECPE eval).
 
     python scripts/paired_by_source.py REF/predictions.jsonl[+REF2/...] NEW/predictions.jsonl[+...] \
-        [--tasks fer msa] --out FILE.json
+        [--tasks fer msa] [--metric eri=rouge_l] --out FILE.json
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ def load(spec: str, system: str) -> dict[str, dict]:
     return out
 
 
-def compare_by_source(ref: dict[str, dict], new: dict[str, dict], tasks: list[str] | None = None) -> dict:
+def compare_by_source(
+    ref: dict[str, dict], new: dict[str, dict], tasks: list[str] | None = None, metrics: dict[str, str] | None = None
+) -> dict:
+    """Rows '<task>/<source or all>' of paired_ratio on each task's primary metric (or metrics[task])."""
     out: dict = {}
+    metrics = metrics or {}
     for name in sorted({r["task"] for r in new.values()}):
         if tasks and name not in tasks:
             continue
@@ -44,6 +48,7 @@ def compare_by_source(ref: dict[str, dict], new: dict[str, dict], tasks: list[st
                 [ref[i]["prediction"] for i in gids],
                 [new[i]["prediction"] for i in gids],
                 [ref[i].get("label") for i in gids],
+                metrics.get(name),
             )
             if TASKS[name].closed:
                 same = sum(ref[i].get("parsed_label") == new[i].get("parsed_label") for i in gids)
@@ -57,10 +62,14 @@ def main() -> None:
     ap.add_argument("reference")
     ap.add_argument("new")
     ap.add_argument("--tasks", nargs="*")
+    ap.add_argument(
+        "--metric", action="append", default=[], help="TASK=METRIC instead of the primary, e.g. eri=rouge_l"
+    )
     ap.add_argument("--system", default="emoverse/score")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    rows = compare_by_source(load(args.reference, args.system), load(args.new, args.system), args.tasks)
+    chosen = dict(m.split("=", 1) for m in args.metric)
+    rows = compare_by_source(load(args.reference, args.system), load(args.new, args.system), args.tasks, chosen)
     report = {
         "reference": args.reference,
         "new": args.new,
