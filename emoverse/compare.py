@@ -125,25 +125,33 @@ def _folder_facts(art: Path) -> dict:
     return {"bytes": folder_bytes(art), "llm_bytes": folder_bytes(art / "llm"), "parameters": parameter_count(art)}
 
 
-def paired_task_stats(ref_preds: dict, preds: dict) -> dict:
+def paired_task_stats(
+    ref_preds: dict, preds: dict, *, by_source: bool = False, metrics: dict[str, str] | None = None
+) -> dict:
     """Per task on the records both answered: the paired bootstrap ratio (and difference) of the primary
-    metric against the reference, its verdict against ACCURACY_BUDGET, and for closed tasks the share of
-    identical answers."""
+    metric (or `metrics[task]`) against the reference, its verdict against ACCURACY_BUDGET, and for closed
+    tasks the share of identical answers. With by_source, also one '<task>/<source>' row per source of a task
+    that has several."""
     out = {}
     for name, task in TASKS.items():
         ids = sorted(i for i, r in preds.items() if r["task"] == name and i in ref_preds)
         if not ids:
             continue
-        gold = [ref_preds[i]["response"] for i in ids]
-        labels = [ref_preds[i].get("label") for i in ids]
-        ref = [ref_preds[i]["prediction"] for i in ids]
-        new = [preds[i]["prediction"] for i in ids]
-        stats = paired_ratio(task, gold, ref, new, labels)
-        stats["verdict_99"] = verdict(stats["ratio_ci"], ACCURACY_BUDGET)
-        if task.closed:
-            same = [ref_preds[i].get("parsed_label") == preds[i].get("parsed_label") for i in ids]
-            stats["identical_answers"] = round(sum(same) / len(same), 4)
-        out[name] = stats
+        groups = {name: ids}
+        sources = sorted({preds[i]["source"] for i in ids}) if by_source else []
+        if len(sources) > 1:
+            groups.update({f"{name}/{s}": [i for i in ids if preds[i]["source"] == s] for s in sources})
+        for key, gids in groups.items():
+            gold = [ref_preds[i]["response"] for i in gids]
+            labels = [ref_preds[i].get("label") for i in gids]
+            ref = [ref_preds[i]["prediction"] for i in gids]
+            new = [preds[i]["prediction"] for i in gids]
+            stats = paired_ratio(task, gold, ref, new, labels, (metrics or {}).get(name))
+            stats["verdict_99"] = verdict(stats["ratio_ci"], ACCURACY_BUDGET)
+            if task.closed:
+                same = [ref_preds[i].get("parsed_label") == preds[i].get("parsed_label") for i in gids]
+                stats["identical_answers"] = round(sum(same) / len(same), 4)
+            out[key] = stats
     return out
 
 

@@ -516,12 +516,12 @@ class EmoVerse(nn.Module):
             cache = out.past_key_values
             cache.batch_select_indices(torch.tensor([i for i, _ in rows], device=self.device))
             pad = self.tokenizer.pad_token_id
-            rest = torch.tensor([cands[i][j][:-1] + [pad] * (longest - len(cands[i][j])) for i, j in rows])
+            dev = self.device
+            rest = torch.tensor([cands[i][j][:-1] + [pad] * (longest - len(cands[i][j])) for i, j in rows], device=dev)
             rest_mask = torch.tensor(
-                [[1] * (len(cands[i][j]) - 1) + [0] * (longest - len(cands[i][j])) for i, j in rows]
+                [[1] * (len(cands[i][j]) - 1) + [0] * (longest - len(cands[i][j])) for i, j in rows], device=dev
             )
-            rest_pos = torch.tensor([[lengths[i] + k for k in range(longest - 1)] for i, _ in rows])
-            rest, rest_mask, rest_pos = rest.to(self.device), rest_mask.to(self.device), rest_pos.to(self.device)
+            rest_pos = torch.tensor([[lengths[i] + k for k in range(longest - 1)] for i, _ in rows], device=dev)
             logits = (
                 self.llm(
                     input_ids=rest,

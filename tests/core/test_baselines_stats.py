@@ -136,3 +136,33 @@ def test_image_probes_learn_ckplus_subjects(name, real_raw_dir):
     parsed = [fer.parse_label(preds[r.id]) for r in test]
     assert set(parsed) <= {"happy", "surprise", "anger"}
     assert np.mean([p == r.label for p, r in zip(parsed, test, strict=True)]) > 0.8
+
+
+def test_paired_task_stats_by_source_rows_and_chosen_metric():
+    """by_source adds one row per source of a task that has several; metrics= picks a non-primary metric."""
+    from emoverse.compare import paired_task_stats
+
+    t = TASKS["fer"]
+
+    def rows(answers):
+        return {
+            f"r{i}": {
+                "task": "fer",
+                "source": "a" if i < 20 else "b",
+                "response": t.format_label(gold),
+                "label": gold,
+                "prediction": t.format_label(ans),
+                "parsed_label": ans,
+            }
+            for i, (gold, ans) in enumerate(answers)
+        }
+
+    gold = ["happy", "sadness"] * 20
+    ref = rows(list(zip(gold, gold, strict=True)))
+    new = rows([(g, g if i < 20 else "anger") for i, g in enumerate(gold)])  # source b all wrong
+    out = paired_task_stats(ref, new, by_source=True, metrics={"fer": "weighted_f1"})
+    assert set(out) == {"fer", "fer/a", "fer/b"}
+    assert out["fer/a"]["difference"] == 0 and out["fer/a"]["identical_answers"] == 1.0
+    assert out["fer/b"]["new"] == 0 and out["fer/b"]["identical_answers"] == 0.0
+    assert out["fer"]["metric"] == "weighted_f1" and out["fer"]["n"] == 40
+    assert set(paired_task_stats(ref, new)) == {"fer"}  # pooled only, as compare's table uses it
