@@ -37,6 +37,11 @@ VARIANTS: list[tuple[str, dict, dict]] = [
         {"precision": "bf16", "response_logits_only": True, "length_buckets": True},
         {"lora_from_layer": 12},
     ),
+    (
+        "+ torch.compile of the decoder",
+        {"precision": "bf16", "response_logits_only": True, "length_buckets": True, "compile": True},
+        {"lora_from_layer": 12},
+    ),
 ]
 
 
@@ -131,7 +136,15 @@ def main(argv: list[str] | None = None) -> dict:
             trainer.model.load_state_dict(init)
         trainer.model.freeze_base()
         trainer.params = trainer.model.trainable_parameters()
+        compile_s = None
+        if train_over.get("compile"):  # compiled on a fresh copy; the first (untimed) steps pay for it
+            t0 = time.perf_counter()
+            trainer.model.compile_decoder()
+            measure(trainer, 1, warmup=2)
+            compile_s = round(time.perf_counter() - t0, 1)
         r = measure(trainer, a.steps)
+        if compile_s is not None:
+            r["compile_and_first_steps_s"] = compile_s
         peak = peaks[trainer.cfg.precision]
         r.update(name=name, settings={**train_over, **model_over}, mfu=round(r["achieved_flops_per_s"] / peak, 3))
         rows.append(r)

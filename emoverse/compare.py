@@ -63,6 +63,10 @@ def _split_name(spec: str | os.PathLike) -> tuple[str | None, str]:
     return (name, rest) if sep and not Path(text).exists() else (None, text)
 
 
+def _manifest(artifact: Path) -> bytes:
+    return (artifact / "manifest.json").read_bytes()
+
+
 def _load_variant(spec: str | os.PathLike, system: str) -> tuple[Path, dict, dict, dict, dict]:
     """One variant's (artifact or bundle, records, results, predictions by id) from `a.json` or `a.json+b.json`
     (e.g. a closed-label score eval plus an ERI or ECPE eval of the same model), and the CIs."""
@@ -72,7 +76,8 @@ def _load_variant(spec: str | os.PathLike, system: str) -> tuple[Path, dict, dic
         this = Path(m["model"]["spec"])
         if not (this / "manifest.json").is_file():
             raise ValueError(f"{f}: its model {str(this)!r} is not an artifact folder on this machine")
-        if art is not None and this.resolve() != art.resolve():
+        # one artifact: the same folder, or a copy of it (its manifest lists every file's sha256)
+        if art is not None and this.resolve() != art.resolve() and _manifest(this) != _manifest(art):
             raise ValueError(f"{spec}: files evaluate different artifacts ({art} and {this})")
         art = this
         got = dict(m["results"].get(system) or {})

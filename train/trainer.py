@@ -74,6 +74,7 @@ class TrainConfig:
     precision: str = "fp32"  # "bf16": autocast matmuls to bfloat16 (fp32 master weights, fp32 loss)
     response_logits_only: bool = False  # vocabulary projection only at response positions
     length_buckets: bool = False  # a batch is a run of neighbours in length order: little padding
+    compile: bool = False  # torch.compile the decoder stack (bench/train_throughput.py measures it)
     halt_after: int | None = None  # stop (as if killed) after this many global steps: resume tests
     # Start from a trained model's LoRA + projector (an adapter-form release, or a run's checkpoint folder)
     # instead of fresh adapters; parameters it lacks (e.g. a newly added face projector) keep their init.
@@ -149,6 +150,8 @@ class Trainer:
         # time-annealed learning rate read it
         self._stage_clock: float | None = None
         self.model.to(self.device)  # set up on the CPU (encoding, probe fitting), then moved
+        if cfg.compile:
+            self.model.compile_decoder()
 
     def _init_from(self, src: Path) -> dict:
         """Copy a trained model's LoRA + projector into this one (a fresh run; a resumed one then overwrites

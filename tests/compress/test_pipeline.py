@@ -1,5 +1,7 @@
 """Compression recipes end to end on the tiny random model: reload, generate, manifest chain, errors."""
 
+import shutil
+
 import pytest
 
 from emoverse.artifacts import ArtifactError, manifest_digest, read_manifest, verify
@@ -122,6 +124,11 @@ def test_compare_table(tiny_model_dir, small_amt, tmp_path):
                 f"{tmp_path / 'q-eval' / 'metrics.json'}+{tmp_path / 'ref-eval' / 'metrics.json'}",
             ]
         )
+    # a copy of the artifact (a release evaluated from another folder) is the same artifact
+    shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    evaluate(str(tmp_path / "copy"), [str(small_amt)], tmp_path / "copy-eval", mode="score", limit=1, tasks=["fer"])
+    joined = f"{tmp_path / 'ref-eval' / 'metrics.json'}+{tmp_path / 'copy-eval' / 'metrics.json'}"
+    assert "fer.accuracy" in compare([joined, both], out=tmp_path / "cmp2")["rows"][0]["metrics"]
     assert row["parameters"] == ref["parameters"]  # quantization keeps the logical parameter count
     assert row["llm_size_ratio"] > 1.0  # the tiny model is mostly its FP32 embedding table
     from safetensors import safe_open

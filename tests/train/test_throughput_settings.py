@@ -140,3 +140,23 @@ def test_length_buckets_batch_neighbours_and_cover_the_pool():
         _, items = _Pool(cfg_small, lengths).sample_batch(0, step)
         longest = max(len(e.input_ids) for e in items)
         assert len(items) * longest <= 800 or len(items) == 1
+
+
+def test_compiled_decoder_gives_the_eager_loss_and_gradients():
+    """`compile: true` compiles the decoder stack in place: same loss and LoRA gradients as eager, and the
+    weights keep their state_dict keys (checkpoints and releases read them)."""
+    m = _model()
+    batch = _batch(m)
+    params = list(m.trainable_parameters().values())
+    eager = m(batch, response_loss_only=True)
+    g_eager = torch.autograd.grad(eager, params, allow_unused=True)
+    keys = list(m.state_dict())
+    m.compile_decoder()
+    compiled = m(batch, response_loss_only=True)
+    g_compiled = torch.autograd.grad(compiled, params, allow_unused=True)
+    assert torch.allclose(eager, compiled, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_eager, g_compiled, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+    assert list(m.state_dict()) == keys

@@ -75,6 +75,11 @@ def test_shipped_recipes_parse():
     for name in ("exp-v2-faces", "exp-v2-probe"):
         cfg = load_config(TrainConfig, RECIPES / f"{name}.yaml")
         assert len(cfg.stages) == 1 and cfg.init_from == "models/emoverse-nano"
+    # the next GPU release: v3 trained on for one time-bounded stage, every task in it, ERI's share raised
+    cfg = load_config(TrainConfig, RECIPES / "nano-release-gpu-long.yaml")
+    (stage,) = cfg.stages
+    assert cfg.init_from == "models/emoverse-nano" and stage.anneal_in_time and stage.max_minutes
+    assert set(stage.task_weights) == {"msa", "mer", "fer", "eri", "ecpe"} and stage.task_weights["eri"] > 0.05
 
 
 def test_a_stage_trains_exactly_the_tasks_its_recipe_names():
