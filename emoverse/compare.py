@@ -195,7 +195,9 @@ def compare(
             "_preds": preds,
         }
         b = bench.get(str(art.resolve()))
-        if b:
+        # the bench runs a PyTorch artifact in fp32: its latency is not that of a bf16-autocast eval's row
+        precision = json.loads(Path(spec.split("+")[0]).read_text(encoding="utf-8")).get("precision")
+        if b and not (b.get("backend") == "torch" and precision not in (None, "fp32")):
             row["latency"] = {
                 task: {
                     "p90_ms": t["single_stream"]["p90_ms"],

@@ -1,5 +1,6 @@
 """Compression recipes end to end on the tiny random model: reload, generate, manifest chain, errors."""
 
+import json
 import shutil
 
 import pytest
@@ -129,6 +130,19 @@ def test_compare_table(tiny_model_dir, small_amt, tmp_path):
     evaluate(str(tmp_path / "copy"), [str(small_amt)], tmp_path / "copy-eval", mode="score", limit=1, tasks=["fer"])
     joined = f"{tmp_path / 'ref-eval' / 'metrics.json'}+{tmp_path / 'copy-eval' / 'metrics.json'}"
     assert "fer.accuracy" in compare([joined, both], out=tmp_path / "cmp2")["rows"][0]["metrics"]
+    # bench latencies join a row by path; a PyTorch artifact is benched in fp32, so a bf16 eval's row gets none
+    bench = tmp_path / "bench.json"
+    task_row = {"single_stream": {"p90_ms": 50.0}, "tpot": None}
+    bench.write_text(
+        json.dumps({"results": [{"path": str(tiny_model_dir), "backend": "torch", "tasks": {"msa": task_row}}]})
+    )
+    evaluate(
+        str(tiny_model_dir), [str(small_amt)], tmp_path / "bf16", mode="score", limit=1, tasks=["msa"], precision="bf16"
+    )
+    fp32_row, bf16_row = compare(
+        [tmp_path / "ref-eval" / "metrics.json", tmp_path / "bf16" / "metrics.json"], bench_report=bench
+    )["rows"]
+    assert fp32_row["latency"]["msa"]["p90_ms"] == 50.0 and "latency" not in bf16_row
     assert row["parameters"] == ref["parameters"]  # quantization keeps the logical parameter count
     assert row["llm_size_ratio"] > 1.0  # the tiny model is mostly its FP32 embedding table
     from safetensors import safe_open
