@@ -67,12 +67,15 @@ def _manifest(artifact: Path) -> bytes:
     return (artifact / "manifest.json").read_bytes()
 
 
-def _load_variant(spec: str | os.PathLike, system: str) -> tuple[Path, dict, dict, dict, dict]:
+def _load_variant(spec: str | os.PathLike, system: str) -> tuple[Path, dict, dict, dict, dict, str | None]:
     """One variant's (artifact or bundle, records, results, predictions by id) from `a.json` or `a.json+b.json`
-    (e.g. a closed-label score eval plus an ERI or ECPE eval of the same model), and the CIs."""
-    art, records, res, preds, cis = None, {}, {}, {}, {}
+    (e.g. a closed-label score eval plus an ERI or ECPE eval of the same model), the CIs, and the precision
+    its first file was evaluated in."""
+    art, records, res, preds, cis, precision = None, {}, {}, {}, {}, None
     for f in str(spec).split("+"):
         m = json.loads(Path(f).read_text(encoding="utf-8"))
+        if art is None:
+            precision = m.get("precision")
         this = Path(m["model"]["spec"])
         if not (this / "manifest.json").is_file():
             raise ValueError(f"{f}: its model {str(this)!r} is not an artifact folder on this machine")
@@ -98,7 +101,7 @@ def _load_variant(spec: str | os.PathLike, system: str) -> tuple[Path, dict, dic
                 gen_task = row["task"] in GENERATED_ONLY and row["system"] == "emoverse/generate"
                 if row["system"] == system or gen_task:
                     preds.setdefault(row["id"], row)
-    return art, records, res, preds, cis
+    return art, records, res, preds, cis, precision
 
 
 def variant_name(art: Path) -> str:
@@ -184,7 +187,7 @@ def compare(
     bench = _bench_rows(bench_report)
     for f in metrics_files:
         name, spec = _split_name(f)
-        art, records, res, preds, cis = _load_variant(spec, system)
+        art, records, res, preds, cis, precision = _load_variant(spec, system)
         row = {
             "variant": name or variant_name(art),
             "artifact": str(art),
@@ -196,7 +199,6 @@ def compare(
         }
         b = bench.get(str(art.resolve()))
         # the bench runs a PyTorch artifact in fp32: its latency is not that of a bf16-autocast eval's row
-        precision = json.loads(Path(spec.split("+")[0]).read_text(encoding="utf-8")).get("precision")
         if b and not (b.get("backend") == "torch" and precision not in (None, "fp32")):
             row["latency"] = {
                 task: {

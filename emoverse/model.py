@@ -447,18 +447,22 @@ class EmoVerse(nn.Module):
         embeds = self.embed(batch["input_ids"], batch["visual_mask"], batch["media"], cache=cache_features)
         return self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch.get("labels"))
 
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The causal LM under the LoRA wrapper (its decoder stack `.model` and output projection `.lm_head`)."""
+        return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+
     def compile_decoder(self) -> None:
         """torch.compile the LLM's decoder stack in place (dynamic shapes: batches change length). Weights,
         state_dict keys and checkpoints are unchanged; the first steps pay the compilation."""
-        causal_lm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
-        causal_lm.model.compile(dynamic=True)
+        self.causal_lm.model.compile(dynamic=True)
 
     def response_loss(self, batch: dict, cache_features: bool = False) -> torch.Tensor:
         """The training loss (mean next-token cross-entropy over response tokens, as `forward(...).loss`),
         with the vocabulary projection computed only where a label is: the prompt positions, most of each
         sequence, never reach the 49,152 x 576 output matrix (about a fifth of the model's FLOPs)."""
         embeds = self.embed(batch["input_ids"], batch["visual_mask"], batch["media"], cache=cache_features)
-        causal_lm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        causal_lm = self.causal_lm
         hidden = causal_lm.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
         targets = batch["labels"][:, 1:]
         keep = targets != IGNORE
