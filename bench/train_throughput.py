@@ -27,22 +27,23 @@ from emoverse.model import EmoVerse
 from emoverse.train.trainer import RECIPES, StageConfig, TrainConfig, Trainer
 
 # (name, trainer-setting overrides, model-setting overrides), each row adding one lever to the row before.
+_SHIPPED = {"precision": "bf16", "response_logits_only": True, "length_buckets": True}
 VARIANTS: list[tuple[str, dict, dict]] = [
     ("original (fp32, full logits, random batches, LoRA on all 30 layers)", {}, {}),
     ("+ bf16 autocast", {"precision": "bf16"}, {}),
     ("+ response-only logits", {"precision": "bf16", "response_logits_only": True}, {}),
-    ("+ length buckets", {"precision": "bf16", "response_logits_only": True, "length_buckets": True}, {}),
-    (
-        "+ LoRA on layers 12-29 (release)",
-        {"precision": "bf16", "response_logits_only": True, "length_buckets": True},
-        {"lora_from_layer": 12},
-    ),
+    ("+ length buckets", _SHIPPED, {}),
+    ("+ LoRA on the upper layers only", _SHIPPED, {"lora_from_layer": 12}),
+    ("+ eager attention", {**_SHIPPED, "attention": "eager"}, {"lora_from_layer": 12}),
+    ("+ no LoRA dropout", {**_SHIPPED, "attention": "eager"}, {"lora_from_layer": 12, "lora_dropout": 0.0}),
     (
         "+ torch.compile of the decoder",
-        {"precision": "bf16", "response_logits_only": True, "length_buckets": True, "compile": True},
-        {"lora_from_layer": 12},
+        {**_SHIPPED, "attention": "eager", "compile": True},
+        {"lora_from_layer": 12, "lora_dropout": 0.0},
     ),
 ]
+# The row whose settings train/recipes/nano-release.yaml uses (the README's throughput line reads it)
+RELEASE_ROW = "+ no LoRA dropout"
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
@@ -109,6 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="docs/results/train-throughput.json")
+    ap.add_argument("--skip", action="append", default=[], help="leave out rows whose name contains this")
+    ap.add_argument(
+        "--lora-from-layer", type=int, default=12, help="the LoRA-range rows' first adapted layer (12 of 30 layers)"
+    )
     ap.add_argument("overrides", nargs="*", help="key=value recipe overrides (e.g. model.llm=tiny-random)")
     argv = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(argv)
@@ -126,27 +131,37 @@ def main(argv: list[str] | None = None) -> dict:
     init = copy.deepcopy(trainer.model.state_dict())
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     rows = []
-    for name, train_over, model_over in VARIANTS:
+    for name, train_over, model_over in [v for v in VARIANTS if not any(k in v[0] for k in a.skip)]:
         trainer.cfg = replace(base, **train_over)
+        if "lora_from_layer" in model_over:
+            model_over = {**model_over, "lora_from_layer": a.lora_from_layer}
         if model_over:  # a different LoRA layout is a different model: built fresh, same seed
             torch.manual_seed(base.seed)
             trainer.model = EmoVerse.build(replace(base.model, **model_over))
             trainer.model.freeze_base()
         else:
             trainer.model.load_state_dict(init)
+        trainer.model.set_attention(trainer.cfg.attention)
         trainer.model.freeze_base()
         trainer.params = trainer.model.trainable_parameters()
         compile_s = None
-        if train_over.get("compile"):  # compiled on a fresh copy; the first (untimed) steps pay for it
+        if train_over.get("compile"):  # the first (untimed) steps pay for compiling; then the weights go back
+            fresh = copy.deepcopy(trainer.model.state_dict())
             t0 = time.perf_counter()
             trainer.model.compile_decoder()
             measure(trainer, 1, warmup=2)
             compile_s = round(time.perf_counter() - t0, 1)
+            trainer.model.load_state_dict(fresh)  # the timed steps start from the same weights as every row
         r = measure(trainer, a.steps)
         if compile_s is not None:
             r["compile_and_first_steps_s"] = compile_s
         peak = peaks[trainer.cfg.precision]
-        r.update(name=name, settings={**train_over, **model_over}, mfu=round(r["achieved_flops_per_s"] / peak, 3))
+        r.update(
+            name=name,
+            settings={**train_over, **model_over},
+            release=name == RELEASE_ROW,
+            mfu=round(r["achieved_flops_per_s"] / peak, 3),
+        )
         rows.append(r)
         print(
             f"{name:72s} {r['tokens_per_s']:8.1f} tok/s  {r['tokens_per_s'] / rows[0]['tokens_per_s']:5.2f}x  "

@@ -31,6 +31,7 @@ SMOLLM2 = "smollm2-135m-instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LITE0 = "efficientnet-lite0"
 VISION_DIM = 1280  # EfficientNet-Lite0 head width
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")  # transformers' attention kernels the trainer may pick
 FACE_PROBE_LABELS = FacialExpressionTask.labels  # the face probe's classes: the FER task's label words
 
 
@@ -451,6 +452,14 @@ class EmoVerse(nn.Module):
     def causal_lm(self) -> nn.Module:
         """The causal LM under the LoRA wrapper (its decoder stack `.model` and output projection `.lm_head`)."""
         return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+
+    def set_attention(self, implementation: str) -> None:
+        """The LLM's attention kernel: "sdpa" (torch's scaled_dot_product_attention, transformers' default) or
+        "eager" (plain matmul + softmax; the same attention). Training on CPU in bf16 is faster with eager at
+        this model's lengths: the CPU flash-attention backward dominated a profiled step."""
+        if implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention={implementation!r}: use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        self.causal_lm.set_attn_implementation(implementation)
 
     def compile_decoder(self) -> None:
         """torch.compile the LLM's decoder stack in place (dynamic shapes: batches change length). Weights,

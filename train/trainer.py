@@ -31,7 +31,7 @@ from emoverse.artifacts import (
     sha256_file,
     verify,
 )
-from emoverse.model import EmoVerse, ModelConfig
+from emoverse.model import ATTENTION_IMPLEMENTATIONS, EmoVerse, ModelConfig
 from emoverse.prompting import Encoded, PromptTooLong
 from emoverse.records import RecordError, load_records
 from emoverse.tasks import TASKS
@@ -75,6 +75,7 @@ class TrainConfig:
     response_logits_only: bool = False  # vocabulary projection only at response positions
     length_buckets: bool = False  # a batch is a run of neighbours in length order: little padding
     compile: bool = False  # torch.compile the decoder stack (bench/train_throughput.py measures it)
+    attention: str = "sdpa"  # "eager": plain matmul attention, faster for bf16 training on CPU (same attention)
     halt_after: int | None = None  # stop (as if killed) after this many global steps: resume tests
     # Start from a trained model's LoRA + projector (an adapter-form release, or a run's checkpoint folder)
     # instead of fresh adapters; parameters it lacks (e.g. a newly added face projector) keep their init.
@@ -129,6 +130,8 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         if cfg.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision={cfg.precision!r}: use fp32 or bf16")
+        if cfg.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention={cfg.attention!r}: use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
         for s in cfg.stages:
             unknown = set(s.task_weights) - set(TASKS)
             if unknown:
@@ -140,6 +143,7 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         torch.manual_seed(cfg.seed)
         self.model = EmoVerse.build(cfg.model)
+        self.model.set_attention(cfg.attention)
         self.model.freeze_base(train_lora=cfg.train_lora)
         self.params = self.model.trainable_parameters()
         self.init_info = self._init_from(Path(cfg.init_from)) if cfg.init_from else None

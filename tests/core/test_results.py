@@ -89,3 +89,22 @@ def test_compression_rows_in_the_readme_table():
     row = next(line for line in lines if line.startswith("| w4 |"))
     assert "| 100.0 | 6.00 |" in row and "98.0% [97.0%, 99.0%] ?, 95% same, p90 81 ms" in row
     assert row.count("| – ") == 4 and "ratio to **teacher**" in lines[0]
+
+
+def test_throughput_line_reads_the_flagged_release_row(tmp_path):
+    """The README's throughput sentence: per machine, the row flagged `release` (older files: named
+    "(release)") against the first row, and the lever that row ends on."""
+    rows = [
+        {"name": "original", "tokens_per_s": 100.0, "speedup_vs_original": 1.0},
+        {"name": "+ eager attention", "tokens_per_s": 250.0, "speedup_vs_original": 2.5},
+        {"name": "+ no LoRA dropout", "tokens_per_s": 320.0, "speedup_vs_original": 3.2, "release": True},
+        {"name": "+ torch.compile", "tokens_per_s": 290.0, "speedup_vs_original": 2.9, "release": False},
+    ]
+    (tmp_path / "train-throughput-a.json").write_text(json.dumps({"cpu": "CPU A", "variants": rows}))
+    old = [{**r, "name": r["name"] + (" (release)" if i == 1 else "")} for i, r in enumerate(rows[:2])]
+    old.append({"name": "+ last", "tokens_per_s": 1.0, "speedup_vs_original": 0.01})
+    (tmp_path / "train-throughput-b.json").write_text(json.dumps({"cpu": "CPU B", "variants": old}))
+    line = results.throughput_line(tmp_path)
+    assert "CPU A, 100 → 320 tokens/s, **3.20×** up to “+ no LoRA dropout”" in line
+    assert "CPU B, 100 → 250 tokens/s, **2.50×** up to “+ eager attention”" in line
+    assert results.throughput_line(tmp_path / "none") is None

@@ -160,3 +160,35 @@ def test_compiled_decoder_gives_the_eager_loss_and_gradients():
         if a is not None:
             assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
     assert list(m.state_dict()) == keys
+
+
+def test_eager_attention_gives_the_sdpa_loss_and_gradients():
+    """`attention: eager` swaps the attention kernel only: same loss and LoRA gradients as the default sdpa
+    on a padded batch (fp32), and within bf16 tolerance under autocast."""
+    m = _model()
+    batch = _batch(m)
+    assert int(batch["attention_mask"].sum()) < batch["attention_mask"].numel()  # padding is exercised
+    params = list(m.trainable_parameters().values())
+    losses, grads = {}, {}
+    for impl in ("sdpa", "eager"):
+        m.set_attention(impl)
+        assert m.causal_lm.config._attn_implementation == impl
+        losses[impl] = m(batch, response_loss_only=True)
+        grads[impl] = torch.autograd.grad(losses[impl], params, allow_unused=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses[impl + "-bf16"] = m(batch, response_loss_only=True).item()
+    assert torch.allclose(losses["sdpa"], losses["eager"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads["sdpa"], grads["eager"], strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+    assert abs(losses["sdpa-bf16"] - losses["eager-bf16"]) / losses["sdpa-bf16"] < 0.02
+
+
+def test_unknown_attention_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="attention='flash'"):
+        _model().set_attention("flash")
+    with pytest.raises(ValueError, match="attention='flash'"):
+        Trainer(TrainConfig(attention="flash", model=ModelConfig(**TINY)))
