@@ -35,42 +35,13 @@ def test_train_throughput_rows_and_release_flag(small_amt, tmp_path):
 
 
 def test_train_parity_arms_train_and_score_dev(small_amt, tmp_path):
-    out = tmp_path / "parity.json"
-    res = train_parity.main(
-        [
-            "--recipe",
-            "tiny",
-            "--data",
-            str(small_amt),
-            "--steps",
-            "2",
-            "--dev-per-task",
-            "2",
-            "--work",
-            str(tmp_path / "work"),
-            "--out",
-            str(out),
-        ]
-    )
+    args = f"--recipe tiny --data {small_amt} --steps 2 --dev-per-task 2 --work {tmp_path / 'work'}".split()
+    args += ["--out", str(tmp_path / "parity.json")]
+    res = train_parity.main(args)
     assert [a["name"] for a in res["arms"]] == [a[0] for a in train_parity.ARMS]
     for arm in res["arms"]:
         assert len(arm["train_losses"]) == 2
         assert set(arm["dev_loss"]) == {*res["dev_tasks"], "mean"} and "eri" not in res["dev_tasks"]
     # a second run starts each arm afresh (no resume from the first run's checkpoints, no appended log)
-    again = train_parity.main(
-        [
-            "--recipe",
-            "tiny",
-            "--data",
-            str(small_amt),
-            "--steps",
-            "2",
-            "--dev-per-task",
-            "2",
-            "--work",
-            str(tmp_path / "work"),
-            "--out",
-            str(out),
-        ]
-    )
+    again = train_parity.main(args)
     assert [a["train_losses"] for a in again["arms"]] == [a["train_losses"] for a in res["arms"]]
