@@ -32,6 +32,14 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LITE0 = "efficientnet-lite0"
 VISION_DIM = 1280  # EfficientNet-Lite0 head width
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")  # transformers' attention kernels the trainer may pick
+
+
+def check_attention(implementation: str) -> None:
+    """Refuse an attention kernel name the model cannot take (the trainer asks before any work)."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention={implementation!r}: use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+
+
 FACE_PROBE_LABELS = FacialExpressionTask.labels  # the face probe's classes: the FER task's label words
 
 
@@ -457,8 +465,7 @@ class EmoVerse(nn.Module):
         """The LLM's attention kernel: "sdpa" (torch's scaled_dot_product_attention, transformers' default) or
         "eager" (plain matmul + softmax; the same attention). Training on CPU in bf16 is faster with eager at
         this model's lengths: the CPU flash-attention backward dominated a profiled step."""
-        if implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention={implementation!r}: use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        check_attention(implementation)
         self.causal_lm.set_attn_implementation(implementation)
 
     def compile_decoder(self) -> None:

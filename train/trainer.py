@@ -31,7 +31,7 @@ from emoverse.artifacts import (
     sha256_file,
     verify,
 )
-from emoverse.model import ATTENTION_IMPLEMENTATIONS, EmoVerse, ModelConfig
+from emoverse.model import EmoVerse, ModelConfig, check_attention
 from emoverse.prompting import Encoded, PromptTooLong
 from emoverse.records import RecordError, load_records
 from emoverse.tasks import TASKS
@@ -130,8 +130,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         if cfg.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision={cfg.precision!r}: use fp32 or bf16")
-        if cfg.attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention={cfg.attention!r}: use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        check_attention(cfg.attention)
         for s in cfg.stages:
             unknown = set(s.task_weights) - set(TASKS)
             if unknown:
