@@ -128,10 +128,14 @@ def _export(a: argparse.Namespace) -> int:
     from emoverse.export.bundle import export_bundle
 
     images: list[str] = []
+    records = None
     if a.calibration_data:
+        from emoverse.export.bundle import calibration_prompts
         from emoverse.records import load_records
 
         images = [img for r in load_records(Path(a.calibration_data) / "fer" / "train.jsonl") for img in r.images]
+        if a.int8_prefill:
+            records = calibration_prompts(a.calibration_data, a.calibration_per_task)
     m = export_bundle(
         a.model,
         a.out,
@@ -142,6 +146,9 @@ def _export(a: argparse.Namespace) -> int:
         vision_int8=a.vision_int8,
         vision_int8_weights=a.vision_int8_weights,
         int8_activations=a.int8_activations,
+        int8_prefill=a.int8_prefill,
+        calibration_records=records,
+        smoothing_alpha=a.smoothing_alpha,
         overwrite=a.overwrite,
     )
     print(f"wrote bundle {a.out}: target {a.target}, precision {m['precision']}")
@@ -382,10 +389,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="cpu, GPTQ artifacts / --embedding-bits: int8 activations in MatMulNBits (faster, not bit-exact)",
     )
+    x.add_argument(
+        "--int8-prefill",
+        action="store_true",
+        help="cpu, W4 base + LoRA: a second decoder for prompts with INT8 GEMMs built at load from the same "
+        "4-bit weights (decode steps keep them); calibrated on --calibration-data",
+    )
+    x.add_argument("--smoothing-alpha", type=float, default=0.5, help="--int8-prefill: SmoothQuant's migration")
+    x.add_argument("--calibration-per-task", type=int, default=16, help="--int8-prefill: training records per task")
     x.add_argument("--precision", help="cpu: fp32, int8 or int4 (default fp32)")
     x.add_argument(
         "--calibration-data",
-        help="AMT folder whose FER train images calibrate Q/DQ (TensorRT targets) and --vision-int8",
+        help="AMT folder whose FER train images calibrate Q/DQ (TensorRT targets) and --vision-int8, and whose "
+        "train records of every task calibrate --int8-prefill",
     )
     x.add_argument("--out", required=True)
     x.add_argument("--overwrite", action="store_true")

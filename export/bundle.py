@@ -3,6 +3,7 @@ label sets, manifest with hashes), checked by parity against PyTorch before it i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -25,7 +26,7 @@ from emoverse.export.gptq_onnx import (
 from emoverse.export.onnx_export import export_all
 from emoverse.export.targets import check_precision, get_target, resolve_precision
 from emoverse.export.tensorrt import write_plan
-from emoverse.export.w4lora_onnx import to_int4_dequantize_lowrank, to_matmulnbits_lowrank
+from emoverse.export.w4lora_onnx import to_int4_dequantize_lowrank, to_int8_prefill, to_matmulnbits_lowrank
 from emoverse.fp8 import is_fp8_checkpoint
 from emoverse.imaging import load_pixels
 from emoverse.llm_files import quantization_config
@@ -310,11 +311,23 @@ def export_bundle(
     vision_int8: bool = False,
     vision_int8_weights: bool = False,
     int8_activations: bool = False,
+    int8_prefill: bool = False,
+    calibration_records: list | None = None,
+    smoothing_alpha: float = 0.5,
 ) -> dict:
     """int8_activations (cpu, 4/8-bit weights): MatMulNBits accuracy level 4, onnxruntime quantizes each
     activation row to int8 and multiplies with integer kernels (VNNI/AMX where the CPU has them): faster,
-    not bit-exact; parity records what it costs."""
+    not bit-exact; parity records what it costs.
+
+    int8_prefill (cpu, W4 base + LoRA artifacts): a second decoder for calls of more than one token, its layers
+    int8 GEMMs whose weights onnxruntime builds at load from the same 4-bit tensors (stored once), smoothed
+    (SmoothQuant, `smoothing_alpha`) with activation ranges from `calibration_records` (training records of
+    every task). Not bit-exact: a requantization of base + B·A; the manifest lists the records it used."""
     tgt = get_target(target)
+    if int8_prefill and target != "cpu":
+        raise ValueError(f"int8_prefill: for target cpu (onnxruntime's integer kernels), not {target}")
+    if int8_prefill and not calibration_records:
+        raise ValueError("int8_prefill: needs calibration records (--calibration-data: an AMT folder)")
     if vision_int8 and vision_int8_weights:
         raise ValueError("vision_int8_weights: one vision quantization, not with vision_int8 (static) as well")
     if precision:  # before any work: e.g. FP8 for Orin is refused for its compute capability
@@ -324,6 +337,10 @@ def export_bundle(
     gptq = None
     fp8 = is_fp8_checkpoint(model_dir / "llm")
     w4 = read_layers(model_dir / "llm") if is_w4_lora(model_dir / "llm") else None
+    if int8_prefill and w4 is None:
+        raise ValueError(
+            f"{model_dir}: int8_prefill takes W4 base + LoRA artifacts (emoverse compress --recipe w4-base-lora)"
+        )
     if quantization_config(model_dir / "llm") and not fp8 and w4 is None:
         # A compress/ output is exported as it is: GPTQ W4A16 weights go into the graphs unchanged.
         try:
@@ -448,6 +465,27 @@ def export_bundle(
             n = quantize_vision_weights_int8(tmp / graphs["vision"])
             extra["vision"] = f"int8 weights per output channel ({n} tensors), fp32 activations"
             _check(model, tmp, probes, extra, "int8 vision weights")
+        if int8_prefill:
+            records = list(calibration_records)
+            absmax = activation_absmax(tmp, graphs, records)
+            dst = tmp / "graphs" / "decoder_prefill.onnx"
+            info = to_int8_prefill(tmp / graphs["decoder"], dst, w4, absmax, smoothing_alpha)
+            shared = share_initializers(tmp / "graphs", [Path(graphs["decoder"]).name, dst.name])
+            graphs["decoder_prefill"] = str(dst.relative_to(tmp))
+            cfg["graphs"] = dict(graphs)
+            (tmp / "runtime.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            ids = sorted(r.id for r in records)
+            extra["int8_prefill"] = {
+                **info,
+                "shared_weights": {"file": f"graphs/{SHARED_WEIGHTS_FILE}", "bytes": shared},
+                "calibration": {
+                    "records": len(ids),
+                    "tasks": sorted({r.task for r in records}),
+                    "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+                    "ids": ids,
+                },
+            }
+            _check(model, tmp, probes, extra, "int8 prefill")  # recorded, not gated: not bit-exact by design
         extra["precision"] = precision
         manifest = write_manifest(
             tmp,
@@ -457,3 +495,92 @@ def export_bundle(
             extra=extra,
         )
     return manifest
+
+
+SHARED_WEIGHTS_FILE = "decoder_weights.bin"  # beside the graphs: tensors both decoders read (INT8 prefill)
+
+
+def calibration_prompts(data: str | os.PathLike, per_task: int = 16, seed: int = 0) -> list:
+    """Training records of every task with a train split in an AMT folder, `per_task` each (seeded), round-robin
+    over tasks: what inference sees (real images: FER's visual tokens come from the vision graph)."""
+    import random
+
+    from emoverse.records import load_records
+
+    by_task = []
+    for task in TASKS:
+        path = Path(data) / task / "train.jsonl"
+        if path.is_file():
+            recs = load_records(path)
+            random.Random(seed).shuffle(recs)
+            by_task.append(recs[:per_task])
+    if not by_task:
+        raise ValueError(f"{data}: no <task>/train.jsonl to calibrate on")
+    return [r for row in zip(*by_task, strict=False) for r in row] + [
+        r for recs in by_task for r in recs[min(map(len, by_task)) :]
+    ]
+
+
+def activation_absmax(bundle: Path, graphs: dict[str, str], records: list) -> dict[str, np.ndarray]:
+    """Per input channel, max |x| of every W4 group's input activation over the records' prompts, run through
+    the bundle as it stands (its own embeddings, vision graph and 4-bit decoder)."""
+    import onnx
+    import onnxruntime as ort
+
+    from emoverse.export.w4lora_onnx import w4_groups
+
+    path = bundle / graphs["decoder"]
+    model = onnx.load(str(path), load_external_data=False)
+    xs = sorted({g["x"] for g in w4_groups(model)})
+    n_main = len(model.graph.output)
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None) for x in xs)
+    probe = path.with_name("decoder.calibration.onnx")  # beside it: the external data it names resolve
+    onnx.save(model, str(probe))
+    absmax: dict[str, np.ndarray] = {}
+    try:
+        rt = OrtRuntime(bundle, check=False)
+        session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+
+        class Recording:
+            def run(self, names, feeds):
+                out = session.run(None, feeds)
+                real = feeds["attention_mask"][:, -feeds["inputs_embeds"].shape[1] :].astype(bool)
+                for x, v in zip(xs, out[n_main:], strict=True):
+                    a = np.abs(v[real]).max(0)
+                    absmax[x] = np.maximum(absmax[x], a) if x in absmax else a
+                return out[:n_main]
+
+        rt.decoder = Recording()
+        for r in records:
+            rt.prefill([rt.embed(r.query, list(r.images))])
+    finally:
+        probe.unlink()
+    return absmax
+
+
+def share_initializers(folder: Path, graph_files: list[str], file: str = SHARED_WEIGHTS_FILE) -> int:
+    """Tensors that several graphs hold by the same name and bytes, written once to `folder/file` and
+    referenced by each graph as external data (the tied table's way). Returns the bytes written."""
+    import onnx
+    from onnx import external_data_helper
+
+    models = {g: onnx.load(str(folder / g), load_external_data=False) for g in graph_files}
+    first = models[graph_files[0]]
+    common = {t.name: t.raw_data for t in first.graph.initializer if t.HasField("raw_data") and len(t.raw_data) >= 1024}
+    for m in list(models.values())[1:]:
+        have = {t.name: t.raw_data for t in m.graph.initializer if t.HasField("raw_data")}
+        common = {k: v for k, v in common.items() if have.get(k) == v}
+    offsets, blob = {}, bytearray()
+    for name, raw in common.items():
+        blob += b"\0" * (-len(blob) % 64)  # aligned, as onnx writes external data
+        offsets[name] = (len(blob), len(raw))
+        blob += raw
+    rel = os.path.relpath(folder / file, (folder / graph_files[0]).parent)
+    (folder / graph_files[0]).parent.joinpath(rel).write_bytes(bytes(blob))
+    for g, m in models.items():
+        for t in m.graph.initializer:
+            if t.name in offsets:
+                external_data_helper.set_external_data(t, rel, offset=offsets[t.name][0], length=offsets[t.name][1])
+                t.ClearField("raw_data")  # the bytes live in the shared file only
+        onnx.save(m, str(folder / g))
+    return len(blob)

@@ -33,10 +33,19 @@ SPINNING_GRAPHS = ("decoder",)
 
 
 def decoder_weight_bytes(bundle: Path, graphs: dict[str, str]) -> int:
-    """Bytes of the decoder's weights on disk: its graph, plus the tied table it shares with embed if any."""
-    decoder = Path(bundle) / graphs["decoder"]
-    tied = decoder.parent / TIED_FILE
-    return decoder.stat().st_size + (tied.stat().st_size if tied.is_file() else 0)
+    """Bytes of the decoders' weights on disk: their graphs, and every external data file they read (the tied
+    table shared with embed, the weights the INT8 prefill decoder shares with the decoder), each counted once."""
+    import onnx
+
+    files = set()
+    for key in ("decoder", "decoder_prefill"):
+        if graphs.get(key):
+            path = Path(bundle) / graphs[key]
+            files.add(path)
+            model = onnx.load(str(path), load_external_data=False)
+            for t in model.graph.initializer:
+                files |= {path.parent / e.value for e in t.external_data if e.key == "location"}
+    return sum(f.stat().st_size for f in files)
 
 
 class RequestError(ValueError):
@@ -79,6 +88,13 @@ class OrtRuntime:
         self.tok = Tokenizer.from_file(str(self.dir / "tokenizer.json"))
         graphs = self.cfg["graphs"]
         self.decoder = self._open_graph("decoder", graphs["decoder"], providers, threads)
+        # optional: a decoder for calls of several tokens (prompts, candidate continuations) with INT8 GEMMs,
+        # built at load from the same 4-bit weights (export --int8-prefill); decode steps stay on `decoder`
+        self.prefill_decoder = (
+            self._open_graph("decoder_prefill", graphs["decoder_prefill"], providers, threads)
+            if graphs.get("decoder_prefill")
+            else None
+        )
         self.embedder = self._open_graph("embed", graphs["embed"], providers, threads)
         self.vision = self._open_graph("vision", graphs["vision"], providers, threads) if graphs.get("vision") else None
         self.n_layers, self.kv_heads, self.head_dim = self.cfg["kv_shape"]
@@ -162,7 +178,8 @@ class OrtRuntime:
         for i in range(self.n_layers):
             feeds[f"past_key_{i}"] = cache[2 * i]
             feeds[f"past_value_{i}"] = cache[2 * i + 1]
-        out = self.decoder.run(None, feeds)
+        graph = self.prefill_decoder if t > 1 and self.prefill_decoder is not None else self.decoder
+        out = graph.run(None, feeds)
         return out[0], out[1:]
 
     def token_embeds(self, ids: np.ndarray) -> np.ndarray:

@@ -55,6 +55,11 @@ export_deployed() {  # the deployed bundle: the vision encoder's weights in INT8
   # static INT8 (static INT8 moved 8% of CK+ answers; weight-only ~3%, and it is 0.3 MB smaller)
   export_bundle release-w4lora-deploy "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations
 }
+export_prefill8() {  # the deployed bundle + an INT8 prefill decoder (int8 GEMMs for calls of several tokens, their
+  # weights built at load from the same 4-bit tensors; SmoothQuant on activation ranges of 16 train records per task)
+  export_bundle release-w4lora-deploy-p8 "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations \
+    --int8-prefill --calibration-data "$D"
+}
 
 step_compress() {
   compress gptq-w4a16 gptq-w4a16
@@ -120,9 +125,15 @@ step_core_open() {  # the same two on the ECPE sample and ERI's full split (~25 
   local b
   for b in release-fp32 release-w4lora-deploy; do eval_ecpe "$B/$b" "$R/eval/$b" && eval_eri "$B/$b" "$R/eval/$b"; done
 }
-step_bench_core() {  # latency of the two, with the PyTorch FP32 teacher, in one run (~10 min)
+step_core_p8() {  # the deployed bundle with an INT8 prefill decoder, on the closed tasks, the ECPE sample, ERI
+  export_prefill8
+  evaluate "$B/release-w4lora-deploy-p8" "$R/eval/release-w4lora-deploy-p8"
+}
+step_bench_core() {  # latency of the two (three with core_p8), with the PyTorch FP32 teacher, in one run (~10 min)
+  local p8=()
+  [ -f "$B/release-w4lora-deploy-p8/manifest.json" ] && p8=(--bundle "$B/release-w4lora-deploy-p8")
   [ -f "$R/bench/report.json" ] || $E bench --model "$M" --bundle "$B/release-fp32" --bundle "$B/release-w4lora-deploy" \
-    --data "$D" --target cpu --limit 10 --out "$R/bench" || [ $? -eq 1 ]
+    "${p8[@]}" --data "$D" --target cpu --limit 10 --out "$R/bench" || [ $? -eq 1 ]
   cp "$R/bench/report.json" docs/results/bench-cpu.json
   cp "$R/bench/report.md" docs/results/bench-cpu.md
 }
@@ -137,8 +148,10 @@ step_compare_core() {  # compression.json from the core rows (ECPE and latency w
   done
   [ -f "$R/eval/release-w4lora-deploy/ecpe/metrics.json" ] && T+=+$(teacher_ecpe_sample)
   [ -f "$R/bench/report.json" ] && more=(--bench "$R/bench/report.json")
+  local p=$R/eval/release-w4lora-deploy-p8 rows=()
+  [ -f "$p/eri/metrics.json" ] && rows=("same + INT8 prefill decoder=$p/closed/metrics.json+$p/ecpe/metrics.json+$p/eri/metrics.json")
   $E compare "teacher, FP32 (its bundle)=$f" "teacher, bf16 autocast (PyTorch)=$T" \
-    "CPU bundle: W4 base + LoRA, int8 act., INT8 vision weights (deployed)=$d" \
+    "CPU bundle: W4 base + LoRA, int8 act., INT8 vision weights (deployed)=$d" "${rows[@]}" \
     --size-reference "$B/release-fp32" "${more[@]}" --out docs/results/compression.json
 }
 teacher_ecpe_sample() {  # the teacher's bf16 eval on the bundles' ECPE sample -> its metrics file

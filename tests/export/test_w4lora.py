@@ -147,3 +147,134 @@ def test_refuses_a_base_off_the_grid_and_a_full_rank_update(grid_model, tiny_mod
     with pytest.raises(NotOnGrid, match="rank"):
         compress("w4-base-lora", model_dir, small_amt, tmp_path / "b", overrides=["stages.0.max_rank=1"])
     assert not (tmp_path / "b").exists()
+
+
+def test_int8_weight_nodes_build_the_artifacts_merged_weight_at_load(w4_artifact):
+    """The load-time nodes of the INT8 prefill decoder: base d·q + m from the stored nibbles plus B·A, times the
+    smoothing vector, per-row int8 — equal to the same computed in numpy from the artifact's layers."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from emoverse.export import w4lora_onnx
+    from emoverse.w4lora import pack_nibbles
+
+    layers = read_layers(w4_artifact / "llm")
+    names = [n for n in layers if n.endswith(("q_proj", "k_proj", "v_proj"))][:3]  # one fused group
+    group = [(n, layers[n]) for n in names]
+    assert any("a_q" in layer for _, layer in group)  # the update is in it
+    k = group[0][1]["q"].shape[1]
+    s = np.random.default_rng(0).uniform(0.5, 2.0, k).astype(np.float32)
+    consts = w4lora_onnx.int8_constants()
+    nodes = w4lora_onnx._int8_weight_nodes(group, "smooth", "g", consts)
+    inits = [numpy_helper.from_array(s, "smooth")]
+    for name, layer in group:
+        g = layer["group_size"]
+        n = layer["q"].shape[0]
+        inits += [
+            numpy_helper.from_array(pack_nibbles(layer["q"]).reshape(n, k // g, g // 2), f"{name}.w4.q"),
+            numpy_helper.from_array(layer["d"], f"{name}.w4.d16"),
+            numpy_helper.from_array(layer["m"], f"{name}.w4.m16"),
+        ]
+        if "a_q" in layer:
+            for f in ("a", "b"):
+                inits += [
+                    numpy_helper.from_array(layer[f"{f}_q"].T.copy(), f"{name}.w4.{f}8"),
+                    numpy_helper.from_array(layer[f"{f}_s"], f"{name}.w4.{f}16"),
+                ]
+    inits += [numpy_helper.from_array(v, name) for name, v in consts.items()]
+    graph = helper.make_graph(
+        nodes,
+        "w8",
+        [],
+        [
+            helper.make_tensor_value_info("g.w8", TensorProto.INT8, [None, None]),
+            helper.make_tensor_value_info("g.w8s", TensorProto.FLOAT, [None]),
+        ],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    w8, scale = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})
+    w = np.concatenate([merged(layer) for _, layer in group]) * s  # (N, K)
+    ref_scale = np.maximum(np.abs(w).max(1), 1e-8) / 127
+    np.testing.assert_allclose(scale, ref_scale, rtol=1e-5)
+    ref = np.clip(np.rint(w / ref_scale[:, None]), -127, 127)
+    diff = np.abs(w8.T.astype(np.int16) - ref.astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # a float tie may round the other way; nothing more
+
+
+def test_int8_prefill_bundle_shares_the_4bit_weights_and_serves_prompts(w4_artifact, small_amt, tmp_path):
+    import onnxruntime as ort
+
+    from emoverse.export.bundle import SHARED_WEIGHTS_FILE, calibration_prompts
+    from emoverse.runtime.ort import OrtRuntime, decoder_weight_bytes
+
+    records = calibration_prompts(small_amt, per_task=2)
+    assert [r.task for r in records[:5]] == ["msa", "mer", "fer", "eri", "ecpe"]  # round-robin over tasks
+    out = tmp_path / "p8"
+    m = export_bundle(w4_artifact, out, embedding_bits=8, int8_prefill=True, calibration_records=records)
+    info = m["int8_prefill"]
+    assert info["calibration"]["records"] == len(records) and len(info["calibration"]["ids"]) == len(records)
+    assert info["calibration"]["tasks"] == sorted({"msa", "mer", "fer", "eri", "ecpe"})
+    graphs = json.loads((out / "runtime.json").read_text())["graphs"]
+    dec = onnx.load(str(out / graphs["decoder"]), load_external_data=False)
+    pre = onnx.load(str(out / graphs["decoder_prefill"]), load_external_data=False)
+    where = {
+        t.name: {e.key: e.value for e in t.external_data} for t in dec.graph.initializer if t.name.endswith(".w4.q")
+    }
+    read = [t for t in pre.graph.initializer if t.name.endswith(".w4.q")]
+    assert read and all({e.key: e.value for e in t.external_data} == where[t.name] for t in read)  # same bytes
+    assert all(where[t.name]["location"] == SHARED_WEIGHTS_FILE for t in read)
+    # no int8 weight matrix is stored: the prefill graph's own tensors are small vectors
+    assert max(len(t.raw_data) for t in pre.graph.initializer if t.HasField("raw_data")) < 64 * 1024
+    files = {out / graphs["decoder"], out / graphs["decoder_prefill"]}
+    files |= {(out / graphs["decoder"]).parent / f for f in (SHARED_WEIGHTS_FILE, "tied_embedding.bin")}
+    assert decoder_weight_bytes(out, graphs) == sum(f.stat().st_size for f in files)  # shared file counted once
+    # the weights are built when the session loads: no node of the optimized graph reads the 4-bit bytes
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out / graphs["decoder_prefill"]), opts, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
+    assert not [n for n in optimized.graph.node if any(i.endswith(".w4.q") for i in n.input)]
+    assert any(n.op_type in ("MatMulInteger", "MatMulIntegerToFloat") for n in optimized.graph.node)
+
+    rt = OrtRuntime(out)
+    calls = {"decoder": [], "decoder_prefill": []}
+    for key, attr in (("decoder", "decoder"), ("decoder_prefill", "prefill_decoder")):
+        session = getattr(rt, attr)
+
+        class Counting:
+            def __init__(self, s, log):
+                self.s, self.log = s, log
+
+            def run(self, names, feeds):
+                self.log.append(feeds["inputs_embeds"].shape[1])
+                return self.s.run(names, feeds)
+
+        setattr(rt, attr, Counting(session, calls[key]))
+    text = rt.generate("hello there", max_new_tokens=4)
+    assert isinstance(text, str)
+    assert calls["decoder_prefill"] and all(t > 1 for t in calls["decoder_prefill"])  # prompts: int8
+    assert all(t == 1 for t in calls["decoder"])  # decode steps: the 4-bit kernels
+    # int8 prompts track the 4-bit decoder's logits closely (not bit-exact by design)
+    emb = rt.embed("a longer prompt about how the day went", [])[None]
+    mask = np.ones((1, emb.shape[1]), dtype=np.int64)
+    got, _ = rt.forward(emb, mask, rt.empty_cache(1))
+    rt.prefill_decoder = None
+    ref, _ = rt.forward(emb, mask, rt.empty_cache(1))
+    assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.99
+
+
+def test_int8_prefill_refusals(w4_artifact, tiny_model_dir, small_amt, tmp_path):
+    from emoverse.export.bundle import calibration_prompts
+
+    records = calibration_prompts(small_amt, per_task=1)
+    with pytest.raises(ValueError, match="target cpu"):
+        export_bundle(
+            w4_artifact, tmp_path / "a", target="jetson-agx-orin", int8_prefill=True, calibration_records=records
+        )
+    with pytest.raises(ValueError, match="calibration records"):
+        export_bundle(w4_artifact, tmp_path / "b", int8_prefill=True)
+    with pytest.raises(ValueError, match="w4-base-lora"):
+        export_bundle(tiny_model_dir, tmp_path / "c", int8_prefill=True, calibration_records=records)
+    assert not any((tmp_path / x).exists() for x in "abc")
