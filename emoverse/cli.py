@@ -393,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--int8-prefill",
         action="store_true",
         help="cpu, W4 base + LoRA: a second decoder for prompts with INT8 GEMMs built at load from the same "
-        "4-bit weights (decode steps keep them); calibrated on --calibration-data",
+        "4-bit weights (decode steps keep them); calibrated on --calibration-data. Experimental: ~8 GB resident "
+        "after load on the release (docs/deployment.md)",
     )
     x.add_argument("--smoothing-alpha", type=float, default=0.5, help="--int8-prefill: SmoothQuant's migration")
     x.add_argument("--calibration-per-task", type=int, default=16, help="--int8-prefill: training records per task")
