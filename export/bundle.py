@@ -559,7 +559,7 @@ def activation_absmax(bundle: Path, graphs: dict[str, str], records: list) -> di
 
 
 def share_initializers(folder: Path, graph_files: list[str], file: str = SHARED_WEIGHTS_FILE) -> int:
-    """Tensors that several graphs hold by the same name and bytes, written once to `folder/file` and
+    """Tensors that several graphs in `folder` hold by the same name and bytes, written once to `folder/file` and
     referenced by each graph as external data (the tied table's way). Returns the bytes written."""
     import onnx
     from onnx import external_data_helper
@@ -575,12 +575,11 @@ def share_initializers(folder: Path, graph_files: list[str], file: str = SHARED_
         blob += b"\0" * (-len(blob) % 64)  # aligned, as onnx writes external data
         offsets[name] = (len(blob), len(raw))
         blob += raw
-    rel = os.path.relpath(folder / file, (folder / graph_files[0]).parent)
-    (folder / graph_files[0]).parent.joinpath(rel).write_bytes(bytes(blob))
+    (folder / file).write_bytes(bytes(blob))  # the graphs lie in `folder`: the location is the file's name
     for g, m in models.items():
         for t in m.graph.initializer:
             if t.name in offsets:
-                external_data_helper.set_external_data(t, rel, offset=offsets[t.name][0], length=offsets[t.name][1])
+                external_data_helper.set_external_data(t, file, offset=offsets[t.name][0], length=offsets[t.name][1])
                 t.ClearField("raw_data")  # the bytes live in the shared file only
         onnx.save(m, str(folder / g))
     return len(blob)

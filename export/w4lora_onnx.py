@@ -36,6 +36,44 @@ def _block_sum(k: int, g: int) -> np.ndarray:
     return np.kron(np.eye(k // g, dtype=np.float32), np.ones((g, 1), dtype=np.float32))
 
 
+def w4_tensors(name: str, layer: dict) -> list:
+    """A layer's stored tensors in the CPU graphs, named `{name}.w4.*`: q as MatMulNBits packs it (N, K/g, g/2),
+    d and m in fp16, and (adapted layers) the int8 factors transposed for x·Aᵀ·Bᵀ with their fp16 row scales.
+    The 4-bit decoder and the INT8 prefill decoder both read these, by these names."""
+    from onnx import numpy_helper
+
+    n, k = layer["q"].shape
+    g = layer["group_size"]
+    out = [
+        numpy_helper.from_array(pack_nibbles(layer["q"]).reshape(n, k // g, g // 2), f"{name}.w4.q"),
+        numpy_helper.from_array(layer["d"], f"{name}.w4.d16"),
+        numpy_helper.from_array(layer["m"], f"{name}.w4.m16"),
+    ]
+    if "a_q" in layer:
+        for f in ("a", "b"):
+            out += [
+                numpy_helper.from_array(layer[f"{f}_q"].T.copy(), f"{name}.w4.{f}8"),
+                numpy_helper.from_array(layer[f"{f}_s"], f"{name}.w4.{f}16"),
+            ]
+    return out
+
+
+def factor_nodes(name: str) -> list:
+    """Load-time nodes (folded by onnxruntime) making an adapted layer's fp32 Aᵀ (K, r) and Bᵀ (r, N),
+    `{name}.w4.a` / `{name}.w4.b`, from its int8 factors and fp16 row scales (`w4lora.factors`, transposed)."""
+    from onnx import TensorProto, helper
+
+    lb = f"{name}.w4"
+    nodes = []
+    for f in ("a", "b"):
+        nodes += [
+            helper.make_node("Cast", [f"{lb}.{f}8"], [f"{lb}.{f}8f"], to=TensorProto.FLOAT),
+            helper.make_node("Cast", [f"{lb}.{f}16"], [f"{lb}.{f}s"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{lb}.{f}8f", f"{lb}.{f}s"], [f"{lb}.{f}"]),
+        ]
+    return nodes
+
+
 def _replace(model, layers: dict[str, dict], accuracy_level: int, tensorrt: bool) -> list[str]:
     from onnx import TensorProto, helper, numpy_helper
 
@@ -107,12 +145,7 @@ def _replace(model, layers: dict[str, dict], accuracy_level: int, tensorrt: bool
             return f"{base}.{suffix}cat"
 
         for name, layer in zip(names, group, strict=True):
-            n = layer["q"].shape[0]
-            inits += [
-                numpy_helper.from_array(pack_nibbles(layer["q"]).reshape(n, k // g, g // 2), f"{name}.w4.q"),
-                numpy_helper.from_array(layer["d"], f"{name}.w4.d16"),
-                numpy_helper.from_array(layer["m"], f"{name}.w4.m16"),
-            ]
+            inits += w4_tensors(name, layer)
         q, d16, m16 = joined("q"), joined("d16"), joined("m16")
         flat = const("w4lora.flat", np.array([-1], dtype=np.int64))
         eight = const("w4lora.eight", np.array(8, dtype=np.float32))
@@ -138,18 +171,8 @@ def _replace(model, layers: dict[str, dict], accuracy_level: int, tensorrt: bool
         ]
         lefts, rights, offset = [], [base + ".m8"], 0
         for name, layer, n in zip(names, group, sizes, strict=True):
-            if "a_q" in layer:  # int8 factors transposed for x·Aᵀ·Bᵀ, their fp16 row scales along the last axis
-                for f in ("a", "b"):
-                    lb = f"{name}.w4"
-                    inits += [
-                        numpy_helper.from_array(layer[f"{f}_q"].T.copy(), f"{lb}.{f}8"),
-                        numpy_helper.from_array(layer[f"{f}_s"], f"{lb}.{f}16"),
-                    ]
-                    nodes += [
-                        helper.make_node("Cast", [f"{lb}.{f}8"], [f"{lb}.{f}8f"], to=f32),
-                        helper.make_node("Cast", [f"{lb}.{f}16"], [f"{lb}.{f}s"], to=f32),
-                        helper.make_node("Mul", [f"{lb}.{f}8f", f"{lb}.{f}s"], [f"{lb}.{f}"]),
-                    ]
+            if "a_q" in layer:
+                nodes += factor_nodes(name)
                 lefts.append(f"{name}.w4.a")
                 if len(names) == 1:
                     rights.append(f"{name}.w4.b")
@@ -223,8 +246,9 @@ def _report(layers: dict[str, dict], replaced: list[str], extra: dict) -> dict:
 
 def _int8_weight_nodes(group: list[tuple[str, dict]], smooth: str, key: str, consts: dict[str, np.ndarray]) -> list:
     """Load-time nodes (all inputs constant: folded by onnxruntime): a group's merged weight base + B·A from its
-    stored tensors, times the smoothing vector along K, quantized per output row to int8 (symmetric, round to
-    nearest) -> `{key}.w8` (K, N) int8 and `{key}.w8s` (N,) fp32 row scales."""
+    stored tensors (`w4_tensors`; the factors as the graph's `factor_nodes` make them), times the smoothing
+    vector along K, quantized per output row to int8 (symmetric, round to nearest) -> `{key}.w8` (K, N) int8
+    and `{key}.w8s` (N,) fp32 row scales. Constants it names are added to `consts` (`int8_constants()` first)."""
     from onnx import TensorProto, helper
 
     f32, i32 = TensorProto.FLOAT, TensorProto.INT32
@@ -252,16 +276,9 @@ def _int8_weight_nodes(group: list[tuple[str, dict]], smooth: str, key: str, con
             helper.make_node("Reshape", [p + ".base3", _const(consts, "w8.shape", (n, k))], [p + ".base"]),
         ]
         w = p + ".base"
-        if "a_q" in layer:  # + B·A from the int8 factors and their fp16 row scales (w4lora.factors)
-            for f in ("a", "b"):
-                nodes += [
-                    helper.make_node("Cast", [f"{name}.w4.{f}8"], [f"{p}.{f}8f"], to=f32),
-                    helper.make_node("Cast", [f"{name}.w4.{f}16"], [f"{p}.{f}s"], to=f32),
-                    helper.make_node("Mul", [f"{p}.{f}8f", f"{p}.{f}s"], [f"{p}.{f}t"]),
-                ]
-            # the stored factors are Aᵀ (K, r) and Bᵀ (r, N): B·A = (Aᵀ·Bᵀ)ᵀ
+        if "a_q" in layer:  # + B·A, from the fp32 Aᵀ (K, r) and Bᵀ (r, N) the 4-bit graph's `factor_nodes` make
             nodes += [
-                helper.make_node("MatMul", [p + ".at", p + ".bt"], [p + ".abt"]),
+                helper.make_node("MatMul", [f"{name}.w4.a", f"{name}.w4.b"], [p + ".abt"]),
                 helper.make_node("Transpose", [p + ".abt"], [p + ".ba"], perm=[1, 0]),
                 helper.make_node("Add", [p + ".base", p + ".ba"], [p + ".w"]),
             ]
@@ -281,8 +298,7 @@ def _int8_weight_nodes(group: list[tuple[str, dict]], smooth: str, key: str, con
         helper.make_node("Clip", [key + ".wr", "w8.m127", "w8.q127"], [key + ".wc"]),
         helper.make_node("Cast", [key + ".wc"], [key + ".wi"], to=TensorProto.INT8),
         helper.make_node("Transpose", [key + ".wi"], [key + ".w8"], perm=[1, 0]),
-        helper.make_node("Flatten", [key + ".wsc"], [key + ".wsc2"], axis=0),
-        helper.make_node("Squeeze", [key + ".wsc2", "w8.first"], [key + ".w8s"]),
+        helper.make_node("Reshape", [key + ".wsc", "w8.last"], [key + ".w8s"]),
     ]
     return nodes
 
@@ -292,7 +308,6 @@ def int8_constants() -> dict[str, np.ndarray]:
     return {
         "w8.sixteen": np.array(16, np.int32),
         "w8.last": np.array([-1], np.int64),
-        "w8.first": np.array([0], np.int64),
         "w8.tiny": np.array(1e-8, np.float32),
         "w8.q127": np.array(127, np.float32),
         "w8.m127": np.array(-127, np.float32),
@@ -340,6 +355,10 @@ def w4_groups(model) -> list[dict]:
     activation, its layer names, and the nodes whose outputs are the layers' outputs (the correction's Add, or
     the Split of a fused group). Read from the graph, so any bundle of that form can take an INT8 prefill."""
     by_out = {o: n for n in model.graph.node for o in n.output}
+    first_reader: dict[tuple[str, str], object] = {}  # (op, first input) -> node: one pass, not one per group
+    for n in model.graph.node:
+        if n.input:
+            first_reader.setdefault((n.op_type, n.input[0]), n)
     groups = []
     for node in model.graph.node:
         if node.op_type != "MatMulNBits" or ".w4" not in node.input[1]:
@@ -347,8 +366,8 @@ def w4_groups(model) -> list[dict]:
         b = node.input[1]
         names = [i[: -len(".w4.q")] for i in by_out[b].input] if b.endswith("cat") else [b[: -len(".w4.q")]]
         base = node.output[0][: -len(".y0")]
-        add = next(n for n in model.graph.node if n.op_type == "Add" and n.input[0] == node.output[0])
-        split = next((n for n in model.graph.node if n.op_type == "Split" and n.input[0] == add.output[0]), None)
+        add = first_reader[("Add", node.output[0])]
+        split = first_reader.get(("Split", add.output[0]))
         outputs = list(split.output) if split is not None else list(add.output)
         groups.append({"x": node.input[0], "names": names, "key": base, "outputs": outputs, "last": split or add})
     return groups

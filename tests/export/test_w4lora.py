@@ -156,7 +156,6 @@ def test_int8_weight_nodes_build_the_artifacts_merged_weight_at_load(w4_artifact
     from onnx import TensorProto, helper
 
     from emoverse.export import w4lora_onnx
-    from emoverse.w4lora import pack_nibbles
 
     layers = read_layers(w4_artifact / "llm")
     names = [n for n in layers if n.endswith(("q_proj", "k_proj", "v_proj"))][:3]  # one fused group
@@ -165,22 +164,11 @@ def test_int8_weight_nodes_build_the_artifacts_merged_weight_at_load(w4_artifact
     k = group[0][1]["q"].shape[1]
     s = np.random.default_rng(0).uniform(0.5, 2.0, k).astype(np.float32)
     consts = w4lora_onnx.int8_constants()
-    nodes = w4lora_onnx._int8_weight_nodes(group, "smooth", "g", consts)
+    nodes = [node for name, layer in group if "a_q" in layer for node in w4lora_onnx.factor_nodes(name)]
+    nodes += w4lora_onnx._int8_weight_nodes(group, "smooth", "g", consts)
     inits = [numpy_helper.from_array(s, "smooth")]
     for name, layer in group:
-        g = layer["group_size"]
-        n = layer["q"].shape[0]
-        inits += [
-            numpy_helper.from_array(pack_nibbles(layer["q"]).reshape(n, k // g, g // 2), f"{name}.w4.q"),
-            numpy_helper.from_array(layer["d"], f"{name}.w4.d16"),
-            numpy_helper.from_array(layer["m"], f"{name}.w4.m16"),
-        ]
-        if "a_q" in layer:
-            for f in ("a", "b"):
-                inits += [
-                    numpy_helper.from_array(layer[f"{f}_q"].T.copy(), f"{name}.w4.{f}8"),
-                    numpy_helper.from_array(layer[f"{f}_s"], f"{name}.w4.{f}16"),
-                ]
+        inits += w4lora_onnx.w4_tensors(name, layer)  # as the 4-bit decoder stores them
     inits += [numpy_helper.from_array(v, name) for name, v in consts.items()]
     graph = helper.make_graph(
         nodes,
