@@ -30,6 +30,9 @@ SCORE_ROWS = 32  # candidate continuations teacher-forced per decoder call (boun
 PRUNE_MARGIN = 0.0
 # Graphs whose intra-op threads spin after a run (see OrtRuntime._open_graph); scripts/latency_ab.py varies it.
 SPINNING_GRAPHS = ("decoder",)
+# Tensors a graph builds from its stored ones when it loads (the INT8 prefill decoder's int8 weights `.w8` and
+# row scales `.w8s`, export.w4lora_onnx names them so): the runtime computes them itself, see `load_time_tensors`.
+LOAD_TIME_SUFFIXES = (".w8", ".w8s")
 
 
 def decoder_weight_bytes(bundle: Path, graphs: dict[str, str]) -> int:
@@ -118,7 +121,14 @@ class OrtRuntime:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
-        return ort.InferenceSession(str(self.dir / rel_path), opts, providers=providers or ["CPUExecutionProvider"])
+        path = self.dir / rel_path
+        model = load_time_tensors(path)
+        if model is not None:
+            # external tensors the graph still names are read from beside the graph file
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+        return ort.InferenceSession(
+            str(path) if model is None else model, opts, providers=providers or ["CPUExecutionProvider"]
+        )
 
     # -- prompt --------------------------------------------------------------------------------
     def encode(self, query: str, images: list[str]) -> tuple[list[int], list[bool]]:
@@ -448,6 +458,65 @@ class OrtRuntime:
             for (i, _, cands, t), s in zip(chunk, scored, strict=True):
                 out[i] = _scored_answer(t, cands, s)
         return out  # type: ignore[return-value]
+
+
+def load_time_tensors(path: Path) -> bytes | None:
+    """The graph at `path` with its load-time tensors (names ending in LOAD_TIME_SUFFIXES) computed and stored
+    as plain initializers, serialized; None when it has none.
+
+    Why not leave them to onnxruntime: its constant folding computes them too, but on the release's INT8 prefill
+    decoder it held 7.8 GB resident and took 16 s (the fp32 intermediates of all 30 layers stay allocated until
+    the pass ends). Running the same nodes as a graph of their own, with optimizations off, lets the executor
+    free each intermediate after its last reader: 1.5 s, < 0.4 GB, and the decoder's outputs are the folded
+    session's bit for bit (same kernels; tests/runtime)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    by_out = {o: n for n in model.graph.node for o in n.output}
+    targets = [o for o in by_out if o.endswith(LOAD_TIME_SUFFIXES)]
+    if not targets:
+        return None
+    ancestors: set[int] = set()
+    stack = list(targets)
+    while stack:
+        node = by_out.get(stack.pop())
+        if node is not None and id(node) not in ancestors:
+            ancestors.add(id(node))
+            stack.extend(node.input)
+    nodes = [n for n in model.graph.node if id(n) in ancestors]
+    stored = {t.name: t for t in model.graph.initializer}
+    read = {i for n in nodes for i in n.input}
+    graph_inputs = {i.name for i in model.graph.input}
+    if read & graph_inputs:
+        raise ArtifactError(f"{path}: load-time tensors depend on graph inputs {sorted(read & graph_inputs)[:3]}")
+    inferred = onnx.shape_inference.infer_shapes(model)  # element types of the load-time tensors (0.2 s)
+    elem = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    fold = helper.make_model(
+        helper.make_graph(
+            nodes,
+            "load_time",
+            [],
+            [helper.make_tensor_value_info(t, elem.get(t, TensorProto.UNDEFINED), None) for t in targets],
+            [stored[i] for i in sorted(read) if i in stored],
+        ),
+        opset_imports=model.opset_import,
+        ir_version=model.ir_version,
+    )
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    values = ort.InferenceSession(fold.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(targets, {})
+    rest = [n for n in model.graph.node if id(n) not in ancestors]
+    del model.graph.node[:]
+    model.graph.node.extend(rest)
+    still_read = {i for n in rest for i in n.input}
+    kept = [t for t in model.graph.initializer if t.name in still_read]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    model.graph.initializer.extend(numpy_helper.from_array(v, t) for t, v in zip(targets, values, strict=True))
+    return model.SerializeToString()
 
 
 def check_graph_paths(bundle: Path, graph: str) -> None:

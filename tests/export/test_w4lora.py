@@ -195,7 +195,7 @@ def test_int8_prefill_bundle_shares_the_4bit_weights_and_serves_prompts(w4_artif
     import onnxruntime as ort
 
     from emoverse.export.bundle import SHARED_WEIGHTS_FILE, calibration_prompts
-    from emoverse.runtime.ort import OrtRuntime, decoder_weight_bytes
+    from emoverse.runtime.ort import LOAD_TIME_SUFFIXES, OrtRuntime, decoder_weight_bytes, load_time_tensors
 
     records = calibration_prompts(small_amt, per_task=2)
     assert [r.task for r in records[:5]] == ["msa", "mer", "fer", "eri", "ecpe"]  # round-robin over tasks
@@ -227,6 +227,27 @@ def test_int8_prefill_bundle_shares_the_4bit_weights_and_serves_prompts(w4_artif
     assert any(n.op_type in ("MatMulInteger", "MatMulIntegerToFloat") for n in optimized.graph.node)
 
     rt = OrtRuntime(out)
+    # the runtime computes the load-time int8 weights itself (bounded memory), and its prefill session answers
+    # as onnxruntime's own folding of the same file does, bit for bit
+    built = onnx.load_from_string(load_time_tensors(out / graphs["decoder_prefill"]))
+    assert not [n for n in built.graph.node if n.output[0].endswith(LOAD_TIME_SUFFIXES)]
+    assert {t.name for t in built.graph.initializer} >= {
+        n.output[0] for n in pre.graph.node if n.output[0].endswith(LOAD_TIME_SUFFIXES)
+    }
+    assert load_time_tensors(out / graphs["decoder"]) is None  # nothing to build: the file is opened as is
+    folded = ort.InferenceSession(str(out / graphs["decoder_prefill"]), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {
+        "inputs_embeds": rng.standard_normal((2, 9, rt.embed("x", []).shape[1])).astype(np.float32),
+        "attention_mask": np.ones((2, 9), np.int64),
+        "position_ids": np.tile(np.arange(9), (2, 1)),
+        "logits_index": np.arange(9),
+    }
+    for i in range(rt.n_layers):
+        feeds[f"past_key_{i}"] = feeds[f"past_value_{i}"] = rt.empty_cache(2)[0]
+    for a, b in zip(rt.prefill_decoder.run(None, feeds), folded.run(None, feeds), strict=True):
+        np.testing.assert_array_equal(a, b)
+
     calls = {"decoder": [], "decoder_prefill": []}
     for key, attr in (("decoder", "decoder"), ("decoder_prefill", "prefill_decoder")):
         session = getattr(rt, attr)
