@@ -149,6 +149,7 @@ def _export(a: argparse.Namespace) -> int:
         int8_prefill=a.int8_prefill,
         calibration_records=records,
         smoothing_alpha=a.smoothing_alpha,
+        int8_prefill_keep=tuple(x for x in a.int8_prefill_keep.split(",") if x),
         overwrite=a.overwrite,
     )
     print(f"wrote bundle {a.out}: target {a.target}, precision {m['precision']}")
@@ -393,10 +394,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--int8-prefill",
         action="store_true",
         help="cpu, W4 base + LoRA: a second decoder for prompts with INT8 GEMMs built at load from the same "
-        "4-bit weights (decode steps keep them); calibrated on --calibration-data. Experimental: ~8 GB resident "
-        "after load on the release (docs/deployment.md)",
+        "4-bit weights (decode steps keep them); calibrated on --calibration-data (docs/deployment.md)",
     )
     x.add_argument("--smoothing-alpha", type=float, default=0.5, help="--int8-prefill: SmoothQuant's migration")
+    x.add_argument(
+        "--int8-prefill-keep",
+        default="",
+        metavar="PROJ[,PROJ]",
+        help="--int8-prefill: projections that keep the 4-bit kernels there (e.g. down_proj)",
+    )
     x.add_argument("--calibration-per-task", type=int, default=16, help="--int8-prefill: training records per task")
     x.add_argument("--precision", help="cpu: fp32, int8 or int4 (default fp32)")
     x.add_argument(

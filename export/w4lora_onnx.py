@@ -373,13 +373,21 @@ def w4_groups(model) -> list[dict]:
     return groups
 
 
-def to_int8_prefill(src: Path, dst: Path, layers: dict[str, dict], absmax: dict[str, np.ndarray], alpha: float) -> dict:
+def to_int8_prefill(
+    src: Path,
+    dst: Path,
+    layers: dict[str, dict],
+    absmax: dict[str, np.ndarray],
+    alpha: float,
+    keep_4bit: tuple[str, ...] = (),
+) -> dict:
     """From an onnxruntime-form W4 + LoRA decoder (`src`), the INT8 prefill decoder (`dst`): every group's
     4-bit GEMM + correction becomes one int8 GEMM with per-token int8 activations. `absmax`: each group input's
     per-channel max |x| on calibration prompts, for SmoothQuant's migration (Xiao et al. 2023): s_k =
     max|x_k|^alpha / max|w_k|^(1-alpha), x/s in the graph, W·s folded into the weights, so an activation
-    channel with outliers no longer sets every token's int8 step. The lm head and everything else are as in
-    `src`, reading the same initializers."""
+    channel with outliers no longer sets every token's int8 step. `keep_4bit`: projection names (e.g.
+    'down_proj') whose groups keep the 4-bit kernels (mixed precision). The lm head and everything else are as
+    in `src`, reading the same initializers."""
     import onnx
     from onnx import numpy_helper
 
@@ -389,6 +397,8 @@ def to_int8_prefill(src: Path, dst: Path, layers: dict[str, dict], absmax: dict[
     replaced_at: dict[int, list] = {}
     index = {id(n): i for i, n in enumerate(model.graph.node)}
     inits = []
+    kept = [g for g in groups if any(n.endswith(keep_4bit) for n in g["names"])] if keep_4bit else []
+    groups = [g for g in groups if g not in kept]
     for grp in groups:
         group = [(n, layers[n]) for n in grp["names"]]
         w = np.concatenate([weight(layer) for _, layer in group], axis=0)  # (N, K): only for the smoothing
@@ -413,6 +423,8 @@ def to_int8_prefill(src: Path, dst: Path, layers: dict[str, dict], absmax: dict[
     onnx.checker.check_model(str(dst))  # by path: the tied table it names is read from beside it
     return {
         "groups": len(groups),
+        "groups_kept_4bit": len(kept),
+        "kept_4bit": list(keep_4bit),
         "smoothing_alpha": alpha,
         "form": "int8 weights built at load from the 4-bit tensors (base + B·A, SmoothQuant, per-row scales); "
         "int8 activations per token; MatMulInteger u8s8",

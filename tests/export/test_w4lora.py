@@ -287,3 +287,21 @@ def test_int8_prefill_refusals(w4_artifact, tiny_model_dir, small_amt, tmp_path)
     with pytest.raises(ValueError, match="w4-base-lora"):
         export_bundle(tiny_model_dir, tmp_path / "c", int8_prefill=True, calibration_records=records)
     assert not any((tmp_path / x).exists() for x in "abc")
+
+
+def test_int8_prefill_keeps_named_projections_on_4bit_kernels(w4_artifact, small_amt, tmp_path):
+    """Mixed precision: groups named in int8_prefill_keep stay MatMulNBits in the prefill decoder (reading the
+    shared 4-bit bytes); the other groups become int8 GEMMs."""
+    from emoverse.export.bundle import calibration_prompts
+
+    records = calibration_prompts(small_amt, per_task=1)
+    m = export_bundle(
+        w4_artifact, tmp_path / "k", int8_prefill=True, calibration_records=records, int8_prefill_keep=("down_proj",)
+    )
+    info = m["int8_prefill"]
+    assert info["groups_kept_4bit"] > 0 and info["kept_4bit"] == ["down_proj"]
+    pre = onnx.load(str(tmp_path / "k" / "graphs" / "decoder_prefill.onnx"), load_external_data=False)
+    nbits = [n for n in pre.graph.node if n.op_type == "MatMulNBits" and ".w4" in n.input[1]]
+    assert nbits and all("down_proj" in n.input[1] for n in nbits)
+    assert len(nbits) == info["groups_kept_4bit"]
+    assert sum(n.op_type == "MatMulInteger" for n in pre.graph.node) == info["groups"]
