@@ -321,7 +321,7 @@ def export_bundle(
     not bit-exact; parity records what it costs.
 
     int8_prefill (cpu, W4 base + LoRA artifacts): a second decoder for calls of more than one token, its layers
-    int8 GEMMs whose weights onnxruntime builds at load from the same 4-bit tensors (stored once), smoothed
+    int8 GEMMs whose weights are built at load (by the runtime) from the same 4-bit tensors (stored once), smoothed
     (SmoothQuant, `smoothing_alpha`) with activation ranges from `calibration_records` (training records of
     every task). Not bit-exact: a requantization of base + B·A; the manifest lists the records it used.
     `int8_prefill_keep`: projections (e.g. 'down_proj') that stay on the 4-bit kernels in that decoder."""

@@ -240,15 +240,18 @@ def _report(layers: dict[str, dict], replaced: list[str], extra: dict) -> dict:
 # 104.6 ms, int8 x int8 (MatMulInteger u8s8, AMX) 41.3 ms; one decode step (1 token) 18.0 vs 21.9 ms. So a
 # bundle may carry a second decoder for calls of more than one token (prompts, candidate continuations), with
 # the same layers as int8 GEMMs, while decode steps keep the 4-bit kernels. Its int8 weights are not stored:
-# nodes that onnxruntime folds when the session loads build them from the very 4-bit tensors the other decoder
-# reads (one copy on disk, in a file both graphs reference), so the bundle keeps its size.
+# load-time nodes build them from the very 4-bit tensors the other decoder reads (one copy on disk, in a file
+# both graphs reference), so the bundle keeps its size. The runtime computes those nodes itself when it opens
+# the graph (runtime.ort.load_time_tensors: onnxruntime's own folding of them held ~8 GB); plain onnxruntime
+# still opens the file, folding them.
 
 
 def _int8_weight_nodes(group: list[tuple[str, dict]], smooth: str, key: str, consts: dict[str, np.ndarray]) -> list:
-    """Load-time nodes (all inputs constant: folded by onnxruntime): a group's merged weight base + B·A from its
-    stored tensors (`w4_tensors`; the factors as the graph's `factor_nodes` make them), times the smoothing
-    vector along K, quantized per output row to int8 (symmetric, round to nearest) -> `{key}.w8` (K, N) int8
-    and `{key}.w8s` (N,) fp32 row scales. Constants it names are added to `consts` (`int8_constants()` first)."""
+    """Load-time nodes (all inputs constant; runtime.ort.load_time_tensors computes them): a group's merged
+    weight base + B·A from its stored tensors (`w4_tensors`; the factors as the graph's `factor_nodes` make
+    them), times the smoothing vector along K, quantized per output row to int8 (symmetric, round to nearest)
+    -> `{key}.w8` (K, N) int8 and `{key}.w8s` (N,) fp32 row scales (the runtime's LOAD_TIME_SUFFIXES).
+    Constants it names are added to `consts` (`int8_constants()` first)."""
     from onnx import TensorProto, helper
 
     f32, i32 = TensorProto.FLOAT, TensorProto.INT32
@@ -397,7 +400,7 @@ def to_int8_prefill(
     replaced_at: dict[int, list] = {}
     index = {id(n): i for i, n in enumerate(model.graph.node)}
     inits = []
-    kept = [g for g in groups if any(n.endswith(keep_4bit) for n in g["names"])] if keep_4bit else []
+    kept = [g for g in groups if any(n.endswith(keep_4bit) for n in g["names"])]  # endswith(()) is False
     groups = [g for g in groups if g not in kept]
     for grp in groups:
         group = [(n, layers[n]) for n in grp["names"]]

@@ -33,6 +33,8 @@ SPINNING_GRAPHS = ("decoder",)
 # Tensors a graph builds from its stored ones when it loads (the INT8 prefill decoder's int8 weights `.w8` and
 # row scales `.w8s`, export.w4lora_onnx names them so): the runtime computes them itself, see `load_time_tensors`.
 LOAD_TIME_SUFFIXES = (".w8", ".w8s")
+# The graphs that carry such tensors; only these are parsed for them (parsing the 4-bit decoder costs ~0.2 s).
+LOAD_TIME_GRAPHS = ("decoder_prefill",)
 
 
 def decoder_weight_bytes(bundle: Path, graphs: dict[str, str]) -> int:
@@ -122,7 +124,7 @@ class OrtRuntime:
         if threads:
             opts.intra_op_num_threads = threads
         path = self.dir / rel_path
-        model = load_time_tensors(path)
+        model = load_time_tensors(path) if key in LOAD_TIME_GRAPHS else None
         if model is not None:
             # external tensors the graph still names are read from beside the graph file
             opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
@@ -468,7 +470,7 @@ def load_time_tensors(path: Path) -> bytes | None:
     decoder it held 7.8 GB resident and took 16 s (the fp32 intermediates of all 30 layers stay allocated until
     the pass ends). Running the same nodes as a graph of their own, with optimizations off, lets the executor
     free each intermediate after its last reader: 1.5 s, < 0.4 GB, and the decoder's outputs are the folded
-    session's bit for bit (same kernels; tests/runtime)."""
+    session's bit for bit (same kernels; tests/export/test_w4lora.py)."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
