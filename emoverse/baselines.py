@@ -11,6 +11,9 @@ exactly as they score the model. All of them learn from the training split only;
 - fer-probe: logistic regression on the frozen scene encoder's mean-pooled image features
 - face-probe: the same on the frozen face encoder's 4 x 4 map (the linear probe on the features the model's
   face tokens carry: the bar its FER path must at least match)
+- fer-head: the frozen face encoder's own FER2013 classifier, zero-shot (fits nothing): on FER2013's test split
+  it is in domain (it was trained on FER2013's training split), so it is the bar the model's FER2013 answers,
+  which read the same encoder, must reach
 """
 
 from __future__ import annotations
@@ -189,6 +192,32 @@ def fer_probe(records: list[Record], train: list[Record], encoder: str = "scene"
     return preds
 
 
+def fer_head(records: list[Record], train: list[Record]) -> dict[str, str]:
+    """The face encoder's FER2013 head on each test face: the most probable of the labels its query offers
+    that the head knows (CK+'s "contempt" is not a FER2013 label); `train` is not used."""
+    import numpy as np
+    import torch
+
+    from emoverse.face import FER2013_LABELS
+    from emoverse.model import ModelConfig, load_face
+
+    todo = [r for r in records if r.task == "fer" and r.images]
+    if not todo:
+        return {}
+    net = load_face(ModelConfig(face_encoder="mini-xception-fer2013"))
+    fer = TASKS["fer"]
+    preds = {}
+    with torch.no_grad():
+        for i in range(0, len(todo), 64):
+            chunk = todo[i : i + 64]
+            px = torch.from_numpy(np.stack([load_pixels(r.images[0], 224) for r in chunk]))
+            for r, logits in zip(chunk, net(px).numpy(), strict=True):
+                allowed = [c.lower().rstrip(".") for c in fer.candidates(r.query)]
+                known = [lbl for lbl in allowed if lbl in FER2013_LABELS] or list(FER2013_LABELS)
+                preds[r.id] = fer.format_label(max(known, key=lambda lbl: logits[FER2013_LABELS.index(lbl)]))
+    return preds
+
+
 BASELINES: dict[str, Callable[[list[Record], list[Record]], dict[str, str]]] = {
     "majority": majority,
     "vader": vader,
@@ -196,6 +225,7 @@ BASELINES: dict[str, Callable[[list[Record], list[Record]], dict[str, str]]] = {
     "tfidf-lr": tfidf_lr,
     "fer-probe": fer_probe,
     "face-probe": face_probe,
+    "fer-head": fer_head,
 }
 
 

@@ -117,7 +117,7 @@ def test_budget_verdict_from_ci(ci, verdict_):
 
 @pytest.mark.real_weights
 @pytest.mark.real_data
-@pytest.mark.parametrize("name", ["fer-probe", "face-probe"])
+@pytest.mark.parametrize("name", ["fer-probe", "face-probe", "fer-head"])
 def test_image_probes_learn_ckplus_subjects(name, real_raw_dir):
     """Each probe, fitted on some CK+ subjects' happy/surprise faces, names other subjects' faces far above
     chance (0.5), and answers only with labels the query offers."""
@@ -136,6 +136,35 @@ def test_image_probes_learn_ckplus_subjects(name, real_raw_dir):
     parsed = [fer.parse_label(preds[r.id]) for r in test]
     assert set(parsed) <= {"happy", "surprise", "anger"}
     assert np.mean([p == r.label for p, r in zip(parsed, test, strict=True)]) > 0.8
+
+
+def test_fer_head_answers_the_best_offered_label_it_knows(tmp_path, monkeypatch):
+    """fer-head takes the encoder's FER2013 logits as they are: its top label when the query offers it, else the
+    best offered label the head knows (never "contempt", which FER2013 lacks; never an unoffered label)."""
+    import torch
+    from PIL import Image
+
+    import emoverse.model
+    from emoverse.baselines import run_baseline
+    from emoverse.face import FER2013_LABELS
+
+    order = ["neutral", "sadness", "anger", "happy", "fear", "disgust", "surprise"]  # most to least probable
+    logits = torch.tensor([[float(7 - order.index(lbl)) for lbl in FER2013_LABELS]])
+
+    class Head(torch.nn.Module):
+        def forward(self, px):
+            return logits.expand(len(px), -1)
+
+    monkeypatch.setattr(emoverse.model, "load_face", lambda cfg: Head())
+    Image.new("RGB", (48, 48), (90, 90, 90)).save(tmp_path / "face.png")
+    fer = TASKS["fer"]
+    offered = {"a": ("anger", "contempt", "happy"), "b": ("contempt", "sadness", "surprise"), "c": ("happy", "neutral")}
+    recs = [
+        Record(k, "fer", "ckplus", "test", fer.query(labels, False), "", labels[0], [str(tmp_path / "face.png")])
+        for k, labels in offered.items()
+    ]
+    preds = run_baseline("fer-head", recs, [])
+    assert {k: fer.parse_label(v) for k, v in preds.items()} == {"a": "anger", "b": "sadness", "c": "neutral"}
 
 
 def test_paired_task_stats_by_source_rows_and_chosen_metric():
