@@ -29,6 +29,7 @@ from emoverse.export.gptq_onnx import (
     replace_matched_matmul_groups,
     replace_matched_matmuls,
 )
+from emoverse.runtime.ort import drop_unread_initializers
 from emoverse.w4lora import factors, pack_nibbles, weight
 
 
@@ -445,7 +446,4 @@ def _prune(model) -> None:
             live |= set(node.input)
     del model.graph.node[:]
     model.graph.node.extend(reversed(keep))
-    used = {i for n in model.graph.node for i in n.input}
-    inits = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(inits)
+    drop_unread_initializers(model.graph)

@@ -513,12 +513,18 @@ def load_time_tensors(path: Path) -> bytes | None:
     rest = [n for n in model.graph.node if id(n) not in ancestors]
     del model.graph.node[:]
     model.graph.node.extend(rest)
-    still_read = {i for n in rest for i in n.input}
-    kept = [t for t in model.graph.initializer if t.name in still_read]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    drop_unread_initializers(model.graph)
     model.graph.initializer.extend(numpy_helper.from_array(v, t) for t, v in zip(targets, values, strict=True))
     return model.SerializeToString()
+
+
+def drop_unread_initializers(graph) -> None:
+    """Remove the initializers no node of `graph` (an onnx GraphProto) reads; the exporter's pruning of replaced
+    nodes uses it too."""
+    read = {i for n in graph.node for i in n.input}
+    kept = [t for t in graph.initializer if t.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def check_graph_paths(bundle: Path, graph: str) -> None:

@@ -99,11 +99,12 @@ step_eval_artifacts() {  # the PyTorch GPTQ artifact itself (bf16 autocast, as t
 step_more() {  # the other compress outputs, measured in PyTorch on the closed tasks (full splits)
   compress int8-weight-only int8-weight-only
   compress modelopt-fp8 modelopt-fp8
+  compress fp8-dynamic fp8-dynamic
   # the FP32 teacher through its bundle (fp32 onnxruntime, logits within 1e-4 of PyTorch fp32): the reference
   # every variant is judged against (the teacher's own eval ran bf16 autocast, itself not bit-exact)
   evaluate "$B/release-fp32" "$R/eval/release-fp32"
   local v
-  for v in int8-weight-only modelopt-fp8; do
+  for v in int8-weight-only modelopt-fp8 fp8-dynamic; do
     eval_closed "$R/$v" "$R/eval/$v" --precision bf16
   done
   # the INT8 weight-only artifact as a CPU bundle (MatMulNBits bits=8 from its own bytes), closed tasks
@@ -150,6 +151,13 @@ step_compare_core() {  # compression.json from the core rows (ECPE and latency w
   [ -f "$R/bench/report.json" ] && more=(--bench "$R/bench/report.json")
   local p=$R/eval/release-w4lora-deploy-p8 rows=()
   [ -f "$p/eri/metrics.json" ] && rows=("same + INT8 prefill decoder=$p/closed/metrics.json+$p/ecpe/metrics.json+$p/eri/metrics.json")
+  # the other compress outputs where measured (eval_artifacts, more): closed tasks, PyTorch, bf16 autocast
+  local v
+  for v in gptq-w4a16 int8-weight-only modelopt-fp8 fp8-dynamic; do
+    [ -f "$R/eval/$v/closed/metrics.json" ] && rows+=("$v (PyTorch)=$R/eval/$v/closed/metrics.json")
+  done
+  [ -f "$R/eval/release-int8/closed/metrics.json" ] &&
+    rows+=("CPU bundle: INT8 weight-only, int8 activations=$R/eval/release-int8/closed/metrics.json")
   $E compare "teacher, FP32 (its bundle)=$f" "teacher, bf16 autocast (PyTorch)=$T" \
     "CPU bundle: W4 base + LoRA, int8 act., INT8 vision weights (deployed)=$d" "${rows[@]}" \
     --size-reference "$B/release-fp32" "${more[@]}" --out docs/results/compression.json
@@ -166,7 +174,7 @@ all_tasks() {  # EVAL_DIR -> its three metrics files joined, as compare reads th
 step_compare() {  # reference: the FP32 teacher (its bundle); the bf16 PyTorch teacher is a row like the others
   local T=$TEACHER_EVAL/metrics.json+$(teacher_ecpe_sample)
   local v more=()
-  for v in int8-weight-only modelopt-fp8; do
+  for v in int8-weight-only modelopt-fp8 fp8-dynamic; do
     [ -f "$R/eval/$v/closed/metrics.json" ] && more+=("$v (PyTorch)=$R/eval/$v/closed/metrics.json")
   done
   [ -f "$R/eval/release-int8/closed/metrics.json" ] &&
