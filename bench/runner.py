@@ -241,7 +241,7 @@ def _answer(rt, rec: Record) -> tuple[str, float, float | None, int]:
         ans = rt.answer(rec.task, rec.query, rec.images, mode="score")
         return ans.text, (time.perf_counter() - t0) * 1e3, None, 0
     ttft, pieces = None, []
-    for piece in rt.stream(rec.query, rec.images, task.max_new_tokens, rt.grammar_for(rec.task, rec.query)):
+    for piece in rt.stream(rec.query, rec.images, task.max_new_tokens, rt.grammar_for(rec.task, rec.query), task):
         if ttft is None:
             ttft = (time.perf_counter() - t0) * 1e3
         pieces.append(piece)

@@ -242,11 +242,16 @@ class OrtRuntime:
         images: list[str] = (),
         max_new_tokens: int = 32,
         allowed: Callable[[str], Callable[[int], bool]] | None = None,
+        task: Task | None = None,
     ) -> Iterator[str]:
-        """Greedy decoding with a KV cache, yielding text pieces as tokens are chosen."""
-        last, cache, mask = self.prefill([self.embed(query, list(images))])
+        """Greedy decoding with a KV cache, yielding text pieces as tokens are chosen. `task`: its answer form
+        applies (`Task.cut` ends the text, `Task.closing` completes it by scoring); pieces then trail the text by
+        its last, unfinished word, so a cut inside a word never shows what it removes."""
+        emb = self.embed(query, list(images))
+        last, cache, mask = self.prefill([emb])
+        cut = task.cut if task is not None and type(task).cut is not Task.cut else None
         ids: list[int] = []
-        text = ""
+        text = shown = ""
         for _ in range(max_new_tokens):
             row = last[0]
             if allowed is not None:
@@ -255,33 +260,67 @@ class OrtRuntime:
             if nxt == self.eos:
                 break
             ids.append(nxt)
-            new_text = self.tok.decode(ids, skip_special_tokens=True)
-            piece, text = new_text[len(text) :], new_text
-            if piece:
-                yield piece
+            text = self.tok.decode(ids, skip_special_tokens=True)
+            if cut is not None:
+                end = cut(text)
+                if end is not None:
+                    text = text[:end]
+                    break
+                ready = text[: max(text.rfind(" "), len(shown))]  # up to the last finished word
+            else:
+                ready = text
+            if len(ready) > len(shown):
+                yield ready[len(shown) :]
+                shown = ready
             mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
             logits, cache = self.forward(self.token_embeds(np.array([[nxt]])), mask, cache, [0])
             last = logits[:, -1]
+        if len(text) > len(shown):
+            yield text[len(shown) :]
+        if task is not None and task.closing() is not None:
+            yield self._closings([emb], [text], [task])[0]
+
+    def _closings(self, embs: list[np.ndarray], texts: list[str], tasks: list[Task]) -> list[str]:
+        """What completes each generated text: its task's closing prefix and the candidate scored best after
+        prompt + text + prefix, all requests in one scoring call. The prompt is prefilled again with the text
+        (not continued from the decoding cache): one prefill per answer, against hundreds of decode steps."""
+        ext, cands, prefixes = [], [], []
+        for emb, text, task in zip(embs, texts, tasks, strict=True):
+            prefix, options = task.closing()
+            ids = self.tok.encode(text + prefix, add_special_tokens=False).ids
+            ext.append(np.concatenate([emb, self.token_embeds(np.array([ids]))[0]]))
+            cands.append(options)
+            prefixes.append(prefix)
+        scores = self.score_embedded(ext, cands, list(tasks))
+        return [
+            prefix + task.choose(options, s)
+            for prefix, task, options, s in zip(prefixes, tasks, cands, scores, strict=True)
+        ]
 
     def generate_many(
-        self, items: list[tuple[str, list[str], int, Callable | None]], embs: list[np.ndarray] | None = None
+        self,
+        items: list[tuple[str, list[str], int, Callable | None] | tuple[str, list[str], int, Callable | None, Task]],
+        embs: list[np.ndarray] | None = None,
     ) -> list[str]:
-        """Greedy answers of several (query, images, max_new_tokens, grammar) requests decoded together: one
-        left-padded prefill, then one decoder step per token for the whole batch. Each row takes exactly
-        the tokens `stream` would take alone (same constraint, same stop rules); finished rows ride along.
-        `embs`: the prompts already embedded (as answer_many has them), else embedded here."""
+        """Greedy answers of several (query, images, max_new_tokens, grammar[, task]) requests decoded together:
+        one left-padded prefill, then one decoder step per token for the whole batch. Each row takes exactly
+        the tokens `stream` would take alone (same constraint, same stop rules, the task's cut and closing);
+        finished rows ride along. `embs`: the prompts already embedded (as answer_many has them), else
+        embedded here."""
         if embs is None:
-            embs = [self.embed(q, list(images)) for q, images, _, _ in items]
+            embs = [self.embed(item[0], list(item[1])) for item in items]
+        tasks: list[Task | None] = [item[4] if len(item) > 4 else None for item in items]
         last, cache, mask = self.prefill(embs)
         n = len(items)
         ids: list[list[int]] = [[] for _ in range(n)]
         texts = [""] * n
         done = [False] * n
-        for _ in range(max(m for _, _, m, _ in items)):
+        for _ in range(max(item[2] for item in items)):
             nxt = np.full((n, 1), self.eos, dtype=np.int64)
-            for i, (_, _, max_new, allowed) in enumerate(items):
+            for i, item in enumerate(items):
                 if done[i]:
                     continue
+                max_new, allowed = item[2], item[3]
                 row = last[i] if allowed is None else self._constrain(last[i], allowed(texts[i]))
                 tid = int(row.argmax())
                 if tid == self.eos or len(ids[i]) >= max_new:
@@ -289,12 +328,22 @@ class OrtRuntime:
                     continue
                 ids[i].append(tid)
                 texts[i] = self.tok.decode(ids[i], skip_special_tokens=True)
+                end = tasks[i].cut(texts[i]) if tasks[i] is not None else None
+                if end is not None:
+                    texts[i] = texts[i][:end]
+                    done[i] = True
+                    continue
                 nxt[i, 0] = tid
             if all(done):
                 break
             mask = np.concatenate([mask, np.ones((n, 1), dtype=np.int64)], axis=1)
             logits, cache = self.forward(self.token_embeds(nxt), mask, cache, [0])
             last = logits[:, -1]
+        closing = [i for i, t in enumerate(tasks) if t is not None and t.closing() is not None]
+        if closing:
+            ends = self._closings([embs[i] for i in closing], [texts[i] for i in closing], [tasks[i] for i in closing])
+            for i, end in zip(closing, ends, strict=True):
+                texts[i] += end
         return [t.strip() for t in texts]
 
     def _constrain(self, row: np.ndarray, ok: Callable[[int], bool]) -> np.ndarray:
@@ -310,8 +359,10 @@ class OrtRuntime:
         out[self.eos] = 0.0
         return out
 
-    def generate(self, query: str, images: list[str] = (), max_new_tokens: int = 32, allowed=None) -> str:
-        return "".join(self.stream(query, images, max_new_tokens, allowed)).strip()
+    def generate(
+        self, query: str, images: list[str] = (), max_new_tokens: int = 32, allowed=None, task: Task | None = None
+    ) -> str:
+        return "".join(self.stream(query, images, max_new_tokens, allowed, task)).strip()
 
     def score(self, query: str, candidates: list[str], images: list[str] = (), task: Task | None = None) -> list[float]:
         """Sum log-probability of each candidate answer after the prompt (`task`: scored as that task's answers
@@ -421,7 +472,7 @@ class OrtRuntime:
         if t.scored and mode == "score":
             cands = t.candidates(query)
             return _scored_answer(t, cands, self.score(query, cands, images, t))
-        text = self.generate(query, images, t.max_new_tokens, self.grammar_for(task, query))
+        text = self.generate(query, images, t.max_new_tokens, self.grammar_for(task, query), t)
         parsed = t.parse(text)
         return Answer(task, text, parsed.label if t.closed else None)
 
@@ -441,7 +492,7 @@ class OrtRuntime:
                 if t.scored and mode == "score":  # embedded alone, so a bad image or prompt fails alone
                     batch.append((i, self.embed(r["query"], images), t.candidates(r["query"]), t))
                 else:  # embedded alone too, and the embedding kept for the batch
-                    item = (r["query"], images, t.max_new_tokens, self.grammar_for(t.name, r["query"]))
+                    item = (r["query"], images, t.max_new_tokens, self.grammar_for(t.name, r["query"]), t)
                     gen.append((i, t, item, self.embed(r["query"], images)))
             except RequestError as e:
                 out[i] = e

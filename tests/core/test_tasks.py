@@ -125,3 +125,33 @@ def test_ecpe_keeps_the_causes_whose_posterior_marginal_reaches_the_threshold():
     assert ecpe.choose(flat, [0.0, 0.01, -0.01, 0.0, 0.0]) == "5_joy,2"
     # a shift of every score (an unnormalised log-probability) changes nothing
     assert ecpe.choose(cands, [s - 50.0 for s in scores]) == "3_joy,2;3_joy,3"
+
+
+@pytest.mark.parametrize(
+    "text, end",
+    [
+        ("He frowned and spoke loudly.", None),
+        ("He frowned and spoke loudly. Therefore, he is angry.", len("He frowned and spoke loudly. ")),
+        ("He frowned. therefore", len("He frowned. ")),
+        ("The theretofore quiet man frowned.", None),  # a word that only contains the letters
+        ("In the video he smiles a lot. In the video he smiles a lot", None),  # 7 words repeated: not yet a loop
+        (
+            "In the video he smiles a lot now. In the video he smiles a lot now",
+            len("In the video he smiles a lot now. In the video he smiles a lot now"),
+        ),
+    ],
+)
+def test_eri_reasoning_ends_at_therefore_or_a_loop(text, end):
+    """ERI's answer form: generated reasoning ends before its "therefore" (the scored conclusion follows) or
+    once it repeats a run of LOOP_WORDS words (kept as written)."""
+    eri = TASKS["eri"]
+    assert eri.LOOP_WORDS == 8
+    assert eri.cut(text) == end
+
+
+def test_eri_closing_names_each_training_label_once():
+    """The scored conclusion offers one word per ERI training label, each parsed back to that label."""
+    eri = TASKS["eri"]
+    prefix, options = eri.closing()
+    parsed = [eri.parse_label("He frowned." + prefix + o) for o in options]
+    assert parsed == list(eri.CONCLUSION_WORDS)

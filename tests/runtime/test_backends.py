@@ -277,6 +277,31 @@ def test_generate_many_equals_one_at_a_time_with_grammar(tiny_model_dir):
     assert all(p.startswith("3_surprise,") for p in batched[0].split(";") if p)
 
 
+def test_eri_answers_end_with_one_scored_conclusion(tiny_model_dir):
+    """ERI through the runtime: the reasoning is cut by the task, then completed by its conclusion phrase and
+    the emotion word the model scores best (the best of the candidates' scores after that phrase); streamed
+    (the bench's path) and batched (the eval's path) give the same text."""
+    rt = open_runtime(tiny_model_dir, "torch")
+    eri = TASKS["eri"]
+    prefix, options = eri.closing()
+    queries = [eri.query("leave me alone"), eri.query("we won, we actually won!")]
+    batched = [a.text for a in rt.answer_many([{"task": "eri", "query": q} for q in queries], mode="score")]
+    for q, text in zip(queries, batched, strict=True):
+        assert "".join(rt.stream(q, [], eri.max_new_tokens, None, eri)).strip() == text
+        head, word = text.rsplit(prefix.strip(), 1)
+        assert word in options and eri.parse_label(text) in eri.CONCLUSION_WORDS
+        assert eri.cut(head) is None or eri.cut(head) >= len(head.rstrip())  # no "therefore" before the conclusion
+        scores = rt.score_embedded(
+            [
+                np.concatenate(
+                    [rt.embed(q, []), rt.token_embeds(np.array([rt.tok.encode(head.rstrip() + prefix).ids]))[0]]
+                )
+            ],
+            [options],
+        )[0]
+        assert word == options[int(np.argmax(scores))]
+
+
 def test_eval_and_bench_give_the_same_answers(tiny_model_dir, small_amt, tmp_path):
     """`emoverse eval` and the bench answer through the same runtime path: same records, same answers."""
     from emoverse.bench.runner import _answer
