@@ -20,6 +20,9 @@ R=${RUNS:-runs/compression/$TAG}
 B=${BUNDLES:-bundles/$TAG}
 EV="--data $D --mode score --batch-size 16"
 TEACHER_EVAL=${TEACHER_EVAL:-runs/release-eval}  # the teacher's closed-task + ERI eval (README "Results")
+# DIR[+DIR...]: several eval folders of the teacher, the first one holding a task's answers wins (a newer ERI
+# eval before the full one: TEACHER_EVAL=runs/release-eval-eri+runs/release-eval)
+teacher_metrics() { echo "${TEACHER_EVAL//+//metrics.json+}/metrics.json"; }
 mkdir -p "$R" "$B"
 
 compress() {  # NAME RECIPE
@@ -140,7 +143,7 @@ step_bench_core() {  # latency of the two (three with core_p8), with the PyTorch
 }
 step_compare_core() {  # compression.json from the core rows (ECPE and latency where measured)
   local f=$R/eval/release-fp32/closed/metrics.json d=$R/eval/release-w4lora-deploy/closed/metrics.json
-  local T=$TEACHER_EVAL/metrics.json more=()
+  local T=$(teacher_metrics) more=()
   local open
   for open in ecpe eri; do  # where measured (core_open)
     if [ -f "$R/eval/release-w4lora-deploy/$open/metrics.json" ]; then
@@ -172,7 +175,7 @@ all_tasks() {  # EVAL_DIR -> its three metrics files joined, as compare reads th
   echo "$1/closed/metrics.json+$1/eri/metrics.json+$1/ecpe/metrics.json"
 }
 step_compare() {  # reference: the FP32 teacher (its bundle); the bf16 PyTorch teacher is a row like the others
-  local T=$TEACHER_EVAL/metrics.json+$(teacher_ecpe_sample)
+  local T=$(teacher_metrics)+$(teacher_ecpe_sample)
   local v more=()
   for v in int8-weight-only modelopt-fp8 fp8-dynamic; do
     [ -f "$R/eval/$v/closed/metrics.json" ] && more+=("$v (PyTorch)=$R/eval/$v/closed/metrics.json")
