@@ -181,7 +181,8 @@ def _run(a: argparse.Namespace) -> int:
     rt = open_runtime(a.bundle, a.backend, threads=a.threads, providers=a.providers)
     try:
         if a.stream and not task.scored:  # streamed: the generated tasks (ERI); scored ones answer whole
-            for piece in rt.stream(query, a.image or [], task.max_new_tokens):
+            # the task's grammar and answer form, as `answer` and the bench apply them
+            for piece in rt.stream(query, a.image or [], task.max_new_tokens, rt.grammar_for(task.name, query), task):
                 print(piece, end="", flush=True)
             print()
             return 0

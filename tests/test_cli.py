@@ -51,3 +51,13 @@ def test_validate_reports_bad_lines(tmp_path, capsys):
     assert main(["data", "validate", str(f), "--no-media"]) == 1
     out = capsys.readouterr().out
     assert "r.jsonl:2: invalid JSON" in out and "r.jsonl:3:" in out and "3 records checked, 2 problem(s)" in out
+
+
+def test_run_streams_eri_as_its_answer(bundle, capsys):
+    """`emoverse run --stream` applies ERI's answer form like `answer` does: the same text, streamed."""
+    args = ["run", "--bundle", str(bundle), "--task", "eri", "--text", "leave me alone"]
+    assert main(args) == 0
+    whole = capsys.readouterr().out.strip()
+    assert main([*args, "--stream"]) == 0
+    assert capsys.readouterr().out.strip() == whole
+    assert "Therefore, it is inferred that the person's emotional state is" in whole
