@@ -124,7 +124,7 @@ def image_features(
 ) -> np.ndarray:  # noqa: F821
     """Frozen features of the model's encoders, with its input scaling: "scene" = mean-pooled ImageNet
     EfficientNet-Lite0 (1280); "face" = the FER2013 mini-Xception's whole 4 x 4 map, as the model's face
-    tokens see it (2048)."""
+    tokens see it (2048); "face-head" = that encoder's own FER2013 logits (7, FER2013_LABELS order)."""
     import numpy as np
     import torch
 
@@ -132,11 +132,11 @@ def image_features(
     # baselines, and `emoverse run` on an onnxruntime-only install must not need torch
     from emoverse.model import ModelConfig, load_face, load_vision
 
-    if encoder == "face":
+    if encoder in ("face", "face-head"):
         net = load_face(ModelConfig(face_encoder="mini-xception-fer2013"))
 
         def features(px):
-            return net.features(px).flatten(1)
+            return net(px) if encoder == "face-head" else net.features(px).flatten(1)
     else:
         net = load_vision(ModelConfig()).eval()
 
@@ -182,7 +182,7 @@ def fer_probe(records: list[Record], train: list[Record], encoder: str = "scene"
     fer = TASKS["fer"]
     preds = {}
     for r, p in zip(todo, proba, strict=True):
-        allowed = [c.lower().rstrip(".") for c in fer.candidates(r.query)]
+        allowed = _offered_labels(r.query)
         best = max(
             (lbl for lbl in allowed if lbl in classes),
             key=lambda lbl: p[classes.index(lbl)],
@@ -192,29 +192,24 @@ def fer_probe(records: list[Record], train: list[Record], encoder: str = "scene"
     return preds
 
 
+def _offered_labels(query: str) -> list[str]:
+    """The FER labels a query offers (its candidates, as labels)."""
+    return [c.lower().rstrip(".") for c in TASKS["fer"].candidates(query)]
+
+
 def fer_head(records: list[Record], train: list[Record]) -> dict[str, str]:
     """The face encoder's FER2013 head on each test face: the most probable of the labels its query offers
     that the head knows (CK+'s "contempt" is not a FER2013 label); `train` is not used."""
-    import numpy as np
-    import torch
-
     from emoverse.face import FER2013_LABELS
-    from emoverse.model import ModelConfig, load_face
 
     todo = [r for r in records if r.task == "fer" and r.images]
     if not todo:
         return {}
-    net = load_face(ModelConfig(face_encoder="mini-xception-fer2013"))
-    fer = TASKS["fer"]
+    logits = image_features([r.images[0] for r in todo], encoder="face-head")
     preds = {}
-    with torch.no_grad():
-        for i in range(0, len(todo), 64):
-            chunk = todo[i : i + 64]
-            px = torch.from_numpy(np.stack([load_pixels(r.images[0], 224) for r in chunk]))
-            for r, logits in zip(chunk, net(px).numpy(), strict=True):
-                allowed = [c.lower().rstrip(".") for c in fer.candidates(r.query)]
-                known = [lbl for lbl in allowed if lbl in FER2013_LABELS] or list(FER2013_LABELS)
-                preds[r.id] = fer.format_label(max(known, key=lambda lbl: logits[FER2013_LABELS.index(lbl)]))
+    for r, row in zip(todo, logits, strict=True):
+        known = [lbl for lbl in _offered_labels(r.query) if lbl in FER2013_LABELS] or list(FER2013_LABELS)
+        preds[r.id] = TASKS["fer"].format_label(max(known, key=lambda lbl: row[FER2013_LABELS.index(lbl)]))
     return preds
 
 
