@@ -1,32 +1,21 @@
-"""Depth-pruned student distilled from the trained EmoVerse teacher.
+"""The compress pipeline's `distill` stage: a depth-pruned student distilled from the model being compressed.
 
-1. Layer importance, measured: Block Influence (ShortGPT, Men et al. 2024) = 1 - cos(h_in, h_out) of
-   each decoder layer, averaged over the response-region tokens of AMT train records of every task.
-   The `keep_layers` most influential layers are kept, in order.
-2. Knowledge distillation: the student (pruned LLM + the teacher's projector, both trained) learns from
-   the teacher's logits on response tokens (KL at temperature T) plus the task cross-entropy, on AMT train
-   records of all five tasks, sampled by `task_weights`.
-
-Written by hand, not with nvidia-modelopt: modelopt's depth pruning (Minitron) needs Megatron-core
-models, and its distillation wrapper calls teacher and student on the same module inputs, while ours
-splice visual tokens into inputs_embeds before the LLM; the loss below is the same KL it would compute.
+Knowledge distillation belongs to the trainer (train/distill.py: layer importance, pruning, the KD loss,
+checkpoints, time budgets, DDP); this stage only maps its parameters onto a one-stage training recipe whose
+teacher is the stage's input, runs it, and hands the student on to the next stage. For long runs (hours, a
+GPU) train the student with `emoverse train` and a recipe with `distill.teacher` set, then compress its
+`model/` folder: that run resumes after an interruption, this stage starts over.
 """
 
 from __future__ import annotations
 
-import copy
-import time
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
-
-from emoverse.model import EmoVerse
-from emoverse.prompting import IGNORE, PromptTooLong
-from emoverse.records import load_records
+from emoverse.config import load_config
+from emoverse.model import read_model_config
 from emoverse.tasks import TASKS
 
 
@@ -34,142 +23,79 @@ from emoverse.tasks import TASKS
 class Distill:
     keep_layers: int = 20  # of the teacher's decoder layers (SmolLM2-135M: 30)
     steps: int = 200
-    lr: float = 1e-4
+    lr: float = 2e-4
     batch_size: int = 8
     max_batch_tokens: int = 1536
     max_train_length: int = 768
     temperature: float = 2.0
-    kd_weight: float = 0.7  # loss = kd_weight * KL + (1 - kd_weight) * CE
+    kd_weight: float = 0.7  # loss = kd_weight * T^2 * KL + (1 - kd_weight) * CE
     importance_samples: int = 16  # records per task for the layer-importance score
+    lora_r: int | None = None  # the student's LoRA rank (alpha = 2r); null: the teacher's
+    precision: str = "fp32"  # or "bf16" (autocast) where the CPU has it
     seed: int = 0
     max_minutes: float = 0.0  # 0: no time budget
     task_weights: dict = field(default_factory=lambda: {"msa": 0.2, "mer": 0.25, "fer": 0.2, "eri": 0.1, "ecpe": 0.25})
 
 
-def _decoder_layers(llm) -> torch.nn.ModuleList:
-    return llm.model.layers
-
-
-@torch.no_grad()
-def layer_importance(model, batches: list[dict]) -> list[float]:
-    """Block Influence per decoder layer, averaged over tokens that carry labels (responses)."""
-    n = len(_decoder_layers(model.llm))
-    total = torch.zeros(n)
-    count = 0
-    for batch in batches:
-        embeds = model.embed(batch["input_ids"], batch["visual_mask"], batch["media"], cache=True)
-        out = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_hidden_states=True)
-        hs = out.hidden_states  # n + 1 tensors (input embeddings, then after each layer)
-        mask = batch["attention_mask"].bool()
-        for i in range(n):
-            cos = F.cosine_similarity(hs[i][mask], hs[i + 1][mask], dim=-1)
-            total[i] += (1 - cos).sum()
-        count += int(mask.sum())
-    return (total / max(count, 1)).tolist()
-
-
-def prune_layers(llm, keep: list[int]):
-    """A copy of `llm` with only the decoder layers in `keep` (sorted), caches re-indexed."""
-    student = copy.deepcopy(llm)
-    layers = _decoder_layers(student)
-    student.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
-    for new_idx, layer in enumerate(student.model.layers):
-        if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):
-            layer.self_attn.layer_idx = new_idx
-    student.config.num_hidden_layers = len(keep)
-    if getattr(student.config, "layer_types", None):
-        student.config.layer_types = [student.config.layer_types[i] for i in keep]
-    return student
-
-
 def run_distill(params: Distill, src: Path, dst: Path, data: str | Path) -> dict:
-    torch.manual_seed(params.seed)
-    teacher = EmoVerse.load(src, check=False).eval()  # verified by the pipeline already
-    n_layers = len(_decoder_layers(teacher.llm))
-    if not 0 < params.keep_layers < n_layers:
-        raise ValueError(f"distill: keep_layers={params.keep_layers} must be between 1 and {n_layers - 1}")
+    from emoverse.train.trainer import TrainConfig, Trainer
+
     unknown = set(params.task_weights) - set(TASKS)
     if unknown:
         raise ValueError(f"distill: unknown task(s) {sorted(unknown)} in task_weights")
-
-    builder = teacher.prompts
-    builder.max_length = min(builder.max_length, params.max_train_length)
-    pools: dict[str, list] = {}
-    for task, w in params.task_weights.items():
-        if w <= 0:
-            continue
-        items = []
-        for r in load_records(Path(data) / task / "train.jsonl"):
-            try:
-                items.append(builder.encode(r.query, r.response, r.images, r.videos))
-            except PromptTooLong:
-                continue
-        pools[task] = items
-
-    def batch_for(step: int, task: str | None = None) -> tuple[str, dict]:
-        tasks = sorted(pools)
-        w = np.array([params.task_weights[t] for t in tasks], dtype=float)
-        rng = np.random.default_rng([params.seed, step])
-        task = task or tasks[rng.choice(len(tasks), p=w / w.sum())]
-        pool = pools[task]
-        idx = rng.choice(len(pool), size=min(params.batch_size, len(pool)), replace=False)
-        items = [pool[i] for i in idx]
-        longest = max(len(e.input_ids) for e in items)
-        return task, builder.collate(items[: max(1, min(len(items), params.max_batch_tokens // longest))])
-
-    # 1. measured layer importance on records of every task
-    probe = [
-        batch_for(10_000 + i, t)[1]
-        for i, t in enumerate(sorted(pools))
-        for _ in range(max(1, params.importance_samples // params.batch_size))
-    ]
-    scores = layer_importance(teacher, probe)
-    keep = sorted(sorted(range(n_layers), key=lambda i: -scores[i])[: params.keep_layers])
-
-    # 2. student = pruned LLM + teacher's projector; KD on response tokens
-    student = EmoVerse(teacher.cfg, prune_layers(teacher.llm, keep), teacher.tokenizer, teacher.vision, teacher.face)
-    student.projector.load_state_dict(teacher.projector.state_dict())
-    student._feature_cache = teacher._feature_cache  # same frozen encoder
-    for n, p in student.named_parameters():
-        p.requires_grad_(not n.startswith("vision."))
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=params.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / params.steps))
-    t0 = time.monotonic()
-    log = []
-    student.train()
-    if student.vision is not None:
-        student.vision.eval()  # frozen BatchNorm statistics
-    bar = tqdm(range(params.steps), desc="distill", unit="step")
-    for step in bar:
-        task, batch = batch_for(step)
-        with torch.no_grad():
-            t_logits = teacher(batch, cache_features=True).logits
-        out = student(batch, cache_features=True)
-        labels = batch["labels"][:, 1:]
-        sel = labels != IGNORE
-        s_log = out.logits[:, :-1][sel] / params.temperature
-        t_log = t_logits[:, :-1][sel] / params.temperature
-        kd = F.kl_div(s_log.log_softmax(-1), t_log.log_softmax(-1), log_target=True, reduction="batchmean")
-        loss = params.kd_weight * kd * params.temperature**2 + (1 - params.kd_weight) * out.loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(task=task, loss=f"{loss.item():.3f}")
-        log.append({"step": step, "task": task, "loss": round(loss.item(), 4), "kd": round(kd.item(), 4)})
-        if params.max_minutes and time.monotonic() - t0 > 60 * params.max_minutes:
-            break
-    student.eval()
-    # the one model-folder writer (the compress pipeline replaces the manifest with its own)
-    student.save(dst, producer={"stage": "distill"}, overwrite=True)
+    teacher_cfg = read_model_config(src)
+    n_layers = json.loads((src / "llm" / "config.json").read_text())["num_hidden_layers"]
+    if not 0 < params.keep_layers < n_layers:  # a compress stage makes the model smaller: refused before any work
+        raise ValueError(f"distill: keep_layers={params.keep_layers} must be between 1 and {n_layers - 1}")
+    lora_r = params.lora_r or teacher_cfg.lora_r
+    run = dst.parent / f"{dst.name}-train"  # beside the stage's output: checkpoints are not part of the model
+    overrides = {
+        "data": str(data),
+        "out": str(run),
+        "seed": params.seed,
+        "batch_size": params.batch_size,
+        "max_batch_tokens": params.max_batch_tokens,
+        "max_train_length": params.max_train_length,
+        "precision": params.precision,
+        "response_logits_only": True,
+        "log_every": 10,
+        "checkpoint_every": max(1, params.steps),
+        "distill.teacher": str(src),
+        "distill.keep_layers": params.keep_layers,
+        "distill.temperature": params.temperature,
+        "distill.kd_weight": params.kd_weight,
+        "distill.importance_batches": max(1, params.importance_samples // params.batch_size),
+        "model.lora_r": lora_r,
+        "model.lora_alpha": 2 * lora_r,
+        "model.lora_dropout": 0.0,
+        "model.lora_from_layer": 0,
+        "stages": [
+            {
+                "name": "distill",
+                "steps": params.steps,
+                "lr": params.lr,
+                "warmup_steps": min(10, params.steps),
+                "task_weights": {t: w for t, w in params.task_weights.items() if w > 0},
+                "max_minutes": params.max_minutes or None,
+                "anneal_in_time": bool(params.max_minutes),
+            }
+        ],
+    }
+    cfg = load_config(TrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    model_dir = Trainer(cfg).run()
+    for p in Path(model_dir).iterdir():  # the student is this stage's output
+        os.replace(p, dst / p.name)
+    summary = json.loads((run / "train_summary.json").read_text())
+    student = json.loads((run / "student.json").read_text())
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
     return {
         "type": "distill",
-        "teacher_layers": n_layers,
-        "kept_layers": keep,
-        "layer_importance": [round(s, 5) for s in scores],
-        "steps_done": len(log),
-        "seconds": round(time.monotonic() - t0, 1),
+        "teacher_layers": student["teacher_layers"],
+        "kept_layers": student["kept_layers"],
+        "layer_importance": student["layer_importance"],
+        "steps_done": summary["steps"],
+        "seconds": round(summary["seconds"], 1),
+        "tokens": summary["tokens"],
         "final_loss": log[-1]["loss"] if log else None,
+        "lora_r": lora_r,
     }

@@ -338,6 +338,28 @@ class AffectiveProjector(nn.Module):
         return torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
 
 
+def add_lora(llm: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """`llm` wrapped with fresh LoRA adapters as `cfg` says (rank, alpha, dropout, target modules, from which
+    layer): the trainable part of a run, on the package's base or (a distilled student) on a pruned teacher."""
+    from peft import LoraConfig, get_peft_model
+
+    n_layers = llm.config.num_hidden_layers
+    if not 0 <= cfg.lora_from_layer < n_layers:
+        raise ValueError(f"lora_from_layer={cfg.lora_from_layer}: the LLM has layers 0..{n_layers - 1}")
+    layers = list(range(cfg.lora_from_layer, n_layers)) if cfg.lora_from_layer else None
+    return get_peft_model(
+        llm,
+        LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_targets),
+            layers_to_transform=layers,
+            task_type="CAUSAL_LM",
+        ),
+    )
+
+
 class EmoVerse(nn.Module):
     def __init__(
         self, cfg: ModelConfig, llm: nn.Module, tokenizer, vision: nn.Module | None, face: nn.Module | None = None
@@ -377,23 +399,7 @@ class EmoVerse(nn.Module):
         tok = load_tokenizer(cfg.llm)
         llm = load_llm(cfg, len(tok))
         if lora and cfg.lora_r > 0:
-            from peft import LoraConfig, get_peft_model
-
-            n_layers = llm.config.num_hidden_layers
-            if not 0 <= cfg.lora_from_layer < n_layers:
-                raise ValueError(f"lora_from_layer={cfg.lora_from_layer}: the LLM has layers 0..{n_layers - 1}")
-            layers = list(range(cfg.lora_from_layer, n_layers)) if cfg.lora_from_layer else None
-            llm = get_peft_model(
-                llm,
-                LoraConfig(
-                    r=cfg.lora_r,
-                    lora_alpha=cfg.lora_alpha,
-                    lora_dropout=cfg.lora_dropout,
-                    target_modules=list(cfg.lora_targets),
-                    layers_to_transform=layers,
-                    task_type="CAUSAL_LM",
-                ),
-            )
+            llm = add_lora(llm, cfg)
         return cls(cfg, llm, tok, load_vision(cfg), load_face(cfg))
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
@@ -448,11 +454,16 @@ class EmoVerse(nn.Module):
             embeds = embeds.masked_scatter(visual_mask.unsqueeze(-1), vis.to(embeds.dtype))
         return embeds
 
-    def forward(self, batch: dict, cache_features: bool = False, response_loss_only: bool = False):
+    def forward(
+        self, batch: dict, cache_features: bool = False, response_loss_only: bool = False, response_logits: bool = False
+    ):
         """The LM output (logits everywhere, `.loss` when the batch has labels); with response_loss_only, the
-        loss alone as a 0-d tensor (see `response_loss`). Both go through forward so DDP sees them."""
+        loss alone as a 0-d tensor (see `response_loss`); with response_logits, (logits, targets) at the
+        response positions only (see `response_logits`). All go through forward so DDP sees them."""
         if response_loss_only:
             return self.response_loss(batch, cache_features)
+        if response_logits:
+            return self.response_logits(batch, cache_features)
         embeds = self.embed(batch["input_ids"], batch["visual_mask"], batch["media"], cache=cache_features)
         return self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch.get("labels"))
 
@@ -473,17 +484,22 @@ class EmoVerse(nn.Module):
         state_dict keys and checkpoints are unchanged; the first steps pay the compilation."""
         self.causal_lm.model.compile(dynamic=True)
 
-    def response_loss(self, batch: dict, cache_features: bool = False) -> torch.Tensor:
-        """The training loss (mean next-token cross-entropy over response tokens, as `forward(...).loss`),
-        with the vocabulary projection computed only where a label is: the prompt positions, most of each
-        sequence, never reach the 49,152 x 576 output matrix (about a fifth of the model's FLOPs)."""
+    def response_logits(self, batch: dict, cache_features: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, targets) of the next-token predictions at response positions only, flattened over the
+        batch: (R, vocab) and (R,). The vocabulary projection runs only there: the prompt positions, most of
+        each sequence, never reach the 49,152 x 576 output matrix (about a fifth of the model's FLOPs)."""
         embeds = self.embed(batch["input_ids"], batch["visual_mask"], batch["media"], cache=cache_features)
         causal_lm = self.causal_lm
         hidden = causal_lm.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
         targets = batch["labels"][:, 1:]
         keep = targets != IGNORE
-        logits = causal_lm.lm_head(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep])
+        return causal_lm.lm_head(hidden[:, :-1][keep]), targets[keep]
+
+    def response_loss(self, batch: dict, cache_features: bool = False) -> torch.Tensor:
+        """The training loss (mean next-token cross-entropy over response tokens, as `forward(...).loss`),
+        from `response_logits`."""
+        logits, targets = self.response_logits(batch, cache_features)
+        return F.cross_entropy(logits.float(), targets)
 
     # -- inference -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -38,6 +38,11 @@ def release(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool =
     summary = json.loads(summary_path.read_text())
     trained = read_manifest(run / "model")
     recipe = trained["producer"]["recipe"]
+    if (recipe.get("distill") or {}).get("teacher"):
+        raise ArtifactError(
+            f"{run}: a distilled student has no adapter form (the release names a package's base LLM, the student's "
+            f"base is its pruned teacher); use the full model folder {run / 'model'} as it is"
+        )
     cfg = load_config(TrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in recipe.items()])  # schema-checked
     model = EmoVerse.build(cfg.model)
     model.freeze_base()

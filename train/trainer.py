@@ -35,6 +35,7 @@ from emoverse.model import EmoVerse, ModelConfig, check_attention
 from emoverse.prompting import Encoded, PromptTooLong
 from emoverse.records import RecordError, load_records
 from emoverse.tasks import TASKS
+from emoverse.train.distill import DistillConfig, build_student, kd_loss, load_teacher, student_layers
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -83,6 +84,10 @@ class TrainConfig:
     # false: LoRA is held as init_from left it and only the projector trains, so text-only answers stay
     # exactly the parent's (a vision-path stage: the parent's text results still hold)
     train_lora: bool = True
+    # Knowledge distillation (train/distill.py): with distill.teacher set, the run trains a student built from
+    # that teacher (its depth pruned to distill.keep_layers, fresh LoRA as model.lora_* say) on the teacher's
+    # soft labels; the rest of `model` then comes from the teacher.
+    distill: DistillConfig = field(default_factory=DistillConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(task_weights={"msa": 1.0})])
 
@@ -141,14 +146,26 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
         torch.manual_seed(cfg.seed)
-        self.model = EmoVerse.build(cfg.model)
+        self._orders: dict[str, list[int]] = {}  # per task: record indices in length order (length_buckets)
+        self.teacher: EmoVerse | None = None
+        self.distill_info: dict | None = None
+        if cfg.distill.teacher:
+            if cfg.init_from:
+                raise ValueError("distill.teacher and init_from: a student starts from its teacher; set one of them")
+            self.teacher, teacher_info = load_teacher(cfg.distill.teacher, self.device)
+            self.data, self.dropped = self._encode_train_records(self.teacher.prompts)
+            info = student_layers(self.out, cfg.distill, self.teacher, self._importance_batches(), self.rank == 0)
+            self.distill_info = {**asdict(cfg.distill), "teacher": teacher_info, **info}
+            self.model = build_student(self.teacher, info["kept_layers"], cfg.model)
+        else:
+            self.model = EmoVerse.build(cfg.model)
         self.model.set_attention(cfg.attention)
         self.model.freeze_base(train_lora=cfg.train_lora)
         self.params = self.model.trainable_parameters()
         self.init_info = self._init_from(Path(cfg.init_from)) if cfg.init_from else None
         self.face_probe_info = self._fit_face_probe()
-        self.data, self.dropped = self._encode_train_records()
-        self._orders: dict[str, list[int]] = {}
+        if self.teacher is None:
+            self.data, self.dropped = self._encode_train_records(self.model.prompts)
         # monotonic start of the running stage, less the seconds it ran before a resume: its time budget and the
         # time-annealed learning rate read it
         self._stage_clock: float | None = None
@@ -207,8 +224,7 @@ class Trainer:
         return fit_face_probe(self.model, load_records(path))
 
     # -- data ------------------------------------------------------------------------------------
-    def _encode_train_records(self) -> tuple[dict[str, list[Encoded]], dict[str, int]]:
-        builder = self.model.prompts
+    def _encode_train_records(self, builder) -> tuple[dict[str, list[Encoded]], dict[str, int]]:
         orig_max = builder.max_length
         builder.max_length = min(orig_max, self.cfg.max_train_length)
         needed = sorted({t for s in self.cfg.stages for t, w in s.task_weights.items() if w > 0})
@@ -234,6 +250,17 @@ class Trainer:
             builder.max_length = orig_max
         return data, dropped
 
+    def _importance_batches(self) -> list[dict]:
+        """Batches of every task the recipe samples, drawn as training draws them but from their own seeds,
+        for the student's layer-importance score."""
+        out = []
+        for ti, task in enumerate(sorted(self.data)):
+            for b in range(self.cfg.distill.importance_batches):
+                items = self._draw(task, np.random.default_rng([self.cfg.seed, 10_000, ti, b]))
+                batch = self.teacher.prompts.collate(items)
+                out.append({k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()})
+        return out
+
     def sample_batch(self, stage_idx: int, step: int) -> tuple[str, list[Encoded]]:
         stage = self.cfg.stages[stage_idx]
         tasks = [t for t, w in stage.task_weights.items() if w > 0]
@@ -241,7 +268,10 @@ class Trainer:
         task = tasks[
             np.random.default_rng([self.cfg.seed, stage_idx, step]).choice(len(tasks), p=weights / weights.sum())
         ]
-        rng = np.random.default_rng([self.cfg.seed, stage_idx, step, 1 + self.rank])
+        return task, self._draw(task, np.random.default_rng([self.cfg.seed, stage_idx, step, 1 + self.rank]))
+
+    def _draw(self, task: str, rng: np.random.Generator) -> list[Encoded]:
+        """One batch of `task`'s records, as many as batch_size and the token budget allow."""
         pool = self.data[task]
         if self.cfg.length_buckets:
             # A random record and its neighbours in length order, as many as the token budget holds;
@@ -251,11 +281,11 @@ class Trainer:
             start = min(int(rng.integers(len(order))), len(order) - n)
             while n > 1 and n * len(pool[order[start + n - 1]].input_ids) > self.cfg.max_batch_tokens:
                 n -= 1  # ascending order: the last is the longest
-            return task, [pool[i] for i in order[start : start + n]]
+            return [pool[i] for i in order[start : start + n]]
         idx = rng.choice(len(pool), size=min(self.cfg.batch_size, len(pool)), replace=False)
         items = [pool[i] for i in idx]
         longest = max(len(e.input_ids) for e in items)
-        return task, items[: max(1, min(len(items), self.cfg.max_batch_tokens // longest))]
+        return items[: max(1, min(len(items), self.cfg.max_batch_tokens // longest))]
 
     def _length_order(self, task: str) -> list[int]:
         if task not in self._orders:
@@ -273,6 +303,11 @@ class Trainer:
             else contextlib.nullcontext()
         )
         with ctx:
+            if self.teacher is not None:  # distillation: the student's and the frozen teacher's response logits
+                logits, targets = net(batch, cache_features=True, response_logits=True)
+                with torch.no_grad():
+                    teacher_logits, _ = self.teacher.response_logits(batch, cache_features=True)
+                return kd_loss(logits, teacher_logits, targets, self.cfg.distill)
             if self.cfg.response_logits_only:
                 return net(batch, cache_features=True, response_loss_only=True)
             return net(batch, cache_features=True).loss
@@ -446,6 +481,7 @@ class Trainer:
                 "dropped_too_long": self.dropped,
                 "init_from": self.init_info,
                 "face_probe": self.face_probe_info,
+                "distill": self.distill_info,
             },
         )
         atomic_write_json(
@@ -456,6 +492,7 @@ class Trainer:
                 "dropped_too_long": self.dropped,
                 "init_from": self.init_info,
                 "face_probe": self.face_probe_info,
+                "distill": self.distill_info,
             },
         )
         return out
