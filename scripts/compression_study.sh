@@ -141,6 +141,17 @@ step_bench_core() {  # latency of the two (three with core_p8), with the PyTorch
   cp "$R/bench/report.json" docs/results/bench-cpu.json
   cp "$R/bench/report.md" docs/results/bench-cpu.md
 }
+measured_rows() {  # ARRAY_NAME: append the other compress outputs' rows where measured (eval_artifacts, more:
+  # closed tasks, PyTorch, bf16 autocast) and the INT8 weight-only CPU bundle's
+  local -n into=$1
+  local v
+  for v in gptq-w4a16 int8-weight-only modelopt-fp8 fp8-dynamic; do
+    [ -f "$R/eval/$v/closed/metrics.json" ] && into+=("$v (PyTorch)=$R/eval/$v/closed/metrics.json")
+  done
+  [ -f "$R/eval/release-int8/closed/metrics.json" ] &&
+    into+=("CPU bundle: INT8 weight-only, int8 activations=$R/eval/release-int8/closed/metrics.json")
+  return 0
+}
 step_compare_core() {  # compression.json from the core rows (ECPE and latency where measured)
   local f=$R/eval/release-fp32/closed/metrics.json d=$R/eval/release-w4lora-deploy/closed/metrics.json
   local T=$(teacher_metrics) more=()
@@ -154,13 +165,7 @@ step_compare_core() {  # compression.json from the core rows (ECPE and latency w
   [ -f "$R/bench/report.json" ] && more=(--bench "$R/bench/report.json")
   local p=$R/eval/release-w4lora-deploy-p8 rows=()
   [ -f "$p/eri/metrics.json" ] && rows=("same + INT8 prefill decoder=$p/closed/metrics.json+$p/ecpe/metrics.json+$p/eri/metrics.json")
-  # the other compress outputs where measured (eval_artifacts, more): closed tasks, PyTorch, bf16 autocast
-  local v
-  for v in gptq-w4a16 int8-weight-only modelopt-fp8 fp8-dynamic; do
-    [ -f "$R/eval/$v/closed/metrics.json" ] && rows+=("$v (PyTorch)=$R/eval/$v/closed/metrics.json")
-  done
-  [ -f "$R/eval/release-int8/closed/metrics.json" ] &&
-    rows+=("CPU bundle: INT8 weight-only, int8 activations=$R/eval/release-int8/closed/metrics.json")
+  measured_rows rows
   $E compare "teacher, FP32 (its bundle)=$f" "teacher, bf16 autocast (PyTorch)=$T" \
     "CPU bundle: W4 base + LoRA, int8 act., INT8 vision weights (deployed)=$d" "${rows[@]}" \
     --size-reference "$B/release-fp32" "${more[@]}" --out docs/results/compression.json
@@ -176,14 +181,10 @@ all_tasks() {  # EVAL_DIR -> its three metrics files joined, as compare reads th
 }
 step_compare() {  # reference: the FP32 teacher (its bundle); the bf16 PyTorch teacher is a row like the others
   local T=$(teacher_metrics)+$(teacher_ecpe_sample)
-  local v more=()
-  for v in int8-weight-only modelopt-fp8 fp8-dynamic; do
-    [ -f "$R/eval/$v/closed/metrics.json" ] && more+=("$v (PyTorch)=$R/eval/$v/closed/metrics.json")
-  done
-  [ -f "$R/eval/release-int8/closed/metrics.json" ] &&
-    more+=("CPU bundle: INT8 weight-only, int8 activations=$R/eval/release-int8/closed/metrics.json")
+  local more=()
+  measured_rows more
   $E compare "teacher, FP32 (its bundle)=$(all_tasks "$R/eval/release-fp32")" "teacher, bf16 autocast (PyTorch)=$T" \
-    "gptq-w4a16 (PyTorch)=$R/eval/gptq-w4a16/closed/metrics.json" "${more[@]}" \
+    "${more[@]}" \
     "CPU bundle: GPTQ w4 + int8 tied table + int8 vision=$(all_tasks "$R/eval/release-w4-deploy")" \
     "same, int8 activations=$(all_tasks "$R/eval/release-w4-deploy-a8")" \
     "CPU bundle: W4 base + LoRA + int8 tied table + int8 vision=$R/eval/release-w4lora/closed/metrics.json" \
