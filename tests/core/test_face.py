@@ -241,3 +241,28 @@ def test_face_pools_export_without_infinite_pads_and_quantize(tmp_path):
     q = ort.InferenceSession(str(path)).run(None, {"pixels": px})[0]
     face = slice(4, 8)  # 2 x 2 scene tokens, then 2 x 2 face tokens, then the label token
     assert np.linalg.norm(q[:, face] - fp32[:, face]) / np.linalg.norm(fp32[:, face]) < 0.3
+
+
+def test_static_int8_vision_that_makes_noise_is_refused(tmp_path, monkeypatch):
+    """The exporter checks a statically quantized vision graph's tokens against the fp32 graph's and refuses
+    one whose tokens are noise; reproduced by exporting the face encoder without the padding fold."""
+    import shutil
+
+    import emoverse.export.onnx_export as onnx_export
+    from emoverse.export.bundle import quantize_vision_int8, vision_token_error
+
+    torch.manual_seed(0)
+    model = EmoVerse.build(ModelConfig(**TINY_FACE)).eval()
+    rng = np.random.default_rng(0)
+    calib, held_out = (rng.uniform(-1, 1, (16, 3, 32, 32)).astype(np.float32) for _ in range(2))
+    good = onnx_export.export_all(model, tmp_path / "good")["vision"]
+    shutil.copy(good, tmp_path / "good.fp32.onnx")
+    quantize_vision_int8(good, calib)
+    report = vision_token_error(tmp_path / "good.fp32.onnx", good, held_out)
+    assert len(report["per_token"]) == 9 and 0 < report["max"] < 0.5
+    monkeypatch.setattr(onnx_export, "fold_maxpool_padding", lambda path: 0)
+    bad = onnx_export.export_all(model, tmp_path / "bad")["vision"]
+    shutil.copy(bad, tmp_path / "bad.fp32.onnx")
+    quantize_vision_int8(bad, calib)
+    with pytest.raises(ValueError, match=r"tokens are noise at positions \[4, 5, 6, 7"):
+        vision_token_error(tmp_path / "bad.fp32.onnx", bad, held_out)
