@@ -20,11 +20,13 @@ from pathlib import Path
 import torch
 
 from emoverse.runtime.graphs import (  # noqa: F401  (the graph modules are the runtime's; re-exported)
+    GROUPED_ATTENTION,
     OPSET,
     DecoderGraph,
     EmbedGraph,
     VisionGraph,
     _exportable_activations,
+    _register_grouped_attention,
     kv_shape,
 )
 
@@ -34,7 +36,8 @@ def export_all(model, out: Path, opset: int = OPSET) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()  # and every wrapper below .eval(): torch.onnx.export restores a wrapper's training mode
     llm = model.llm
-    llm.config._attn_implementation = "eager"  # plain MatMul/Softmax: exports everywhere
+    _register_grouped_attention()
+    llm.config._attn_implementation = GROUPED_ATTENTION  # plain MatMul/Softmax (exports everywhere), no K/V copies
     paths: dict[str, Path] = {}
     with torch.no_grad():
         if model.vision is not None:

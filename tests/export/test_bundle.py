@@ -249,3 +249,34 @@ def test_compact_names_keeps_the_graph_and_its_interface(bundle, tmp_path):
             feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
     for a, b in zip(s_long.run(None, feeds), s_short.run(None, feeds), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_grouped_attention_equals_transformers_eager():
+    """The decoder graph's GQA attention (no repeat_kv copies) computes what transformers' eager attention
+    computes, masked and unmasked, for 1 and several new tokens over a cache."""
+    from types import SimpleNamespace
+
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from emoverse.runtime.graphs import grouped_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=3, training=False)
+    for t, s in ((1, 7), (4, 9)):
+        q = torch.randn(2, 9, t, 8, generator=g)
+        k, v = torch.randn(2, 3, s, 8, generator=g), torch.randn(2, 3, s, 8, generator=g)
+        mask = torch.zeros(2, 1, t, s)
+        mask[0, :, :, :2] = torch.finfo(torch.float32).min  # left padding of the first row
+        for m in (None, mask):
+            want, _ = eager_attention_forward(module, q, k, v, m, scaling=0.35)
+            got, _ = grouped_attention_forward(module, q, k, v, m, scaling=0.35)
+            assert got.shape == want.shape == (2, t, 9, 8)
+            assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_decoder_graph_has_no_kv_copies(runtime):
+    """The exported decoder reads the cached K/V as they are: no Expand (repeat_kv) in any attention layer (the
+    one left broadcasts the rotary frequencies)."""
+    graph = onnx.load(str(runtime.dir / runtime.cfg["graphs"]["decoder"]), load_external_data=False)
+    expands = [n.name for n in graph.graph.node if n.op_type == "Expand"]
+    assert len(expands) <= 1 and not any("self_attn" in n for n in expands)
