@@ -137,7 +137,7 @@ step_bench_core() {  # latency of the two (three with core_p8), with the PyTorch
   local p8=()
   [ -f "$B/release-w4lora-deploy-p8/manifest.json" ] && p8=(--bundle "$B/release-w4lora-deploy-p8")
   [ -f "$R/bench/report.json" ] || $E bench --model "$M" --bundle "$B/release-fp32" --bundle "$B/release-w4lora-deploy" \
-    "${p8[@]}" --data "$D" --target cpu --limit 10 --out "$R/bench" || [ $? -eq 1 ]
+    "${p8[@]}" --data "$D" --target cpu --limit "${BENCH_LIMIT:-10}" --out "$R/bench" || [ $? -eq 1 ]
   cp "$R/bench/report.json" docs/results/bench-cpu.json
   cp "$R/bench/report.md" docs/results/bench-cpu.md
 }
