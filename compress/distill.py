@@ -16,7 +16,6 @@ from pathlib import Path
 
 from emoverse.config import load_config
 from emoverse.model import read_model_config
-from emoverse.tasks import TASKS
 
 
 @dataclass
@@ -40,9 +39,6 @@ class Distill:
 def run_distill(params: Distill, src: Path, dst: Path, data: str | Path) -> dict:
     from emoverse.train.trainer import TrainConfig, Trainer
 
-    unknown = set(params.task_weights) - set(TASKS)
-    if unknown:
-        raise ValueError(f"distill: unknown task(s) {sorted(unknown)} in task_weights")
     teacher_cfg = read_model_config(src)
     n_layers = json.loads((src / "llm" / "config.json").read_text())["num_hidden_layers"]
     if not 0 < params.keep_layers < n_layers:  # a compress stage makes the model smaller: refused before any work

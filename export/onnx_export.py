@@ -156,18 +156,17 @@ def fold_maxpool_padding(path: Path) -> int:
             )
         )
 
-    pads_of = {pad.name or pad.output[0]: pad for pad in g.node if pad.op_type == "Pad" and foldable(pad)}
-    if not pads_of:
+    pads = [pad for pad in g.node if pad.op_type == "Pad" and foldable(pad)]
+    if not pads:
         return 0
-    widths = _evaluate(model, [pad.input[1] for pad in pads_of.values() if pad.input[1] not in consts])
-    widths.update({k: v for k, v in consts.items()})
+    widths = {**_evaluate(model, [pad.input[1] for pad in pads if pad.input[1] not in consts]), **consts}
     folded = 0
-    for pad in pads_of.values():
-        pads = np.asarray(widths[pad.input[1]]).astype(int).tolist()
-        rank = len(pads) // 2
-        if pads[0] or pads[1] or pads[rank] or pads[rank + 1]:
+    for pad in pads:
+        width = np.asarray(widths[pad.input[1]]).astype(int).tolist()
+        rank = len(width) // 2
+        if width[0] or width[1] or width[rank] or width[rank + 1]:
             continue  # batch or channel axes padded: not a pooling pad
-        spatial = pads[2:rank] + pads[rank + 2 :]  # ONNX pads: begins of every axis, then ends
+        spatial = width[2:rank] + width[rank + 2 :]  # ONNX pads: begins of every axis, then ends
         for pool in readers[pad.output[0]]:
             for a in [a for a in pool.attribute if a.name == "pads"]:
                 pool.attribute.remove(a)

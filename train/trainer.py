@@ -257,9 +257,12 @@ class Trainer:
         for ti, task in enumerate(sorted(self.data)):
             for b in range(self.cfg.distill.importance_batches):
                 items = self._draw(task, np.random.default_rng([self.cfg.seed, 10_000, ti, b]))
-                batch = self.teacher.prompts.collate(items)
-                out.append({k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()})
+                out.append(self._on_device(self.teacher.prompts.collate(items)))
         return out
+
+    def _on_device(self, batch: dict) -> dict:
+        """A collated batch with its tensors on the run's device."""
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def sample_batch(self, stage_idx: int, step: int) -> tuple[str, list[Encoded]]:
         stage = self.cfg.stages[stage_idx]
@@ -409,10 +412,7 @@ class Trainer:
             for step in bar:
                 t0 = time.monotonic()
                 task, items = self.sample_batch(si, step)
-                batch = {
-                    k: v.to(self.device) if torch.is_tensor(v) else v
-                    for k, v in self.model.prompts.collate(items).items()
-                }
+                batch = self._on_device(self.model.prompts.collate(items))
                 loss = self.loss(net, batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
