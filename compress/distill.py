@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emoverse.config import load_config
-from emoverse.model import read_model_config
+from emoverse.model import llm_depth, read_model_config
 
 
 @dataclass
@@ -40,7 +40,7 @@ def run_distill(params: Distill, src: Path, dst: Path, data: str | Path) -> dict
     from emoverse.train.trainer import TrainConfig, Trainer
 
     teacher_cfg = read_model_config(src)
-    n_layers = json.loads((src / "llm" / "config.json").read_text())["num_hidden_layers"]
+    n_layers = llm_depth(src)  # either artifact form (the adapter-form release has no llm/ folder)
     if not 0 < params.keep_layers < n_layers:  # a compress stage makes the model smaller: refused before any work
         raise ValueError(f"distill: keep_layers={params.keep_layers} must be between 1 and {n_layers - 1}")
     lora_r = params.lora_r or teacher_cfg.lora_r

