@@ -231,6 +231,7 @@ class BenchConfig:
     repetitions: int = 1
     threads: int | None = None
     offline_batch: int = 8  # closed-label requests scored together in the Offline scenario
+    tasks: tuple[str, ...] | None = None  # None: every task; e.g. the closed ones for a latency run on more records
 
 
 def _answer(rt, rec: Record) -> tuple[str, float, float | None, int]:
@@ -430,7 +431,7 @@ def run_bench(
         )
     if target not in budgets:
         raise BudgetError(f"{budgets_path}: no budgets for target {target!r} (have {list(budgets)})")
-    records = select_records(load_records(data, split="test"), tasks=None, limit=cfg.limit)
+    records = select_records(load_records(data, split="test"), tasks=list(cfg.tasks or []) or None, limit=cfg.limit)
     cpu = measure_cpu_roofline()
     results = [bench_bundle(Path(b), records, cfg) for b in bundles]
     ref = results[reference]

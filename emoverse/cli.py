@@ -203,6 +203,7 @@ def _bench(a: argparse.Namespace) -> int:
         repetitions=a.repetitions,
         threads=a.threads,
         offline_batch=a.offline_batch,
+        tasks=tuple(a.tasks) if a.tasks else None,
     )
     report, failures = run_bench(a.bundle, a.data, a.budgets or BUDGETS, a.target, a.out, cfg)
     print(f"wrote {a.out}/report.md, report.json, report.csv, pareto.png")
@@ -470,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--repetitions", type=int, default=1)
     bn.add_argument("--threads", type=int)
     bn.add_argument("--offline-batch", type=int, default=8, help="closed-label requests per prefill in Offline")
+    bn.add_argument("--tasks", nargs="*", help="subset of tasks (default: all), e.g. msa mer fer with a larger --limit")
     bn.set_defaults(func=_bench)
     bc = sub.add_parser("bench-compare", help=argparse.SUPPRESS)
     bc.add_argument("old")

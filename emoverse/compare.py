@@ -163,12 +163,20 @@ def paired_task_stats(
     return out
 
 
-def _bench_rows(report_path: str | os.PathLike | None) -> dict[str, dict]:
-    """{resolved bundle/model path: bench result} from a bench report.json."""
+def _bench_rows(report_path: str | os.PathLike | None) -> tuple[dict[str, dict], dict | None]:
+    """({resolved bundle/model path: bench result}, where the latencies come from: the report, its machine and
+    how many test records per task and source it timed) from a bench report.json."""
     if not report_path:
-        return {}
+        return {}, None
     report = json.loads(Path(report_path).read_text())
-    return {str(Path(r["path"]).resolve()): r for r in report["results"]}
+    machine = report.get("machine", {})
+    source = {
+        "bench": str(report_path),
+        "cpu": machine.get("cpu"),
+        "cores": machine.get("cores"),
+        "records_per_task": report.get("config", {}).get("limit"),
+    }
+    return {str(Path(r["path"]).resolve()): r for r in report["results"]}, source
 
 
 def compare(
@@ -184,7 +192,7 @@ def compare(
     have the same records. `size_reference`: the folder sizes are divided into (e.g. the FP32 teacher's
     bundle); `bench_report`: a bench report.json whose latencies are joined to the variants by path."""
     rows = []
-    bench = _bench_rows(bench_report)
+    bench, latency_from = _bench_rows(bench_report)
     for f in metrics_files:
         name, spec = _split_name(f)
         art, records, res, preds, cis, precision = _load_variant(spec, system)
@@ -229,6 +237,8 @@ def compare(
         "accuracy_budget": ACCURACY_BUDGET,
         "rows": rows,
     }
+    if latency_from:  # latencies are facts of one machine: the table says which
+        report["latency_from"] = latency_from
     if out:
         out = Path(out)
         json_path, md_path = (

@@ -200,9 +200,12 @@ def readme_table(results_dir: str | os.PathLike = "docs/results") -> str:
     line = throughput_line(results_dir)
     if line:
         out += ["", line]
-    comp = results_dir / "compression.json"
-    if comp.is_file():
-        out += ["", *compression_table(json.loads(comp.read_text(encoding="utf-8")))]
+    # compression.json, then every other compression-*.json that joined a bench run (the same bundles timed on
+    # another machine: latency is a fact of one CPU)
+    for comp in [results_dir / "compression.json", *sorted(results_dir.glob("compression-*.json"))]:
+        report = json.loads(comp.read_text(encoding="utf-8")) if comp.is_file() else None
+        if report and (comp.name == "compression.json" or "latency_from" in report):
+            out += ["", *compression_table(report, comp.name)]
     return "\n".join(out)
 
 
@@ -229,18 +232,27 @@ def throughput_line(results_dir: Path) -> str | None:
     )
 
 
-def compression_table(report: dict) -> list[str]:
+def _latency_source(report: dict) -> str:
+    src = report.get("latency_from")
+    if not src:  # reports written before compare recorded the bench they joined
+        return "p90 ms where benched"
+    return (
+        f"p90 ms from one bench run on {src['cpu']}, {src['cores']} cores, {src['records_per_task']} test records "
+        f"per task and source (`{src['bench']}`)"
+    )
+
+
+def compression_table(report: dict, name: str = "compression.json") -> list[str]:
     """README rows from `emoverse compare ... --out docs/results/compression.json`: each variant's size against
     the FP32 teacher's bundle, and per task the paired ratio to the reference with its 95% CI, the verdict
-    against 99%, the identical closed answers and the p90."""
+    against 99%, the identical closed answers and the p90 (with the machine and bench run it comes from)."""
     tasks = list(TASKS)
     mark = {"pass": "✓", "fail": "✗", "inconclusive": "?"}
     lines = [
-        f"Compression (`docs/results/compression.json`; sizes against the FP32 teacher's bundle, "
+        f"Compression (`docs/results/{name}`; sizes against the FP32 teacher's bundle, "
         f"{report['size_reference_bytes'] / 1e6:.0f} MB; per task: primary metric as a ratio to "
         f"**{report['rows'][0]['variant']}**, paired 95% CI, ✓/?/✗ = the CI above / straddling / below 99%, "
-        "identical closed answers; p90 ms on this CPU from `docs/results/bench-cpu.md`, 10 test records per "
-        "task and source):",
+        f"identical closed answers; {_latency_source(report)}):",
         "",
         "| variant | size MB | × smaller | " + " | ".join(tasks) + " |",
         "|---|---:|---:|" + "---|" * len(tasks),

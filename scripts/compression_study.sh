@@ -129,7 +129,10 @@ step_core_open() {  # the same two on the ECPE sample and ERI's full split (~25 
   local b
   for b in release-fp32 release-w4lora-deploy; do eval_ecpe "$B/$b" "$R/eval/$b" && eval_eri "$B/$b" "$R/eval/$b"; done
 }
-step_core_p8() {  # the deployed bundle with an INT8 prefill decoder, on the closed tasks, the ECPE sample, ERI
+step_core_p8_build() {  # the deployed bundle with an INT8 prefill decoder (~3 min after core_build)
+  export_prefill8
+}
+step_core_p8() {  # the same, on the closed tasks, the ECPE sample, ERI
   export_prefill8
   evaluate "$B/release-w4lora-deploy-p8" "$R/eval/release-w4lora-deploy-p8"
 }

@@ -160,6 +160,12 @@ def test_bench_end_to_end_on_tiny_bundles(tiny_model_dir, small_amt, tmp_path):
     assert ref["roofline"]["targets"]["h100"]["estimate"] is True
     assert (out / "pareto.png").stat().st_size > 10_000 and (out / "report.csv").read_text().count("\n") == 16
     assert "(estimate)" in (out / "report.md").read_text()
+    # a subset of tasks: only those are timed (a latency run over more records of the closed tasks)
+    sub = tmp_path / "report-msa"
+    args = ["bench", "--bundle", str(tmp_path / "fp32"), "--data", str(small_amt), "--budgets", str(budgets)]
+    assert main([*args, "--out", str(sub), "--limit", "1", "--warmup", "0", "--tasks", "msa"]) == 0
+    only = json.loads((sub / "report.json").read_text())
+    assert set(only["results"][0]["tasks"]) == {"msa"} and only["config"]["tasks"] == ["msa"]
     budgets.write_text("cpu:\n  bundle_size_mb: 0.001\n")
     assert (
         main(

@@ -144,15 +144,23 @@ def test_compare_table(tiny_model_dir, small_amt, tmp_path):
     bench = tmp_path / "bench.json"
     task_row = {"single_stream": {"p90_ms": 50.0}, "tpot": None}
     bench.write_text(
-        json.dumps({"results": [{"path": str(tiny_model_dir), "backend": "torch", "tasks": {"msa": task_row}}]})
+        json.dumps(
+            {
+                "machine": {"cpu": "CPU A", "cores": 2},
+                "config": {"limit": 5},
+                "results": [{"path": str(tiny_model_dir), "backend": "torch", "tasks": {"msa": task_row}}],
+            }
+        )
     )
     evaluate(
         str(tiny_model_dir), [str(small_amt)], tmp_path / "bf16", mode="score", limit=1, tasks=["msa"], precision="bf16"
     )
-    fp32_row, bf16_row = compare(
-        [tmp_path / "ref-eval" / "metrics.json", tmp_path / "bf16" / "metrics.json"], bench_report=bench
-    )["rows"]
+    timed = compare([tmp_path / "ref-eval" / "metrics.json", tmp_path / "bf16" / "metrics.json"], bench_report=bench)
+    fp32_row, bf16_row = timed["rows"]
     assert fp32_row["latency"]["msa"]["p90_ms"] == 50.0 and "latency" not in bf16_row
+    # the report says which machine and bench run its latencies are from
+    assert timed["latency_from"] == {"bench": str(bench), "cpu": "CPU A", "cores": 2, "records_per_task": 5}
+    assert "latency_from" not in compare([tmp_path / "ref-eval" / "metrics.json"])
     assert row["parameters"] == ref["parameters"]  # quantization keeps the logical parameter count
     assert row["llm_size_ratio"] > 1.0  # the tiny model is mostly its FP32 embedding table
     from safetensors import safe_open

@@ -1,6 +1,7 @@
 """Results files: built from eval metrics, refuse samples, markdown regenerated from the JSON alone."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -89,6 +90,27 @@ def test_compression_rows_in_the_readme_table():
     row = next(line for line in lines if line.startswith("| w4 |"))
     assert "| 100.0 | 6.00 |" in row and "98.0% [97.0%, 99.0%] ?, 95% same, p90 81 ms" in row
     assert row.count("| – ") == 4 and "ratio to **teacher**" in lines[0]
+    assert "p90 ms where benched" in lines[0]  # a report that does not say which machine timed it
+    report["latency_from"] = {"bench": "runs/b/report.json", "cpu": "CPU A", "cores": 2, "records_per_task": 5}
+    head = results.compression_table(report, "compression-a.json")[0]
+    assert "`docs/results/compression-a.json`" in head
+    assert "p90 ms from one bench run on CPU A, 2 cores, 5 test records per task and source" in head
+
+
+def test_readme_renders_compression_reports_timed_on_another_machine(tmp_path):
+    """compression.json first, then each compression-*.json that joined a bench run; other compare reports
+    (no bench: e.g. a ROUGE-L side table) stay out of the README."""
+    row = {"variant": "teacher", "bytes": 6e8, "size_ratio": 1.0, "paired": {}}
+    base = {"size_reference_bytes": 6e8, "rows": [row]}
+    nano = json.loads((Path(__file__).resolve().parents[2] / "docs/results/emoverse-nano.json").read_text())
+    (tmp_path / "emoverse-nano.json").write_text(json.dumps(nano))
+    (tmp_path / "compression.json").write_text(json.dumps(base))
+    (tmp_path / "compression-rouge.json").write_text(json.dumps(base))
+    timed = {**base, "latency_from": {"bench": "b.json", "cpu": "CPU B", "cores": 2, "records_per_task": 10}}
+    (tmp_path / "compression-b.json").write_text(json.dumps(timed))
+    text = results.readme_table(tmp_path)
+    assert text.index("`docs/results/compression.json`") < text.index("`docs/results/compression-b.json`")
+    assert "compression-rouge.json" not in text
 
 
 def test_throughput_line_reads_the_flagged_release_row(tmp_path):
