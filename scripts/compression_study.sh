@@ -8,6 +8,8 @@
 # Usage: scripts/compression_study.sh [STEP ...]   (default: compress export eval_deployed bench eval_artifacts more compare)
 #        scripts/compression_study.sh core compare_core   (~25 min: the deployed bundle against the FP32 teacher's
 #        bundle on the closed tasks; add core_open and bench_core before compare_core for ECPE/ERI and latency)
+#        scripts/compression_study.sh core core_open core_p8 bench_core compare_bundles   (the three bundles on
+#        every task with this machine's latencies, ~50 min on an AMD EPYC; COMPARE_OUT names the JSON)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 E=.venv/bin/emoverse
@@ -172,6 +174,16 @@ step_compare_core() {  # compression.json from the core rows (ECPE and latency w
   $E compare "teacher, FP32 (its bundle)=$f" "teacher, bf16 autocast (PyTorch)=$T" \
     "CPU bundle: W4 base + LoRA, int8 act., INT8 vision weights (deployed)=$d" "${rows[@]}" \
     --size-reference "$B/release-fp32" "${more[@]}" --out docs/results/compression.json
+}
+step_compare_bundles() {  # the FP32 teacher's bundle, the deployed bundle and its INT8-prefill form on every task,
+  # with this machine's bench_core latencies: the bundles alone, for a machine where the PyTorch compress outputs
+  # were not measured (compression.json keeps those rows) -> COMPARE_OUT (default docs/results/compression-bundles.json)
+  local p=$R/eval/release-w4lora-deploy-p8
+  $E compare "teacher, FP32 (its bundle)=$(all_tasks "$R/eval/release-fp32")" \
+    "CPU bundle: W4 base + LoRA, int8 act., INT8 vision weights (deployed)=$(all_tasks "$R/eval/release-w4lora-deploy")" \
+    "same + INT8 prefill decoder=$(all_tasks "$p")" \
+    --size-reference "$B/release-fp32" --bench docs/results/bench-cpu.json \
+    --out "${COMPARE_OUT:-docs/results/compression-bundles.json}"
 }
 teacher_ecpe_sample() {  # the teacher's bf16 eval on the bundles' ECPE sample -> its metrics file
   # (the teacher's full-split eval answers those records alike; copying runs/release-eval-ecpe/predictions.jsonl
