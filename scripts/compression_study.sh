@@ -185,6 +185,27 @@ step_compare_bundles() {  # the FP32 teacher's bundle, the deployed bundle and i
     --size-reference "$B/release-fp32" --bench docs/results/bench-cpu.json \
     --out "${COMPARE_OUT:-docs/results/compression-bundles.json}"
 }
+step_int8_prefill_dev() {  # INT8 prefill variants judged on the DEV split (never test): same closed answer as the
+  # FP32 teacher's bundle on MSA / MER / FER dev. The shipped form (SmoothQuant alpha 0.5, 16 calibration records
+  # per task), 64 records per task, and layers 0-1 / 28-29 kept on the 4-bit kernels (mixed precision). After
+  # core_build and core_p8_build; ~20 min -> docs/results/exp-int8-prefill-dev.json
+  local x=$R/int8-prefill-dev ends="" l b
+  for l in 0 1 28 29; do
+    ends+=".layers.$l.self_attn.q_proj,.layers.$l.self_attn.o_proj,.layers.$l.mlp.gate_proj,.layers.$l.mlp.down_proj,"
+  done
+  export_bundle p8-cal64 "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations \
+    --int8-prefill --calibration-data "$D" --calibration-per-task 64
+  export_bundle p8-keepends "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations \
+    --int8-prefill --calibration-data "$D" --int8-prefill-keep "${ends%,}"
+  for b in release-fp32 release-w4lora-deploy release-w4lora-deploy-p8 p8-cal64 p8-keepends; do
+    [ -f "$x/$b/metrics.json" ] || $E eval --model "$B/$b" $EV --split dev --tasks msa mer fer --out "$x/$b"
+  done
+  $E compare "teacher, FP32 (its bundle)=$x/release-fp32/metrics.json" "deployed=$x/release-w4lora-deploy/metrics.json" \
+    "INT8 prefill (shipped form)=$x/release-w4lora-deploy-p8/metrics.json" \
+    "INT8 prefill, 64 calibration records per task=$x/p8-cal64/metrics.json" \
+    "INT8 prefill, layers 0-1 and 28-29 on 4-bit=$x/p8-keepends/metrics.json" \
+    --size-reference "$B/release-fp32" --out docs/results/exp-int8-prefill-dev.json
+}
 teacher_ecpe_sample() {  # the teacher's bf16 eval on the bundles' ECPE sample -> its metrics file
   # (the teacher's full-split eval answers those records alike; copying runs/release-eval-ecpe/predictions.jsonl
   # to the out folder's predictions.partial.jsonl first saves its ~7 min)
