@@ -273,7 +273,8 @@ def bench_bundle(bundle: Path, records: list[Record], cfg: BenchConfig) -> dict:
     for r in records:
         by_task.setdefault(r.task, []).append(r)
     out_tasks = {}
-    for task, recs in by_task.items():
+    single: dict[str, tuple] = {}
+    for task, recs in by_task.items():  # single-stream for every task first: the serving peak
         for r in recs[: cfg.warmup]:
             _answer(rt, r)
         lat, ttft, tpot, preds, n_out = [], [], [], {}, []
@@ -288,6 +289,12 @@ def bench_bundle(bundle: Path, records: list[Record], cfg: BenchConfig) -> dict:
                     if n_tokens > 1:
                         tpot.append((ms - first) / (n_tokens - 1))
                 peak = max(peak, rss_mb())
+        single[task] = (lat, ttft, tpot, preds, n_out)
+    # Offline after every single-stream run: its batches (8 ECPE prompts in one prefill) raise resident memory,
+    # which glibc keeps; measured first, they would be charged to every single-stream request after them
+    offline_peak = peak
+    for task, recs in by_task.items():
+        lat, ttft, tpot, preds, n_out = single[task]
         t0 = time.perf_counter()  # Offline: all queries at once; closed-label ones batched in one prefill each
         if TASKS[task].scored:
             rt.answer_many(
@@ -298,6 +305,7 @@ def bench_bundle(bundle: Path, records: list[Record], cfg: BenchConfig) -> dict:
             for r in recs:
                 _answer(rt, r)
         offline_s = time.perf_counter() - t0
+        offline_peak = max(offline_peak, rss_mb())
         t = TASKS[task]
         metrics = t.metrics([r.response for r in recs], [preds[r.id] for r in recs], [r.label for r in recs])
         answers = {r.id: (t.parse(preds[r.id]).label if t.closed else preds[r.id]) for r in recs}
@@ -340,7 +348,8 @@ def bench_bundle(bundle: Path, records: list[Record], cfg: BenchConfig) -> dict:
         "weights_from_artifact": backend != "torch" and bool(manifest.get("weights_from")),
         "size_mb": size / 1e6,
         "start_s": start_s,
-        "peak_memory_mb": peak - before + 0.0,
+        "peak_memory_mb": peak - before + 0.0,  # serving one request at a time (what budgets judge)
+        "peak_memory_offline_mb": offline_peak - before + 0.0,  # with the Offline scenario's batches
         "tasks": out_tasks,
         "llm": {
             "parameters": rt.cfg["llm_parameters"],
@@ -485,6 +494,7 @@ def write_report(report: dict, out: Path, budget: dict) -> None:
                     "offline_qps": t["offline_qps"],
                     "size_mb": r["size_mb"],
                     "peak_memory_mb": r["peak_memory_mb"],
+                    "peak_memory_offline_mb": r.get("peak_memory_offline_mb"),
                 }
             )
     buf = io.StringIO()
@@ -526,13 +536,14 @@ def format_report(report: dict) -> str:
             )
     lines += [
         "",
-        "| variant | precision | size MB | peak memory MB | start s |",
-        "|---|---|---:|---:|---:|",
+        "| variant | precision | size MB | peak memory MB, single-stream | with Offline batches | start s |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
+        offline = r.get("peak_memory_offline_mb")  # reports before it was measured apart
         lines.append(
             f"| {r['bundle']} | {r['precision']} | {r['size_mb']:.1f} | {r['peak_memory_mb']:.0f} | "
-            f"{r['start_s']:.2f} |"
+            f"{_fmt(offline, '.0f')} | {r['start_s']:.2f} |"
         )
     lines += [
         "",

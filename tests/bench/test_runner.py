@@ -160,6 +160,9 @@ def test_bench_end_to_end_on_tiny_bundles(tiny_model_dir, small_amt, tmp_path):
     assert ref["roofline"]["targets"]["h100"]["estimate"] is True
     assert (out / "pareto.png").stat().st_size > 10_000 and (out / "report.csv").read_text().count("\n") == 16
     assert "(estimate)" in (out / "report.md").read_text()
+    # serving memory (judged) and the Offline batches' peak (reported) are measured apart, single-stream first
+    assert 0 <= fp32["peak_memory_mb"] <= fp32["peak_memory_offline_mb"]
+    assert "| with Offline batches |" in (out / "report.md").read_text()
     # a subset of tasks: only those are timed (a latency run over more records of the closed tasks)
     sub = tmp_path / "report-msa"
     args = ["bench", "--bundle", str(tmp_path / "fp32"), "--data", str(small_amt), "--budgets", str(budgets)]
