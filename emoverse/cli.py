@@ -150,6 +150,7 @@ def _export(a: argparse.Namespace) -> int:
         calibration_records=records,
         smoothing_alpha=a.smoothing_alpha,
         int8_prefill_keep=tuple(x for x in a.int8_prefill_keep.split(",") if x),
+        label_decision_margin=a.label_decision_margin,
         overwrite=a.overwrite,
     )
     print(f"wrote bundle {a.out}: target {a.target}, precision {m['precision']}")
@@ -406,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="--int8-prefill: projections that keep the 4-bit kernels there (e.g. down_proj)",
     )
     x.add_argument("--calibration-per-task", type=int, default=16, help="--int8-prefill: training records per task")
+    x.add_argument(
+        "--label-decision-margin",
+        type=float,
+        help="closed labels: answer by the first token when it leads every other label's by this many nats "
+        "(skips one decoder call per request; an approximation, default exact)",
+    )
     x.add_argument("--precision", help="cpu: fp32, int8 or int4 (default fp32)")
     x.add_argument(
         "--calibration-data",

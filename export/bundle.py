@@ -349,6 +349,7 @@ def export_bundle(
     calibration_records: list | None = None,
     smoothing_alpha: float = 0.5,
     int8_prefill_keep: tuple[str, ...] = (),
+    label_decision_margin: float | None = None,
 ) -> dict:
     """int8_activations (cpu, 4/8-bit weights): MatMulNBits accuracy level 4, onnxruntime quantizes each
     activation row to int8 and multiplies with integer kernels (VNNI/AMX where the CPU has them): faster,
@@ -415,6 +416,10 @@ def export_bundle(
         # what the `tokenizers` runtime reads; not pretty-printed: 1.6 instead of 3.5 MB, the same tokenizer
         model.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"), pretty=False)
         cfg = runtime_config(model, graphs)
+        if label_decision_margin is not None:  # the runtime reads it (runtime/ort.py): both eval and bench use it
+            if label_decision_margin <= 0:
+                raise ValueError(f"label_decision_margin must be > 0 nats, not {label_decision_margin}")
+            cfg["label_decision_margin"] = label_decision_margin
         (tmp / "runtime.json").write_text(json.dumps(cfg, indent=2) + "\n")
         report = parity(model, tmp, probes)  # the exported fp32 graphs against PyTorch
         if report["max_abs_logit_diff"] > max_abs_diff:

@@ -134,6 +134,12 @@ step_core_open() {  # the same two on the ECPE sample and ERI's full split (~25 
 step_core_p8_build() {  # the deployed bundle with an INT8 prefill decoder (~3 min after core_build)
   export_prefill8
 }
+step_core_p8m() {  # the INT8 prefill bundle answering a closed label by its first token when it leads by 2 nats
+  # (--label-decision-margin: one decoder call less per request); closed tasks only, the only ones it changes
+  export_bundle release-w4lora-deploy-p8m "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights \
+    --int8-activations --int8-prefill --calibration-data "$D" --label-decision-margin 2
+  eval_closed "$B/release-w4lora-deploy-p8m" "$R/eval/release-w4lora-deploy-p8m"
+}
 step_core_p8() {  # the same, on the closed tasks, the ECPE sample, ERI
   export_prefill8
   evaluate "$B/release-w4lora-deploy-p8" "$R/eval/release-w4lora-deploy-p8"
@@ -141,6 +147,7 @@ step_core_p8() {  # the same, on the closed tasks, the ECPE sample, ERI
 step_bench_core() {  # latency of the two (three with core_p8), with the PyTorch FP32 teacher, in one run (~10 min)
   local p8=()
   [ -f "$B/release-w4lora-deploy-p8/manifest.json" ] && p8=(--bundle "$B/release-w4lora-deploy-p8")
+  [ -f "$B/release-w4lora-deploy-p8m/manifest.json" ] && p8+=(--bundle "$B/release-w4lora-deploy-p8m")
   [ -f "$R/bench/report.json" ] || $E bench --model "$M" --bundle "$B/release-fp32" --bundle "$B/release-w4lora-deploy" \
     "${p8[@]}" --data "$D" --target cpu --limit "${BENCH_LIMIT:-10}" --out "$R/bench" || [ $? -eq 1 ]
   cp "$R/bench/report.json" docs/results/bench-cpu.json
@@ -178,10 +185,12 @@ step_compare_core() {  # compression.json from the core rows (ECPE and latency w
 step_compare_bundles() {  # the FP32 teacher's bundle, the deployed bundle and its INT8-prefill form on every task,
   # with this machine's bench_core latencies: the bundles alone, for a machine where the PyTorch compress outputs
   # were not measured (compression.json keeps those rows) -> COMPARE_OUT (default docs/results/compression-bundles.json)
-  local p=$R/eval/release-w4lora-deploy-p8
+  local p=$R/eval/release-w4lora-deploy-p8 m=()
+  [ -f "$R/eval/release-w4lora-deploy-p8m/closed/metrics.json" ] &&
+    m=("same, labels decided by a 2-nat first-token lead=$R/eval/release-w4lora-deploy-p8m/closed/metrics.json")
   $E compare "teacher, FP32 (its bundle)=$(all_tasks "$R/eval/release-fp32")" \
     "CPU bundle: W4 base + LoRA, int8 act., INT8 vision weights (deployed)=$(all_tasks "$R/eval/release-w4lora-deploy")" \
-    "same + INT8 prefill decoder=$(all_tasks "$p")" \
+    "same + INT8 prefill decoder=$(all_tasks "$p")" "${m[@]}" \
     --size-reference "$B/release-fp32" --bench docs/results/bench-cpu.json \
     --out "${COMPARE_OUT:-docs/results/compression-bundles.json}"
 }

@@ -280,3 +280,17 @@ def test_decoder_graph_has_no_kv_copies(runtime):
     graph = onnx.load(str(runtime.dir / runtime.cfg["graphs"]["decoder"]), load_external_data=False)
     expands = [n.name for n in graph.graph.node if n.op_type == "Expand"]
     assert len(expands) <= 1 and not any("self_attn" in n for n in expands)
+
+
+def test_label_decision_margin_is_a_bundle_setting(tiny_model_dir, tmp_path):
+    """The export writes the margin into runtime.json, so eval and bench answer alike through the runtime that
+    reads it; a margin that is not positive is refused before anything is written."""
+    from emoverse.export.bundle import export_bundle
+    from emoverse.runtime.backends import open_runtime
+
+    export_bundle(tiny_model_dir, tmp_path / "b", label_decision_margin=2.0)
+    assert json.loads((tmp_path / "b" / "runtime.json").read_text())["label_decision_margin"] == 2.0
+    assert open_runtime(tmp_path / "b").label_margin == 2.0
+    with pytest.raises(ValueError, match="label_decision_margin must be > 0"):
+        export_bundle(tiny_model_dir, tmp_path / "bad", label_decision_margin=0.0)
+    assert not (tmp_path / "bad").exists()

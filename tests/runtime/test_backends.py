@@ -341,3 +341,41 @@ def test_shared_conversation_prefix_computed_once_changes_no_answer(tiny_model_d
     assert calls[1][0] == 1  # the shared part, at batch 1, before the batch's own rows
     rt.forward = forward
     assert batched == [rt.generate(q, [], 8, g) for q, _, _, g in items]
+
+
+def test_label_decision_margin_answers_a_clear_leader_without_its_continuation(runtime, monkeypatch):
+    """With `label_decision_margin` in runtime.json, a label whose first token leads every other label's by the
+    margin is answered without teacher-forcing its remaining tokens (no continuation call; its score is its
+    first token's log-probability); a closer race is still scored exactly, as without the margin."""
+    calls = []
+    real_continue, real_prefill = runtime._continue, runtime.prefill
+    lift = {}
+
+    def lifted_prefill(embs):
+        last, cache, mask = real_prefill(embs)
+        last = last.copy()
+        for tok, add in lift.items():
+            last[:, tok] += add
+        return last, cache, mask
+
+    monkeypatch.setattr(runtime, "prefill", lifted_prefill)
+    monkeypatch.setattr(
+        runtime,
+        "_continue",
+        lambda cand, r, c, m, todo, *a: calls.append(len(todo)) or real_continue(cand, r, c, m, todo, *a),
+    )
+    monkeypatch.setattr(runtime, "label_margin", 2.0)
+    q = TASKS["mer"].query("ugh")
+    cands = TASKS["mer"].candidates(q)
+    lead, runner_up = (runtime.tok.encode(c, add_special_tokens=False).ids[0] for c in cands[-2:])
+    lift.update({lead: 30.0, runner_up: 29.0})  # 1 nat apart: scored exactly
+    close = runtime.answer("mer", q)
+    assert sum(calls) >= 1 and close.text == cands[int(np.argmax(runtime.score(q, cands)))]
+    calls.clear()
+    lift.update({lead: 34.0})  # 5 nats ahead: decided by its first token
+    clear = runtime.answer("mer", q)
+    assert sum(calls) == 0 and clear.text == cands[-2] and list(clear.scores) == [cands[-2]]
+    # what the margin trades: the random model's flat distribution charges the leader's '.' and end ~11 nats
+    # each, more than its 5-nat lead, so exact scoring (no margin) picks the runner-up, after continuations
+    monkeypatch.setattr(runtime, "label_margin", None)
+    assert runtime.answer("mer", q).text == cands[-1] and sum(calls) >= 1
