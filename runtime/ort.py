@@ -70,6 +70,8 @@ def _pixels(path: str, size: int) -> np.ndarray:
 
 
 class OrtRuntime:
+    label_margin: float | None = None  # exact label scoring (runtimes that reuse this class's scoring)
+
     def __init__(
         self,
         bundle: str | os.PathLike,
