@@ -107,33 +107,44 @@ def test_scoring_in_row_chunks_changes_no_score(runtime, face, monkeypatch):
         assert np.allclose(a, b, atol=1e-4)
 
 
-def test_label_answers_scored_branch_and_bound_equal_the_full_argmax(runtime, face, monkeypatch):
-    """A label task's answer teacher-forces only the candidates that can still win (a candidate's score is at
-    most its first token's log-probability), yet picks what scoring all of them picks; ECPE, whose answer
-    needs every set's score, scores all. The random model's next-token distribution is flat, so two
-    candidates' first tokens are lifted: the runner-up's bound then still beats the leader's complete score
-    (a second pass), the others' does not (never teacher-forced)."""
-    rows = []
+def _lift_first_tokens(runtime, monkeypatch) -> tuple[dict, list]:
+    """The tiny random model's next-token distribution is flat: the tests lift chosen first tokens after the
+    prefill ({token id: nats}, edited by the test) and record how many candidates each continuation call
+    teacher-forces."""
+    lift: dict[int, float] = {}
+    calls: list[int] = []
     real_continue, real_prefill = runtime._continue, runtime.prefill
 
     def lifted_prefill(embs):
         last, cache, mask = real_prefill(embs)
         last = last.copy()
-        last[:, lead] += 30.0
-        last[:, runner_up] += 29.0
+        for tok, add in lift.items():
+            last[:, tok] += add
         return last, cache, mask
 
     monkeypatch.setattr(runtime, "prefill", lifted_prefill)
     monkeypatch.setattr(
         runtime,
         "_continue",
-        lambda cand, r, c, m, todo, *a: rows.append(len(todo)) or real_continue(cand, r, c, m, todo, *a),
+        lambda cand, r, c, m, todo, *a: calls.append(len(todo)) or real_continue(cand, r, c, m, todo, *a),
     )
+    return lift, calls
+
+
+def test_label_answers_scored_branch_and_bound_equal_the_full_argmax(runtime, face, monkeypatch):
+    """A label task's answer teacher-forces only the candidates that can still win (a candidate's score is at
+    most its first token's log-probability), yet picks what scoring all of them picks; ECPE, whose answer
+    needs every set's score, scores all. The random model's next-token distribution is flat, so two
+    candidates' first tokens are lifted: the runner-up's bound then still beats the leader's complete score
+    (a second pass), the others' does not (never teacher-forced)."""
+    lift, rows = _lift_first_tokens(runtime, monkeypatch)
     reqs = _requests(face) + [{"task": "mer", "query": TASKS["mer"].query(w)} for w in ("fine", "ugh")]
     for r in reqs:
         t, images = TASKS[r["task"]], r.get("images", [])
         cands = t.candidates(r["query"])
         lead, runner_up = (runtime.tok.encode(c, add_special_tokens=False).ids[0] for c in cands[-2:])
+        lift.clear()
+        lift.update({lead: 30.0, runner_up: 29.0})
         full = runtime.score(r["query"], cands, images)
         rows.clear()
         a = runtime.answer(r["task"], r["query"], images)
@@ -143,7 +154,7 @@ def test_label_answers_scored_branch_and_bound_equal_the_full_argmax(runtime, fa
         for c, s in a.scores.items():
             assert s == pytest.approx(full[cands.index(c)], abs=1e-4)
         assert [b.text for b in runtime.answer_many([r])] == [a.text]
-    lead = runner_up = 0
+    lift.clear()
     q = TASKS["ecpe"].query([("neutral", "A", "hi"), ("joy", "B", "great news"), ("joy", "A", "yay")], 3)
     assert len(runtime.answer("ecpe", q).scores) == len(TASKS["ecpe"].candidates(q))
 
@@ -347,23 +358,7 @@ def test_label_decision_margin_answers_a_clear_leader_without_its_continuation(r
     """With `label_decision_margin` in runtime.json, a label whose first token leads every other label's by the
     margin is answered without teacher-forcing its remaining tokens (no continuation call; its score is its
     first token's log-probability); a closer race is still scored exactly, as without the margin."""
-    calls = []
-    real_continue, real_prefill = runtime._continue, runtime.prefill
-    lift = {}
-
-    def lifted_prefill(embs):
-        last, cache, mask = real_prefill(embs)
-        last = last.copy()
-        for tok, add in lift.items():
-            last[:, tok] += add
-        return last, cache, mask
-
-    monkeypatch.setattr(runtime, "prefill", lifted_prefill)
-    monkeypatch.setattr(
-        runtime,
-        "_continue",
-        lambda cand, r, c, m, todo, *a: calls.append(len(todo)) or real_continue(cand, r, c, m, todo, *a),
-    )
+    lift, calls = _lift_first_tokens(runtime, monkeypatch)
     monkeypatch.setattr(runtime, "label_margin", 2.0)
     q = TASKS["mer"].query("ugh")
     cands = TASKS["mer"].candidates(q)
