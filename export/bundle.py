@@ -359,8 +359,12 @@ def export_bundle(
     int8 GEMMs whose weights are built at load (by the runtime) from the same 4-bit tensors (stored once), smoothed
     (SmoothQuant, `smoothing_alpha`) with activation ranges from `calibration_records` (training records of
     every task). Not bit-exact: a requantization of base + B·A; the manifest lists the records it used.
-    `int8_prefill_keep`: projections (e.g. 'down_proj') that stay on the 4-bit kernels in that decoder."""
+    `int8_prefill_keep`: projections (e.g. 'down_proj') that stay on the 4-bit kernels in that decoder.
+    `label_decision_margin` (nats, > 0): written to runtime.json; the runtime answers a closed label by its first
+    token when it leads by this much (docs/deployment.md); None: exact scoring."""
     tgt = get_target(target)
+    if label_decision_margin is not None and label_decision_margin <= 0:  # refused before any export work
+        raise ValueError(f"label_decision_margin must be > 0 nats, not {label_decision_margin}")
     if int8_prefill and target != "cpu":
         raise ValueError(f"int8_prefill: for target cpu (onnxruntime's integer kernels), not {target}")
     if int8_prefill and not calibration_records:
@@ -417,8 +421,6 @@ def export_bundle(
         model.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"), pretty=False)
         cfg = runtime_config(model, graphs)
         if label_decision_margin is not None:  # the runtime reads it (runtime/ort.py): both eval and bench use it
-            if label_decision_margin <= 0:
-                raise ValueError(f"label_decision_margin must be > 0 nats, not {label_decision_margin}")
             cfg["label_decision_margin"] = label_decision_margin
         (tmp / "runtime.json").write_text(json.dumps(cfg, indent=2) + "\n")
         report = parity(model, tmp, probes)  # the exported fp32 graphs against PyTorch
