@@ -7,6 +7,9 @@ exactly as they score the model. All of them learn from the training split only;
 - majority: each task's majority answer from the train split (ECPE: the target causes itself; ERI: majority emotion)
 - vader: VADER lexicon polarity for MSA
 - heuristic: each task's rule-based answer where it has one (ECPE: "the target and the one before it")
+- pair-lr: ECPE as a classical classifier: logistic regression over every (target, earlier utterance) pair's
+  position, speaker and emotion features, fitted on the train split (what the conversation's layout alone
+  predicts, without reading the words)
 - tfidf-lr: TF-IDF word/bigram features + logistic regression (scikit-learn) for MSA and MER
 - fer-probe: logistic regression on the frozen scene encoder's mean-pooled image features
 - face-probe: the same on the frozen face encoder's 4 x 4 map (the linear probe on the features the model's
@@ -80,6 +83,89 @@ def ecpe_heuristic(records: list[Record], train: list[Record]) -> dict[str, str]
         if answer is not None:
             preds[r.id] = answer
     return preds
+
+
+def _pair_features(query: str) -> tuple[int, str, list[tuple[int, dict[str, float]]]]:
+    """(target index, target emotion, [(candidate index, features)]) for every utterance up to the target."""
+    task = TASKS["ecpe"]
+    k, emotion = task.target(query)
+    utts = task.conversation(query)
+    t_emo, t_speaker, _ = utts[k - 1]
+    rows = []
+    for c in range(1, k + 1):
+        c_emo, c_speaker, text = utts[c - 1]
+        near = min(k - c, 3)  # offsets beyond 3 share a bucket in the interactions (few gold pairs there)
+        same = float(c_speaker == t_speaker)
+        feats = {
+            f"offset={min(k - c, 6)}": 1.0,
+            f"cause_emotion={c_emo}": 1.0,
+            f"target_emotion={t_emo}": 1.0,
+            f"offset{near}&cause_emotion={c_emo}": 1.0,
+            f"offset{near}&target_emotion={t_emo}": 1.0,
+            f"offset{near}&same_speaker": same,
+            "same_speaker": same,
+            "same_emotion": float(c_emo == t_emo),
+            "first_utterance": float(c == 1),
+            "cause_words": min(len(text.split()), 40) / 40,
+            "utterances_before": min(k - 1, 10) / 10,
+        }
+        rows.append((c, feats))
+    return k, emotion, rows
+
+
+def _pair_answers(records: list[Record], proba, threshold: float) -> dict[str, str]:
+    """Each record's causes with probability >= threshold (the most probable one when none is), ascending."""
+    preds, i = {}, 0
+    for r, (k, emotion, rows) in records:
+        p = proba[i : i + len(rows)]
+        i += len(rows)
+        keep = [c for (c, _), pc in zip(rows, p, strict=True) if pc >= threshold] or [rows[int(p.argmax())][0]]
+        preds[r.id] = ";".join(f"{k}_{emotion},{c}" for c in sorted(keep))
+    return preds
+
+
+def pair_lr(records: list[Record], train: list[Record]) -> dict[str, str]:
+    """ECPE by logistic regression on each (target, candidate) pair's layout features (`_pair_features`: offset,
+    same speaker, both emotions and their interactions with the offset); the inclusion threshold is the one that
+    maximises pair F1 on the train split itself (a low-capacity model: in-sample is close to held-out)."""
+    from sklearn.feature_extraction import DictVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    todo = [r for r in records if r.task == "ecpe"]
+    if not todo:
+        return {}
+    task = TASKS["ecpe"]
+
+    def featurise(rows: list[Record]) -> list[tuple[Record, tuple]]:
+        out = []
+        for r in rows:
+            try:
+                out.append((r, _pair_features(r.query)))
+            except ValueError as e:
+                raise BaselineError(f"record {r.id}: {e}") from None
+        return out
+
+    fit = featurise(_need_train(train, "ecpe", "pair-lr"))
+    x, y = [], []
+    for r, (k, emotion, rows) in fit:
+        gold = set(task.parse(r.response).pairs)
+        x += [f for _, f in rows]
+        y += [f"{k}_{emotion},{c}" in gold for c, _ in rows]
+    if len(set(y)) < 2:
+        raise BaselineError("baseline 'pair-lr' needs ECPE training records with and without cause pairs")
+    vec = DictVectorizer()
+    clf = LogisticRegression(max_iter=3000).fit(vec.fit_transform(x), y)
+    p_fit = clf.predict_proba(vec.transform(x))[:, 1]
+    gold = [r.response for r, _ in fit]
+
+    def f1(threshold: float) -> float:
+        pred = _pair_answers(fit, p_fit, threshold)
+        return task.metrics(gold, [pred[r.id] for r, _ in fit], [None] * len(fit))["pair_f1"]
+
+    threshold = max((t / 20 for t in range(2, 13)), key=f1)  # 0.10 ... 0.60
+    scored = featurise(todo)
+    proba = clf.predict_proba(vec.transform([f for _, (_, _, rows) in scored for _, f in rows]))[:, 1]
+    return _pair_answers(scored, proba, threshold)
 
 
 def vader(records: list[Record], train: list[Record]) -> dict[str, str]:
@@ -217,6 +303,7 @@ BASELINES: dict[str, Callable[[list[Record], list[Record]], dict[str, str]]] = {
     "majority": majority,
     "vader": vader,
     "heuristic": ecpe_heuristic,
+    "pair-lr": pair_lr,
     "tfidf-lr": tfidf_lr,
     "fer-probe": fer_probe,
     "face-probe": face_probe,

@@ -287,7 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     rl.set_defaults(func=_release)
 
     rs = sub.add_parser("results", help="eval metrics (full test splits, with CIs) -> docs/results JSON + markdown")
-    rs.add_argument("--metrics", nargs="*", help="metrics.json files of `emoverse eval` (model and baselines)")
+    rs.add_argument(
+        "--metrics",
+        nargs="*",
+        help="metrics.json files of `emoverse eval` (model and baselines); a results JSON among them contributes "
+        "its systems, so a baseline evaluated later extends it",
+    )
     rs.add_argument("--out", help="results JSON (the .md is written beside it)")
     rs.add_argument("--system", default="emoverse/score", help="the model's system in the metrics files")
     rs.add_argument("--markdown", help="only regenerate the markdown table from this results JSON")

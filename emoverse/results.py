@@ -3,6 +3,8 @@ table generated from it. README and docs quote only these files.
 
     emoverse results --metrics runs/release-eval/metrics.json --out docs/results/emoverse-nano.json
     emoverse results --markdown docs/results/emoverse-nano.json      # regenerate the .md from the JSON
+    emoverse results --metrics docs/results/emoverse-nano.json runs/new-baseline/metrics.json \
+        --out docs/results/emoverse-nano.json                           # a results file extended by a later eval
 """
 
 from __future__ import annotations
@@ -43,20 +45,27 @@ def build(
 ) -> dict:
     merged: dict = {"results": {}, "ci": {}}
     sources = []
+    base: dict | None = None  # a results file being extended: its model's eval keeps its date and machine
     sample_of: dict[str, int | None] = {}  # task -> --limit per source of its eval (None: the full split)
     for p in metrics_paths:
         m = json.loads(Path(p).read_text(encoding="utf-8"))
-        sources.append(
-            {
-                "path": str(p),
-                "model": m.get("model"),
-                "records": m.get("records"),
-                "limit": m.get("limit"),
-                "split": m.get("split"),
-            }
-        )
-        for key in m.get("records") or {}:  # the tasks this eval covered: a full split, or a sample
-            sample_of[key.split("/")[0]] = m.get("limit")
+        if "rows" in m and "evals" in m:  # a results file: its systems and the evals they came from
+            base = base or m
+            evals, m = m["evals"], _as_metrics(m)
+        else:
+            evals = [
+                {
+                    "path": str(p),
+                    "model": m.get("model"),
+                    "records": m.get("records"),
+                    "limit": m.get("limit"),
+                    "split": m.get("split"),
+                }
+            ]
+        sources += evals
+        for ev in evals:
+            for key in ev.get("records") or {}:  # the tasks this eval covered: a full split, or a sample
+                sample_of[key.split("/")[0]] = ev.get("limit")
         for system, res in m["results"].items():
             merged["results"].setdefault(system, {}).update(res)
             merged["ci"].setdefault(system, {}).update(m.get("ci", {}).get(system, {}))
@@ -96,16 +105,39 @@ def build(
                         else all(model > v for v in baselines.values()),
                     }
                 )
-    return {
-        "model_system": model_system,
+    now = {
         "created": time.strftime("%Y-%m-%d"),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count()},
         "command": command or " ".join(["emoverse", *sys.argv[1:]]),
+    }
+    extended = {}
+    if base is not None:  # the table's date and CPU stay the model eval's; this build is listed after
+        extended = {"extended": [*base.get("extended", []), now]}
+        now = {k: base[k] for k in ("created", "machine", "command")}
+    return {
+        "model_system": model_system,
+        **now,
+        **extended,
         "evals": sources,
         "ci_method": "percentile bootstrap over records, 1000 resamples, 95%",
         "systems": systems,
         "rows": rows,
     }
+
+
+def _as_metrics(res: dict) -> dict:
+    """A results file back in the metrics form `build` merges (values, CIs, the model's n per row), so a
+    baseline evaluated later joins a published table without the model's eval being run again."""
+    out: dict = {"results": {system: {} for system in res["systems"]}, "ci": {}}  # the table's column order
+    for row in res["rows"]:
+        key = f"{row['group']}.{row['metric']}"
+        for system, cell in row["systems"].items():
+            out["results"].setdefault(system, {})[key] = cell["value"]
+            if cell.get("ci") is not None:
+                out["ci"].setdefault(system, {})[key] = cell["ci"]
+        n_key = f"{row['group']}.label_n" if row["metric"] == "label_accuracy" else f"{row['group']}.n"
+        out["results"].setdefault(res["model_system"], {})[n_key] = row["n"]
+    return out
 
 
 def _cell(c: dict | None) -> str:

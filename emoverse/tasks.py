@@ -588,6 +588,23 @@ class CausePairTask(Task):
     def response(self, pairs: Sequence[tuple[str, int]]) -> str:
         return ";".join(f"{emo},{cause}" for emo, cause in pairs)
 
+    UTTERANCE = re.compile(r"(\d+)_([a-z]+)\. ([^:\n]*): (.*)")
+
+    def conversation(self, query: str) -> list[tuple[str, str, str]]:
+        """The (emotion, speaker, text) utterances of a query's conversation, in order: `query`'s inverse."""
+        try:
+            body = query.split("Input conversation:", 1)[1].split("\nCandidate utterances:", 1)[0]
+        except IndexError:
+            raise ValueError("ECPE query has no 'Input conversation:' ... 'Candidate utterances:' part") from None
+        lines = [self.UTTERANCE.fullmatch(line) for line in body.split("\n")]
+        if (
+            not lines
+            or any(m is None for m in lines)
+            or [int(m.group(1)) for m in lines] != list(range(1, len(lines) + 1))
+        ):
+            raise ValueError("ECPE conversation lines are not '<i>_<emotion>. <speaker>: <text>' numbered from 1")
+        return [(m.group(2), m.group(3), m.group(4)) for m in lines]
+
     def target(self, query: str) -> tuple[int, str]:
         """(index, emotion) of the query's target utterance."""
         m = re.search(r"Target utterance:(\d+)_([a-z]+)\.", query)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from emoverse.baselines import BaselineError, ecpe_heuristic, majority, tfidf_lr, utterance
+from emoverse.baselines import BaselineError, ecpe_heuristic, majority, pair_lr, tfidf_lr, utterance
 from emoverse.records import Record
 from emoverse.stats import bootstrap_ci, paired_ratio, point, verdict
 from emoverse.tasks import INVALID, TASKS
@@ -23,6 +23,39 @@ def test_ecpe_heuristic_names_target_and_previous():
     preds = ecpe_heuristic([_ecpe("a", 3, "joy"), _ecpe("b", 1, "anger")], [])
     assert preds == {"a": "3_joy,3;3_joy,2", "b": "1_anger,1"}
     assert set(TASKS["ecpe"].parse(preds["a"]).pairs) == {"3_joy,3", "3_joy,2"}
+
+
+def _conversation(rid: str, speakers: str, k: int, response: str, split: str = "train") -> Record:
+    lines = [("joy" if i == k else "neutral", sp, f"line {i}") for i, sp in enumerate(speakers, start=1)]
+    return Record(rid, "ecpe", "ecf1", split, TASKS["ecpe"].query(lines, k), response, "joy")
+
+
+def test_ecpe_conversation_is_the_query_inverted():
+    lines = [("neutral", "Ross", "Hi: there ."), ("surprise", "Monica Geller", "What ?!"), ("joy", "Ross", "Yes .")]
+    query = TASKS["ecpe"].query(lines, 3)
+    assert TASKS["ecpe"].conversation(query) == lines
+    assert TASKS["ecpe"].query(TASKS["ecpe"].conversation(query), 3) == query
+    with pytest.raises(ValueError, match="numbered"):
+        TASKS["ecpe"].conversation(query.replace("2_surprise.", "7_surprise."))
+
+
+def test_pair_lr_learns_the_layout_rule_the_heuristic_misses():
+    # planted rule: the cause is the last earlier utterance by the target's own speaker (not the one before)
+    train = []
+    for i in range(60):
+        speakers = "ABAB" if i % 2 else "ABCA"
+        k = 4
+        cause = 2 if speakers == "ABAB" else 1
+        train.append(_conversation(f"t{i}", speakers, k, f"{k}_joy,{cause}"))
+    test = [_conversation("x", "ABAB", 4, "4_joy,2", "test"), _conversation("y", "ABCA", 4, "4_joy,1", "test")]
+    preds = pair_lr(test, train)
+    assert preds == {"x": "4_joy,2", "y": "4_joy,1"}
+    assert ecpe_heuristic(test, [])["x"] == "4_joy,4;4_joy,3"  # the rule names neither
+    with pytest.raises(BaselineError, match="needs ecpe training records"):
+        pair_lr(test, [])
+    bad = Record("z", "ecpe", "ecf1", "test", "no conversation here", "", "joy")
+    with pytest.raises(BaselineError, match="record z"):
+        pair_lr([bad], train)
 
 
 def test_majority_uses_train_labels_and_refuses_without_them():

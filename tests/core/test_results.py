@@ -130,3 +130,31 @@ def test_throughput_line_reads_the_flagged_release_row(tmp_path):
     assert "CPU A, 100 → 320 tokens/s, **3.20×** up to “+ no LoRA dropout”" in line
     assert "CPU B, 100 → 250 tokens/s, **2.50×** up to “+ eager attention”" in line
     assert results.throughput_line(tmp_path / "none") is None
+
+
+def test_results_file_extended_by_a_later_baseline(tmp_path):
+    """A results JSON given as metrics keeps every value, CI, n, date and machine; a baseline evaluated later
+    joins its rows (and can take 'beats every baseline' away)."""
+    res = results.build([_metrics(tmp_path)])
+    res.update(created="2026-01-01", machine={"cpu": "Some CPU", "cores": 2})
+    first, _ = results.write(res, tmp_path / "r.json")
+    again = results.build([first])
+    assert again["rows"] == res["rows"] and again["systems"] == res["systems"]
+    assert (again["created"], again["machine"]["cpu"]) == ("2026-01-01", "Some CPU") and len(again["extended"]) == 1
+    later = tmp_path / "later.json"
+    later.write_text(
+        json.dumps(
+            {
+                "limit": None,
+                "split": "test",
+                "records": {"mer/meld": 3},
+                "results": {"strong": {"mer.weighted_f1": 0.70, "mer.n": 3}},
+                "ci": {},
+            }
+        )
+    )
+    ext = results.build([first, later])
+    row = next(r for r in ext["rows"] if r["group"] == "mer" and r["metric"] == "weighted_f1")
+    assert row["systems"]["emoverse/score"] == {"value": 0.64, "ci": [0.62, 0.66]} and row["n"] == 3
+    assert row["best_baseline"] in (["strong", 0.70], ("strong", 0.70)) and row["beats_every_baseline"] is False
+    assert ext["systems"][-1] == "strong" and [e.get("path") for e in ext["evals"]][-1] == str(later)
