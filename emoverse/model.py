@@ -213,14 +213,24 @@ def load_tokenizer(llm: str):
     return tok
 
 
-def load_llm(cfg: ModelConfig, vocab_size: int):
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+def base_llm_config(cfg: ModelConfig, vocab_size: int | None = None):
+    """The base LLM's transformers config, without its weights: the tiny test config (`vocab_size` from the
+    tokenizer it is built with), else the base's own config.json."""
+    from transformers import AutoConfig, LlamaConfig
 
     if cfg.llm == "tiny-random":
-        conf = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=4096, tie_word_embeddings=True, **cfg.tiny)
+        extra = {} if vocab_size is None else {"vocab_size": vocab_size}
+        return LlamaConfig(max_position_embeddings=4096, tie_word_embeddings=True, **extra, **cfg.tiny)
+    return AutoConfig.from_pretrained(base_llm_path(cfg))
+
+
+def load_llm(cfg: ModelConfig, vocab_size: int):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    if cfg.llm == "tiny-random":
         with torch.random.fork_rng():  # a fixed init, so an adapter over it can be rebuilt (tests)
             torch.manual_seed(0)
-            return LlamaForCausalLM(conf)
+            return LlamaForCausalLM(base_llm_config(cfg, vocab_size))
     return AutoModelForCausalLM.from_pretrained(base_llm_path(cfg), dtype=torch.float32)
 
 
@@ -240,10 +250,7 @@ def llm_depth(path: str | os.PathLike) -> int:
     path = Path(path)
     if (path / "llm" / "config.json").is_file():
         return AutoConfig.from_pretrained(path / "llm").num_hidden_layers
-    cfg = read_model_config(path)
-    if cfg.llm == "tiny-random":
-        return cfg.tiny["num_hidden_layers"]
-    return AutoConfig.from_pretrained(base_llm_path(cfg)).num_hidden_layers
+    return base_llm_config(read_model_config(path)).num_hidden_layers
 
 
 def base_llm_path(cfg: ModelConfig) -> str | Path:
