@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# A candidate model judged against the release before it may replace it: both as FP32 bundles (one code path,
+# the one compression is measured against), paired on the DEV splits of MSA / MER / FER / ECPE (never test)
+# and on ERI's test split (ERI has no dev split; 169 records, generated), by source with paired bootstrap CIs.
+#   scripts/judge_candidate.sh CANDIDATE_MODEL NAME      e.g. runs/v5-mer/model v5-mer
+# Writes runs/judge/NAME/{closed,ecpe,eri}/ and docs/results/judge-NAME.json (+ -rouge.json for ERI ROUGE-L).
+# The release's side is computed once (runs/judge/release/) and reused. Resumable: finished parts are skipped.
+# ~25 min on 2 CPU cores per model (ECPE dev: 668 prompts of ~500 tokens, ~10 min).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CAND=${1:?candidate model folder}
+NAME=${2:?a short name}
+E=.venv/bin/emoverse
+PY=.venv/bin/python
+D=${DATA:-data/amt}
+RELEASE=${RELEASE:-models/emoverse-nano}
+EV="--data $D --mode score --batch-size 16"
+J=runs/judge
+
+side() {  # MODEL NAME: FP32 bundle + its dev closed, dev ECPE and test ERI evals
+  local model=$1 name=$2 b=bundles/judge/$2
+  [ -f "$b/manifest.json" ] || $E export --model "$model" --target cpu --precision fp32 --out "$b"
+  [ -f "$J/$name/closed/metrics.json" ] || $E eval --model "$b" $EV --split dev --tasks msa mer fer --out "$J/$name/closed"
+  [ -f "$J/$name/ecpe/metrics.json" ] || $E eval --model "$b" $EV --split dev --tasks ecpe --out "$J/$name/ecpe"
+  [ -f "$J/$name/eri/metrics.json" ] || $E eval --model "$b" $EV --tasks eri --out "$J/$name/eri"
+}
+preds() { echo "$J/$1/closed/predictions.jsonl+$J/$1/ecpe/predictions.jsonl+$J/$1/eri/predictions.jsonl"; }
+
+side "$RELEASE" release
+side "$CAND" "$NAME"
+$PY scripts/paired_by_source.py "$(preds release)" "$(preds "$NAME")" --out "docs/results/judge-$NAME.json"
+$PY scripts/paired_by_source.py "$(preds release)" "$(preds "$NAME")" --tasks eri --metric eri=rouge_l \
+  --out "docs/results/judge-$NAME-rouge.json"
