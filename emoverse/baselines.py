@@ -90,6 +90,8 @@ def _pair_features(query: str) -> tuple[int, str, list[tuple[int, dict[str, floa
     task = TASKS["ecpe"]
     k, emotion = task.target(query)
     utts = task.conversation(query)
+    if not 1 <= k <= len(utts):
+        raise ValueError(f"target utterance {k} is not in the conversation's {len(utts)} utterances")
     t_emo, t_speaker, _ = utts[k - 1]
     rows = []
     for c in range(1, k + 1):

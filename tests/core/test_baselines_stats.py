@@ -56,6 +56,9 @@ def test_pair_lr_learns_the_layout_rule_the_heuristic_misses():
     bad = Record("z", "ecpe", "ecf1", "test", "no conversation here", "", "joy")
     with pytest.raises(BaselineError, match="record z"):
         pair_lr([bad], train)
+    beyond = test[0].query.replace("Target utterance:4_joy.", "Target utterance:9_joy.")
+    with pytest.raises(BaselineError, match="record w: target utterance 9 is not in"):
+        pair_lr([Record("w", "ecpe", "ecf1", "test", beyond, "", "joy")], train)
 
 
 def test_majority_uses_train_labels_and_refuses_without_them():
