@@ -115,8 +115,9 @@ def _pair_features(query: str) -> tuple[int, str, list[tuple[int, dict[str, floa
     return k, emotion, rows
 
 
-def _pair_answers(records: list[Record], proba, threshold: float) -> dict[str, str]:
-    """Each record's causes with probability >= threshold (the most probable one when none is), ascending."""
+def _pair_answers(records: list[tuple[Record, tuple]], proba, threshold: float) -> dict[str, str]:
+    """Each (record, `_pair_features`) pair's causes with probability >= threshold (the most probable one when
+    none is), ascending; `proba` runs over all their candidate rows in order."""
     preds, i = {}, 0
     for r, (k, emotion, rows) in records:
         p = proba[i : i + len(rows)]

@@ -78,7 +78,7 @@ def build(
         for metric in [task.primary, *EXTRA_METRICS.get(task_name, [])]:
             for key in [k for k in keys if k.split(".")[0].split("/")[0] == task_name and k.endswith("." + metric)]:
                 group = key.rsplit(".", 1)[0]
-                n_key = f"{group}.label_n" if metric == "label_accuracy" else f"{group}.n"
+                n_key = _n_key(group, metric)
                 cells = {}
                 for s in systems:
                     if key in merged["results"][s]:
@@ -125,6 +125,11 @@ def build(
     }
 
 
+def _n_key(group: str, metric: str) -> str:
+    """Where a metrics file keeps how many records a row rests on (ERI's label accuracy: the labelled ones)."""
+    return f"{group}.label_n" if metric == "label_accuracy" else f"{group}.n"
+
+
 def _as_metrics(res: dict) -> dict:
     """A results file back in the metrics form `build` merges (values, CIs, the model's n per row), so a
     baseline evaluated later joins a published table without the model's eval being run again."""
@@ -135,8 +140,7 @@ def _as_metrics(res: dict) -> dict:
             out["results"].setdefault(system, {})[key] = cell["value"]
             if cell.get("ci") is not None:
                 out["ci"].setdefault(system, {})[key] = cell["ci"]
-        n_key = f"{row['group']}.label_n" if row["metric"] == "label_accuracy" else f"{row['group']}.n"
-        out["results"].setdefault(res["model_system"], {})[n_key] = row["n"]
+        out["results"].setdefault(res["model_system"], {})[_n_key(row["group"], row["metric"])] = row["n"]
     return out
 
 
