@@ -408,13 +408,11 @@ class OrtRuntime:
         ]
         bound = [float(first[r, c[0]]) for r, c in zip(rows, cand, strict=True)]
         full: list[float | None] = [b if len(c) == 1 else None for b, c in zip(bound, cand, strict=True)]
-        top: dict[int, float] = {}
-        for r, b in zip(rows, bound, strict=True):
-            top[r] = max(top.get(r, -np.inf), b)
+        by_row: dict[int, list[int]] = {}  # request -> its candidates' flat indices
+        for k, r in enumerate(rows):
+            by_row.setdefault(r, []).append(k)
+        top = {r: max(bound[k] for k in ks) for r, ks in by_row.items()}
         if self.label_margin is not None:  # a clear first-token leader wins without its continuation
-            by_row: dict[int, list[int]] = {}
-            for k, r in enumerate(rows):
-                by_row.setdefault(r, []).append(k)
             for r, ks in by_row.items():
                 ranked = sorted(ks, key=lambda k: bound[k], reverse=True)
                 runner_up = bound[ranked[1]] if len(ranked) > 1 else -np.inf

@@ -6,6 +6,8 @@
 # Writes runs/judge/NAME/{closed,ecpe,eri}/ and docs/results/judge-NAME.json (+ -rouge.json for ERI ROUGE-L).
 # The release's side is computed once (runs/judge/release/) and reused. Resumable: finished parts are skipped.
 # ~25 min on 2 CPU cores per model (ECPE dev: 668 prompts of ~500 tokens, ~10 min).
+# CLOSED_TEST=1 adds the closed tasks' test splits (FER2013, never trained on, is only there; ~6 min a model)
+# → docs/results/judge-NAME-test-closed.json. Judge on dev first; the test splits are for the record.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CAND=${1:?candidate model folder}
@@ -24,6 +26,9 @@ side() {  # MODEL NAME: FP32 bundle + its dev closed, dev ECPE and test ERI eval
   [ -f "$J/$name/ecpe/metrics.json" ] || $E eval --model "$b" $EV --split dev --tasks ecpe --out "$J/$name/ecpe"
   [ -f "$J/$name/eri/metrics.json" ] || $E eval --model "$b" $EV --tasks eri --out "$J/$name/eri"
 }
+side_test() {  # NAME: its bundle's closed test splits
+  [ -f "$J/$1/closed-test/metrics.json" ] || $E eval --model "bundles/judge/$1" $EV --tasks msa mer fer --out "$J/$1/closed-test"
+}
 preds() { echo "$J/$1/closed/predictions.jsonl+$J/$1/ecpe/predictions.jsonl+$J/$1/eri/predictions.jsonl"; }
 
 side "$RELEASE" release
@@ -31,3 +36,9 @@ side "$CAND" "$NAME"
 $PY scripts/paired_by_source.py "$(preds release)" "$(preds "$NAME")" --out "docs/results/judge-$NAME.json"
 $PY scripts/paired_by_source.py "$(preds release)" "$(preds "$NAME")" --tasks eri --metric eri=rouge_l \
   --out "docs/results/judge-$NAME-rouge.json"
+if [ "${CLOSED_TEST:-0}" = 1 ]; then
+  side_test release
+  side_test "$NAME"
+  $PY scripts/paired_by_source.py "$J/release/closed-test/predictions.jsonl" "$J/$NAME/closed-test/predictions.jsonl" \
+    --out "docs/results/judge-$NAME-test-closed.json"
+fi
