@@ -3,10 +3,12 @@
     python -m emoverse.bench.train_throughput --data data/amt --steps 12 --out docs/results/train-throughput.json
 
 Every variant trains the same EmoVerse-Nano from the same initial weights on batches drawn by the same seeded
-sampler (one task per step, the release recipe's task mix), so the only differences are the settings. Reported
-per variant: real (non-pad) tokens/s, seconds/step, FLOPs actually executed per token (torch's FlopCounterMode
-on one step: only work that was done) and MFU against this machine's matmul peak for that precision, measured
-in the same run. Absolute numbers move between machines; the ratios to the first row are the result.
+sampler (one task per step, the release recipe's task mix), so the only differences are the settings (packing
+draws ECPE's batches in token order, so those rows train other ECPE records). Reported per variant: the
+records' tokens/s (non-pad; a packed row is credited with its records' tokens), seconds/step, FLOPs actually
+executed per token (torch's FlopCounterMode on one step: only work that was done) and MFU against this
+machine's matmul peak for that precision, measured in the same run. Absolute numbers move between machines;
+the ratios to the first row are the result.
 """
 
 from __future__ import annotations
@@ -37,8 +39,13 @@ VARIANTS: list[tuple[str, dict, dict]] = [
     ("+ eager attention", {**_SHIPPED, "attention": "eager"}, {"lora_from_layer": 12}),
     ("+ no LoRA dropout", {**_SHIPPED, "attention": "eager"}, {"lora_from_layer": 12, "lora_dropout": 0.0}),
     (
+        "+ shared-prefix packing of ECPE",
+        {**_SHIPPED, "attention": "eager", "pack_tasks": ["ecpe"]},
+        {"lora_from_layer": 12, "lora_dropout": 0.0},
+    ),
+    (
         "+ torch.compile of the decoder",
-        {**_SHIPPED, "attention": "eager", "compile": True},
+        {**_SHIPPED, "attention": "eager", "pack_tasks": ["ecpe"], "compile": True},
         {"lora_from_layer": 12, "lora_dropout": 0.0},
     ),
 ]
@@ -77,8 +84,8 @@ def measure(trainer, steps: int, warmup: int = 2) -> dict:
     tokens = seconds = flops = 0.0
     losses = []
     for step in range(warmup + steps):
-        _, items = trainer.sample_batch(0, step)
-        batch = trainer.model.prompts.collate(items)
+        task, items = trainer.sample_batch(0, step)
+        batch = trainer.collate(task, items)
         if step >= warmup:  # FLOPs this very batch executes (counted untimed: the counter slows the step)
             flops += _flops_per_step(trainer, batch)
         t0 = time.perf_counter()
@@ -88,7 +95,7 @@ def measure(trainer, steps: int, warmup: int = 2) -> dict:
         opt.step()
         dt = time.perf_counter() - t0
         if step >= warmup:
-            tokens += int(batch["attention_mask"].sum())
+            tokens += batch["n_tokens"]  # the records' tokens: a packed row computes fewer for the same records
             seconds += dt
             losses.append(round(loss.item(), 4))
     flops_per_token = flops / tokens
@@ -114,12 +121,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--lora-from-layer", type=int, default=12, help="the LoRA-range rows' first adapted layer (12 of 30 layers)"
     )
+    ap.add_argument(
+        "--mix",
+        default="msa=0.2,mer=0.3,fer=0.2,eri=0.05,ecpe=0.25",
+        metavar="TASK=WEIGHT,...",
+        help="the task mix batches are drawn from (default: the release recipe's)",
+    )
     ap.add_argument("overrides", nargs="*", help="key=value recipe overrides (e.g. model.llm=tiny-random)")
     argv = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     base = load_config(TrainConfig, resolve_recipe(a.recipe, RECIPES), [f"data={a.data}", *a.overrides])
-    mix = {"msa": 0.2, "mer": 0.3, "fer": 0.2, "eri": 0.05, "ecpe": 0.25}
+    try:
+        mix = {k: float(v) for k, v in (m.split("=", 1) for m in a.mix.split(","))}
+    except ValueError:
+        ap.error(f"--mix takes TASK=WEIGHT pairs, got {a.mix}")
     base = replace(
         base,
         stages=[StageConfig(name="bench", steps=a.steps + 2, task_weights=mix)],

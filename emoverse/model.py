@@ -486,7 +486,22 @@ class EmoVerse(nn.Module):
         if response_logits:
             return self.response_logits(batch, cache_features)
         embeds = self.embed(batch["input_ids"], batch["visual_mask"], batch["media"], cache=cache_features)
-        return self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch.get("labels"))
+        return self.llm(inputs_embeds=embeds, **self._attention_inputs(batch, embeds), labels=batch.get("labels"))
+
+    @staticmethod
+    def _attention_inputs(batch: dict, embeds: torch.Tensor) -> dict:
+        """attention_mask (+ position_ids) for the decoder: a padded batch's 2-D mask as it is; a packed row's
+        4-D "may attend" mask (prompting.collate_packed) as the additive float mask transformers takes as given
+        by every attention kernel, with the row's own positions."""
+        mask = batch["attention_mask"]
+        if mask.dim() != 4:
+            return {"attention_mask": mask}
+        allowed = mask.to(embeds.device)
+        additive = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device)
+        return {
+            "attention_mask": additive.masked_fill(~allowed, torch.finfo(embeds.dtype).min),
+            "position_ids": batch["position_ids"].to(embeds.device),
+        }
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -498,7 +513,8 @@ class EmoVerse(nn.Module):
         "eager" (plain matmul + softmax; the same attention). Training on CPU in bf16 is faster with eager at
         this model's lengths: the CPU flash-attention backward dominated a profiled step."""
         check_attention(implementation)
-        self.causal_lm.set_attn_implementation(implementation)
+        if self.causal_lm.config._attn_implementation != implementation:  # a trainer may switch per batch
+            self.causal_lm.set_attn_implementation(implementation)
 
     def compile_decoder(self) -> None:
         """torch.compile the LLM's decoder stack in place (dynamic shapes: batches change length). Weights,
@@ -511,7 +527,7 @@ class EmoVerse(nn.Module):
         each sequence, never reach the 49,152 x 576 output matrix (about a fifth of the model's FLOPs)."""
         embeds = self.embed(batch["input_ids"], batch["visual_mask"], batch["media"], cache=cache_features)
         causal_lm = self.causal_lm
-        hidden = causal_lm.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = causal_lm.model(inputs_embeds=embeds, **self._attention_inputs(batch, embeds)).last_hidden_state
         targets = batch["labels"][:, 1:]
         keep = targets != IGNORE
         return causal_lm.lm_head(hidden[:, :-1][keep]), targets[keep]

@@ -32,7 +32,7 @@ from emoverse.artifacts import (
     verify,
 )
 from emoverse.model import EmoVerse, ModelConfig, check_attention
-from emoverse.prompting import Encoded, PromptTooLong
+from emoverse.prompting import Encoded, PromptTooLong, packable, packed_length
 from emoverse.records import RecordError, load_records
 from emoverse.tasks import TASKS
 from emoverse.train.distill import DistillConfig, build_student, kd_loss, load_teacher, student_layers
@@ -75,6 +75,13 @@ class TrainConfig:
     precision: str = "fp32"  # "bf16": autocast matmuls to bfloat16 (fp32 master weights, fp32 loss)
     response_logits_only: bool = False  # vocabulary projection only at response positions
     length_buckets: bool = False  # a batch is a run of neighbours in length order: little padding
+    # Shared-prefix packing for these (text-only) tasks: a batch is a run of neighbours in token order (one
+    # ECPE conversation's targets sit together), trained as ONE row in which their common prefixes appear once
+    # (prompting.collate_packed; the same loss). Its budget is pack_max_tokens (attention over the row is
+    # quadratic in it), and it runs on `packed_attention` (a 4-D mask: the fused sdpa kernel beat eager there).
+    pack_tasks: list[str] = field(default_factory=list)
+    pack_max_tokens: int = 1536
+    packed_attention: str = "sdpa"
     compile: bool = False  # torch.compile the decoder stack (bench/train_throughput.py measures it)
     attention: str = "sdpa"  # "eager": plain matmul attention, faster for bf16 training on CPU (same attention)
     halt_after: int | None = None  # stop (as if killed) after this many global steps: resume tests
@@ -136,6 +143,9 @@ class Trainer:
         if cfg.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision={cfg.precision!r}: use fp32 or bf16")
         check_attention(cfg.attention)
+        check_attention(cfg.packed_attention)
+        if set(cfg.pack_tasks) - set(TASKS):
+            raise ValueError(f"pack_tasks: unknown task(s) {sorted(set(cfg.pack_tasks) - set(TASKS))}")
         for s in cfg.stages:
             unknown = set(s.task_weights) - set(TASKS)
             if unknown:
@@ -146,7 +156,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
         torch.manual_seed(cfg.seed)
-        self._orders: dict[str, list[int]] = {}  # per task: record indices in length order (length_buckets)
+        self._orders: dict[str, list[int]] = {}  # per task: record indices in length (or token) order
         self.teacher: EmoVerse | None = None
         self.distill_info: dict | None = None
         if cfg.distill.teacher:
@@ -166,6 +176,9 @@ class Trainer:
         self.face_probe_info = self._fit_face_probe()
         if self.teacher is None:
             self.data, self.dropped = self._encode_train_records(self.model.prompts)
+        for task in set(cfg.pack_tasks) & set(self.data):
+            if not packable(self.data[task]):
+                raise ValueError(f"pack_tasks: {task!r} has records with images or videos (packing is text-only)")
         # monotonic start of the running stage, less the seconds it ran before a resume: its time budget and the
         # time-annealed learning rate read it
         self._stage_clock: float | None = None
@@ -273,9 +286,24 @@ class Trainer:
         ]
         return task, self._draw(task, np.random.default_rng([self.cfg.seed, stage_idx, step, 1 + self.rank]))
 
+    def collate(self, task: str, items: list[Encoded]) -> dict:
+        """A drawn batch as the model takes it: one packed row for a task the recipe packs."""
+        if task in self.cfg.pack_tasks:
+            return self.model.prompts.collate_packed(items)
+        return self.model.prompts.collate(items)
+
     def _draw(self, task: str, rng: np.random.Generator) -> list[Encoded]:
         """One batch of `task`'s records, as many as batch_size and the token budget allow."""
         pool = self.data[task]
+        if task in self.cfg.pack_tasks:
+            # A random record and its neighbours in token order (records that share a prefix sit together),
+            # as many as the packed row's token budget holds.
+            order = self._token_order(task)
+            n = min(len(pool), self.cfg.batch_size)
+            start = min(int(rng.integers(len(order))), len(order) - n)
+            while n > 1 and packed_length([pool[i] for i in order[start : start + n]]) > self.cfg.pack_max_tokens:
+                n -= 1
+            return [pool[i] for i in order[start : start + n]]
         if self.cfg.length_buckets:
             # A random record and its neighbours in length order, as many as the token budget holds;
             # every record is equally likely to anchor a batch, padding is a few tokens.
@@ -289,6 +317,13 @@ class Trainer:
         items = [pool[i] for i in idx]
         longest = max(len(e.input_ids) for e in items)
         return items[: max(1, min(len(items), self.cfg.max_batch_tokens // longest))]
+
+    def _token_order(self, task: str) -> list[int]:
+        key = f"tokens:{task}"
+        if key not in self._orders:
+            pool = self.data[task]
+            self._orders[key] = sorted(range(len(pool)), key=lambda i: (pool[i].input_ids, i))
+        return self._orders[key]
 
     def _length_order(self, task: str) -> list[int]:
         if task not in self._orders:
@@ -305,6 +340,10 @@ class Trainer:
             if self.cfg.precision == "bf16"
             else contextlib.nullcontext()
         )
+        packed = batch["attention_mask"].dim() == 4  # a packed row runs on its own attention kernel
+        models = [self.model] + ([self.teacher] if self.teacher is not None else [])
+        for m in models:
+            m.set_attention(self.cfg.packed_attention if packed else self.cfg.attention)
         with ctx:
             if self.teacher is not None:  # distillation: the student's and the frozen teacher's response logits
                 logits, targets = net(batch, cache_features=True, response_logits=True)
@@ -412,14 +451,14 @@ class Trainer:
             for step in bar:
                 t0 = time.monotonic()
                 task, items = self.sample_batch(si, step)
-                batch = self._on_device(self.model.prompts.collate(items))
+                batch = self._on_device(self.collate(task, items))
                 loss = self.loss(net, batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([p for p in self.params.values() if p.requires_grad], cfg.grad_clip)
                 opt.step()
                 sched.step()
-                n_tok = int(batch["attention_mask"].sum()) * self.world
+                n_tok = batch["n_tokens"] * self.world  # the records' tokens (a packed row holds fewer)
                 stats["tokens"] += n_tok
                 stats["seconds"] += time.monotonic() - t0
                 stats["steps"] += 1

@@ -192,3 +192,96 @@ def test_unknown_attention_is_refused():
         _model().set_attention("flash")
     with pytest.raises(ValueError, match="attention='flash'"):
         Trainer(TrainConfig(attention="flash", model=ModelConfig(**TINY)))
+
+
+def _ecpe_items(m: EmoVerse) -> list:
+    """Three targets of one conversation (they share it and part of the candidate list), one of another,
+    and two records with the same prompt but different responses."""
+    ecpe, mer = TASKS["ecpe"], TASKS["mer"]
+    talk = [("neutral", "Ann", "I got the job"), ("joy", "Bob", "That is great news"), ("surprise", "Ann", "Really?")]
+    other = [("anger", "Cy", "You broke it"), ("sadness", "Di", "I am sorry")]
+    return [
+        m.prompts.encode(ecpe.query(talk, 2), "2_joy,1", [], []),
+        m.prompts.encode(ecpe.query(talk, 3), "3_surprise,2;3_surprise,3", [], []),
+        m.prompts.encode(ecpe.query(other, 2), "2_sadness,1", [], []),
+        m.prompts.encode(ecpe.query(talk, 1), "1_neutral,1", [], []),
+        m.prompts.encode(mer.query("no way"), "Surprise.", [], []),
+        m.prompts.encode(mer.query("no way"), "Anger.", [], []),
+    ]
+
+
+def test_shared_prefix_packing_gives_the_unpacked_loss_and_gradients():
+    """`pack_tasks`: the batch as one prefix-tree row (4-D mask, own positions) trains exactly what
+    the padded batch trains: same loss and LoRA gradients, with either attention kernel, in fewer tokens."""
+    m = _model()
+    items = _ecpe_items(m)
+    padded, packed = m.prompts.collate(items), m.prompts.collate_packed(items)
+    assert packed["input_ids"].shape[1] < int(padded["attention_mask"].sum())  # the shared prefixes are once
+    assert packed["n_tokens"] == padded["n_tokens"] == int(padded["attention_mask"].sum())
+    assert int((packed["labels"] != -100).sum()) == int((padded["labels"] != -100).sum())
+    params = list(m.trainable_parameters().values())
+    for impl in ("sdpa", "eager"):
+        m.set_attention(impl)
+        ref = m(padded, response_loss_only=True)
+        got = m(packed, response_loss_only=True)
+        assert torch.allclose(ref, got, rtol=1e-5, atol=1e-6), impl
+        for a, b in zip(
+            torch.autograd.grad(ref, params, allow_unused=True),
+            torch.autograd.grad(got, params, allow_unused=True),
+            strict=True,
+        ):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert torch.allclose(a, b, rtol=1e-3, atol=1e-6), impl
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref16, got16 = m(padded, response_loss_only=True).item(), m(packed, response_loss_only=True).item()
+        assert abs(ref16 - got16) / ref16 < 0.02, impl
+    full = m(packed).loss  # the full-logits path takes the packed row too
+    assert torch.allclose(full, m(padded).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_tree_shares_prefixes_and_keeps_each_response_its_own():
+    from emoverse.prompting import Encoded, packable, packed_length, packed_tree
+
+    ig = -100
+    a = Encoded([1, 2, 3, 4, 9], [ig, ig, ig, ig, 9], [False] * 5)
+    b = Encoded([1, 2, 3, 5, 8], [ig, ig, ig, ig, 8], [False] * 5)
+    same_prompt = Encoded([1, 2, 3, 4, 7], [ig, ig, ig, ig, 7], [False] * 5)
+    tokens, parents, labels = packed_tree([a, b, same_prompt])
+    # 1 2 3 shared; a: 4 9; b: 5 8; the same prompt as a: its own 4 (last prompt token) and 7
+    assert tokens == [1, 2, 3, 4, 9, 5, 8, 4, 7]
+    assert parents == [-1, 0, 1, 2, 3, 2, 5, 2, 7]
+    assert labels == [ig, ig, ig, ig, 9, ig, 8, ig, 7]
+    assert all(parents[i] == i - 1 for i, label in enumerate(labels) if label != ig)  # the loss's shift holds
+    assert packed_length([a, b, same_prompt]) == 9
+    assert not packable([a, Encoded([1, 2], [ig, ig], [False, False])])  # no response
+    from emoverse.prompting import MediaRef
+
+    assert not packable([Encoded([1, 2, 3], [ig, ig, 3], [False, True, False], [MediaRef("x.png")])])
+
+
+def test_packed_draws_take_token_order_neighbours_within_the_budget():
+    """The packing sampler: neighbours in token order (one conversation's targets together), the packed row
+    within pack_max_tokens, the same batch for the same step (resume)."""
+    import random
+
+    from emoverse.prompting import Encoded, packed_length
+
+    ig = -100
+    pool = []
+    for conv in range(30):  # 30 conversations of 2-7 targets: a 60-token conversation, then 20 own tokens
+        shared = [100 + conv] + [random.Random(conv).randint(5, 50) for _ in range(59)]
+        for t in range(2 + conv % 6):
+            own = [200 + t] * 19 + [7]
+            pool.append(Encoded(shared + own, [ig] * 79 + [7], [False] * 80))
+    random.Random(0).shuffle(pool)
+    cfg = TrainConfig(batch_size=16, pack_max_tokens=300, pack_tasks=["msa"], length_buckets=True)
+    trainer = _Pool(cfg, [])
+    trainer.data = {"msa": pool}  # the default stage samples msa
+    for step in range(100):
+        _, items = trainer.sample_batch(0, step)
+        assert packed_length(items) <= 300 or len(items) == 1
+        assert len(items) > 300 // 80  # more records than unpacked batches of 80 tokens would hold
+        firsts = [e.input_ids[0] for e in items]
+        assert firsts == sorted(firsts)  # token order: a conversation's targets are neighbours
+    assert [id(e) for e in trainer.sample_batch(0, 3)[1]] == [id(e) for e in trainer.sample_batch(0, 3)[1]]

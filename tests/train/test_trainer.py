@@ -226,3 +226,21 @@ def test_the_trainer_places_the_model_on_its_device(small_amt, tmp_path, tiny_co
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             Trainer(tiny_config(small_amt, tmp_path / "bad", device="cuda"))
+
+
+def test_packed_ecpe_batches_train_and_image_tasks_are_refused(small_amt, tmp_path, tiny_config):
+    """pack_tasks: ECPE batches arrive as one packed row (and train); a task with images cannot be packed,
+    an unknown one is named; both fail before any step."""
+    cfg = tiny_config(small_amt, tmp_path / "run", pack_tasks="[ecpe]", pack_max_tokens=4000)
+    tr = Trainer(cfg)
+    ecpe_steps = [s for s in range(40) if tr.sample_batch(1, s)[0] == "ecpe"]  # stage 2 samples ECPE
+    assert ecpe_steps
+    task, items = tr.sample_batch(1, ecpe_steps[0])
+    batch = tr.collate(task, items)
+    assert batch["input_ids"].shape[0] == 1 and batch["attention_mask"].dim() == 4
+    assert batch["n_tokens"] == sum(len(e.input_ids) for e in items)
+    assert train(cfg) is not None
+    with pytest.raises(ValueError, match="pack_tasks: 'fer' has records with images"):
+        Trainer(tiny_config(small_amt, tmp_path / "fer", pack_tasks="[fer]"))
+    with pytest.raises(ValueError, match=r"pack_tasks: unknown task\(s\) \['xyz'\]"):
+        Trainer(tiny_config(small_amt, tmp_path / "xyz", pack_tasks="[xyz]"))
