@@ -219,7 +219,11 @@ class Trainer:
                 "sha256": sha256_file(src / "trainable.safetensors"),
                 "new_parameters": sorted(new),
             }
-        raise FileNotFoundError(f"{src}: init_from needs an adapter-form release or a checkpoint folder")
+        raise FileNotFoundError(
+            f"{src}: init_from needs an adapter-form release or a checkpoint folder (a run's model folder holds "
+            "merged weights: `emoverse release --run RUN --out DIR` writes its adapter form, or use "
+            "RUN/checkpoints/<last>)"
+        )
 
     def _fit_face_probe(self) -> dict | None:
         """Fit the face-probe token on the FER training faces when the model has one that init_from did not

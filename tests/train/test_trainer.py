@@ -244,3 +244,8 @@ def test_packed_ecpe_batches_train_and_image_tasks_are_refused(small_amt, tmp_pa
         Trainer(tiny_config(small_amt, tmp_path / "fer", pack_tasks="[fer]"))
     with pytest.raises(ValueError, match=r"pack_tasks: unknown task\(s\) \['xyz'\]"):
         Trainer(tiny_config(small_amt, tmp_path / "xyz", pack_tasks="[xyz]"))
+
+
+def test_init_from_a_run_model_folder_says_how_to_get_its_adapter(tiny_model_dir, small_amt, tmp_path, tiny_config):
+    with pytest.raises(FileNotFoundError, match="emoverse release --run RUN --out DIR"):
+        Trainer(tiny_config(small_amt, tmp_path, init_from=str(tiny_model_dir)))
