@@ -3,7 +3,8 @@
 # the one compression is measured against), paired on the DEV splits of MSA / MER / FER / ECPE (never test)
 # and on ERI's test split (ERI has no dev split; 169 records, generated), by source with paired bootstrap CIs.
 #   scripts/judge_candidate.sh CANDIDATE_MODEL NAME      e.g. runs/v5-mer/model v5-mer
-# Writes runs/judge/NAME/{closed,ecpe,eri}/ and docs/results/judge-NAME.json (+ -rouge.json for ERI ROUGE-L).
+# Writes runs/judge/NAME/{closed,ecpe,eri}/ and docs/results/judge-NAME.json (+ -rouge.json for ERI ROUGE-L,
+# -ecpe-offsets.json for where each side's ECPE causes lie: scripts/ecpe_offsets.py).
 # The release's side is computed once (runs/judge/release/) and reused. Resumable: finished parts are skipped.
 # ~25 min on 2 CPU cores per model (ECPE dev: 668 prompts of ~500 tokens, ~10 min).
 # CLOSED_TEST=1 adds the closed tasks' test splits (FER2013, never trained on, is only there; ~6 min a model)
@@ -36,6 +37,18 @@ side "$CAND" "$NAME"
 $PY scripts/paired_by_source.py "$(preds release)" "$(preds "$NAME")" --out "docs/results/judge-$NAME.json"
 $PY scripts/paired_by_source.py "$(preds release)" "$(preds "$NAME")" --tasks eri --metric eri=rouge_l \
   --out "docs/results/judge-$NAME-rouge.json"
+# where each side's ECPE causes lie (does the candidate decide beyond position?); systems named by side
+$PY - "$J" "$NAME" <<'PY'
+import json, sys
+j, name = sys.argv[1:]
+with open(f"{j}/{name}/ecpe-both.jsonl", "w") as out:
+    for side in ("release", name):
+        for line in open(f"{j}/{side}/ecpe/predictions.jsonl"):
+            row = json.loads(line)
+            if row["system"] == "emoverse/score":
+                out.write(json.dumps({**row, "system": side}) + "\n")
+PY
+$PY scripts/ecpe_offsets.py "$J/$NAME/ecpe-both.jsonl" --data "$D" --split dev --out "docs/results/judge-$NAME-ecpe-offsets.json"
 if [ "${CLOSED_TEST:-0}" = 1 ]; then
   side_test release
   side_test "$NAME"

@@ -58,3 +58,25 @@ def test_manifest_paths_cannot_escape(tmp_path):
 def test_wrong_kind(tmp_path):
     with pytest.raises(ArtifactError, match="expected 'emoverse-model'"):
         verify(_make(tmp_path), kind="emoverse-model")
+
+
+def test_atomic_write_to_a_device_writes_through_it(tmp_path):
+    """`--out /dev/null` must not rename a temp file over the device (it did once, here, by hand)."""
+    import os
+    import stat
+    import threading
+
+    from emoverse.artifacts import atomic_write_json
+
+    atomic_write_json(os.devnull, {"a": 1})
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo).read()))
+    reader.start()
+    atomic_write_json(fifo, {"b": 2})
+    reader.join(timeout=10)
+    assert got and json.loads(got[0]) == {"b": 2} and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    atomic_write_json(tmp_path / "f.json", {"c": 3})  # a plain file still goes through the rename
+    assert json.loads((tmp_path / "f.json").read_text()) == {"c": 3}
