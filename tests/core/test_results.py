@@ -158,3 +158,23 @@ def test_results_file_extended_by_a_later_baseline(tmp_path):
     assert row["systems"]["emoverse/score"] == {"value": 0.64, "ci": [0.62, 0.66]} and row["n"] == 3
     assert row["best_baseline"] in (["strong", 0.70], ("strong", 0.70)) and row["beats_every_baseline"] is False
     assert ext["systems"][-1] == "strong" and [e.get("path") for e in ext["evals"]][-1] == str(later)
+
+
+def test_throughput_line_reads_only_runs_against_the_original_settings(tmp_path):
+    """A bench run with rows skipped (e.g. packing against the release settings) is no "× the original" claim."""
+    import json
+
+    from emoverse.results import throughput_line
+
+    def run(name, first, release):
+        rows = [
+            {"name": first, "tokens_per_s": 100.0, "speedup_vs_original": 1.0},
+            {"name": release, "tokens_per_s": 300.0, "speedup_vs_original": 3.0, "release": True},
+        ]
+        (tmp_path / name).write_text(json.dumps({"cpu": "CPU X", "variants": rows}))
+
+    run("train-throughput.json", "original (fp32)", "+ no LoRA dropout")
+    run("train-throughput-ab.json", "+ no LoRA dropout", "+ shared-prefix packing of ECPE")
+    line = throughput_line(tmp_path)
+    assert "100 → 300 tokens/s, **3.00×**" in line and "train-throughput.json" in line
+    assert "train-throughput-ab.json" not in line
