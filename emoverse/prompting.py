@@ -201,32 +201,52 @@ def _prompt_length(e: Encoded) -> int:
     return next((i for i, label in enumerate(e.labels) if label != IGNORE), len(e.labels))
 
 
-def packed_tree(items: list[Encoded]) -> tuple[list[int], list[int], list[int]]:
-    """(tokens, parent index or -1, labels) of the prefix tree of `items`, in creation order. Shared: the
-    tokens before each record's last prompt token; that token and the response are the record's own."""
-    tokens: list[int] = []
-    parents: list[int] = []
-    labels: list[int] = []
-    children: dict[tuple[int, int], int] = {}  # (parent, token) -> node
-    for e in items:
+class _PrefixTree:
+    """The prefix tree `collate_packed` lays out, grown one record at a time (creation order: parents first).
+    Shared: the tokens before each record's last prompt token; that token and the response are the record's
+    own."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.labels: list[int] = []
+        self._children: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+
+    def add(self, e: Encoded) -> None:
         p = _prompt_length(e)
         node = -1
         for tok in e.input_ids[: p - 1]:
-            nxt = children.get((node, tok))
+            nxt = self._children.get((node, tok))
             if nxt is None:
-                nxt = children[(node, tok)] = len(tokens)
-                tokens.append(tok)
-                parents.append(node)
-                labels.append(IGNORE)
+                nxt = self._children[(node, tok)] = len(self.tokens)
+                self.tokens.append(tok)
+                self.parents.append(node)
+                self.labels.append(IGNORE)
             node = nxt
         for tok, label in zip(e.input_ids[p - 1 :], e.labels[p - 1 :], strict=True):
-            tokens.append(tok)
-            parents.append(node)
-            labels.append(label)
-            node = len(tokens) - 1
-    return tokens, parents, labels
+            self.tokens.append(tok)
+            self.parents.append(node)
+            self.labels.append(label)
+            node = len(self.tokens) - 1
+
+
+def packed_tree(items: list[Encoded]) -> tuple[list[int], list[int], list[int]]:
+    """(tokens, parent index or -1, labels) of the prefix tree of `items`, in creation order."""
+    tree = _PrefixTree()
+    for e in items:
+        tree.add(e)
+    return tree.tokens, tree.parents, tree.labels
+
+
+def packed_sizes(items: list[Encoded]) -> list[int]:
+    """Tokens in `collate_packed`'s row of items[:1], items[:2], ... (one tree, grown record by record)."""
+    tree, sizes = _PrefixTree(), []
+    for e in items:
+        tree.add(e)
+        sizes.append(len(tree.tokens))
+    return sizes
 
 
 def packed_length(items: list[Encoded]) -> int:
-    """Tokens in `collate_packed`'s row of `items` (its prefix tree's size), without building it."""
-    return len(packed_tree(items)[0])
+    """Tokens in `collate_packed`'s row of `items` (its prefix tree's size)."""
+    return packed_sizes(items)[-1] if items else 0

@@ -32,7 +32,7 @@ from emoverse.artifacts import (
     verify,
 )
 from emoverse.model import EmoVerse, ModelConfig, check_attention
-from emoverse.prompting import Encoded, PromptTooLong, packable, packed_length
+from emoverse.prompting import Encoded, PromptTooLong, packable, packed_sizes
 from emoverse.records import RecordError, load_records
 from emoverse.tasks import TASKS
 from emoverse.train.distill import DistillConfig, build_student, kd_loss, load_teacher, student_layers
@@ -305,9 +305,9 @@ class Trainer:
             order = self._token_order(task)
             n = min(len(pool), self.cfg.batch_size)
             start = min(int(rng.integers(len(order))), len(order) - n)
-            while n > 1 and packed_length([pool[i] for i in order[start : start + n]]) > self.cfg.pack_max_tokens:
-                n -= 1
-            return [pool[i] for i in order[start : start + n]]
+            window = [pool[i] for i in order[start : start + n]]
+            fits = sum(size <= self.cfg.pack_max_tokens for size in packed_sizes(window))  # sizes only grow
+            return window[: max(1, fits)]
         if self.cfg.length_buckets:
             # A random record and its neighbours in length order, as many as the token budget holds;
             # every record is equally likely to anchor a batch, padding is a few tokens.
