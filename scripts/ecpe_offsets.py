@@ -4,9 +4,10 @@ beyond position. On ECF dev the rule "target + previous" names the previous utte
 have one (precision 42%); `pair-lr` in 377 (55%); a model that names it nearly always has learned the
 position prior only.
 
-    python scripts/ecpe_offsets.py RUN/predictions.jsonl [MORE.jsonl ...] --data data/amt --split dev \
+    python scripts/ecpe_offsets.py [NAME=]RUN/predictions.jsonl [MORE ...] --data data/amt --split dev \
         --out docs/results/ecpe-offsets-dev.json
-Every system found in the files is reported (eval writes one row per system and record).
+Every system found in the files is reported (eval writes one row per system and record); NAME= reports a
+file's model answers (`emoverse/score`) as NAME, so two models' evals can stand side by side.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from emoverse.artifacts import atomic_write_json
+from emoverse.compare import _split_name
 from emoverse.records import load_records
 from emoverse.tasks import TASKS
 
@@ -61,14 +63,21 @@ def offsets(gold: dict[str, str], rows: list[dict]) -> dict[str, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("predictions", nargs="+", help="predictions.jsonl files of `emoverse eval` on ECPE")
+    ap.add_argument("predictions", nargs="+", help="[NAME=]predictions.jsonl files of `emoverse eval` on ECPE")
     ap.add_argument("--data", default="data/amt")
     ap.add_argument("--split", default="dev")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     path = Path(a.data) / "ecpe" / f"{a.split}.jsonl"
     gold = {r.id: r.response for r in load_records(path)}
-    rows = [json.loads(line) for f in a.predictions for line in open(f, encoding="utf-8")]
+    rows = []
+    for spec in a.predictions:
+        name, path_ = _split_name(spec)  # `emoverse compare`'s NAME=path convention
+        for line in open(path_, encoding="utf-8"):
+            row = json.loads(line)
+            if name and row["system"] == "emoverse/score":
+                row["system"] = name
+            rows.append(row)
     result = {"gold": str(path), "predictions": a.predictions, "systems": offsets(gold, rows)}
     atomic_write_json(Path(a.out), result)
     for system, r in result["systems"].items():

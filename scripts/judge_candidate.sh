@@ -37,18 +37,9 @@ side "$CAND" "$NAME"
 $PY scripts/paired_by_source.py "$(preds release)" "$(preds "$NAME")" --out "docs/results/judge-$NAME.json"
 $PY scripts/paired_by_source.py "$(preds release)" "$(preds "$NAME")" --tasks eri --metric eri=rouge_l \
   --out "docs/results/judge-$NAME-rouge.json"
-# where each side's ECPE causes lie (does the candidate decide beyond position?); systems named by side
-$PY - "$J" "$NAME" <<'PY'
-import json, sys
-j, name = sys.argv[1:]
-with open(f"{j}/{name}/ecpe-both.jsonl", "w") as out:
-    for side in ("release", name):
-        for line in open(f"{j}/{side}/ecpe/predictions.jsonl"):
-            row = json.loads(line)
-            if row["system"] == "emoverse/score":
-                out.write(json.dumps({**row, "system": side}) + "\n")
-PY
-$PY scripts/ecpe_offsets.py "$J/$NAME/ecpe-both.jsonl" --data "$D" --split dev --out "docs/results/judge-$NAME-ecpe-offsets.json"
+# where each side's ECPE causes lie (does the candidate decide beyond position?)
+$PY scripts/ecpe_offsets.py "release=$J/release/ecpe/predictions.jsonl" "$NAME=$J/$NAME/ecpe/predictions.jsonl" \
+  --data "$D" --split dev --out "docs/results/judge-$NAME-ecpe-offsets.json"
 if [ "${CLOSED_TEST:-0}" = 1 ]; then
   side_test release
   side_test "$NAME"
