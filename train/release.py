@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from emoverse.artifacts import ArtifactError, cpu_name, read_manifest
+from emoverse.artifacts import ArtifactError, cpu_name, manifest_digest, read_manifest, sha256_file
 from emoverse.config import load_config, to_yaml
 from emoverse.model import EmoVerse
 from emoverse.train.trainer import TrainConfig, list_checkpoints
@@ -25,6 +25,78 @@ def last_checkpoint(run: Path) -> Path:
     if not ckpts:
         raise ArtifactError(f"{run}: no checkpoints (train with `emoverse train` first)")
     return ckpts[-1]
+
+
+def _trained_run(run: Path, checkpoint: str) -> dict:
+    """One link of a lineage: what a run trained (its recipe, steps, tokens, time) as its folder records it."""
+    manifest = read_manifest(run / "model") if (run / "model" / "manifest.json").is_file() else None
+    if manifest is None:
+        raise ArtifactError(
+            f"{run}: a continued run starts from this run's checkpoint, but the run has no model/manifest.json "
+            "(unfinished or moved); its recipe cannot be recorded in the release's lineage"
+        )
+    summary = json.loads((run / "train_summary.json").read_text()) if (run / "train_summary.json").is_file() else {}
+    return {
+        "run": str(run),
+        "checkpoint": checkpoint,
+        "recipe": manifest["producer"]["recipe"],
+        "training": {k: summary.get(k) for k in ("steps", "tokens", "seconds", "stages")},
+        "device": summary.get("device", "cpu"),
+        "init_from": summary.get("init_from", manifest.get("init_from")),
+    }
+
+
+def lineage(init_from: dict | None) -> list[dict]:
+    """The trainings a continued run starts from, oldest first: each one's recipe and what it ran. A release
+    made from a continuation (init_from a release or a checkpoint, possibly several deep) names its whole
+    chain, so it can be retrained from the base without the runs/ folders it came from."""
+    chain: list[dict] = []
+    seen = 0
+    while init_from:
+        seen += 1
+        if seen > 32:
+            raise ArtifactError(f"init_from chain longer than 32 at {init_from.get('path')}: a loop?")
+        src = Path(init_from["path"])
+        if init_from.get("kind") == "emoverse-adapter":
+            if not (src / "manifest.json").is_file():
+                raise ArtifactError(f"{src}: the release this run started from is gone; its lineage cannot be recorded")
+            manifest = read_manifest(src)
+            if init_from.get("digest") and manifest_digest(manifest) != init_from["digest"]:
+                raise ArtifactError(
+                    f"{src}: not the release this run started from (its digest changed since: overwritten?); "
+                    "the lineage cannot be recorded"
+                )
+            info = manifest.get("release")
+            if not info:  # an adapter written by hand or a test: nothing to chain further
+                chain.append({"run": str(src), "recipe": None, "training": None, "init_from": None})
+                break
+            if "lineage" in info:  # a release that already carries its chain ends the walk
+                link = {k: info.get(k) for k in ("recipe", "training", "device", "checkpoint")}
+                chain.append(link | {"run": str(src)})
+                chain.extend(reversed(info["lineage"]))
+                break
+            link = {k: info.get(k) for k in ("recipe", "training", "device", "checkpoint", "init_from")}
+            link["run"] = str(src)
+        else:  # RUN/checkpoints/stageN-stepM
+            weights = src / "trainable.safetensors"
+            if init_from.get("sha256") and weights.is_file() and sha256_file(weights) != init_from["sha256"]:
+                raise ArtifactError(f"{weights}: not the checkpoint this run started from (sha256 changed)")
+            link = _trained_run(src.parent.parent, src.name)
+        chain.append(link)
+        init_from = link.pop("init_from", None)
+    return list(reversed(chain))
+
+
+def _pinned_steps(recipe: dict, training: dict | None) -> list[str]:
+    """Overrides that retrain a run by the steps it took rather than by its clock (a stage's time budget
+    ends it at a machine-dependent step; its clock-annealed schedule then anneals by steps instead)."""
+    stages = (training or {}).get("stages") or {}
+    out = []
+    for i, stage in enumerate(recipe.get("stages") or []):
+        ran = stages.get(stage.get("name"), {})
+        if ran.get("steps") and stage.get("max_minutes"):
+            out += [f"stages.{i}.steps={ran['steps']}", f"stages.{i}.max_minutes=null"]
+    return out
 
 
 def release(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> dict:
@@ -56,6 +128,36 @@ def release(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool =
     with torch.no_grad():
         for k, v in weights.items():
             params[k].copy_(v)
+    chain = lineage(summary.get("init_from"))
+    files = {"recipe.yaml": to_yaml(cfg)}
+    reproduce = []
+    for i, link in enumerate(chain):
+        if link.get("recipe") is None:
+            reproduce.append(f"# lineage-{i}: {link['run']} records no recipe (not a release of a training run)")
+            continue
+        files[f"lineage-{i}.yaml"] = to_yaml(link["recipe"])
+        start = f"init_from=runs/lineage-{i - 1}/adapter" if i else "init_from=null"
+        reproduce += [
+            " ".join(
+                [f"emoverse train --recipe {Path(out) / f'lineage-{i}.yaml'} out=runs/lineage-{i} {start}"]
+                + _pinned_steps(link["recipe"], link.get("training"))
+            ),
+            f"emoverse release --run runs/lineage-{i} --out runs/lineage-{i}/adapter",
+        ]
+    if chain:
+        last = f"init_from=runs/lineage-{len(chain) - 1}/adapter"
+        reproduce += [
+            " ".join(
+                [f"emoverse train --recipe {Path(out) / 'recipe.yaml'} out={run} {last}"]
+                + _pinned_steps(recipe, summary)
+            ),
+            f"emoverse release --run {run} --out {out}",
+        ]
+    else:
+        reproduce += [
+            f"emoverse train --recipe {Path(out) / 'recipe.yaml'} out={run}",
+            f"emoverse release --run {run} --out {out}",
+        ]
     info = {
         "recipe": recipe,
         "data": trained.get("inputs", {}).get("data"),
@@ -65,21 +167,15 @@ def release(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool =
         "device": summary.get("device", "cpu"),  # where the steps ran (a GPU-trained run: its name)
         "checkpoint": ckpt.name,
         "init_from": summary.get("init_from"),
-        "reproduce": [
-            *(
-                [f"# first the model it starts from (init_from, digest/sha256 above): {cfg.init_from}"]
-                if cfg.init_from
-                else []
-            ),
-            f"emoverse train --recipe {Path(out) / 'recipe.yaml'} out={run}",
-            f"emoverse release --run {run} --out {out}",
-        ],
+        # the trainings it continues, oldest first (each one's recipe is also lineage-I.yaml beside it)
+        "lineage": chain,
+        "reproduce": reproduce,
         "command": " ".join(["emoverse", *sys.argv[1:]]) if sys.argv else "",
     }
     return model.save_adapter(
         out,
         overwrite=overwrite,
-        files={"recipe.yaml": to_yaml(cfg)},
+        files=files,
         producer={"stage": "release", "run": str(run)},
         inputs={
             "data": info["data"],

@@ -115,3 +115,35 @@ def test_release_goes_through_export_and_run(trained, tmp_path):
     assert a_bundle.text == a_torch.text
     cands = TASKS["msa"].candidates(q)
     assert open_runtime(bundle).score(q, cands) == pytest.approx(open_runtime(rel).score(q, cands), abs=1e-3)
+
+
+def test_release_of_a_continuation_names_its_whole_lineage(tiny_model_dir, small_amt, tiny_config, tmp_path):
+    """A run continued from a release, continued again from its checkpoint: the last one's release records
+    both ancestors' recipes (files beside it) and the commands that retrain the chain from the base, by
+    the steps each ran; an ancestor overwritten since is refused instead of recorded wrongly."""
+    from emoverse.train.release import last_checkpoint, release
+    from emoverse.train.trainer import train
+
+    first = tmp_path / "first"
+    release(tiny_model_dir.parent, first)
+    stage = '{"name": "more", "steps": 2, "lr": 1e-4, "warmup_steps": 1, "max_minutes": 30, "task_weights": {"msa": 1}}'
+    one_stage = {"stages": f"[{stage}]"}
+    mid, last = tmp_path / "mid", tmp_path / "last"
+    train(tiny_config(small_amt, mid, init_from=first, **one_stage))
+    train(tiny_config(small_amt, last, init_from=last_checkpoint(mid), **one_stage))
+    m = release(last, tmp_path / "rel")
+    chain = m["release"]["lineage"]
+    assert [link["run"] for link in chain] == [str(first), str(mid)]
+    assert chain[0]["training"]["steps"] == 6 and chain[1]["training"]["steps"] == 2
+    assert chain[1]["recipe"]["init_from"] == str(first)
+    for i in range(2):
+        assert (tmp_path / "rel" / f"lineage-{i}.yaml").read_text().startswith("data:")
+    cmds = m["release"]["reproduce"]
+    assert "lineage-0.yaml out=runs/lineage-0 init_from=null" in cmds[0]
+    assert "init_from=runs/lineage-0/adapter" in cmds[2] and "stages.0.steps=2 stages.0.max_minutes=null" in cmds[2]
+    assert cmds[-2].endswith("init_from=runs/lineage-1/adapter stages.0.steps=2 stages.0.max_minutes=null")
+    assert verify(tmp_path / "rel", kind="emoverse-adapter")
+
+    release(mid, first, overwrite=True)  # another model where the chain's first release was
+    with pytest.raises(ArtifactError, match="not the release this run started from"):
+        release(last, tmp_path / "rel-again")
