@@ -56,7 +56,7 @@ GENERATED_ONLY = ("eri",)  # answered by generation in both eval modes (ECPE is 
 ACCURACY_BUDGET = 0.99  # the deploy issue's "at least 99% of the teacher", judged on the paired CI
 
 
-def _split_name(spec: str | os.PathLike) -> tuple[str | None, str]:
+def split_name(spec: str | os.PathLike) -> tuple[str | None, str]:
     """`name=a.json+b.json` -> ("name", "a.json+b.json"); a spec without a name -> (None, spec)."""
     text = str(spec)
     name, sep, rest = text.partition("=")
@@ -194,7 +194,7 @@ def compare(
     rows = []
     bench, latency_from = _bench_rows(bench_report)
     for f in metrics_files:
-        name, spec = _split_name(f)
+        name, spec = split_name(f)
         art, records, res, preds, cis, precision = _load_variant(spec, system)
         row = {
             "variant": name or variant_name(art),

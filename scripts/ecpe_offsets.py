@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from emoverse.artifacts import atomic_write_json
-from emoverse.compare import _split_name
+from emoverse.compare import split_name
 from emoverse.records import load_records
 from emoverse.tasks import TASKS
 
@@ -72,7 +72,7 @@ def main() -> None:
     gold = {r.id: r.response for r in load_records(path)}
     rows = []
     for spec in a.predictions:
-        name, path_ = _split_name(spec)  # `emoverse compare`'s NAME=path convention
+        name, path_ = split_name(spec)  # `emoverse compare`'s NAME=path convention
         for line in open(path_, encoding="utf-8"):
             row = json.loads(line)
             if name and row["system"] == "emoverse/score":
