@@ -48,6 +48,13 @@ def _release(a: argparse.Namespace) -> int:
     from emoverse.artifacts import folder_bytes
     from emoverse.train.release import release
 
+    if a.reproduce:  # the commands a release's manifest records, one per line (a shell can run them)
+        from emoverse.artifacts import verify
+
+        print("\n".join(verify(a.reproduce, kind="emoverse-adapter")["release"]["reproduce"]))
+        return 0
+    if not (a.run and a.out):
+        raise SystemExit("emoverse release: --run and --out are required (or --reproduce RELEASE)")
     m = release(a.run, a.out, overwrite=a.overwrite)
     print(f"wrote {a.out}: {folder_bytes(a.out) / 1e6:.1f} MB, {m['training']['steps']} steps")
     return 0
@@ -281,9 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     rl = sub.add_parser(
         "release", help="finished training run -> adapter-form release (LoRA + projector, base by sha256)"
     )
-    rl.add_argument("--run", required=True, help="training run folder (out= of `emoverse train`)")
-    rl.add_argument("--out", required=True, help="release folder, e.g. models/emoverse-nano")
+    rl.add_argument("--run", help="training run folder (out= of `emoverse train`)")
+    rl.add_argument("--out", help="release folder, e.g. models/emoverse-nano")
     rl.add_argument("--overwrite", action="store_true")
+    rl.add_argument(
+        "--reproduce", metavar="RELEASE", help="print the commands that retrain RELEASE from the base (its lineage)"
+    )
     rl.set_defaults(func=_release)
 
     rs = sub.add_parser("results", help="eval metrics (full test splits, with CIs) -> docs/results JSON + markdown")

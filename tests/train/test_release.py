@@ -94,6 +94,8 @@ def test_shipped_release_loads_and_verifies():
     m = verify(path, kind="emoverse-adapter")
     assert folder_bytes(path) <= 32 * 2**20
     assert m["release"]["training"]["tokens"] > 0 and m["release"]["reproduce"]
+    for i, link in enumerate(m["release"].get("lineage", [])):  # each ancestor's recipe ships beside it
+        assert link["recipe"] and (path / f"lineage-{i}.yaml").is_file()
     model = EmoVerse.load(path)
     q = TASKS["msa"].query("What a wonderful, happy day")
     s = model.score(q, ["Positive.", "Negative."])
@@ -117,7 +119,7 @@ def test_release_goes_through_export_and_run(trained, tmp_path):
     assert open_runtime(bundle).score(q, cands) == pytest.approx(open_runtime(rel).score(q, cands), abs=1e-3)
 
 
-def test_release_of_a_continuation_names_its_whole_lineage(tiny_model_dir, small_amt, tiny_config, tmp_path):
+def test_release_of_a_continuation_names_its_whole_lineage(tiny_model_dir, small_amt, tiny_config, tmp_path, capsys):
     """A run continued from a release, continued again from its checkpoint: the last one's release records
     both ancestors' recipes (files beside it) and the commands that retrain the chain from the base, by
     the steps each ran; an ancestor overwritten since is refused instead of recorded wrongly."""
@@ -143,6 +145,10 @@ def test_release_of_a_continuation_names_its_whole_lineage(tiny_model_dir, small
     assert "init_from=runs/lineage-0/adapter" in cmds[2] and "stages.0.steps=2 stages.0.max_minutes=null" in cmds[2]
     assert cmds[-2].endswith("init_from=runs/lineage-1/adapter stages.0.steps=2 stages.0.max_minutes=null")
     assert verify(tmp_path / "rel", kind="emoverse-adapter")
+    from emoverse.cli import main
+
+    assert main(["release", "--reproduce", str(tmp_path / "rel")]) == 0
+    assert capsys.readouterr().out.splitlines() == cmds
 
     release(mid, first, overwrite=True)  # another model where the chain's first release was
     with pytest.raises(ArtifactError, match="not the release this run started from"):
