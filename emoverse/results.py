@@ -9,8 +9,10 @@ table generated from it. README and docs quote only these files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -206,10 +208,28 @@ def write(res: dict, out: str | os.PathLike) -> tuple[Path, Path]:
 BEGIN, END = "<!-- results:begin (generated: emoverse results --readme README.md) -->", "<!-- results:end -->"
 
 
-def readme_table(results_dir: str | os.PathLike = "docs/results") -> str:
+def release_tag(release: str | os.PathLike) -> str | None:
+    """The short tag `scripts/compression_study.sh` keys a release's bundles and runs by (the first 12 hex digits
+    of the sha256 of its manifest.json), or None without a release there."""
+    manifest = Path(release) / "manifest.json"
+    return hashlib.sha256(manifest.read_bytes()).hexdigest()[:12] if manifest.is_file() else None
+
+
+def measured_on(report: dict) -> str | None:
+    """The release tag a compare report's reference bundle was built from (bundles/TAG/...), if it names one."""
+    tags = [part for part in Path(report.get("reference", "")).parts if re.fullmatch(r"[0-9a-f]{12}", part)]
+    return tags[0] if tags else None
+
+
+def readme_table(results_dir: str | os.PathLike = "docs/results", release: str | os.PathLike | None = None) -> str:
     """The README's results table: the release's primary metric per task and source with its CI, the best
-    baseline beside it, and the training throughput ratio — all read from the JSON files in results_dir."""
+    baseline beside it, and the training throughput ratio — all read from the JSON files in results_dir.
+    With `release` (default: the repository's models/emoverse-nano beside docs/), compression reports measured
+    on another release are marked as such, and every report measured on this one is shown."""
     results_dir = Path(results_dir)
+    if release is None:
+        release = results_dir.resolve().parent.parent / "models" / "emoverse-nano"
+    current = release_tag(release)
     res = json.loads((results_dir / "emoverse-nano.json").read_text(encoding="utf-8"))
     model = res["model_system"]
     lines = [
@@ -240,8 +260,12 @@ def readme_table(results_dir: str | os.PathLike = "docs/results") -> str:
     # another machine: latency is a fact of one CPU)
     for comp in [results_dir / "compression.json", *sorted(results_dir.glob("compression-*.json"))]:
         report = json.loads(comp.read_text(encoding="utf-8")) if comp.is_file() else None
-        if report and (comp.name == "compression.json" or "latency_from" in report):
-            out += ["", *compression_table(report, comp.name)]
+        if not report:
+            continue
+        tag = measured_on(report)
+        stale = bool(current and tag and tag != current)
+        if comp.name == "compression.json" or "latency_from" in report or (current and tag == current):
+            out += ["", *compression_table(report, comp.name, stale_tag=tag if stale else None)]
     return "\n".join(out)
 
 
@@ -280,14 +304,20 @@ def _latency_source(report: dict) -> str:
     )
 
 
-def compression_table(report: dict, name: str = "compression.json") -> list[str]:
+def compression_table(report: dict, name: str = "compression.json", stale_tag: str | None = None) -> list[str]:
     """README rows from `emoverse compare ... --out docs/results/compression.json`: each variant's size against
     the FP32 teacher's bundle, and per task the paired ratio to the reference with its 95% CI, the verdict
     against 99%, the identical closed answers and the p90 (with the machine and bench run it comes from)."""
     tasks = list(TASKS)
     mark = {"pass": "✓", "fail": "✗", "inconclusive": "?"}
+    earlier = (
+        f"**Measured on an earlier release** (its bundles: `bundles/{stale_tag}/`; renew with the README's "
+        "`scripts/compression_study.sh` commands). "
+        if stale_tag
+        else ""
+    )
     lines = [
-        f"Compression (`docs/results/{name}`; sizes against the FP32 teacher's bundle, "
+        f"{earlier}Compression (`docs/results/{name}`; sizes against the FP32 teacher's bundle, "
         f"{report['size_reference_bytes'] / 1e6:.0f} MB; per task: primary metric as a ratio to "
         f"**{report['rows'][0]['variant']}**, paired 95% CI, ✓/?/✗ = the CI above / straddling / below 99%, "
         f"identical closed answers; {_latency_source(report)}):",

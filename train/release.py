@@ -151,12 +151,12 @@ def release(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool =
                 [f"emoverse train --recipe {Path(out) / 'recipe.yaml'} out={run} {last}"]
                 + _pinned_steps(recipe, summary)
             ),
-            f"emoverse release --run {run} --out {out}",
+            f"emoverse release --run {run} --out {out}" + (" --overwrite" if overwrite else ""),
         ]
     else:
         reproduce += [
             f"emoverse train --recipe {Path(out) / 'recipe.yaml'} out={run}",
-            f"emoverse release --run {run} --out {out}",
+            f"emoverse release --run {run} --out {out}" + (" --overwrite" if overwrite else ""),
         ]
     info = {
         "recipe": recipe,

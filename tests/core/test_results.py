@@ -178,3 +178,26 @@ def test_throughput_line_reads_only_runs_against_the_original_settings(tmp_path)
     line = throughput_line(tmp_path)
     assert "100 → 300 tokens/s, **3.00×**" in line and "train-throughput.json" in line
     assert "train-throughput-ab.json" not in line
+
+
+def test_readme_marks_compression_measured_on_an_earlier_release(tmp_path):
+    """A compare report whose reference bundle was built from another release (bundles/TAG/...) is marked as
+    measured on an earlier release; one built from the current release is shown even without a bench run."""
+    release = tmp_path / "models" / "emoverse-nano"
+    release.mkdir(parents=True)
+    (release / "manifest.json").write_text('{"kind": "emoverse-adapter"}')
+    tag = results.release_tag(release)
+    row = {"variant": "teacher", "bytes": 6e8, "size_ratio": 1.0, "paired": {}}
+    nano = json.loads((Path(__file__).resolve().parents[2] / "docs/results/emoverse-nano.json").read_text())
+    docs = tmp_path / "docs" / "results"
+    docs.mkdir(parents=True)
+    (docs / "emoverse-nano.json").write_text(json.dumps(nano))
+    old = {"reference": "bundles/0123456789ab/release-fp32", "size_reference_bytes": 6e8, "rows": [row]}
+    (docs / "compression.json").write_text(json.dumps(old))
+    (docs / "compression-now.json").write_text(json.dumps({**old, "reference": f"bundles/{tag}/release-fp32"}))
+    text = results.readme_table(docs)  # the release beside docs/ is found by default
+    old_head = next(line for line in text.splitlines() if "`docs/results/compression.json`" in line)
+    new_head = next(line for line in text.splitlines() if "`docs/results/compression-now.json`" in line)
+    assert old_head.startswith("**Measured on an earlier release** (its bundles: `bundles/0123456789ab/`")
+    assert not new_head.startswith("**Measured")
+    assert "earlier release" not in results.readme_table(docs, release=tmp_path / "nowhere")
