@@ -61,22 +61,30 @@ def lineage(init_from: dict | None) -> list[dict]:
             if not (src / "manifest.json").is_file():
                 raise ArtifactError(f"{src}: the release this run started from is gone; its lineage cannot be recorded")
             manifest = read_manifest(src)
-            if init_from.get("digest") and manifest_digest(manifest) != init_from["digest"]:
-                raise ArtifactError(
-                    f"{src}: not the release this run started from (its digest changed since: overwritten?); "
-                    "the lineage cannot be recorded"
-                )
+            digest = manifest_digest(manifest)
+            wanted = init_from.get("digest") or digest
+            if digest != wanted:
+                # overwritten since, typically by a release of its own descendant, whose lineage then holds it
+                recorded = (manifest.get("release") or {}).get("lineage") or []
+                hit = next((i for i, link in enumerate(recorded) if link.get("digest") == wanted), None)
+                if hit is None:
+                    raise ArtifactError(
+                        f"{src}: not the release this run started from (its digest changed since: overwritten?), "
+                        "and the release there does not record it in its lineage; the lineage cannot be recorded"
+                    )
+                chain.extend(reversed(recorded[: hit + 1]))
+                break
             info = manifest.get("release")
             if not info:  # an adapter written by hand or a test: nothing to chain further
                 chain.append({"run": str(src), "recipe": None, "training": None, "init_from": None})
                 break
             if "lineage" in info:  # a release that already carries its chain ends the walk
                 link = {k: info.get(k) for k in ("recipe", "training", "device", "checkpoint")}
-                chain.append(link | {"run": str(src)})
+                chain.append(link | {"run": str(src), "digest": digest})
                 chain.extend(reversed(info["lineage"]))
                 break
             link = {k: info.get(k) for k in ("recipe", "training", "device", "checkpoint", "init_from")}
-            link["run"] = str(src)
+            link |= {"run": str(src), "digest": digest}
         else:  # RUN/checkpoints/stageN-stepM
             weights = src / "trainable.safetensors"
             if init_from.get("sha256") and weights.is_file() and sha256_file(weights) != init_from["sha256"]:

@@ -119,10 +119,13 @@ def test_release_goes_through_export_and_run(trained, tmp_path):
     assert open_runtime(bundle).score(q, cands) == pytest.approx(open_runtime(rel).score(q, cands), abs=1e-3)
 
 
-def test_release_of_a_continuation_names_its_whole_lineage(tiny_model_dir, small_amt, tiny_config, tmp_path, capsys):
+def test_release_of_a_continuation_names_its_whole_lineage(
+    trained, tiny_model_dir, small_amt, tiny_config, tmp_path, capsys
+):
     """A run continued from a release, continued again from its checkpoint: the last one's release records
     both ancestors' recipes (files beside it) and the commands that retrain the chain from the base, by
-    the steps each ran; an ancestor overwritten since is refused instead of recorded wrongly."""
+    the steps each ran; an ancestor overwritten since is found in the lineage of the release that overwrote
+    it, or refused instead of recorded wrongly."""
     from emoverse.train.release import last_checkpoint, release
     from emoverse.train.trainer import train
 
@@ -150,6 +153,11 @@ def test_release_of_a_continuation_names_its_whole_lineage(tiny_model_dir, small
     assert main(["release", "--reproduce", str(tmp_path / "rel")]) == 0
     assert capsys.readouterr().out.splitlines() == cmds
 
-    release(mid, first, overwrite=True)  # another model where the chain's first release was
+    # the chain's first release overwritten by a release of its descendant: that one's lineage holds it
+    release(mid, first, overwrite=True)
+    again = release(last, tmp_path / "rel-again")["release"]
+    assert again["lineage"] == chain and len(again["reproduce"]) == len(cmds)
+    # overwritten by a model that does not record it: refused rather than recorded wrongly
+    trained.save_adapter(first, producer={"stage": "test"}, overwrite=True)
     with pytest.raises(ArtifactError, match="not the release this run started from"):
-        release(last, tmp_path / "rel-again")
+        release(last, tmp_path / "rel-3")
