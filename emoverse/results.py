@@ -258,14 +258,23 @@ def readme_table(results_dir: str | os.PathLike = "docs/results", release: str |
         out += ["", line]
     # compression.json, then every other compression-*.json that joined a bench run (the same bundles timed on
     # another machine: latency is a fact of one CPU)
+    shown: list[tuple[str, dict, str | None]] = []  # (file name, report, its release tag)
     for comp in [results_dir / "compression.json", *sorted(results_dir.glob("compression-*.json"))]:
         report = json.loads(comp.read_text(encoding="utf-8")) if comp.is_file() else None
-        if not report:
-            continue
-        tag = measured_on(report)
+        if report and (
+            comp.name == "compression.json" or "latency_from" in report or (current and measured_on(report) == current)
+        ):
+            shown.append((comp.name, report, measured_on(report)))
+    earlier: list[str] = []
+    if current and any(tag == current for _, _, tag in shown):
+        # the current release's reports only; the earlier releases' stay in docs/results, named in one line
+        earlier = [name for name, _, tag in shown if tag != current]
+        shown = [entry for entry in shown if entry[2] == current]
+    for name, report, tag in shown:
         stale = bool(current and tag and tag != current)
-        if comp.name == "compression.json" or "latency_from" in report or (current and tag == current):
-            out += ["", *compression_table(report, comp.name, stale_tag=tag if stale else None)]
+        out += ["", *compression_table(report, name, stale_tag=tag if stale else None)]
+    if earlier:
+        out += ["", "Measured on an earlier release: " + ", ".join(f"`docs/results/{n}`" for n in earlier) + "."]
     return "\n".join(out)
 
 

@@ -164,7 +164,7 @@ measured_rows() {  # ARRAY_NAME: append the other compress outputs' rows where m
     into+=("CPU bundle: INT8 weight-only, int8 activations=$R/eval/release-int8/closed/metrics.json")
   return 0
 }
-step_compare_core() {  # compression.json from the core rows (ECPE and latency where measured)
+step_compare_core() {  # compression.json (or COMPARE_OUT) from the core rows (ECPE, ERI and latency where measured)
   local f=$R/eval/release-fp32/closed/metrics.json d=$R/eval/release-w4lora-deploy/closed/metrics.json
   local T=$(teacher_metrics) more=()
   local open
@@ -180,7 +180,7 @@ step_compare_core() {  # compression.json from the core rows (ECPE and latency w
   measured_rows rows
   $E compare "teacher, FP32 (its bundle)=$f" "teacher, bf16 autocast (PyTorch)=$T" \
     "CPU bundle: W4 base + LoRA, int8 act., INT8 vision weights (deployed)=$d" "${rows[@]}" \
-    --size-reference "$B/release-fp32" "${more[@]}" --out docs/results/compression.json
+    --size-reference "$B/release-fp32" "${more[@]}" --out "${COMPARE_OUT:-docs/results/compression.json}"
 }
 step_compare_bundles() {  # the FP32 teacher's bundle, the deployed bundle and its INT8-prefill form on every task,
   # with this machine's bench_core latencies: the bundles alone, for a machine where the PyTorch compress outputs

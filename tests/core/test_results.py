@@ -182,7 +182,8 @@ def test_throughput_line_reads_only_runs_against_the_original_settings(tmp_path)
 
 def test_readme_marks_compression_measured_on_an_earlier_release(tmp_path):
     """A compare report whose reference bundle was built from another release (bundles/TAG/...) is marked as
-    measured on an earlier release; one built from the current release is shown even without a bench run."""
+    measured on an earlier release; once one built from the current release exists (shown even without a
+    bench run), the earlier ones leave the README for a one-line pointer."""
     release = tmp_path / "models" / "emoverse-nano"
     release.mkdir(parents=True)
     (release / "manifest.json").write_text('{"kind": "emoverse-adapter"}')
@@ -194,10 +195,13 @@ def test_readme_marks_compression_measured_on_an_earlier_release(tmp_path):
     (docs / "emoverse-nano.json").write_text(json.dumps(nano))
     old = {"reference": "bundles/0123456789ab/release-fp32", "size_reference_bytes": 6e8, "rows": [row]}
     (docs / "compression.json").write_text(json.dumps(old))
-    (docs / "compression-now.json").write_text(json.dumps({**old, "reference": f"bundles/{tag}/release-fp32"}))
-    text = results.readme_table(docs)  # the release beside docs/ is found by default
-    old_head = next(line for line in text.splitlines() if "`docs/results/compression.json`" in line)
-    new_head = next(line for line in text.splitlines() if "`docs/results/compression-now.json`" in line)
-    assert old_head.startswith("**Measured on an earlier release** (its bundles: `bundles/0123456789ab/`")
-    assert not new_head.startswith("**Measured")
+    alone = results.readme_table(docs)  # the release beside docs/ is found by default
+    head = next(line for line in alone.splitlines() if "`docs/results/compression.json`" in line)
+    assert head.startswith("**Measured on an earlier release** (its bundles: `bundles/0123456789ab/`")
     assert "earlier release" not in results.readme_table(docs, release=tmp_path / "nowhere")
+    # once a report of the current release exists, it replaces the earlier ones, which are named in one line
+    (docs / "compression-now.json").write_text(json.dumps({**old, "reference": f"bundles/{tag}/release-fp32"}))
+    text = results.readme_table(docs)
+    now = next(line for line in text.splitlines() if "`docs/results/compression-now.json`" in line)
+    assert now.startswith("Compression (") and "| teacher |" in text
+    assert text.splitlines()[-1] == "Measured on an earlier release: `docs/results/compression.json`."
