@@ -245,8 +245,3 @@ def packed_sizes(items: list[Encoded]) -> list[int]:
         tree.add(e)
         sizes.append(len(tree.tokens))
     return sizes
-
-
-def packed_length(items: list[Encoded]) -> int:
-    """Tokens in `collate_packed`'s row of `items` (its prefix tree's size)."""
-    return packed_sizes(items)[-1] if items else 0

@@ -9,7 +9,6 @@ table generated from it. README and docs quote only these files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -17,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from emoverse.artifacts import atomic_write_json, atomic_write_text, cpu_name
+from emoverse.artifacts import atomic_write_json, atomic_write_text, cpu_name, sha256_file
 from emoverse.tasks import TASKS
 
 # (task, metric) rows of the table beyond each task's primary metric
@@ -212,7 +211,7 @@ def release_tag(release: str | os.PathLike) -> str | None:
     """The short tag `scripts/compression_study.sh` keys a release's bundles and runs by (the first 12 hex digits
     of the sha256 of its manifest.json), or None without a release there."""
     manifest = Path(release) / "manifest.json"
-    return hashlib.sha256(manifest.read_bytes()).hexdigest()[:12] if manifest.is_file() else None
+    return sha256_file(manifest)[:12] if manifest.is_file() else None
 
 
 def measured_on(report: dict) -> str | None:
@@ -261,10 +260,9 @@ def readme_table(results_dir: str | os.PathLike = "docs/results", release: str |
     shown: list[tuple[str, dict, str | None]] = []  # (file name, report, its release tag)
     for comp in [results_dir / "compression.json", *sorted(results_dir.glob("compression-*.json"))]:
         report = json.loads(comp.read_text(encoding="utf-8")) if comp.is_file() else None
-        if report and (
-            comp.name == "compression.json" or "latency_from" in report or (current and measured_on(report) == current)
-        ):
-            shown.append((comp.name, report, measured_on(report)))
+        tag = measured_on(report) if report else None
+        if report and (comp.name == "compression.json" or "latency_from" in report or (current and tag == current)):
+            shown.append((comp.name, report, tag))
     earlier: list[str] = []
     if current and any(tag == current for _, _, tag in shown):
         # the current release's reports only; the earlier releases' stay in docs/results, named in one line

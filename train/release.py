@@ -152,20 +152,12 @@ def release(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool =
             ),
             f"emoverse release --run runs/lineage-{i} --out runs/lineage-{i}/adapter",
         ]
-    if chain:
-        last = f"init_from=runs/lineage-{len(chain) - 1}/adapter"
-        reproduce += [
-            " ".join(
-                [f"emoverse train --recipe {Path(out) / 'recipe.yaml'} out={run} {last}"]
-                + _pinned_steps(recipe, summary)
-            ),
-            f"emoverse release --run {run} --out {out}" + (" --overwrite" if overwrite else ""),
-        ]
-    else:
-        reproduce += [
-            f"emoverse train --recipe {Path(out) / 'recipe.yaml'} out={run}",
-            f"emoverse release --run {run} --out {out}" + (" --overwrite" if overwrite else ""),
-        ]
+    # the run itself, started from the chain's last link when it has one
+    start = [f"init_from=runs/lineage-{len(chain) - 1}/adapter", *_pinned_steps(recipe, summary)] if chain else []
+    reproduce += [
+        " ".join([f"emoverse train --recipe {Path(out) / 'recipe.yaml'} out={run}", *start]),
+        f"emoverse release --run {run} --out {out}" + (" --overwrite" if overwrite else ""),
+    ]
     info = {
         "recipe": recipe,
         "data": trained.get("inputs", {}).get("data"),

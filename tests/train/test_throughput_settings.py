@@ -241,7 +241,7 @@ def test_shared_prefix_packing_gives_the_unpacked_loss_and_gradients():
 
 
 def test_packed_tree_shares_prefixes_and_keeps_each_response_its_own():
-    from emoverse.prompting import Encoded, packable, packed_length, packed_tree
+    from emoverse.prompting import Encoded, packable, packed_sizes, packed_tree
 
     ig = -100
     a = Encoded([1, 2, 3, 4, 9], [ig, ig, ig, ig, 9], [False] * 5)
@@ -253,7 +253,7 @@ def test_packed_tree_shares_prefixes_and_keeps_each_response_its_own():
     assert parents == [-1, 0, 1, 2, 3, 2, 5, 2, 7]
     assert labels == [ig, ig, ig, ig, 9, ig, 8, ig, 7]
     assert all(parents[i] == i - 1 for i, label in enumerate(labels) if label != ig)  # the loss's shift holds
-    assert packed_length([a, b, same_prompt]) == 9
+    assert packed_sizes([a, b, same_prompt]) == [5, 7, 9]  # the row of items[:1], items[:2], all three
     assert not packable([a, Encoded([1, 2], [ig, ig], [False, False])])  # no response
     from emoverse.prompting import MediaRef
 
@@ -265,7 +265,7 @@ def test_packed_draws_take_token_order_neighbours_within_the_budget():
     within pack_max_tokens, the same batch for the same step (resume)."""
     import random
 
-    from emoverse.prompting import Encoded, packed_length
+    from emoverse.prompting import Encoded, packed_tree
 
     ig = -100
     pool = []
@@ -280,7 +280,7 @@ def test_packed_draws_take_token_order_neighbours_within_the_budget():
     trainer.data = {"msa": pool}  # the default stage samples msa
     for step in range(100):
         _, items = trainer.sample_batch(0, step)
-        assert packed_length(items) <= 300 or len(items) == 1
+        assert len(packed_tree(items)[0]) <= 300 or len(items) == 1  # the row collate_packed lays out
         assert len(items) > 300 // 80  # more records than unpacked batches of 80 tokens would hold
         firsts = [e.input_ids[0] for e in items]
         assert firsts == sorted(firsts)  # token order: a conversation's targets are neighbours
