@@ -10,6 +10,8 @@
 #        bundle on the closed tasks; add core_open and bench_core before compare_core for ECPE/ERI and latency)
 #        scripts/compression_study.sh core core_open core_p8 bench_core compare_bundles   (the three bundles on
 #        every task with this machine's latencies, ~50 min on an AMD EPYC; COMPARE_OUT names the JSON)
+#        scripts/compression_study.sh core core_open core_p8 bench_core ecpe_full compare_core   (the same, with
+#        ECPE on its full split, ~2.5 h more: the README's command, BENCH_OUT / COMPARE_OUT naming the release's files)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 E=.venv/bin/emoverse
@@ -22,6 +24,10 @@ R=${RUNS:-runs/compression/$TAG}
 B=${BUNDLES:-bundles/$TAG}
 EV="--data $D --mode score --batch-size 16"
 TEACHER_EVAL=${TEACHER_EVAL:-runs/release-eval}  # the teacher's closed-task + ERI eval (README "Results")
+TEACHER_ECPE=${TEACHER_ECPE:-runs/release-eval-ecpe}  # the teacher's full-split ECPE eval (README "Results")
+# bench_core's report, committed: BENCH_OUT.json / .md (a new release's bench must not overwrite the file an
+# earlier release's compression report cites: BENCH_OUT=docs/results/bench-cpu-v4)
+BENCH_OUT=${BENCH_OUT:-docs/results/bench-cpu}
 # DIR[+DIR...]: several eval folders of the teacher, the first one holding a task's answers wins (a newer ERI
 # eval before the full one: TEACHER_EVAL=runs/release-eval-eri+runs/release-eval)
 teacher_metrics() { echo "${TEACHER_EVAL//+//metrics.json+}/metrics.json"; }
@@ -95,8 +101,8 @@ step_bench() {  # latency side by side in one run: PyTorch FP32 teacher, FP32 bu
   [ -f "$R/bench/report.json" ] || $E bench --model "$M" --bundle "$B/release-fp32" --bundle "$B/release-w4-deploy-a8" \
     --bundle "$B/release-int8" --bundle "$B/release-w4lora" --bundle "$B/release-w4lora-a8" \
     --bundle "$B/release-w4lora-deploy" --data "$D" --target cpu --limit 10 --out "$R/bench" || [ $? -eq 1 ]
-  cp "$R/bench/report.json" docs/results/bench-cpu.json
-  cp "$R/bench/report.md" docs/results/bench-cpu.md
+  cp "$R/bench/report.json" "$BENCH_OUT.json"
+  cp "$R/bench/report.md" "$BENCH_OUT.md"
 }
 step_eval_artifacts() {  # the PyTorch GPTQ artifact itself (bf16 autocast, as the teacher's eval), closed tasks
   eval_closed "$R/gptq-w4a16" "$R/eval/gptq-w4a16" --precision bf16
@@ -150,8 +156,24 @@ step_bench_core() {  # latency of the two (three with core_p8), with the PyTorch
   [ -f "$B/release-w4lora-deploy-p8m/manifest.json" ] && p8+=(--bundle "$B/release-w4lora-deploy-p8m")
   [ -f "$R/bench/report.json" ] || $E bench --model "$M" --bundle "$B/release-fp32" --bundle "$B/release-w4lora-deploy" \
     "${p8[@]}" --data "$D" --target cpu --limit "${BENCH_LIMIT:-10}" --out "$R/bench" || [ $? -eq 1 ]
-  cp "$R/bench/report.json" docs/results/bench-cpu.json
-  cp "$R/bench/report.md" docs/results/bench-cpu.md
+  cp "$R/bench/report.json" "$BENCH_OUT.json"
+  cp "$R/bench/report.md" "$BENCH_OUT.md"
+}
+step_ecpe_full() {  # ECPE on its FULL test split (~45 min per bundle on 2 cores; the seeded sample's answers are reused),
+  # for each of ECPE_FULL (default: the FP32 teacher's bundle, the deployed one, its INT8-prefill form if built),
+  # paired by source with the teacher's full-split ECPE eval (bf16 PyTorch, the README's)
+  # -> docs/results/compression-ecpe-full-<bundle>.json (ECPE_FULL_OUT: the prefix); compare_core then uses them
+  local b out default="release-fp32 release-w4lora-deploy"
+  [ -f "$B/release-w4lora-deploy-p8/manifest.json" ] && default+=" release-w4lora-deploy-p8"
+  for b in ${ECPE_FULL:-$default}; do
+    out=$R/eval/$b/ecpe-full
+    mkdir -p "$out"
+    [ -f "$out/metrics.json" ] || [ -f "$out/predictions.partial.jsonl" ] ||
+      cp "$R/eval/$b/ecpe/predictions.jsonl" "$out/predictions.partial.jsonl"
+    [ -f "$out/metrics.json" ] || $E eval --model "$B/$b" $EV --tasks ecpe --out "$out"
+    .venv/bin/python scripts/paired_by_source.py "$TEACHER_ECPE/predictions.jsonl" "$out/predictions.jsonl" \
+      --tasks ecpe --out "${ECPE_FULL_OUT:-docs/results/compression-ecpe-full}-$b.json"
+  done
 }
 measured_rows() {  # ARRAY_NAME: append the other compress outputs' rows where measured (eval_artifacts, more:
   # closed tasks, PyTorch, bf16 autocast) and the INT8 weight-only CPU bundle's
@@ -164,19 +186,27 @@ measured_rows() {  # ARRAY_NAME: append the other compress outputs' rows where m
     into+=("CPU bundle: INT8 weight-only, int8 activations=$R/eval/release-int8/closed/metrics.json")
   return 0
 }
-step_compare_core() {  # compression.json (or COMPARE_OUT) from the core rows (ECPE, ERI and latency where measured)
-  local f=$R/eval/release-fp32/closed/metrics.json d=$R/eval/release-w4lora-deploy/closed/metrics.json
+step_compare_core() {  # compression.json (or COMPARE_OUT) from the core rows (ECPE, ERI and latency where measured;
+  # ECPE on its full split where ecpe_full has run for the FP32 bundle and the deployed one, else the seeded sample)
+  local ev=$R/eval ecpe=ecpe
+  [ -f "$ev/release-fp32/ecpe-full/metrics.json" ] && [ -f "$ev/release-w4lora-deploy/ecpe-full/metrics.json" ] &&
+    ecpe=ecpe-full
+  local f=$ev/release-fp32/closed/metrics.json d=$ev/release-w4lora-deploy/closed/metrics.json
   local T=$(teacher_metrics) more=()
   local open
-  for open in ecpe eri; do  # where measured (core_open)
-    if [ -f "$R/eval/release-w4lora-deploy/$open/metrics.json" ]; then
-      f+=+$R/eval/release-fp32/$open/metrics.json d+=+$R/eval/release-w4lora-deploy/$open/metrics.json
+  for open in $ecpe eri; do  # where measured (core_open)
+    if [ -f "$ev/release-w4lora-deploy/$open/metrics.json" ]; then
+      f+=+$ev/release-fp32/$open/metrics.json d+=+$ev/release-w4lora-deploy/$open/metrics.json
     fi
   done
-  [ -f "$R/eval/release-w4lora-deploy/ecpe/metrics.json" ] && T+=+$(teacher_ecpe_sample)
-  [ -f "$R/bench/report.json" ] && more=(--bench "$R/bench/report.json")
-  local p=$R/eval/release-w4lora-deploy-p8 rows=()
-  [ -f "$p/eri/metrics.json" ] && rows=("same + INT8 prefill decoder=$p/closed/metrics.json+$p/ecpe/metrics.json+$p/eri/metrics.json")
+  if [ $ecpe = ecpe-full ]; then T+=+$TEACHER_ECPE/metrics.json
+  elif [ -f "$ev/release-w4lora-deploy/ecpe/metrics.json" ]; then T+=+$(teacher_ecpe_sample)
+  fi
+  [ -f "$R/bench/report.json" ] && more=(--bench "$BENCH_OUT.json")
+  local p=$ev/release-w4lora-deploy-p8 rows=() pe=""
+  # the INT8 prefill form's ECPE where it was measured on the same records as the reference (else left out)
+  [ -f "$p/$ecpe/metrics.json" ] && pe=+$p/$ecpe/metrics.json
+  [ -f "$p/eri/metrics.json" ] && rows=("same + INT8 prefill decoder=$p/closed/metrics.json$pe+$p/eri/metrics.json")
   measured_rows rows
   $E compare "teacher, FP32 (its bundle)=$f" "teacher, bf16 autocast (PyTorch)=$T" \
     "CPU bundle: W4 base + LoRA, int8 act., INT8 vision weights (deployed)=$d" "${rows[@]}" \
@@ -191,7 +221,7 @@ step_compare_bundles() {  # the FP32 teacher's bundle, the deployed bundle and i
   $E compare "teacher, FP32 (its bundle)=$(all_tasks "$R/eval/release-fp32")" \
     "CPU bundle: W4 base + LoRA, int8 act., INT8 vision weights (deployed)=$(all_tasks "$R/eval/release-w4lora-deploy")" \
     "same + INT8 prefill decoder=$(all_tasks "$p")" "${m[@]}" \
-    --size-reference "$B/release-fp32" --bench docs/results/bench-cpu.json \
+    --size-reference "$B/release-fp32" --bench "$BENCH_OUT.json" \
     --out "${COMPARE_OUT:-docs/results/compression-bundles.json}"
 }
 step_int8_prefill_dev() {  # INT8 prefill variants judged on the DEV split (never test): same closed answer as the

@@ -139,21 +139,24 @@ def release(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool =
     chain = lineage(summary.get("init_from"))
     files = {"recipe.yaml": to_yaml(cfg)}
     reproduce = []
+    source = "null"  # what the next command starts from
     for i, link in enumerate(chain):
         if link.get("recipe") is None:
+            # nothing trains it (an adapter written by hand): the next link starts from it where it lies
             reproduce.append(f"# lineage-{i}: {link['run']} records no recipe (not a release of a training run)")
+            source = link["run"]
             continue
         files[f"lineage-{i}.yaml"] = to_yaml(link["recipe"])
-        start = f"init_from=runs/lineage-{i - 1}/adapter" if i else "init_from=null"
         reproduce += [
             " ".join(
-                [f"emoverse train --recipe {Path(out) / f'lineage-{i}.yaml'} out=runs/lineage-{i} {start}"]
+                [f"emoverse train --recipe {Path(out) / f'lineage-{i}.yaml'} out=runs/lineage-{i} init_from={source}"]
                 + _pinned_steps(link["recipe"], link.get("training"))
             ),
             f"emoverse release --run runs/lineage-{i} --out runs/lineage-{i}/adapter",
         ]
+        source = f"runs/lineage-{i}/adapter"
     # the run itself, started from the chain's last link when it has one
-    start = [f"init_from=runs/lineage-{len(chain) - 1}/adapter", *_pinned_steps(recipe, summary)] if chain else []
+    start = [f"init_from={source}", *_pinned_steps(recipe, summary)] if chain else []
     reproduce += [
         " ".join([f"emoverse train --recipe {Path(out) / 'recipe.yaml'} out={run}", *start]),
         f"emoverse release --run {run} --out {out}" + (" --overwrite" if overwrite else ""),

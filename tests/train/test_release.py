@@ -161,3 +161,20 @@ def test_release_of_a_continuation_names_its_whole_lineage(
     trained.save_adapter(first, producer={"stage": "test"}, overwrite=True)
     with pytest.raises(ArtifactError, match="not the release this run started from"):
         release(last, tmp_path / "rel-3")
+
+
+def test_continuation_of_a_hand_written_adapter_starts_from_it(trained, small_amt, tiny_config, tmp_path):
+    """An adapter no training run made (no recipe recorded) ends the lineage; the command that retrains the
+    continuation starts from that adapter where it lies, not from a lineage folder nothing trains."""
+    from emoverse.train.release import release
+    from emoverse.train.trainer import train
+
+    hand = tmp_path / "hand"
+    trained.save_adapter(hand, producer={"stage": "test"})
+    stage = '{"name": "more", "steps": 2, "lr": 1e-4, "warmup_steps": 1, "task_weights": {"msa": 1}}'
+    run = tmp_path / "run"
+    train(tiny_config(small_amt, run, init_from=hand, stages=f"[{stage}]"))
+    cmds = release(run, tmp_path / "rel")["release"]["reproduce"]
+    assert cmds[0].startswith(f"# lineage-0: {hand} records no recipe")
+    assert cmds[1].endswith(f"out={run} init_from={hand}")
+    assert not any("runs/lineage-" in c for c in cmds)
