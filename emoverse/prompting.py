@@ -30,10 +30,12 @@ class MediaRef:
     path: str
     frame: int | None = None  # None: a still image; else the index of a frame sampled from a video
     n_frames: int = 0
+    view: int | None = None  # a training view of a still image (imaging.augment); None: the image as it is
 
     @property
     def key(self) -> str:
-        return self.path if self.frame is None else f"{self.path}#{self.frame}/{self.n_frames}"
+        key = self.path if self.frame is None else f"{self.path}#{self.frame}/{self.n_frames}"
+        return key if self.view is None else f"{key}~view{self.view}"
 
 
 @dataclass
@@ -44,8 +46,8 @@ class Encoded:
     media: list[MediaRef] = field(default_factory=list)
 
 
-def load_image(path: str, size: int) -> torch.Tensor:
-    return torch.from_numpy(load_pixels(path, size, MediaError))
+def load_image(path: str, size: int, view: int | None = None) -> torch.Tensor:
+    return torch.from_numpy(load_pixels(path, size, MediaError, variant=view))
 
 
 def video_frame_count(path: str) -> int:
@@ -108,7 +110,9 @@ class PromptBuilder:
         return refs
 
     def pixels(self, ref: MediaRef) -> torch.Tensor:
-        return load_image(ref.path, self.image_size) if ref.frame is None else load_video_frame(ref, self.image_size)
+        if ref.frame is None:
+            return load_image(ref.path, self.image_size, ref.view)
+        return load_video_frame(ref, self.image_size)
 
     def render(self, query: str, n_media: int) -> str:
         """Chat-template text of the prompt, with one IMAGE_PLACEHOLDER per media item."""

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +91,9 @@ class TrainConfig:
     # false: LoRA is held as init_from left it and only the projector trains, so text-only answers stay
     # exactly the parent's (a vision-path stage: the parent's text results still hold)
     train_lora: bool = True
+    # >0: each still image of a drawn batch is, at random, one of this many training views of it (a flip, a
+    # crop, a small rotation, light jitter: emoverse.imaging.augment) or the image as it is; 0: as it is
+    image_views: int = 0
     # Knowledge distillation (train/distill.py): with distill.teacher set, the run trains a student built from
     # that teacher (its depth pruned to distill.keep_layers, fresh LoRA as model.lora_* say) on the teacher's
     # soft labels; the rest of `model` then comes from the teacher.
@@ -288,7 +291,25 @@ class Trainer:
         task = tasks[
             np.random.default_rng([self.cfg.seed, stage_idx, step]).choice(len(tasks), p=weights / weights.sum())
         ]
-        return task, self._draw(task, np.random.default_rng([self.cfg.seed, stage_idx, step, 1 + self.rank]))
+        items = self._draw(task, np.random.default_rng([self.cfg.seed, stage_idx, step, 1 + self.rank]))
+        if self.cfg.image_views:
+            items = self._views(items, np.random.default_rng([self.cfg.seed, stage_idx, step, 10_001 + self.rank]))
+        return task, items
+
+    def _views(self, items: list[Encoded], rng: np.random.Generator) -> list[Encoded]:
+        """The drawn records with each still image replaced by a random one of its `image_views` training
+        views or left as it is (each view's frozen features are cached like the image's)."""
+        out = []
+        for e in items:
+            if e.media:
+                views = rng.integers(-1, self.cfg.image_views, size=len(e.media))
+                media = [
+                    replace(m, view=None if v < 0 or m.frame is not None else int(v))
+                    for m, v in zip(e.media, views, strict=True)
+                ]
+                e = replace(e, media=media)
+            out.append(e)
+        return out
 
     def collate(self, task: str, items: list[Encoded]) -> dict:
         """A drawn batch as the model takes it: one packed row for a task the recipe packs."""

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from emoverse.model import EmoVerse, ModelConfig, smollm2_dir
+from emoverse.prompting import MediaRef
 
 pytestmark = pytest.mark.real_weights
 
@@ -38,9 +39,7 @@ def test_imagenet_features_group_frames_of_one_face(zero_shot, real_raw_dir):
     files = sorted(folder.glob("*.png"))
     same = [f for f in files if f.name.startswith(files[0].name[:8])][:2]
     other = [f for f in files if not f.name.startswith(files[0].name[:5])][:4]
-    pix = torch.stack(
-        [zero_shot.prompts.pixels(type("R", (), {"path": str(p), "frame": None})()) for p in same + other]
-    )
+    pix = torch.stack([zero_shot.prompts.pixels(MediaRef(str(p))) for p in same + other])
     feats = F.normalize(zero_shot.vision_features(pix).view(len(pix), -1, 1280).mean(1), dim=-1)
     sim_same = float(feats[0] @ feats[1])
     sim_other = float((feats[0] @ feats[2:].T).mean())

@@ -249,3 +249,33 @@ def test_packed_ecpe_batches_train_and_image_tasks_are_refused(small_amt, tmp_pa
 def test_init_from_a_run_model_folder_says_how_to_get_its_adapter(tiny_model_dir, small_amt, tmp_path, tiny_config):
     with pytest.raises(FileNotFoundError, match="emoverse release --run RUN --out DIR"):
         Trainer(tiny_config(small_amt, tmp_path, init_from=str(tiny_model_dir)))
+
+
+def test_image_views_are_drawn_deterministically_and_change_the_pixels(small_amt, tmp_path, tiny_config):
+    """image_views: a drawn FER batch's still images become training views (or stay as they are), the same
+    ones for the same step (a resumed run sees the same views); each view has its own cached features and
+    other pixels than the image, the same on every load."""
+    import numpy as np
+
+    from emoverse.imaging import load_pixels
+
+    cfg = tiny_config(small_amt, tmp_path, image_views=4, **{"stages.0.task_weights": {"fer": 1.0}})
+    tr = Trainer(cfg)
+    views = [m.view for s in range(12) for e in tr.sample_batch(0, s)[1] for m in e.media]
+    assert set(views) - {None} <= {0, 1, 2, 3} and len(set(views) - {None}) > 1 and None in views
+    again = [m.view for s in range(12) for e in tr.sample_batch(0, s)[1] for m in e.media]
+    assert again == views
+    ref = next(m for s in range(12) for e in tr.sample_batch(0, s)[1] for m in e.media if m.view is not None)
+    assert ref.key == f"{ref.path}~view{ref.view}"
+    size = tr.model.cfg.image_size
+    view = load_pixels(ref.path, size, variant=ref.view)
+    assert view.shape == load_pixels(ref.path, size).shape
+    assert not np.allclose(view, load_pixels(ref.path, size)) and np.array_equal(
+        view, load_pixels(ref.path, size, variant=ref.view)
+    )
+    assert not np.array_equal(view, load_pixels(ref.path, size, variant=ref.view + 1))
+    tr.model.media_features([ref], cache=True)
+    assert ref.key in tr.model._feature_cache and ref.path not in tr.model._feature_cache
+    # off by default: the images as they are
+    plain = Trainer(tiny_config(small_amt, tmp_path / "plain", **{"stages.0.task_weights": {"fer": 1.0}}))
+    assert {m.view for e in plain.sample_batch(0, 0)[1] for m in e.media} == {None}
