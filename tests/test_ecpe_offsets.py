@@ -1,16 +1,10 @@
 """scripts/ecpe_offsets.py on hand-made answers: per-offset gold / predicted / hits per system."""
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from script_modules import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("ecpe_offsets", ROOT / "scripts" / "ecpe_offsets.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("ecpe_offsets")
 
 
 def test_offsets_count_gold_predicted_and_hits_by_system():

@@ -1,23 +1,18 @@
 """scripts/interpolate_adapters.py on two tiny adapters: every trainable tensor at the interpolated point, the
 result an adapter that loads; another model config or an alpha outside [0, 1] refused."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from script_modules import load_script
 from tiny_models import TINY
 
 from emoverse.model import EmoVerse, ModelConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("interpolate_adapters", ROOT / "scripts" / "interpolate_adapters.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("interpolate_adapters")
 
 
 def _adapter(out: Path, seed: int, **cfg) -> dict:
