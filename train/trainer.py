@@ -147,6 +147,8 @@ class Trainer:
             raise ValueError(f"precision={cfg.precision!r}: use fp32 or bf16")
         check_attention(cfg.attention)
         check_attention(cfg.packed_attention)
+        if cfg.image_views < 0:
+            raise ValueError(f"image_views={cfg.image_views}: the number of training views per image, 0 for none")
         if set(cfg.pack_tasks) - set(TASKS):
             raise ValueError(f"pack_tasks: unknown task(s) {sorted(set(cfg.pack_tasks) - set(TASKS))}")
         for s in cfg.stages:

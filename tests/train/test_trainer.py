@@ -276,6 +276,8 @@ def test_image_views_are_drawn_deterministically_and_change_the_pixels(small_amt
     assert not np.array_equal(view, load_pixels(ref.path, size, variant=ref.view + 1))
     tr.model.media_features([ref], cache=True)
     assert ref.key in tr.model._feature_cache and ref.path not in tr.model._feature_cache
+    with pytest.raises(ValueError, match="image_views=-1"):
+        Trainer(tiny_config(small_amt, tmp_path / "neg", image_views=-1))
     # off by default: the images as they are
     plain = Trainer(tiny_config(small_amt, tmp_path / "plain", **{"stages.0.task_weights": {"fer": 1.0}}))
     assert {m.view for e in plain.sample_batch(0, 0)[1] for m in e.media} == {None}
