@@ -168,8 +168,10 @@ step_ecpe_full() {  # ECPE on its FULL test split (~45 min per bundle on 2 cores
   for b in ${ECPE_FULL:-$default}; do
     out=$R/eval/$b/ecpe-full
     mkdir -p "$out"
-    [ -f "$out/metrics.json" ] || [ -f "$out/predictions.partial.jsonl" ] ||
+    if [ ! -f "$out/metrics.json" ] && [ ! -f "$out/predictions.partial.jsonl" ] &&
+      [ -f "$R/eval/$b/ecpe/predictions.jsonl" ]; then  # the sample's answers (core_open), where it ran
       cp "$R/eval/$b/ecpe/predictions.jsonl" "$out/predictions.partial.jsonl"
+    fi
     [ -f "$out/metrics.json" ] || $E eval --model "$B/$b" $EV --tasks ecpe --out "$out"
     .venv/bin/python scripts/paired_by_source.py "$TEACHER_ECPE/predictions.jsonl" "$out/predictions.jsonl" \
       --tasks ecpe --out "${ECPE_FULL_OUT:-docs/results/compression-ecpe-full}-$b.json"
