@@ -14,8 +14,8 @@ def to_pixels(img, size: int) -> np.ndarray:
     return (np.asarray(img, dtype=np.float32) / 127.5 - 1.0).transpose(2, 0, 1).copy()
 
 
-def augment(img, variant: int, path: str = ""):
-    """One training view of an image, the same for every (path, variant): a horizontal flip (half the views),
+def augment(img, view: int, path: str = ""):
+    """One training view of an image, the same for every (path, view): a horizontal flip (half the views),
     a crop of 80-100% of each side, a rotation within +-10 degrees, brightness and contrast within +-20%.
     Why: the FER training faces (CK+ train, ~650 posed faces of ~90 subjects) are fitted within a few hundred
     steps while other subjects and corpora are not; views of each face make the projector's fit depend less on
@@ -25,7 +25,7 @@ def augment(img, variant: int, path: str = ""):
 
     from PIL import Image, ImageEnhance
 
-    rng = np.random.default_rng([int(variant), zlib.crc32(path.encode())])
+    rng = np.random.default_rng([int(view), zlib.crc32(path.encode())])
     img = img.convert("RGB")
     if rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
@@ -37,14 +37,14 @@ def augment(img, variant: int, path: str = ""):
     return ImageEnhance.Contrast(img).enhance(float(rng.uniform(0.8, 1.2)))
 
 
-def load_pixels(path: str, size: int, error: type[Exception] = ValueError, variant: int | None = None) -> np.ndarray:
-    """Pixels of an image file (with `variant`, that training view of it: `augment`); a missing or unreadable
+def load_pixels(path: str, size: int, error: type[Exception] = ValueError, view: int | None = None) -> np.ndarray:
+    """Pixels of an image file (with `view`, that training view of it: `augment`); a missing or unreadable
     file raises `error` naming the path."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            return to_pixels(im if variant is None else augment(im, variant, path), size)
+            return to_pixels(im if view is None else augment(im, view, path), size)
     except FileNotFoundError:
         raise error(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:

@@ -47,7 +47,7 @@ class Encoded:
 
 
 def load_image(path: str, size: int, view: int | None = None) -> torch.Tensor:
-    return torch.from_numpy(load_pixels(path, size, MediaError, variant=view))
+    return torch.from_numpy(load_pixels(path, size, MediaError, view=view))
 
 
 def video_frame_count(path: str) -> int:

@@ -260,10 +260,10 @@ def readme_table(results_dir: str | os.PathLike = "docs/results", release: str |
     shown: list[tuple[str, dict, str | None]] = []  # (file name, report, its release tag)
     for comp in [results_dir / "compression.json", *sorted(results_dir.glob("compression-*.json"))]:
         report = json.loads(comp.read_text(encoding="utf-8")) if comp.is_file() else None
-        if report is not None and not isinstance(report.get("rows"), list):
-            continue  # not an `emoverse compare` report (e.g. a paired_by_source.py one beside them)
-        tag = measured_on(report) if report else None
-        if report and (comp.name == "compression.json" or "latency_from" in report or (current and tag == current)):
+        if not report or not isinstance(report.get("rows"), list):
+            continue  # absent, or not an `emoverse compare` report (e.g. a paired_by_source.py one beside them)
+        tag = measured_on(report)
+        if comp.name == "compression.json" or "latency_from" in report or (current and tag == current):
             shown.append((comp.name, report, tag))
     earlier: list[str] = []
     if current and any(tag == current for _, _, tag in shown):

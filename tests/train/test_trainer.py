@@ -268,12 +268,12 @@ def test_image_views_are_drawn_deterministically_and_change_the_pixels(small_amt
     ref = next(m for s in range(12) for e in tr.sample_batch(0, s)[1] for m in e.media if m.view is not None)
     assert ref.key == f"{ref.path}~view{ref.view}"
     size = tr.model.cfg.image_size
-    view = load_pixels(ref.path, size, variant=ref.view)
+    view = load_pixels(ref.path, size, view=ref.view)
     assert view.shape == load_pixels(ref.path, size).shape
     assert not np.allclose(view, load_pixels(ref.path, size)) and np.array_equal(
-        view, load_pixels(ref.path, size, variant=ref.view)
+        view, load_pixels(ref.path, size, view=ref.view)
     )
-    assert not np.array_equal(view, load_pixels(ref.path, size, variant=ref.view + 1))
+    assert not np.array_equal(view, load_pixels(ref.path, size, view=ref.view + 1))
     tr.model.media_features([ref], cache=True)
     assert ref.key in tr.model._feature_cache and ref.path not in tr.model._feature_cache
     with pytest.raises(ValueError, match="image_views=-1"):
