@@ -157,6 +157,7 @@ def _export(a: argparse.Namespace) -> int:
         calibration_records=records,
         smoothing_alpha=a.smoothing_alpha,
         int8_prefill_keep=tuple(x for x in a.int8_prefill_keep.split(",") if x),
+        int8_prefill_tasks=tuple(a.int8_prefill_tasks) if a.int8_prefill_tasks else None,
         label_decision_margin=a.label_decision_margin,
         overwrite=a.overwrite,
     )
@@ -422,6 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="--int8-prefill: projections that keep the 4-bit kernels there (e.g. down_proj)",
     )
     x.add_argument("--calibration-per-task", type=int, default=16, help="--int8-prefill: training records per task")
+    x.add_argument(
+        "--int8-prefill-tasks",
+        nargs="+",
+        metavar="TASK",
+        help="--int8-prefill: only these tasks' requests take the INT8 prefill decoder, the others keep the 4-bit "
+        "decoder (default: every task)",
+    )
     x.add_argument(
         "--label-decision-margin",
         type=float,

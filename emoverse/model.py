@@ -429,12 +429,13 @@ class EmoVerse(nn.Module):
         an optimizer takes those with requires_grad."""
         return {n: p for n, p in self.named_parameters() if _is_adapter(n)}
 
-    def freeze_base(self, train_lora: bool = True) -> None:
+    def freeze_base(self, train_lora: bool = True, hold: tuple[str, ...] = ()) -> None:
         """Only the projector and LoRA adapters train (the paper's recipe); with train_lora=False the projector
-        alone, so text-only answers stay exactly as they were. The fitted face probe stays frozen."""
+        alone, so text-only answers stay exactly as they were. The fitted face probe stays frozen, and so do
+        the adapter parameters whose names start with one of `hold`."""
         for n, p in self.named_parameters():
-            fitted = n.startswith("projector.face_probe.")
-            p.requires_grad_(_is_adapter(n) and not fitted and (train_lora or "lora_" not in n))
+            held = n.startswith(("projector.face_probe.", *hold))
+            p.requires_grad_(_is_adapter(n) and not held and (train_lora or "lora_" not in n))
 
     @property
     def device(self) -> torch.device:
@@ -726,13 +727,21 @@ class EmoVerse(nn.Module):
         return list(proj.missing_keys)
 
     @classmethod
-    def _load_adapter(cls, path: Path, check: bool) -> EmoVerse:
+    def load_unmerged(cls, path: str | os.PathLike, *, check: bool = True) -> EmoVerse:
+        """An adapter-form release as the LoRA-wrapped model it was saved from (its adapter weights apart from
+        the base, as tools that edit adapters need them: scripts/interpolate_adapters.py)."""
+        path = Path(path)
         if check:
             verify(path, kind="emoverse-adapter")
         cfg = read_model_config(path)
         check_base(json.loads((path / "base.json").read_text()), path)
         model = cls.build(cfg, lora=True)
         model.load_adapter_files(path)
+        return model
+
+    @classmethod
+    def _load_adapter(cls, path: Path, check: bool) -> EmoVerse:
+        model = cls.load_unmerged(path, check=check)
         model.llm = model.llm.merge_and_unload()  # inference runs the merged weights, as every other artifact
         return model.eval()
 

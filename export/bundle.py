@@ -349,6 +349,7 @@ def export_bundle(
     calibration_records: list | None = None,
     smoothing_alpha: float = 0.5,
     int8_prefill_keep: tuple[str, ...] = (),
+    int8_prefill_tasks: tuple[str, ...] | None = None,
     label_decision_margin: float | None = None,
 ) -> dict:
     """int8_activations (cpu, 4/8-bit weights): MatMulNBits accuracy level 4, onnxruntime quantizes each
@@ -360,6 +361,9 @@ def export_bundle(
     (SmoothQuant, `smoothing_alpha`) with activation ranges from `calibration_records` (training records of
     every task). Not bit-exact: a requantization of base + B·A; the manifest lists the records it used.
     `int8_prefill_keep`: projections (e.g. 'down_proj') that stay on the 4-bit kernels in that decoder.
+    `int8_prefill_tasks`: the tasks whose requests take that decoder (runtime.json; None: every request); the
+    others keep the 4-bit decoder for every call — per-task precision, for a task whose latency budget needs
+    the INT8 prefill beside one whose agreement does not allow it (docs/deployment.md).
     `label_decision_margin` (nats, > 0): written to runtime.json; the runtime answers a closed label by its first
     token when it leads by this much (docs/deployment.md); None: exact scoring."""
     tgt = get_target(target)
@@ -369,6 +373,12 @@ def export_bundle(
         raise ValueError(f"int8_prefill: for target cpu (onnxruntime's integer kernels), not {target}")
     if int8_prefill and not calibration_records:
         raise ValueError("int8_prefill: needs calibration records (--calibration-data: an AMT folder)")
+    if int8_prefill_tasks is not None:
+        if not int8_prefill:
+            raise ValueError("int8_prefill_tasks: names the tasks of an INT8 prefill decoder; add int8_prefill")
+        unknown = sorted(set(int8_prefill_tasks) - set(TASKS))
+        if unknown or not int8_prefill_tasks:
+            raise ValueError(f"int8_prefill_tasks: {unknown or 'none given'}; tasks are {sorted(TASKS)}")
     if vision_int8 and vision_int8_weights:
         raise ValueError("vision_int8_weights: one vision quantization, not with vision_int8 (static) as well")
     if precision:  # before any work: e.g. FP8 for Orin is refused for its compute capability
@@ -522,10 +532,13 @@ def export_bundle(
             shared = share_initializers(tmp / "graphs", [Path(graphs["decoder"]).name, dst.name])
             graphs["decoder_prefill"] = str(dst.relative_to(tmp))
             cfg["graphs"] = dict(graphs)
+            if int8_prefill_tasks is not None:  # the runtime owns the choice (runtime/ort.py); eval and bench read it
+                cfg["int8_prefill_tasks"] = sorted(set(int8_prefill_tasks))
             (tmp / "runtime.json").write_text(json.dumps(cfg, indent=2) + "\n")
             ids = sorted(r.id for r in records)
             extra["int8_prefill"] = {
                 **info,
+                "tasks": cfg.get("int8_prefill_tasks", "all"),
                 "shared_weights": {"file": f"graphs/{SHARED_WEIGHTS_FILE}", "bytes": shared},
                 "calibration": {
                     "records": len(ids),

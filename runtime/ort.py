@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +71,11 @@ def _pixels(path: str, size: int) -> np.ndarray:
 
 
 class OrtRuntime:
-    label_margin: float | None = None  # exact label scoring (runtimes that reuse this class's scoring)
+    # defaults for runtimes that reuse this class's scoring without its graphs (runtime/torch_ref.py)
+    label_margin: float | None = None  # exact label scoring
+    decoder = prefill_decoder = None  # sessions (OrtRuntime opens them; the PyTorch backend has its own call)
+    int8_prefill_tasks: frozenset[str] | None = None
+    _exact_prompts = False
 
     def __init__(
         self,
@@ -111,6 +116,12 @@ class OrtRuntime:
         # (`--label-decision-margin`): it saves the one continuation call per request (~11-14 ms of ~50 on
         # 2 cores) and differs from exact scoring only when the leader's remaining tokens ('.', end) cost more.
         self.label_margin: float | None = self.cfg.get("label_decision_margin")
+        # The tasks whose requests take the INT8 prefill decoder (export --int8-prefill-tasks; None: every
+        # request): per-task precision. Calls for other tasks, or for no task, stay on the 4-bit decoder.
+        prefill_tasks = self.cfg.get("int8_prefill_tasks")
+        self.int8_prefill_tasks: frozenset[str] | None = frozenset(prefill_tasks) if prefill_tasks else None
+        self._exact_prompts = False  # set by `_for_tasks` around the calls of one request batch
+        self._prefix_cache: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
         self.pad = self.cfg["pad_token_id"]
 
     def _open_graph(self, key: str, rel_path: str, providers: list[str] | None, threads: int | None):
@@ -197,22 +208,40 @@ class OrtRuntime:
         for i in range(self.n_layers):
             feeds[f"past_key_{i}"] = cache[2 * i]
             feeds[f"past_value_{i}"] = cache[2 * i + 1]
-        graph = self.prefill_decoder if t > 1 and self.prefill_decoder is not None else self.decoder
-        out = graph.run(None, feeds)
+        out = (self._multi_token_graph() if t > 1 else self.decoder).run(None, feeds)
         return out[0], out[1:]
 
     def token_embeds(self, ids: np.ndarray) -> np.ndarray:
         return self.embedder.run(None, {"input_ids": ids.astype(np.int64)})[0]
 
+    def _multi_token_graph(self):
+        """The graph for calls of several tokens (prompts, candidate continuations): the INT8 prefill decoder
+        where the bundle has one and the current requests' tasks take it, else the 4-bit decoder."""
+        return self.decoder if self.prefill_decoder is None or self._exact_prompts else self.prefill_decoder
+
+    @contextmanager
+    def _for_tasks(self, tasks: Iterable[Task | None]) -> Iterator[None]:
+        """The calls inside serve requests of these tasks: with `int8_prefill_tasks`, they take the INT8
+        prefill decoder only when every one of the tasks is named there."""
+        before = self._exact_prompts
+        names = {t.name if t is not None else None for t in tasks}
+        self._exact_prompts = self.int8_prefill_tasks is not None and not names <= self.int8_prefill_tasks
+        try:
+            yield
+        finally:
+            self._exact_prompts = before
+
     def _prefix(self) -> tuple[np.ndarray, list[np.ndarray]]:
         """Embeddings and KV cache of the chat prefix (system prompt + user turn opening) that starts every
-        prompt: computed once, so a request's prefill runs only over its own tokens."""
-        if getattr(self, "_prefix_kv", None) is None:
+        prompt: computed once per graph that prefills (a task on the 4-bit decoder must not read a cache the
+        INT8 one wrote), so a request's prefill runs only over its own tokens."""
+        key = id(self._multi_token_graph())
+        if key not in self._prefix_cache:
             ids = self.tok.encode(self.cfg["chat_prefix"], add_special_tokens=False).ids
             emb = self.token_embeds(np.array([ids]))
             _, kv = self.forward(emb, np.ones((1, len(ids)), dtype=np.int64), self.empty_cache(1), [len(ids) - 1])
-            self._prefix_emb, self._prefix_kv = emb[0], kv
-        return self._prefix_emb, self._prefix_kv
+            self._prefix_cache[key] = (emb[0], kv)
+        return self._prefix_cache[key]
 
     def prefill(self, embs: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
         """Prompts (each (T_i, H)) -> last-position logits (B, V), KV cache, attention mask. The shared chat
@@ -255,7 +284,8 @@ class OrtRuntime:
         applies (`Task.cut` ends the text, `Task.closing` completes it by scoring); pieces then trail the text by
         its last, unfinished word, so a cut inside a word never shows what it removes."""
         emb = self.embed(query, list(images))
-        last, cache, mask = self.prefill([emb])
+        with self._for_tasks([task]):
+            last, cache, mask = self.prefill([emb])
         cut = task.cut if task is not None and type(task).cut is not Task.cut else None
         ids: list[int] = []
         text = shown = ""
@@ -317,7 +347,8 @@ class OrtRuntime:
         if embs is None:
             embs = [self.embed(item[0], list(item[1])) for item in items]
         tasks: list[Task | None] = [item[4] if len(item) > 4 else None for item in items]
-        last, cache, mask = self.prefill(embs)
+        with self._for_tasks(tasks):  # decode steps are single tokens: the 4-bit decoder in any case
+            last, cache, mask = self.prefill(embs)
         n = len(items)
         ids: list[list[int]] = [[] for _ in range(n)]
         texts = [""] * n
@@ -395,9 +426,15 @@ class OrtRuntime:
         token adds a log-probability <= 0), so only candidates whose bound reaches the best complete score
         are teacher-forced to the end; the others are returned as -inf (they cannot win). The argmax is the
         same as scoring all; MER's 7 labels cost one continuation row instead of 7 in almost every request."""
+        tasks = tasks or [None] * len(embs)
+        with self._for_tasks(tasks):
+            return self._score_embedded(embs, candidates, tasks)
+
+    def _score_embedded(
+        self, embs: list[np.ndarray], candidates: list[list[str]], tasks: list[Task | None]
+    ) -> list[list[float]]:
         last, cache, mask = self.prefill(embs)
         first = _log_softmax(last)
-        tasks = tasks or [None] * len(embs)
         best_only = [t is not None and t.chooses_best for t in tasks]
         end = [[self.eos] if t is not None and t.score_with_end else [] for t in tasks]
         rows = [i for i, cands in enumerate(candidates) for _ in cands]
@@ -490,6 +527,14 @@ class OrtRuntime:
         parsed = t.parse(text)
         return Answer(task, text, parsed.label if t.closed else None)
 
+    def _prompt_groups(self, items: list, task_of: Callable[[object], Task]) -> list[list]:
+        """`items` split (order kept within each) into those whose task takes the INT8 prefill decoder and the
+        rest; one group where the bundle's decoders do not depend on the task."""
+        if self.prefill_decoder is None or self.int8_prefill_tasks is None:
+            return [items]
+        int8 = [x for x in items if task_of(x).name in self.int8_prefill_tasks]
+        return [int8, [x for x in items if task_of(x).name not in self.int8_prefill_tasks]]
+
     def answer_many(
         self, requests: list[dict], mode: str = "score", batch_size: int = 8
     ) -> list[Answer | RequestError]:
@@ -512,18 +557,21 @@ class OrtRuntime:
                 out[i] = e
             except (ValueError, KeyError, TypeError) as e:
                 out[i] = RequestError(f"request {i}: {type(e).__name__}: {e}")
-        for start in range(0, len(gen), batch_size):
-            chunk = gen[start : start + batch_size]
-            texts = self.generate_many([item for _, _, item, _ in chunk], [e for *_, e in chunk])
-            for (i, t, _, _), text in zip(chunk, texts, strict=True):
-                out[i] = Answer(t.name, text, t.parse(text).label if t.closed else None)
-        for start in range(0, len(batch), batch_size):
-            chunk = batch[start : start + batch_size]
-            scored = self.score_embedded(
-                [e for _, e, _, _ in chunk], [c for _, _, c, _ in chunk], [t for *_, t in chunk]
-            )
-            for (i, _, cands, t), s in zip(chunk, scored, strict=True):
-                out[i] = _scored_answer(t, cands, s)
+        # requests whose prompts take different decoders (int8_prefill_tasks) are never batched together
+        for group in self._prompt_groups(gen, lambda x: x[1]):
+            for start in range(0, len(group), batch_size):
+                chunk = group[start : start + batch_size]
+                texts = self.generate_many([item for _, _, item, _ in chunk], [e for *_, e in chunk])
+                for (i, t, _, _), text in zip(chunk, texts, strict=True):
+                    out[i] = Answer(t.name, text, t.parse(text).label if t.closed else None)
+        for group in self._prompt_groups(batch, lambda x: x[3]):
+            for start in range(0, len(group), batch_size):
+                chunk = group[start : start + batch_size]
+                scored = self.score_embedded(
+                    [e for _, e, _, _ in chunk], [c for _, _, c, _ in chunk], [t for *_, t in chunk]
+                )
+                for (i, _, cands, t), s in zip(chunk, scored, strict=True):
+                    out[i] = _scored_answer(t, cands, s)
         return out  # type: ignore[return-value]
 
 

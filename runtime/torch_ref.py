@@ -42,6 +42,7 @@ class TorchRuntime(OrtRuntime):
         self.n_layers, self.kv_heads, self.head_dim = self.cfg["kv_shape"]
         self.eos = self.cfg["eos_token_id"]
         self.pad = self.cfg["pad_token_id"]
+        self._prefix_cache = {}
 
     @torch.no_grad()
     def visual_tokens(self, pixels: np.ndarray) -> np.ndarray:

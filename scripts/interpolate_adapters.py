@@ -11,28 +11,17 @@ run's) of one model config (e.g. a run and the release it started from).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
-from emoverse.artifacts import verify
-from emoverse.model import EmoVerse, read_model_config
-
-
-def _adapter(path: str) -> EmoVerse:
-    """The LoRA-wrapped model with an adapter-form release's weights (not merged: it is saved as an adapter)."""
-    verify(path, kind="emoverse-adapter")
-    model = EmoVerse.build(read_model_config(Path(path)))
-    model.freeze_base()
-    model.load_adapter_files(Path(path))
-    return model
+from emoverse.model import EmoVerse
 
 
 def interpolate(a_path: str, b_path: str, alpha: float, out: str) -> int:
     """Write (1 - alpha) * A + alpha * B to `out`; returns how many tensors differ between A and B."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha {alpha}: must lie in [0, 1]")
-    a, b = _adapter(a_path), _adapter(b_path)
+    a, b = EmoVerse.load_unmerged(a_path), EmoVerse.load_unmerged(b_path)
     if a.cfg != b.cfg:
         raise ValueError(f"{a_path} and {b_path}: different model configs; their weights do not correspond")
     pa, pb = a.trainable_parameters(), b.trainable_parameters()

@@ -31,7 +31,7 @@ def test_interpolated_adapter_lies_between_its_two_parents(tmp_path):
     a, b = _adapter(tmp_path / "a", 1), _adapter(tmp_path / "b", 2)
     moved = script.interpolate(str(tmp_path / "a"), str(tmp_path / "b"), 0.25, str(tmp_path / "mix"))
     assert moved == len(a)
-    mix = script._adapter(str(tmp_path / "mix")).trainable_parameters()
+    mix = EmoVerse.load_unmerged(tmp_path / "mix").trainable_parameters()
     for k in a:
         assert torch.allclose(mix[k], 0.75 * a[k] + 0.25 * b[k], atol=1e-6), k
     with pytest.raises(ValueError, match="must lie in"):

@@ -94,6 +94,9 @@ class TrainConfig:
     # >0: each still image of a drawn batch is, at random, one of this many training views of it (a flip, a
     # crop, a small rotation, light jitter: emoverse.imaging.augment) or the image as it is; 0: as it is
     image_views: int = 0
+    # Adapter parameters held as init_from left them, by name prefix (e.g. "projector.face_label": the word the
+    # face encoder's FER2013 head speaks through): a stage that refits the rest keeps what those carry
+    hold: list[str] = field(default_factory=list)
     # Knowledge distillation (train/distill.py): with distill.teacher set, the run trains a student built from
     # that teacher (its depth pruned to distill.keep_layers, fresh LoRA as model.lora_* say) on the teacher's
     # soft labels; the rest of `model` then comes from the teacher.
@@ -149,6 +152,8 @@ class Trainer:
         check_attention(cfg.packed_attention)
         if cfg.image_views < 0:
             raise ValueError(f"image_views={cfg.image_views}: the number of training views per image, 0 for none")
+        if cfg.hold and not cfg.init_from:
+            raise ValueError("hold: keeps init_from's values; set init_from")
         if set(cfg.pack_tasks) - set(TASKS):
             raise ValueError(f"pack_tasks: unknown task(s) {sorted(set(cfg.pack_tasks) - set(TASKS))}")
         for s in cfg.stages:
@@ -175,8 +180,11 @@ class Trainer:
         else:
             self.model = EmoVerse.build(cfg.model)
         self.model.set_attention(cfg.attention)
-        self.model.freeze_base(train_lora=cfg.train_lora)
+        self.model.freeze_base(train_lora=cfg.train_lora, hold=tuple(cfg.hold))
         self.params = self.model.trainable_parameters()
+        for prefix in cfg.hold:  # a misspelt name would hold nothing and train everything: refused
+            if not any(n.startswith(prefix) for n in self.params):
+                raise ValueError(f"hold: {prefix!r} names no adapter parameter (they start with 'projector.', 'llm.')")
         self.init_info = self._init_from(Path(cfg.init_from)) if cfg.init_from else None
         self.face_probe_info = self._fit_face_probe()
         if self.teacher is None:

@@ -286,7 +286,61 @@ def test_int8_prefill_refusals(w4_artifact, tiny_model_dir, small_amt, tmp_path)
         export_bundle(w4_artifact, tmp_path / "b", int8_prefill=True)
     with pytest.raises(ValueError, match="w4-base-lora"):
         export_bundle(tiny_model_dir, tmp_path / "c", int8_prefill=True, calibration_records=records)
-    assert not any((tmp_path / x).exists() for x in "abc")
+    with pytest.raises(ValueError, match="add int8_prefill"):
+        export_bundle(w4_artifact, tmp_path / "d", int8_prefill_tasks=("msa",))
+    with pytest.raises(ValueError, match="'sentiment'"):
+        export_bundle(
+            w4_artifact,
+            tmp_path / "e",
+            int8_prefill=True,
+            calibration_records=records,
+            int8_prefill_tasks=("sentiment",),
+        )
+    assert not any((tmp_path / x).exists() for x in "abcde")
+
+
+def test_int8_prefill_for_named_tasks_only(w4_artifact, small_amt, tmp_path):
+    """Per-task precision: with int8_prefill_tasks=('msa',), MSA requests answer exactly as the bundle whose every
+    request takes the INT8 prefill decoder, MER requests exactly as the 4-bit decoder alone (prefix cache included),
+    also when both are batched together; the INT8 decoder never sees a MER call."""
+    from emoverse.export.bundle import calibration_prompts
+    from emoverse.runtime.ort import OrtRuntime
+    from emoverse.tasks import TASKS
+
+    records = calibration_prompts(small_amt, per_task=1)
+    m = export_bundle(
+        w4_artifact, tmp_path / "mix", embedding_bits=8, int8_prefill=True, calibration_records=records,
+        int8_prefill_tasks=("msa",),
+    )  # fmt: skip
+    assert m["int8_prefill"]["tasks"] == ["msa"]
+    assert json.loads((tmp_path / "mix" / "runtime.json").read_text())["int8_prefill_tasks"] == ["msa"]
+    mix = OrtRuntime(tmp_path / "mix")
+    every = OrtRuntime(tmp_path / "mix")
+    every.int8_prefill_tasks = None  # the same graphs, every request on the INT8 prefill decoder
+    exact = OrtRuntime(tmp_path / "mix")
+    exact.prefill_decoder = None  # the same graphs, the 4-bit decoder only
+    calls: list[int] = []
+    session = mix.prefill_decoder
+
+    class Counting:
+        def run(self, names, feeds):
+            calls.append(feeds["inputs_embeds"].shape[1])
+            return session.run(names, feeds)
+
+    mix.prefill_decoder = Counting()
+    texts = ["what a lovely day", "I am so angry with you", "fine, whatever", "that was scary"]
+    reqs = [{"task": t, "query": TASKS[t].query(x)} for x in texts for t in ("mer", "msa")]
+    for r in reqs:
+        n = len(calls)
+        got = mix.answer(r["task"], r["query"]).scores
+        ref = (every if r["task"] == "msa" else exact).answer(r["task"], r["query"]).scores
+        assert got == ref  # bit for bit: the same graph, the same prefix cache
+        assert (len(calls) > n) == (r["task"] == "msa")
+    batched = mix.answer_many(reqs, batch_size=8)  # both tasks in one call: batched apart, by decoder
+    for task, ref_rt in (("msa", every), ("mer", exact)):
+        mine = [a.scores for a, r in zip(batched, reqs, strict=True) if r["task"] == task]
+        assert mine == [a.scores for a in ref_rt.answer_many([r for r in reqs if r["task"] == task], batch_size=8)]
+    assert mix.answer("msa", reqs[1]["query"]).scores != exact.answer("msa", reqs[1]["query"]).scores
 
 
 def test_int8_prefill_keeps_named_projections_on_4bit_kernels(w4_artifact, small_amt, tmp_path):

@@ -153,7 +153,8 @@ def test_init_from_a_release_keeps_its_weights_and_adds_a_face_projector(small_a
 
 def test_a_projector_only_stage_fits_the_face_probe_and_holds_lora(amt_dir, tmp_path, tiny_config):
     """train_lora: false with a face-probe token: the probe is fitted on the FER train faces before step 1 and
-    never changes, LoRA stays the parent's bit for bit (text-only answers unchanged), the projector trains."""
+    never changes, LoRA stays the parent's bit for bit (text-only answers unchanged), the projector trains but
+    for the part `hold` names (the face-label word), which keeps the parent's values."""
     import torch
     from safetensors.torch import load_file
 
@@ -172,8 +173,13 @@ def test_a_projector_only_stage_fits_the_face_probe_and_holds_lora(amt_dir, tmp_
         "model.face_probe_token": True,
         "train_lora": False,
         "init_from": tmp_path / "parent",
+        "hold": "[projector.face_label]",
         "stages": "[{name: s, steps: 2, lr: 0.01, warmup_steps: 1, task_weights: {fer: 1.0}}]",
     }
+    with pytest.raises(ValueError, match="names no adapter parameter"):
+        Trainer(tiny_config(amt_dir, tmp_path / "c", **{**over, "hold": "[projector.face_lable]"}))
+    with pytest.raises(ValueError, match="set init_from"):
+        Trainer(tiny_config(amt_dir, tmp_path / "d", **{**over, "init_from": "null"}))
     child = Trainer(tiny_config(amt_dir, tmp_path / "b", **over))
     assert child.face_probe_info["records"] > 0
     fitted = child.model.projector.face_probe.weight.detach().clone()
@@ -184,6 +190,7 @@ def test_a_projector_only_stage_fits_the_face_probe_and_holds_lora(amt_dir, tmp_
     assert all(torch.equal(weights[k], v) for k, v in want.items() if "lora_" in k)
     assert torch.equal(weights["projector.face_probe.weight"], fitted)
     assert not torch.equal(weights["projector.face_fc1.weight"], want["projector.face_fc1.weight"])
+    assert torch.equal(weights["projector.face_label.weight"], want["projector.face_label.weight"])  # held
 
 
 def test_a_time_annealed_stage_decays_by_its_clock(small_amt, tmp_path, tiny_config, monkeypatch):
