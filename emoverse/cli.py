@@ -382,7 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--out", help="write compare.md and compare.json here")
     cp.add_argument("--system", default="emoverse/score", help="which system's results to compare")
     cp.add_argument("--size-reference", help="folder the sizes are divided into (e.g. the FP32 teacher's bundle)")
-    cp.add_argument("--bench", help="a bench report.json: p90 latency and decode speed joined to variants by path")
+    cp.add_argument(
+        "--bench",
+        action="append",
+        help="a bench report.json: p90 latency and decode speed joined to variants by path; repeat for several "
+        "runs of one machine (a task's latency from the first that timed it)",
+    )
     cp.set_defaults(func=_compare)
 
     x = sub.add_parser("export", help="model artifact -> ONNX bundle (graphs, tokenizer, config, manifest)")

@@ -179,20 +179,43 @@ def _bench_rows(report_path: str | os.PathLike | None) -> tuple[dict[str, dict],
     return {str(Path(r["path"]).resolve()): r for r in report["results"]}, source
 
 
+def _bench_sources(
+    reports: str | os.PathLike | list[str | os.PathLike] | None,
+) -> tuple[list[dict[str, dict]], dict | list[dict] | None]:
+    """Several bench reports of one machine, in order of precedence: a task's latency comes from the first
+    report that timed it (e.g. a closed-task run over more records, then a run of every task). Reports from
+    different CPUs are refused: latency is a fact of one machine."""
+    paths = [] if not reports else [reports] if isinstance(reports, (str, os.PathLike)) else list(reports)
+    loaded = [_bench_rows(p) for p in paths]
+    cpus = {(src["cpu"], src["cores"]) for _, src in loaded}
+    if len(cpus) > 1:
+        raise ValueError(f"bench reports from different machines ({sorted(map(str, cpus))}): compare one at a time")
+    sources = [src for _, src in loaded]
+    seen: set[str] = set()
+    for rows, src in loaded:  # the tasks each report supplies: those no earlier one timed
+        timed = {t for r in rows.values() for t in r["tasks"]}
+        src["tasks"] = sorted(timed - seen)
+        seen |= timed
+    if len(sources) == 1:
+        del sources[0]["tasks"]
+    return [rows for rows, _ in loaded], (sources[0] if len(sources) == 1 else sources or None)
+
+
 def compare(
     metrics_files: list[str | os.PathLike],
     out: str | os.PathLike | None = None,
     system: str = SYSTEM,
     *,
     size_reference: str | os.PathLike | None = None,
-    bench_report: str | os.PathLike | None = None,
+    bench_report: str | os.PathLike | list[str | os.PathLike] | None = None,
 ) -> dict:
     """One row per variant (`[name=]a.json[+b.json]`); ratios and paired CIs against the first. Variants may
     cover different tasks (a `–` where not evaluated), but every source they share with the reference must
     have the same records. `size_reference`: the folder sizes are divided into (e.g. the FP32 teacher's
-    bundle); `bench_report`: a bench report.json whose latencies are joined to the variants by path."""
+    bundle); `bench_report`: a bench report.json whose latencies are joined to the variants by path (or several
+    of one machine: a task's from the first that timed it)."""
     rows = []
-    bench, latency_from = _bench_rows(bench_report)
+    benches, latency_from = _bench_sources(bench_report)
     for f in metrics_files:
         name, spec = split_name(f)
         art, records, res, preds, cis, precision = _load_variant(spec, system)
@@ -205,16 +228,19 @@ def compare(
             "ci": {k: cis[k] for k in PRIMARY.values() if k in cis},
             "_preds": preds,
         }
-        b = bench.get(str(art.resolve()))
-        # the bench runs a PyTorch artifact in fp32: its latency is not that of a bf16-autocast eval's row
-        if b and not (b.get("backend") == "torch" and precision not in (None, "fp32")):
-            row["latency"] = {
-                task: {
-                    "p90_ms": t["single_stream"]["p90_ms"],
-                    "decode_tokens_per_s": 1e3 / t["tpot"]["p50_ms"] if t.get("tpot") else None,
-                }
-                for task, t in b["tasks"].items()
-            }
+        for bench in benches:
+            b = bench.get(str(art.resolve()))
+            # the bench runs a PyTorch artifact in fp32: its latency is not that of a bf16-autocast eval's row
+            if b and not (b.get("backend") == "torch" and precision not in (None, "fp32")):
+                latency = row.setdefault("latency", {})
+                for task, t in b["tasks"].items():
+                    latency.setdefault(
+                        task,
+                        {
+                            "p90_ms": t["single_stream"]["p90_ms"],
+                            "decode_tokens_per_s": 1e3 / t["tpot"]["p50_ms"] if t.get("tpot") else None,
+                        },
+                    )
         rows.append(row)
     ref = rows[0]
     for r in rows[1:]:

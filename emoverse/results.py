@@ -307,6 +307,11 @@ def _latency_source(report: dict) -> str:
     src = report.get("latency_from")
     if not src:  # reports written before compare recorded the bench they joined
         return "p90 ms where benched"
+    if isinstance(src, list):  # several runs of one machine, a task's p90 from the first that timed it
+        runs = "; ".join(
+            f"{', '.join(x['tasks'])} from `{x['bench']}` ({x['records_per_task']} per task and source)" for x in src
+        )
+        return f"p90 ms on {src[0]['cpu']}, {src[0]['cores']} cores: {runs}"
     return (
         f"p90 ms from one bench run on {src['cpu']}, {src['cores']} cores, {src['records_per_task']} test records "
         f"per task and source (`{src['bench']}`)"

@@ -151,6 +151,35 @@ step_core_mix() {  # that bundle on the closed tasks, ERI and the ECPE sample (~
   export_mixed
   evaluate "$B/release-w4lora-deploy-mix" "$R/eval/release-w4lora-deploy-mix"
 }
+step_core_mixm() {  # the per-task bundle answering a closed label by its first token when it leads by 2 nats (one
+  # decoder call less where decided: MER's tail on the 4-bit decoder); closed tasks (+ ERI: its closing is scored too)
+  export_bundle release-w4lora-deploy-mixm "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights \
+    --int8-activations --int8-prefill --calibration-data "$D" --int8-prefill-tasks ${MIX_TASKS:-msa fer} \
+    --label-decision-margin 2
+  eval_closed "$B/release-w4lora-deploy-mixm" "$R/eval/release-w4lora-deploy-mixm"
+  eval_eri "$B/release-w4lora-deploy-mixm" "$R/eval/release-w4lora-deploy-mixm"
+  # ECPE scores every cause set (no first-token decision) on the 4-bit decoder: the seeded sample, to show its
+  # answers are the deployed bundle's (whose full-split ECPE compare_core pairs)
+  eval_ecpe "$B/release-w4lora-deploy-mixm" "$R/eval/release-w4lora-deploy-mixm"
+}
+step_core_keepdown() {  # the INT8 prefill decoder with down_proj on the 4-bit kernels (int8_prefill_dev2's best MER
+  # dev agreement of the INT8 forms), for every task; closed tasks and ERI
+  export_bundle p8-keepdown "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations \
+    --int8-prefill --calibration-data "$D" --int8-prefill-keep down_proj
+  eval_closed "$B/p8-keepdown" "$R/eval/p8-keepdown"
+  eval_eri "$B/p8-keepdown" "$R/eval/p8-keepdown"
+}
+step_bench_closed() {  # the closed tasks alone, 50 test records per task and source (p90 over 50-100 requests, not
+  # 10-20), every CPU bundle built for this release, in one run (~8 min) -> BENCH_CLOSED_OUT.json / .md
+  local b bundles=(--bundle "$B/release-fp32")
+  for b in release-w4lora-deploy release-w4lora-deploy-p8 release-w4lora-deploy-mix release-w4lora-deploy-mixm p8-keepdown; do
+    [ -f "$B/$b/manifest.json" ] && bundles+=(--bundle "$B/$b")
+  done
+  [ -f "$R/bench-closed-50/report.json" ] || $E bench "${bundles[@]}" --data "$D" --target cpu --tasks msa mer fer \
+    --limit 50 --out "$R/bench-closed-50" || [ $? -eq 1 ]
+  cp "$R/bench-closed-50/report.json" "${BENCH_CLOSED_OUT:-docs/results/bench-cpu-closed-50}.json"
+  cp "$R/bench-closed-50/report.md" "${BENCH_CLOSED_OUT:-docs/results/bench-cpu-closed-50}.md"
+}
 step_core_p8m() {  # the INT8 prefill bundle answering a closed label by its first token when it leads by 2 nats
   # (--label-decision-margin: one decoder call less per request); closed tasks only, the only ones it changes
   export_bundle release-w4lora-deploy-p8m "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights \
@@ -177,7 +206,6 @@ step_ecpe_full() {  # ECPE on its FULL test split (~45 min per bundle on 2 cores
   # -> docs/results/compression-ecpe-full-<bundle>.json (ECPE_FULL_OUT: the prefix); compare_core then uses them
   local b out default="release-fp32 release-w4lora-deploy"
   [ -f "$B/release-w4lora-deploy-p8/manifest.json" ] && default+=" release-w4lora-deploy-p8"
-  [ -f "$B/release-w4lora-deploy-mix/manifest.json" ] && default+=" release-w4lora-deploy-mix"
   for b in ${ECPE_FULL:-$default}; do
     out=$R/eval/$b/ecpe-full
     mkdir -p "$out"
@@ -217,7 +245,9 @@ step_compare_core() {  # compression.json (or COMPARE_OUT) from the core rows (E
   if [ $ecpe = ecpe-full ]; then T+=+$TEACHER_ECPE/metrics.json
   elif [ -f "$ev/release-w4lora-deploy/ecpe/metrics.json" ]; then T+=+$(teacher_ecpe_sample)
   fi
-  [ -f "$R/bench/report.json" ] && more=(--bench "$BENCH_OUT.json")
+  # the closed-task bench over 50 records per task and source first (bench_closed), where it ran
+  [ -f "$R/bench-closed-50/report.json" ] && more=(--bench "${BENCH_CLOSED_OUT:-docs/results/bench-cpu-closed-50}.json")
+  [ -f "$R/bench/report.json" ] && more+=(--bench "$BENCH_OUT.json")
   local p=$ev/release-w4lora-deploy-p8 rows=() pe=""
   # the INT8 prefill form's ECPE where it was measured on the same records as the reference (else left out)
   [ -f "$p/$ecpe/metrics.json" ] && pe=+$p/$ecpe/metrics.json
@@ -226,6 +256,12 @@ step_compare_core() {  # compression.json (or COMPARE_OUT) from the core rows (E
   [ -f "$x/$ecpe/metrics.json" ] && xe=+$x/$ecpe/metrics.json
   [ -f "$x/eri/metrics.json" ] &&
     rows+=("same + INT8 prefill for MSA, FER only (per task)=$x/closed/metrics.json$xe+$x/eri/metrics.json")
+  x=$ev/release-w4lora-deploy-mixm
+  [ -f "$x/eri/metrics.json" ] &&
+    rows+=("same, closed labels by a 2-nat first-token lead=$x/closed/metrics.json+$x/eri/metrics.json")
+  x=$ev/p8-keepdown
+  [ -f "$x/eri/metrics.json" ] &&
+    rows+=("INT8 prefill decoder, down_proj on 4-bit (every task)=$x/closed/metrics.json+$x/eri/metrics.json")
   measured_rows rows
   $E compare "teacher, FP32 (its bundle)=$f" "teacher, bf16 autocast (PyTorch)=$T" \
     "CPU bundle: W4 base + LoRA, int8 act., INT8 vision weights (deployed)=$d" "${rows[@]}" \
@@ -263,6 +299,24 @@ step_int8_prefill_dev() {  # INT8 prefill variants judged on the DEV split (neve
     "INT8 prefill, 64 calibration records per task=$x/p8-cal64/metrics.json" \
     "INT8 prefill, layers 0-1 and 28-29 on 4-bit=$x/p8-keepends/metrics.json" \
     --size-reference "$B/release-fp32" --out docs/results/exp-int8-prefill-dev.json
+}
+step_int8_prefill_dev2() {  # more INT8 prefill levers on the DEV split, for the release the script is run on: SmoothQuant
+  # alpha 0.75 (more of each activation outlier moved into the weights) and down_proj kept on the 4-bit kernels
+  # (its input, after SwiGLU, has the widest per-token range), beside the shipped form, the deployed bundle and
+  # the FP32 teacher's bundle; ~15 min -> docs/results/exp-int8-prefill-dev2-<release tag>.json
+  local x=$R/int8-prefill-dev b
+  export_bundle p8-alpha75 "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations \
+    --int8-prefill --calibration-data "$D" --smoothing-alpha 0.75
+  export_bundle p8-keepdown "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations \
+    --int8-prefill --calibration-data "$D" --int8-prefill-keep down_proj
+  for b in release-fp32 release-w4lora-deploy release-w4lora-deploy-p8 p8-alpha75 p8-keepdown; do
+    [ -f "$x/$b/metrics.json" ] || $E eval --model "$B/$b" $EV --split dev --tasks msa mer fer --out "$x/$b"
+  done
+  $E compare "teacher, FP32 (its bundle)=$x/release-fp32/metrics.json" "deployed=$x/release-w4lora-deploy/metrics.json" \
+    "INT8 prefill (shipped form)=$x/release-w4lora-deploy-p8/metrics.json" \
+    "INT8 prefill, SmoothQuant alpha 0.75=$x/p8-alpha75/metrics.json" \
+    "INT8 prefill, down_proj on 4-bit=$x/p8-keepdown/metrics.json" \
+    --size-reference "$B/release-fp32" --out "docs/results/exp-int8-prefill-dev2-$TAG.json"
 }
 teacher_ecpe_sample() {  # the teacher's bf16 eval on the bundles' ECPE sample -> its metrics file
   # (the teacher's full-split eval answers those records alike; copying runs/release-eval-ecpe/predictions.jsonl

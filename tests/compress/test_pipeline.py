@@ -161,6 +161,18 @@ def test_compare_table(tiny_model_dir, small_amt, tmp_path):
     # the report says which machine and bench run its latencies are from
     assert timed["latency_from"] == {"bench": str(bench), "cpu": "CPU A", "cores": 2, "records_per_task": 5}
     assert "latency_from" not in compare([tmp_path / "ref-eval" / "metrics.json"])
+    # several runs of one machine: a task's latency from the first run that timed it, each run's tasks recorded
+    more = tmp_path / "bench-all.json"
+    other = {"single_stream": {"p90_ms": 70.0}, "tpot": {"p50_ms": 10.0}}
+    run = {"path": str(tiny_model_dir), "backend": "torch", "tasks": {"msa": other, "eri": other}}
+    more.write_text(json.dumps({"machine": {"cpu": "CPU A", "cores": 2}, "config": {"limit": 2}, "results": [run]}))
+    two = compare([tmp_path / "ref-eval" / "metrics.json"], bench_report=[bench, more])
+    assert two["rows"][0]["latency"]["msa"]["p90_ms"] == 50.0 and two["rows"][0]["latency"]["eri"]["p90_ms"] == 70.0
+    assert [x["tasks"] for x in two["latency_from"]] == [["msa"], ["eri"]]
+    elsewhere = tmp_path / "bench-b.json"
+    elsewhere.write_text(more.read_text().replace("CPU A", "CPU B"))
+    with pytest.raises(ValueError, match="different machines"):
+        compare([tmp_path / "ref-eval" / "metrics.json"], bench_report=[bench, elsewhere])
     assert row["parameters"] == ref["parameters"]  # quantization keeps the logical parameter count
     assert row["llm_size_ratio"] > 1.0  # the tiny model is mostly its FP32 embedding table
     from safetensors import safe_open

@@ -95,6 +95,15 @@ def test_compression_rows_in_the_readme_table():
     head = results.compression_table(report, "compression-a.json")[0]
     assert "`docs/results/compression-a.json`" in head
     assert "p90 ms from one bench run on CPU A, 2 cores, 5 test records per task and source" in head
+    report["latency_from"] = [  # two runs of one machine (compare --bench A --bench B)
+        {"bench": "a.json", "cpu": "CPU A", "cores": 2, "records_per_task": 50, "tasks": ["fer", "mer", "msa"]},
+        {"bench": "b.json", "cpu": "CPU A", "cores": 2, "records_per_task": 10, "tasks": ["ecpe", "eri"]},
+    ]
+    head = results.compression_table(report, "compression-a.json")[0]
+    assert (
+        "p90 ms on CPU A, 2 cores: fer, mer, msa from `a.json` (50 per task and source); ecpe, eri from `b.json`"
+        in head
+    )
 
 
 def test_readme_renders_compression_reports_timed_on_another_machine(tmp_path):
