@@ -256,9 +256,10 @@ step_compare_core() {  # compression.json (or COMPARE_OUT) from the core rows (E
   [ -f "$x/$ecpe/metrics.json" ] && xe=+$x/$ecpe/metrics.json
   [ -f "$x/eri/metrics.json" ] &&
     rows+=("same + INT8 prefill for MSA, FER only (per task)=$x/closed/metrics.json$xe+$x/eri/metrics.json")
-  x=$ev/release-w4lora-deploy-mixm
+  x=$ev/release-w4lora-deploy-mixm xe=""
+  [ -f "$x/$ecpe/metrics.json" ] && xe=+$x/$ecpe/metrics.json
   [ -f "$x/eri/metrics.json" ] &&
-    rows+=("same, closed labels by a 2-nat first-token lead=$x/closed/metrics.json+$x/eri/metrics.json")
+    rows+=("same, closed labels by a 2-nat first-token lead=$x/closed/metrics.json$xe+$x/eri/metrics.json")
   x=$ev/p8-keepdown
   [ -f "$x/eri/metrics.json" ] &&
     rows+=("INT8 prefill decoder, down_proj on 4-bit (every task)=$x/closed/metrics.json+$x/eri/metrics.json")
@@ -279,11 +280,23 @@ step_compare_bundles() {  # the FP32 teacher's bundle, the deployed bundle and i
     --size-reference "$B/release-fp32" --bench "$BENCH_OUT.json" \
     --out "${COMPARE_OUT:-docs/results/compression-bundles.json}"
 }
+dev_compare() {  # OUT "NAME=BUNDLE"...: the FP32 teacher's bundle, the deployed one, its INT8-prefill form and these
+  # bundles on the DEV closed splits (never test), compared with the first -> OUT
+  local out=$1 x=$R/int8-prefill-dev b rows=()
+  shift
+  for b in release-fp32 release-w4lora-deploy release-w4lora-deploy-p8 "${@#*=}"; do
+    [ -f "$x/$b/metrics.json" ] || $E eval --model "$B/$b" $EV --split dev --tasks msa mer fer --out "$x/$b"
+  done
+  for b in "$@"; do rows+=("${b%%=*}=$x/${b#*=}/metrics.json"); done
+  $E compare "teacher, FP32 (its bundle)=$x/release-fp32/metrics.json" "deployed=$x/release-w4lora-deploy/metrics.json" \
+    "INT8 prefill (shipped form)=$x/release-w4lora-deploy-p8/metrics.json" "${rows[@]}" \
+    --size-reference "$B/release-fp32" --out "$out"
+}
 step_int8_prefill_dev() {  # INT8 prefill variants judged on the DEV split (never test): same closed answer as the
   # FP32 teacher's bundle on MSA / MER / FER dev. The shipped form (SmoothQuant alpha 0.5, 16 calibration records
   # per task), 64 records per task, and layers 0-1 / 28-29 kept on the 4-bit kernels (mixed precision). After
   # core_build and core_p8_build; ~20 min -> docs/results/exp-int8-prefill-dev.json
-  local x=$R/int8-prefill-dev ends="" l b
+  local ends="" l
   for l in 0 1 28 29; do
     ends+=".layers.$l.self_attn.q_proj,.layers.$l.self_attn.o_proj,.layers.$l.mlp.gate_proj,.layers.$l.mlp.down_proj,"
   done
@@ -291,32 +304,19 @@ step_int8_prefill_dev() {  # INT8 prefill variants judged on the DEV split (neve
     --int8-prefill --calibration-data "$D" --calibration-per-task 64
   export_bundle p8-keepends "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations \
     --int8-prefill --calibration-data "$D" --int8-prefill-keep "${ends%,}"
-  for b in release-fp32 release-w4lora-deploy release-w4lora-deploy-p8 p8-cal64 p8-keepends; do
-    [ -f "$x/$b/metrics.json" ] || $E eval --model "$B/$b" $EV --split dev --tasks msa mer fer --out "$x/$b"
-  done
-  $E compare "teacher, FP32 (its bundle)=$x/release-fp32/metrics.json" "deployed=$x/release-w4lora-deploy/metrics.json" \
-    "INT8 prefill (shipped form)=$x/release-w4lora-deploy-p8/metrics.json" \
-    "INT8 prefill, 64 calibration records per task=$x/p8-cal64/metrics.json" \
-    "INT8 prefill, layers 0-1 and 28-29 on 4-bit=$x/p8-keepends/metrics.json" \
-    --size-reference "$B/release-fp32" --out docs/results/exp-int8-prefill-dev.json
+  dev_compare docs/results/exp-int8-prefill-dev.json "INT8 prefill, 64 calibration records per task=p8-cal64" \
+    "INT8 prefill, layers 0-1 and 28-29 on 4-bit=p8-keepends"
 }
 step_int8_prefill_dev2() {  # more INT8 prefill levers on the DEV split, for the release the script is run on: SmoothQuant
   # alpha 0.75 (more of each activation outlier moved into the weights) and down_proj kept on the 4-bit kernels
   # (its input, after SwiGLU, has the widest per-token range), beside the shipped form, the deployed bundle and
   # the FP32 teacher's bundle; ~15 min -> docs/results/exp-int8-prefill-dev2-<release tag>.json
-  local x=$R/int8-prefill-dev b
   export_bundle p8-alpha75 "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations \
     --int8-prefill --calibration-data "$D" --smoothing-alpha 0.75
   export_bundle p8-keepdown "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations \
     --int8-prefill --calibration-data "$D" --int8-prefill-keep down_proj
-  for b in release-fp32 release-w4lora-deploy release-w4lora-deploy-p8 p8-alpha75 p8-keepdown; do
-    [ -f "$x/$b/metrics.json" ] || $E eval --model "$B/$b" $EV --split dev --tasks msa mer fer --out "$x/$b"
-  done
-  $E compare "teacher, FP32 (its bundle)=$x/release-fp32/metrics.json" "deployed=$x/release-w4lora-deploy/metrics.json" \
-    "INT8 prefill (shipped form)=$x/release-w4lora-deploy-p8/metrics.json" \
-    "INT8 prefill, SmoothQuant alpha 0.75=$x/p8-alpha75/metrics.json" \
-    "INT8 prefill, down_proj on 4-bit=$x/p8-keepdown/metrics.json" \
-    --size-reference "$B/release-fp32" --out "docs/results/exp-int8-prefill-dev2-$TAG.json"
+  dev_compare "docs/results/exp-int8-prefill-dev2-$TAG.json" "INT8 prefill, SmoothQuant alpha 0.75=p8-alpha75" \
+    "INT8 prefill, down_proj on 4-bit=p8-keepdown"
 }
 teacher_ecpe_sample() {  # the teacher's bf16 eval on the bundles' ECPE sample -> its metrics file
   # (the teacher's full-split eval answers those records alike; copying runs/release-eval-ecpe/predictions.jsonl
