@@ -195,6 +195,7 @@ step_bench_core() {  # latency of the two (three with core_p8), with the PyTorch
   [ -f "$B/release-w4lora-deploy-p8/manifest.json" ] && p8=(--bundle "$B/release-w4lora-deploy-p8")
   [ -f "$B/release-w4lora-deploy-p8m/manifest.json" ] && p8+=(--bundle "$B/release-w4lora-deploy-p8m")
   [ -f "$B/release-w4lora-deploy-mix/manifest.json" ] && p8+=(--bundle "$B/release-w4lora-deploy-mix")
+  [ -f "$B/release-w4lora-deploy-mixm/manifest.json" ] && p8+=(--bundle "$B/release-w4lora-deploy-mixm")
   [ -f "$R/bench/report.json" ] || $E bench --model "$M" --bundle "$B/release-fp32" --bundle "$B/release-w4lora-deploy" \
     "${p8[@]}" --data "$D" --target cpu --limit "${BENCH_LIMIT:-10}" --out "$R/bench" || [ $? -eq 1 ]
   cp "$R/bench/report.json" "$BENCH_OUT.json"
