@@ -163,11 +163,9 @@ def paired_task_stats(
     return out
 
 
-def _bench_rows(report_path: str | os.PathLike | None) -> tuple[dict[str, dict], dict | None]:
+def _bench_rows(report_path: str | os.PathLike) -> tuple[dict[str, dict], dict]:
     """({resolved bundle/model path: bench result}, where the latencies come from: the report, its machine and
     how many test records per task and source it timed) from a bench report.json."""
-    if not report_path:
-        return {}, None
     report = json.loads(Path(report_path).read_text())
     machine = report.get("machine", {})
     source = {
@@ -181,24 +179,31 @@ def _bench_rows(report_path: str | os.PathLike | None) -> tuple[dict[str, dict],
 
 def _bench_sources(
     reports: str | os.PathLike | list[str | os.PathLike] | None,
-) -> tuple[list[dict[str, dict]], dict | list[dict] | None]:
-    """Several bench reports of one machine, in order of precedence: a task's latency comes from the first
-    report that timed it (e.g. a closed-task run over more records, then a run of every task). Reports from
-    different CPUs are refused: latency is a fact of one machine."""
+) -> tuple[dict[str, dict], dict | list[dict] | None]:
+    """Bench results by resolved path, from several reports of one machine in order of precedence: a task's
+    result comes from the first report that timed it (e.g. a closed-task run over more records, then a run of
+    every task), and each source records the tasks it supplied. Reports from different CPUs are refused:
+    latency is a fact of one machine."""
     paths = [] if not reports else [reports] if isinstance(reports, (str, os.PathLike)) else list(reports)
+    if not paths:
+        return {}, None
     loaded = [_bench_rows(p) for p in paths]
+    if len(loaded) == 1:
+        return loaded[0]
     cpus = {(src["cpu"], src["cores"]) for _, src in loaded}
     if len(cpus) > 1:
         raise ValueError(f"bench reports from different machines ({sorted(map(str, cpus))}): compare one at a time")
-    sources = [src for _, src in loaded]
+    merged: dict[str, dict] = {}
     seen: set[str] = set()
-    for rows, src in loaded:  # the tasks each report supplies: those no earlier one timed
+    for rows, src in loaded:
+        for path, r in rows.items():
+            tasks = merged.setdefault(path, {**r, "tasks": {}})["tasks"]
+            for task, t in r["tasks"].items():
+                tasks.setdefault(task, t)
         timed = {t for r in rows.values() for t in r["tasks"]}
-        src["tasks"] = sorted(timed - seen)
+        src["tasks"] = sorted(timed - seen)  # the tasks this report supplies: those no earlier one timed
         seen |= timed
-    if len(sources) == 1:
-        del sources[0]["tasks"]
-    return [rows for rows, _ in loaded], (sources[0] if len(sources) == 1 else sources or None)
+    return merged, [src for _, src in loaded]
 
 
 def compare(
@@ -215,7 +220,7 @@ def compare(
     bundle); `bench_report`: a bench report.json whose latencies are joined to the variants by path (or several
     of one machine: a task's from the first that timed it)."""
     rows = []
-    benches, latency_from = _bench_sources(bench_report)
+    bench, latency_from = _bench_sources(bench_report)
     for f in metrics_files:
         name, spec = split_name(f)
         art, records, res, preds, cis, precision = _load_variant(spec, system)
@@ -228,19 +233,16 @@ def compare(
             "ci": {k: cis[k] for k in PRIMARY.values() if k in cis},
             "_preds": preds,
         }
-        for bench in benches:
-            b = bench.get(str(art.resolve()))
-            # the bench runs a PyTorch artifact in fp32: its latency is not that of a bf16-autocast eval's row
-            if b and not (b.get("backend") == "torch" and precision not in (None, "fp32")):
-                latency = row.setdefault("latency", {})
-                for task, t in b["tasks"].items():
-                    latency.setdefault(
-                        task,
-                        {
-                            "p90_ms": t["single_stream"]["p90_ms"],
-                            "decode_tokens_per_s": 1e3 / t["tpot"]["p50_ms"] if t.get("tpot") else None,
-                        },
-                    )
+        b = bench.get(str(art.resolve()))
+        # the bench runs a PyTorch artifact in fp32: its latency is not that of a bf16-autocast eval's row
+        if b and not (b.get("backend") == "torch" and precision not in (None, "fp32")):
+            row["latency"] = {
+                task: {
+                    "p90_ms": t["single_stream"]["p90_ms"],
+                    "decode_tokens_per_s": 1e3 / t["tpot"]["p50_ms"] if t.get("tpot") else None,
+                }
+                for task, t in b["tasks"].items()
+            }
         rows.append(row)
     ref = rows[0]
     for r in rows[1:]:

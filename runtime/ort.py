@@ -75,7 +75,7 @@ class OrtRuntime:
     label_margin: float | None = None  # exact label scoring
     decoder = prefill_decoder = None  # sessions (OrtRuntime opens them; the PyTorch backend has its own call)
     int8_prefill_tasks: frozenset[str] | None = None
-    _exact_prompts = False
+    _exact_prompts = False  # set by `_for_tasks` around the calls of one request batch
 
     def __init__(
         self,
@@ -120,7 +120,6 @@ class OrtRuntime:
         # request): per-task precision. Calls for other tasks, or for no task, stay on the 4-bit decoder.
         prefill_tasks = self.cfg.get("int8_prefill_tasks")
         self.int8_prefill_tasks: frozenset[str] | None = frozenset(prefill_tasks) if prefill_tasks else None
-        self._exact_prompts = False  # set by `_for_tasks` around the calls of one request batch
         self._prefix_cache: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
         self.pad = self.cfg["pad_token_id"]
 
@@ -224,12 +223,15 @@ class OrtRuntime:
         """The calls inside serve requests of these tasks: with `int8_prefill_tasks`, they take the INT8
         prefill decoder only when every one of the tasks is named there."""
         before = self._exact_prompts
-        names = {t.name if t is not None else None for t in tasks}
-        self._exact_prompts = self.int8_prefill_tasks is not None and not names <= self.int8_prefill_tasks
+        self._exact_prompts = not self._takes_int8_prefill({t.name if t is not None else None for t in tasks})
         try:
             yield
         finally:
             self._exact_prompts = before
+
+    def _takes_int8_prefill(self, task_names: set[str | None]) -> bool:
+        """Whether requests of these tasks may take the INT8 prefill decoder (every one named, or no list)."""
+        return self.int8_prefill_tasks is None or task_names <= self.int8_prefill_tasks
 
     def _prefix(self) -> tuple[np.ndarray, list[np.ndarray]]:
         """Embeddings and KV cache of the chat prefix (system prompt + user turn opening) that starts every
@@ -532,8 +534,10 @@ class OrtRuntime:
         rest; one group where the bundle's decoders do not depend on the task."""
         if self.prefill_decoder is None or self.int8_prefill_tasks is None:
             return [items]
-        int8 = [x for x in items if task_of(x).name in self.int8_prefill_tasks]
-        return [int8, [x for x in items if task_of(x).name not in self.int8_prefill_tasks]]
+        groups: tuple[list, list] = ([], [])
+        for x in items:
+            groups[self._takes_int8_prefill({task_of(x).name})].append(x)
+        return [groups[True], groups[False]]
 
     def answer_many(
         self, requests: list[dict], mode: str = "score", batch_size: int = 8

@@ -66,10 +66,20 @@ export_deployed() {  # the deployed bundle: the vision encoder's weights in INT8
   # static INT8 (static INT8 moved 8% of CK+ answers; weight-only ~3%, and it is 0.3 MB smaller)
   export_bundle release-w4lora-deploy "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations
 }
-export_prefill8() {  # the deployed bundle + an INT8 prefill decoder (int8 GEMMs for calls of several tokens, their
-  # weights built at load from the same 4-bit tensors; SmoothQuant on activation ranges of 16 train records per task)
-  export_bundle release-w4lora-deploy-p8 "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations \
-    --int8-prefill --calibration-data "$D"
+export_prefill8_form() {  # NAME [export args]: the deployed bundle + an INT8 prefill decoder (int8 GEMMs for calls of
+  # several tokens, their weights built at load from the same 4-bit tensors; SmoothQuant on activation ranges of 16
+  # train records per task), with what the args change
+  local name=$1
+  shift
+  export_bundle "$name" "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations \
+    --int8-prefill --calibration-data "$D" "$@"
+}
+export_prefill8() {  # the INT8 prefill form as shipped: every task's calls of several tokens on it
+  export_prefill8_form release-w4lora-deploy-p8
+}
+export_keepdown() {  # the INT8 prefill form with down_proj on the 4-bit kernels (its input, after SwiGLU, has the
+  # widest per-token range)
+  export_prefill8_form p8-keepdown --int8-prefill-keep down_proj
 }
 
 step_compress() {
@@ -140,22 +150,21 @@ step_core_open() {  # the same two on the ECPE sample and ERI's full split (~25 
 step_core_p8_build() {  # the deployed bundle with an INT8 prefill decoder (~3 min after core_build)
   export_prefill8
 }
-export_mixed() {  # per-task precision: the INT8 prefill decoder for MSA and FER requests only (MIX_TASKS), MER,
-  # ERI and ECPE on the 4-bit decoder. Chosen on the dev split and the bench, not test: FER's p90 misses 60 ms on the
-  # 4-bit decoder and MSA's sits at it; MER meets it there and loses the most dev agreement to INT8 prefill (95.9 vs
-  # 98.4%, exp-int8-prefill-dev.json)
-  export_bundle release-w4lora-deploy-mix "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights \
-    --int8-activations --int8-prefill --calibration-data "$D" --int8-prefill-tasks ${MIX_TASKS:-msa fer}
+export_mixed() {  # NAME [export args]: per-task precision, the INT8 prefill decoder for MSA and FER requests only
+  # (MIX_TASKS), MER, ERI and ECPE on the 4-bit decoder: FER's p90 misses 60 ms on the 4-bit decoder and MSA's sits
+  # at it, while MER's INT8-prefill answers could not be shown >= 99% of the teacher (on v4's dev split the 4-bit
+  # decoder agrees with it more on MER: 97.5 vs 96.4%, int8_prefill_dev2; docs/deployment.md)
+  local name=$1
+  shift
+  export_prefill8_form "$name" --int8-prefill-tasks ${MIX_TASKS:-msa fer} "$@"
 }
 step_core_mix() {  # that bundle on the closed tasks, ERI and the ECPE sample (~35 min)
-  export_mixed
+  export_mixed release-w4lora-deploy-mix
   evaluate "$B/release-w4lora-deploy-mix" "$R/eval/release-w4lora-deploy-mix"
 }
 step_core_mixm() {  # the per-task bundle answering a closed label by its first token when it leads by 2 nats (one
   # decoder call less where decided: MER's tail on the 4-bit decoder); closed tasks (+ ERI: its closing is scored too)
-  export_bundle release-w4lora-deploy-mixm "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights \
-    --int8-activations --int8-prefill --calibration-data "$D" --int8-prefill-tasks ${MIX_TASKS:-msa fer} \
-    --label-decision-margin 2
+  export_mixed release-w4lora-deploy-mixm --label-decision-margin 2
   eval_closed "$B/release-w4lora-deploy-mixm" "$R/eval/release-w4lora-deploy-mixm"
   eval_eri "$B/release-w4lora-deploy-mixm" "$R/eval/release-w4lora-deploy-mixm"
   # ECPE scores every cause set (no first-token decision) on the 4-bit decoder: the seeded sample, to show its
@@ -164,8 +173,7 @@ step_core_mixm() {  # the per-task bundle answering a closed label by its first 
 }
 step_core_keepdown() {  # the INT8 prefill decoder with down_proj on the 4-bit kernels (int8_prefill_dev2's best MER
   # dev agreement of the INT8 forms), for every task; closed tasks and ERI
-  export_bundle p8-keepdown "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations \
-    --int8-prefill --calibration-data "$D" --int8-prefill-keep down_proj
+  export_keepdown
   eval_closed "$B/p8-keepdown" "$R/eval/p8-keepdown"
   eval_eri "$B/p8-keepdown" "$R/eval/p8-keepdown"
 }
@@ -182,8 +190,7 @@ step_bench_closed() {  # the closed tasks alone, 50 test records per task and so
 }
 step_core_p8m() {  # the INT8 prefill bundle answering a closed label by its first token when it leads by 2 nats
   # (--label-decision-margin: one decoder call less per request); closed tasks only, the only ones it changes
-  export_bundle release-w4lora-deploy-p8m "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights \
-    --int8-activations --int8-prefill --calibration-data "$D" --label-decision-margin 2
+  export_prefill8_form release-w4lora-deploy-p8m --label-decision-margin 2
   eval_closed "$B/release-w4lora-deploy-p8m" "$R/eval/release-w4lora-deploy-p8m"
 }
 step_core_p8() {  # the same, on the closed tasks, the ECPE sample, ERI
@@ -249,21 +256,17 @@ step_compare_core() {  # compression.json (or COMPARE_OUT) from the core rows (E
   # the closed-task bench over 50 records per task and source first (bench_closed), where it ran
   [ -f "$R/bench-closed-50/report.json" ] && more=(--bench "${BENCH_CLOSED_OUT:-docs/results/bench-cpu-closed-50}.json")
   [ -f "$R/bench/report.json" ] && more+=(--bench "$BENCH_OUT.json")
-  local p=$ev/release-w4lora-deploy-p8 rows=() pe=""
-  # the INT8 prefill form's ECPE where it was measured on the same records as the reference (else left out)
-  [ -f "$p/$ecpe/metrics.json" ] && pe=+$p/$ecpe/metrics.json
-  [ -f "$p/eri/metrics.json" ] && rows=("same + INT8 prefill decoder=$p/closed/metrics.json$pe+$p/eri/metrics.json")
-  local x=$ev/release-w4lora-deploy-mix xe=""
-  [ -f "$x/$ecpe/metrics.json" ] && xe=+$x/$ecpe/metrics.json
-  [ -f "$x/eri/metrics.json" ] &&
-    rows+=("same + INT8 prefill for MSA, FER only (per task)=$x/closed/metrics.json$xe+$x/eri/metrics.json")
-  x=$ev/release-w4lora-deploy-mixm xe=""
-  [ -f "$x/$ecpe/metrics.json" ] && xe=+$x/$ecpe/metrics.json
-  [ -f "$x/eri/metrics.json" ] &&
-    rows+=("same, closed labels by a 2-nat first-token lead=$x/closed/metrics.json$xe+$x/eri/metrics.json")
-  x=$ev/p8-keepdown
-  [ -f "$x/eri/metrics.json" ] &&
-    rows+=("INT8 prefill decoder, down_proj on 4-bit (every task)=$x/closed/metrics.json+$x/eri/metrics.json")
+  local rows=() v x xe
+  # the INT8-prefill forms where evaluated (core_p8, core_mix, core_mixm, core_keepdown): closed tasks + ERI, and
+  # ECPE where it ran on the reference's records (else left out)
+  for v in "same + INT8 prefill decoder=release-w4lora-deploy-p8" \
+    "same + INT8 prefill for MSA, FER only (per task)=release-w4lora-deploy-mix" \
+    "same, closed labels by a 2-nat first-token lead=release-w4lora-deploy-mixm" \
+    "INT8 prefill decoder, down_proj on 4-bit (every task)=p8-keepdown"; do
+    x=$ev/${v#*=} xe=""
+    [ -f "$x/$ecpe/metrics.json" ] && xe=+$x/$ecpe/metrics.json
+    [ -f "$x/eri/metrics.json" ] && rows+=("${v%%=*}=$x/closed/metrics.json$xe+$x/eri/metrics.json")
+  done
   measured_rows rows
   $E compare "teacher, FP32 (its bundle)=$f" "teacher, bf16 autocast (PyTorch)=$T" \
     "CPU bundle: W4 base + LoRA, int8 act., INT8 vision weights (deployed)=$d" "${rows[@]}" \
@@ -301,21 +304,17 @@ step_int8_prefill_dev() {  # INT8 prefill variants judged on the DEV split (neve
   for l in 0 1 28 29; do
     ends+=".layers.$l.self_attn.q_proj,.layers.$l.self_attn.o_proj,.layers.$l.mlp.gate_proj,.layers.$l.mlp.down_proj,"
   done
-  export_bundle p8-cal64 "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations \
-    --int8-prefill --calibration-data "$D" --calibration-per-task 64
-  export_bundle p8-keepends "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations \
-    --int8-prefill --calibration-data "$D" --int8-prefill-keep "${ends%,}"
+  export_prefill8_form p8-cal64 --calibration-per-task 64
+  export_prefill8_form p8-keepends --int8-prefill-keep "${ends%,}"
   dev_compare docs/results/exp-int8-prefill-dev.json "INT8 prefill, 64 calibration records per task=p8-cal64" \
     "INT8 prefill, layers 0-1 and 28-29 on 4-bit=p8-keepends"
 }
 step_int8_prefill_dev2() {  # more INT8 prefill levers on the DEV split, for the release the script is run on: SmoothQuant
   # alpha 0.75 (more of each activation outlier moved into the weights) and down_proj kept on the 4-bit kernels
-  # (its input, after SwiGLU, has the widest per-token range), beside the shipped form, the deployed bundle and
-  # the FP32 teacher's bundle; ~15 min -> docs/results/exp-int8-prefill-dev2-<release tag>.json
-  export_bundle p8-alpha75 "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations \
-    --int8-prefill --calibration-data "$D" --smoothing-alpha 0.75
-  export_bundle p8-keepdown "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations \
-    --int8-prefill --calibration-data "$D" --int8-prefill-keep down_proj
+  # (export_keepdown), beside the shipped form, the deployed bundle and the FP32 teacher's bundle; ~15 min
+  # -> docs/results/exp-int8-prefill-dev2-<release tag>.json
+  export_prefill8_form p8-alpha75 --smoothing-alpha 0.75
+  export_keepdown
   dev_compare "docs/results/exp-int8-prefill-dev2-$TAG.json" "INT8 prefill, SmoothQuant alpha 0.75=p8-alpha75" \
     "INT8 prefill, down_proj on 4-bit=p8-keepdown"
 }
