@@ -85,7 +85,7 @@ def ecpe_heuristic(records: list[Record], train: list[Record]) -> dict[str, str]
     return preds
 
 
-def _pair_features(query: str) -> tuple[int, str, list[tuple[int, dict[str, float]]]]:
+def pair_features(query: str) -> tuple[int, str, list[tuple[int, dict[str, float]]]]:
     """(target index, target emotion, [(candidate index, features)]) for every utterance up to the target."""
     task = TASKS["ecpe"]
     k, emotion = task.target(query)
@@ -116,7 +116,7 @@ def _pair_features(query: str) -> tuple[int, str, list[tuple[int, dict[str, floa
 
 
 def _pair_answers(records: list[tuple[Record, tuple]], proba, threshold: float) -> dict[str, str]:
-    """Each (record, `_pair_features`) pair's causes with probability >= threshold (the most probable one when
+    """Each (record, `pair_features`) pair's causes with probability >= threshold (the most probable one when
     none is), ascending; `proba` runs over all their candidate rows in order."""
     preds, i = {}, 0
     for r, (k, emotion, rows) in records:
@@ -128,7 +128,7 @@ def _pair_answers(records: list[tuple[Record, tuple]], proba, threshold: float) 
 
 
 def pair_lr(records: list[Record], train: list[Record]) -> dict[str, str]:
-    """ECPE by logistic regression on each (target, candidate) pair's layout features (`_pair_features`: offset,
+    """ECPE by logistic regression on each (target, candidate) pair's layout features (`pair_features`: offset,
     same speaker, both emotions and their interactions with the offset); the inclusion threshold is the one that
     maximises pair F1 on the train split itself (a low-capacity model: in-sample is close to held-out)."""
     from sklearn.feature_extraction import DictVectorizer
@@ -143,7 +143,7 @@ def pair_lr(records: list[Record], train: list[Record]) -> dict[str, str]:
         out = []
         for r in rows:
             try:
-                out.append((r, _pair_features(r.query)))
+                out.append((r, pair_features(r.query)))
             except ValueError as e:
                 raise BaselineError(f"record {r.id}: {e}") from None
         return out

@@ -91,8 +91,8 @@ class Predictor:
             return [i for i in rec.images if Path(i).is_file()]
         return list(rec.images)
 
-    def many(self, recs: list[Record], mode: str) -> list[str]:
-        """Answers for records of one task, as one batch."""
+    def many(self, recs: list[Record], mode: str) -> list:
+        """Answers (runtime `Answer`s: text, label, candidate scores) for records of one task, as one batch."""
         answers = self.rt.answer_many(
             [{"task": r.task, "query": r.query, "images": self._images(r)} for r in recs],
             mode=mode,
@@ -101,7 +101,7 @@ class Predictor:
         for a in answers:
             if isinstance(a, Exception):
                 raise ValueError(str(a))
-        return [a.text for a in answers]
+        return answers
 
 
 def _load_runtime(spec: str, device: str = "cpu"):
@@ -150,7 +150,11 @@ def _run_model(
     done: dict,
     batch_size: int = 8,
     missing_media: str = "error",
+    scores: dict | None = None,
 ) -> dict[str, dict[str, str]]:
+    """Each system's answers by record id; `scores` (when given) gets each scored answer's candidate scores by
+    (system, id), so a decision rule can be fitted or checked on them later without running the model again."""
+    scores = {} if scores is None else scores
     predictor = Predictor(runtime, missing_media)
     results: dict[str, dict[str, str]] = {}
     with open(partial, "a", encoding="utf-8") as f:
@@ -177,8 +181,11 @@ def _run_model(
                             raise ValueError(f"record {r.id} ({r.task}, {r.source}): {e}") from None
                     raise
                 for r, answer in zip(chunk, answers, strict=True):
-                    preds[r.id] = answer
-                    f.write(json.dumps({"system": system, "id": r.id, "prediction": answer}, ensure_ascii=False) + "\n")
+                    preds[r.id] = answer.text
+                    row = {"system": system, "id": r.id, "prediction": answer.text}
+                    if answer.scores:
+                        row["scores"] = scores[(system, r.id)] = answer.scores
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 f.flush()
                 bar.update(len(chunk))
             bar.close()
@@ -229,11 +236,14 @@ def evaluate(
     modes = ["score", "generate"] if mode == "both" else [mode]
     partial = out / "predictions.partial.jsonl"
     done: dict[tuple[str, str], str] = {}
+    scores: dict[tuple[str, str], dict[str, float]] = {}
     if partial.exists():
         for line in partial.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
                 done[(row["system"], row["id"])] = row["prediction"]
+                if "scores" in row:
+                    scores[(row["system"], row["id"])] = row["scores"]
             except (json.JSONDecodeError, KeyError):
                 continue  # a line cut by a crash
     systems: dict[str, dict[str, str]] = {}
@@ -241,7 +251,9 @@ def evaluate(
         name = "zero-shot" if model == ZERO_SHOT else "emoverse"
         with autocast:
             systems.update(
-                _run_model(name, _load_runtime(model, device), records, modes, partial, done, batch_size, missing_media)
+                _run_model(
+                    name, _load_runtime(model, device), records, modes, partial, done, batch_size, missing_media, scores
+                )
             )
     baselines = baselines or []
     if model is None and not baselines:
@@ -258,6 +270,7 @@ def evaluate(
                     done,
                     batch_size,
                     missing_media,
+                    scores,
                 )
             )
     fitted = [b for b in baselines if b != "zero-shot"]
@@ -275,21 +288,19 @@ def evaluate(
         for rid, p in preds.items():
             r = by_id[rid]
             parsed = TASKS[r.task].parse(p)
-            lines.append(
-                json.dumps(
-                    {
-                        "system": system,
-                        "id": rid,
-                        "task": r.task,
-                        "source": r.source,
-                        "prediction": p,
-                        "parsed_label": None if parsed.label in (None, INVALID) else parsed.label,
-                        "response": r.response,
-                        "label": r.label,
-                    },
-                    ensure_ascii=False,
-                )
-            )
+            row = {
+                "system": system,
+                "id": rid,
+                "task": r.task,
+                "source": r.source,
+                "prediction": p,
+                "parsed_label": None if parsed.label in (None, INVALID) else parsed.label,
+                "response": r.response,
+                "label": r.label,
+            }
+            if (system, rid) in scores:
+                row["scores"] = scores[(system, rid)]
+            lines.append(json.dumps(row, ensure_ascii=False))
 
     atomic_write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
     model_info: dict = {"spec": model}

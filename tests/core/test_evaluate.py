@@ -36,6 +36,14 @@ def test_eval_writes_predictions_and_metrics(tiny_model_dir, small_amt, tmp_path
     for p in preds:
         if p["system"] == "emoverse/score" and TASKS[p["task"]].closed:
             assert p["parsed_label"] is not None
+    # a scored answer keeps its candidates' scores, and they are the ones its task chose from (so a decision rule
+    # can be refitted on them without running the model again)
+    scored = [p for p in preds if p["system"] == "emoverse/score" and TASKS[p["task"]].scored]
+    assert {p["task"] for p in scored} >= {"msa", "mer", "fer", "ecpe"}
+    for p in scored:
+        task = TASKS[p["task"]]
+        assert p["prediction"] == task.choose(list(p["scores"]), list(p["scores"].values())), p["id"]
+    assert not any("scores" in p for p in preds if p["system"] in ("majority", "vader"))
 
 
 def test_eval_accepts_foreign_jsonl_and_resumes(tiny_model_dir, tmp_path):
@@ -49,7 +57,10 @@ def test_eval_accepts_foreign_jsonl_and_resumes(tiny_model_dir, tmp_path):
     out.mkdir()
     # pretend an interrupted run already answered the first record with a marker answer
     (out / "predictions.partial.jsonl").write_text(
-        json.dumps({"system": "emoverse/score", "id": "mine-1", "prediction": "Negative."}) + "\n{cut-off line"
+        json.dumps(
+            {"system": "emoverse/score", "id": "mine-1", "prediction": "Negative.", "scores": {"Negative.": -0.5}}
+        )
+        + "\n{cut-off line"
     )
     m = evaluate(str(tiny_model_dir), [str(f)], out, mode="score")
     assert set(m["results"]) == {"emoverse/score"}
@@ -57,6 +68,9 @@ def test_eval_accepts_foreign_jsonl_and_resumes(tiny_model_dir, tmp_path):
         json.loads(x)["id"]: json.loads(x)["prediction"] for x in (out / "predictions.jsonl").read_text().splitlines()
     }
     assert preds["mine-1"] == "Negative."
+    rows = {json.loads(x)["id"]: json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()}
+    assert rows["mine-1"]["scores"] == {"Negative.": -0.5}  # what the interrupted run scored is kept
+    assert rows["mine-2"]["prediction"] in rows["mine-2"]["scores"]
     assert m["results"]["emoverse/score"]["msa.n"] == 2
 
 
