@@ -455,7 +455,10 @@ class OrtRuntime:
             for r, ks in by_row.items():
                 ranked = sorted(ks, key=lambda k: bound[k], reverse=True)
                 runner_up = bound[ranked[1]] if len(ranked) > 1 else -np.inf
-                if best_only[r] and bound[ranked[0]] - runner_up >= self.label_margin:
+                # closed labels only: their continuation ('.', end) is what the margin was measured against
+                # (scripts/label_margin_dev.py); ERI's closing words are longer, and slow requests anyway
+                closed_label = best_only[r] and tasks[r].closed
+                if closed_label and bound[ranked[0]] - runner_up >= self.label_margin:
                     full[ranked[0]] = bound[ranked[0]]  # the others' bounds lie below it: no pass reopens them
         todo = [
             k

@@ -171,6 +171,15 @@ step_core_mixm() {  # the per-task bundle answering a closed label by its first 
   # answers are the deployed bundle's (whose full-split ECPE compare_core pairs)
   eval_ecpe "$B/release-w4lora-deploy-mixm" "$R/eval/release-w4lora-deploy-mixm"
 }
+step_core_mixf() {  # the per-task bundle answering a closed label by its first token when it leads by 0.1 nats: on
+  # the DEV split the answer's continuation ('.', end) cost at most 0.008 nats and the first-token leader was the exact
+  # answer in all 2,123 closed records (scripts/label_margin_dev.py -> docs/results/label-margin-dev.json), so 0.1
+  # decides 95-97% of requests without the continuation call (2 nats: 35-69%); closed tasks + ERI (its closing is
+  # scored the same way)
+  export_mixed release-w4lora-deploy-mixf --label-decision-margin 0.1
+  eval_closed "$B/release-w4lora-deploy-mixf" "$R/eval/release-w4lora-deploy-mixf"
+  eval_eri "$B/release-w4lora-deploy-mixf" "$R/eval/release-w4lora-deploy-mixf"
+}
 step_core_keepdown() {  # the INT8 prefill decoder with down_proj on the 4-bit kernels (int8_prefill_dev2's best MER
   # dev agreement of the INT8 forms), for every task; closed tasks and ERI
   export_keepdown
@@ -179,15 +188,19 @@ step_core_keepdown() {  # the INT8 prefill decoder with down_proj on the 4-bit k
 }
 step_bench_closed() {  # the closed tasks alone, 50 test records per task and source (p90 over 50-100 requests, not
   # 10-20), every CPU bundle built for this release, in one run (~8 min) -> BENCH_CLOSED_OUT.json / .md
-  local b bundles=(--bundle "$B/release-fp32")
-  for b in release-w4lora-deploy release-w4lora-deploy-p8 release-w4lora-deploy-mix release-w4lora-deploy-mixm p8-keepdown; do
+  # (BENCH_CLOSED: the bundles to time, default every one built; the run's folder is named after BENCH_CLOSED_OUT,
+  # so a second closed-task run of the same release gets its own)
+  local b bundles=(--bundle "$B/release-fp32") run
+  run=$(closed_bench_run)
+  for b in ${BENCH_CLOSED:-release-w4lora-deploy release-w4lora-deploy-p8 release-w4lora-deploy-mix release-w4lora-deploy-mixm release-w4lora-deploy-mixf p8-keepdown}; do
     [ -f "$B/$b/manifest.json" ] && bundles+=(--bundle "$B/$b")
   done
-  [ -f "$R/bench-closed-50/report.json" ] || $E bench "${bundles[@]}" --data "$D" --target cpu --tasks msa mer fer \
-    --limit 50 --out "$R/bench-closed-50" || [ $? -eq 1 ]
-  cp "$R/bench-closed-50/report.json" "${BENCH_CLOSED_OUT:-docs/results/bench-cpu-closed-50}.json"
-  cp "$R/bench-closed-50/report.md" "${BENCH_CLOSED_OUT:-docs/results/bench-cpu-closed-50}.md"
+  [ -f "$run/report.json" ] || $E bench "${bundles[@]}" --data "$D" --target cpu --tasks msa mer fer \
+    --limit 50 --out "$run" || [ $? -eq 1 ]
+  cp "$run/report.json" "${BENCH_CLOSED_OUT:-docs/results/bench-cpu-closed-50}.json"
+  cp "$run/report.md" "${BENCH_CLOSED_OUT:-docs/results/bench-cpu-closed-50}.md"
 }
+closed_bench_run() { echo "$R/$(basename "${BENCH_CLOSED_OUT:-bench-closed-50}")"; }
 step_core_p8m() {  # the INT8 prefill bundle answering a closed label by its first token when it leads by 2 nats
   # (--label-decision-margin: one decoder call less per request); closed tasks only, the only ones it changes
   export_prefill8_form release-w4lora-deploy-p8m --label-decision-margin 2
@@ -254,7 +267,7 @@ step_compare_core() {  # compression.json (or COMPARE_OUT) from the core rows (E
   elif [ -f "$ev/release-w4lora-deploy/ecpe/metrics.json" ]; then T+=+$(teacher_ecpe_sample)
   fi
   # the closed-task bench over 50 records per task and source first (bench_closed), where it ran
-  [ -f "$R/bench-closed-50/report.json" ] && more=(--bench "${BENCH_CLOSED_OUT:-docs/results/bench-cpu-closed-50}.json")
+  [ -f "$(closed_bench_run)/report.json" ] && more=(--bench "${BENCH_CLOSED_OUT:-docs/results/bench-cpu-closed-50}.json")
   [ -f "$R/bench/report.json" ] && more+=(--bench "$BENCH_OUT.json")
   local rows=() v x xe
   # the INT8-prefill forms where evaluated (core_p8, core_mix, core_mixm, core_keepdown): closed tasks + ERI, and
@@ -262,6 +275,7 @@ step_compare_core() {  # compression.json (or COMPARE_OUT) from the core rows (E
   for v in "same + INT8 prefill decoder=release-w4lora-deploy-p8" \
     "same + INT8 prefill for MSA, FER only (per task)=release-w4lora-deploy-mix" \
     "same, closed labels by a 2-nat first-token lead=release-w4lora-deploy-mixm" \
+    "same, closed labels by a 0.1-nat first-token lead=release-w4lora-deploy-mixf" \
     "INT8 prefill decoder, down_proj on 4-bit (every task)=p8-keepdown"; do
     x=$ev/${v#*=} xe=""
     [ -f "$x/$ecpe/metrics.json" ] && xe=+$x/$ecpe/metrics.json

@@ -374,3 +374,15 @@ def test_label_decision_margin_answers_a_clear_leader_without_its_continuation(r
     # each, more than its 5-nat lead, so exact scoring (no margin) picks the runner-up, after continuations
     monkeypatch.setattr(runtime, "label_margin", None)
     assert runtime.answer("mer", q).text == cands[-1] and sum(calls) >= 1
+    # an open task's closing word (ERI: scored like a label after the generated reasoning) is always scored exactly
+    monkeypatch.setattr(runtime, "label_margin", 2.0)
+    eri = TASKS["eri"]
+    prefix, words = eri.closing()
+    emb = runtime.embed(eri.query("ugh"), [])
+    lift.clear()
+    lift.update({runtime.tok.encode(words[0], add_special_tokens=False).ids[0]: 34.0})
+    calls.clear()
+    decided = runtime._closings([emb], ["It is hard to say."], [eri])[0]
+    assert sum(calls) >= 1
+    monkeypatch.setattr(runtime, "label_margin", None)
+    assert decided == runtime._closings([emb], ["It is hard to say."], [eri])[0]
