@@ -20,6 +20,7 @@ from emoverse.baselines import run_baseline
 from emoverse.model import EmoVerse, ModelConfig
 from emoverse.records import Record, load_records, select_records  # noqa: F401
 from emoverse.runtime.backends import open_runtime
+from emoverse.runtime.ort import Answer
 from emoverse.runtime.torch_ref import TorchRuntime
 from emoverse.stats import bootstrap_ci
 from emoverse.tasks import INVALID, TASKS
@@ -91,8 +92,8 @@ class Predictor:
             return [i for i in rec.images if Path(i).is_file()]
         return list(rec.images)
 
-    def many(self, recs: list[Record], mode: str) -> list:
-        """Answers (runtime `Answer`s: text, label, candidate scores) for records of one task, as one batch."""
+    def many(self, recs: list[Record], mode: str) -> list[Answer]:
+        """Answers (text, label, candidate scores) for records of one task, as one batch."""
         answers = self.rt.answer_many(
             [{"task": r.task, "query": r.query, "images": self._images(r)} for r in recs],
             mode=mode,
