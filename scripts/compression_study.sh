@@ -164,7 +164,7 @@ step_core_mix() {  # that bundle on the closed tasks, ERI and the ECPE sample (~
   evaluate "$B/release-w4lora-deploy-mix" "$R/eval/release-w4lora-deploy-mix"
 }
 step_core_mixm() {  # the per-task bundle answering a closed label by its first token when it leads by 2 nats (one
-  # decoder call less where decided: MER's tail on the 4-bit decoder); closed tasks (+ ERI: its closing is scored too)
+  # decoder call less where decided: MER's tail on the 4-bit decoder); closed tasks (+ ERI: its closing took the margin until the fifteenth session)
   export_mixed release-w4lora-deploy-mixm --label-decision-margin 2
   eval_closed "$B/release-w4lora-deploy-mixm" "$R/eval/release-w4lora-deploy-mixm"
   eval_eri "$B/release-w4lora-deploy-mixm" "$R/eval/release-w4lora-deploy-mixm"
@@ -175,8 +175,8 @@ step_core_mixm() {  # the per-task bundle answering a closed label by its first 
 step_core_mixf() {  # the per-task bundle answering a closed label by its first token when it leads by 0.1 nats: on
   # the DEV split the answer's continuation ('.', end) cost at most 0.008 nats and the first-token leader was the exact
   # answer in all 2,123 closed records (scripts/label_margin_dev.py -> docs/results/label-margin-dev.json), so 0.1
-  # decides 95-97% of requests without the continuation call (2 nats: 35-69%); closed tasks + ERI (its closing is
-  # scored the same way)
+  # decides 95-97% of requests without the continuation call (2 nats: 35-69%); closed tasks, and ERI to show its
+  # answers stay the mix's (the margin applies to closed-label tasks only; its first ERI eval, before that, moved 2)
   export_mixed release-w4lora-deploy-mixf --label-decision-margin 0.1
   eval_closed "$B/release-w4lora-deploy-mixf" "$R/eval/release-w4lora-deploy-mixf"
   eval_eri "$B/release-w4lora-deploy-mixf" "$R/eval/release-w4lora-deploy-mixf"
