@@ -163,25 +163,24 @@ step_core_mix() {  # that bundle on the closed tasks, ERI and the ECPE sample (~
   export_mixed release-w4lora-deploy-mix
   evaluate "$B/release-w4lora-deploy-mix" "$R/eval/release-w4lora-deploy-mix"
 }
-step_core_mixm() {  # the per-task bundle answering a closed label by its first token when it leads by 2 nats (one
-  # decoder call less where decided: MER's tail on the 4-bit decoder); closed tasks (+ ERI: its closing took the margin until the fifteenth session)
-  export_mixed release-w4lora-deploy-mixm --label-decision-margin 2
-  eval_closed "$B/release-w4lora-deploy-mixm" "$R/eval/release-w4lora-deploy-mixm"
-  eval_eri "$B/release-w4lora-deploy-mixm" "$R/eval/release-w4lora-deploy-mixm"
-  # ECPE scores every cause set (no first-token decision) on the 4-bit decoder: the seeded sample, to show its
-  # answers are the deployed bundle's (whose full-split ECPE compare_core pairs)
-  eval_ecpe "$B/release-w4lora-deploy-mixm" "$R/eval/release-w4lora-deploy-mixm"
+core_margin() {  # NAME MARGIN: the per-task bundle answering a closed label by its first token when it leads by
+  # MARGIN nats (one decoder call less where decided: MER's tail on the 4-bit decoder); closed tasks, ERI to show its
+  # answers stay the mix's (the margin applies to closed-label tasks only; before the fifteenth session it also
+  # decided ERI's closing word, and 0.1 moved 2 of 169), and the ECPE sample: ECPE never takes the margin (every
+  # cause set is scored), so its answers are the deployed bundle's (whose full-split ECPE compare_core pairs)
+  export_mixed "$1" --label-decision-margin "$2"
+  eval_closed "$B/$1" "$R/eval/$1"
+  eval_eri "$B/$1" "$R/eval/$1"
+  eval_ecpe "$B/$1" "$R/eval/$1"
 }
-step_core_mixf() {  # the per-task bundle answering a closed label by its first token when it leads by 0.1 nats: on
-  # the DEV split the answer's continuation ('.', end) cost at most 0.008 nats and the first-token leader was the exact
-  # answer in all 2,123 closed records (scripts/label_margin_dev.py -> docs/results/label-margin-dev.json), so 0.1
-  # decides 95-97% of requests without the continuation call (2 nats: 35-69%); closed tasks, and ERI to show its
-  # answers stay the mix's (the margin applies to closed-label tasks only; its first ERI eval, before that, moved 2)
-  export_mixed release-w4lora-deploy-mixf --label-decision-margin 0.1
-  eval_closed "$B/release-w4lora-deploy-mixf" "$R/eval/release-w4lora-deploy-mixf"
-  eval_eri "$B/release-w4lora-deploy-mixf" "$R/eval/release-w4lora-deploy-mixf"
-  # ECPE never takes the margin (its cause sets are all scored): the seeded sample shows its answers are mixm's
-  eval_ecpe "$B/release-w4lora-deploy-mixf" "$R/eval/release-w4lora-deploy-mixf"
+step_core_mixm() {  # the margin at 2 nats
+  core_margin release-w4lora-deploy-mixm 2
+}
+step_core_mixf() {  # the margin at 0.1 nats: on the DEV split the answer's continuation ('.', end) cost at most 0.008
+  # nats and the first-token leader was the exact answer in all 2,123 closed records (scripts/label_margin_dev.py ->
+  # docs/results/label-margin-dev.json), so 0.1 decides 95-97% of requests without the continuation call (2 nats:
+  # 35-69%)
+  core_margin release-w4lora-deploy-mixf 0.1
 }
 step_core_keepdown() {  # the INT8 prefill decoder with down_proj on the 4-bit kernels (int8_prefill_dev2's best MER
   # dev agreement of the INT8 forms), for every task; closed tasks and ERI
@@ -193,15 +192,23 @@ step_bench_closed() {  # the closed tasks alone, 50 test records per task and so
   # 10-20), every CPU bundle built for this release, in one run (~8 min) -> BENCH_CLOSED_OUT.json / .md
   # (BENCH_CLOSED: the bundles to time, default every one built; the run's folder is named after BENCH_CLOSED_OUT,
   # so a second closed-task run of the same release gets its own)
-  local b bundles=(--bundle "$B/release-fp32") run
+  local bundles=(--bundle "$B/release-fp32") run
   run=$(closed_bench_run)
-  for b in ${BENCH_CLOSED:-release-w4lora-deploy release-w4lora-deploy-p8 release-w4lora-deploy-mix release-w4lora-deploy-mixm release-w4lora-deploy-mixf p8-keepdown}; do
-    [ -f "$B/$b/manifest.json" ] && bundles+=(--bundle "$B/$b")
-  done
+  built_bundles bundles ${BENCH_CLOSED:-release-w4lora-deploy release-w4lora-deploy-p8 release-w4lora-deploy-mix \
+    release-w4lora-deploy-mixm release-w4lora-deploy-mixf p8-keepdown}
   [ -f "$run/report.json" ] || $E bench "${bundles[@]}" --data "$D" --target cpu --tasks msa mer fer \
     --limit 50 --out "$run" || [ $? -eq 1 ]
   cp "$run/report.json" "${BENCH_CLOSED_OUT:-docs/results/bench-cpu-closed-50}.json"
   cp "$run/report.md" "${BENCH_CLOSED_OUT:-docs/results/bench-cpu-closed-50}.md"
+}
+built_bundles() {  # ARRAY_NAME BUNDLE...: append "--bundle $B/BUNDLE" for each of them that was built
+  local -n into=$1
+  shift
+  local b
+  for b in "$@"; do
+    [ -f "$B/$b/manifest.json" ] && into+=(--bundle "$B/$b")
+  done
+  return 0
 }
 closed_bench_run() { echo "$R/$(basename "${BENCH_CLOSED_OUT:-bench-closed-50}")"; }
 step_core_p8m() {  # the INT8 prefill bundle answering a closed label by its first token when it leads by 2 nats
@@ -215,10 +222,7 @@ step_core_p8() {  # the same, on the closed tasks, the ECPE sample, ERI
 }
 step_bench_core() {  # latency of the two (three with core_p8), with the PyTorch FP32 teacher, in one run (~10 min)
   local p8=()
-  [ -f "$B/release-w4lora-deploy-p8/manifest.json" ] && p8=(--bundle "$B/release-w4lora-deploy-p8")
-  [ -f "$B/release-w4lora-deploy-p8m/manifest.json" ] && p8+=(--bundle "$B/release-w4lora-deploy-p8m")
-  [ -f "$B/release-w4lora-deploy-mix/manifest.json" ] && p8+=(--bundle "$B/release-w4lora-deploy-mix")
-  [ -f "$B/release-w4lora-deploy-mixm/manifest.json" ] && p8+=(--bundle "$B/release-w4lora-deploy-mixm")
+  built_bundles p8 release-w4lora-deploy-p8 release-w4lora-deploy-p8m release-w4lora-deploy-mix release-w4lora-deploy-mixm
   [ -f "$R/bench/report.json" ] || $E bench --model "$M" --bundle "$B/release-fp32" --bundle "$B/release-w4lora-deploy" \
     "${p8[@]}" --data "$D" --target cpu --limit "${BENCH_LIMIT:-10}" --out "$R/bench" || [ $? -eq 1 ]
   cp "$R/bench/report.json" "$BENCH_OUT.json"
