@@ -115,7 +115,7 @@ def pair_features(query: str) -> tuple[int, str, list[tuple[int, dict[str, float
     return k, emotion, rows
 
 
-def _pair_answers(records: list[tuple[Record, tuple]], proba, threshold: float) -> dict[str, str]:
+def pair_answers(records: list[tuple[Record, tuple]], proba, threshold: float) -> dict[str, str]:
     """Each (record, `pair_features`) pair's causes with probability >= threshold (the most probable one when
     none is), ascending; `proba` runs over all their candidate rows in order."""
     preds, i = {}, 0
@@ -127,48 +127,68 @@ def _pair_answers(records: list[tuple[Record, tuple]], proba, threshold: float) 
     return preds
 
 
-def pair_lr(records: list[Record], train: list[Record]) -> dict[str, str]:
-    """ECPE by logistic regression on each (target, candidate) pair's layout features (`pair_features`: offset,
-    same speaker, both emotions and their interactions with the offset); the inclusion threshold is the one that
-    maximises pair F1 on the train split itself (a low-capacity model: in-sample is close to held-out)."""
-    from sklearn.feature_extraction import DictVectorizer
-    from sklearn.linear_model import LogisticRegression
+PAIR_THRESHOLDS = tuple(t / 20 for t in range(2, 13))  # 0.10 ... 0.60
 
+
+def best_pair_threshold(records: list[tuple[Record, tuple]], proba) -> float:
+    """The inclusion threshold of PAIR_THRESHOLDS whose `pair_answers` score the best pair F1 on these records."""
+    task = TASKS["ecpe"]
+    gold = [r.response for r, _ in records]
+
+    def f1(threshold: float) -> float:
+        pred = pair_answers(records, proba, threshold)
+        return task.metrics(gold, [pred[r.id] for r, _ in records], [None] * len(records))["pair_f1"]
+
+    return max(PAIR_THRESHOLDS, key=f1)
+
+
+def featurise_pairs(records: list[Record]) -> list[tuple[Record, tuple]]:
+    """(record, `pair_features`) of each ECPE record; a query that is not an ECPE conversation names its record."""
+    out = []
+    for r in records:
+        try:
+            out.append((r, pair_features(r.query)))
+        except ValueError as e:
+            raise BaselineError(f"record {r.id}: {e}") from None
+    return out
+
+
+class PairLayoutModel:
+    """`pair-lr`'s fitted parts: logistic regression on each (target, candidate) pair's layout features
+    (`pair_features`: offset, same speaker, both emotions and their interactions with the offset), fitted on ECPE
+    training records, and the inclusion threshold that maximises pair F1 on those records themselves (a
+    low-capacity model: in-sample is close to held-out)."""
+
+    def __init__(self, train: list[Record]):
+        from sklearn.feature_extraction import DictVectorizer
+        from sklearn.linear_model import LogisticRegression
+
+        task = TASKS["ecpe"]
+        fit = featurise_pairs(_need_train(train, "ecpe", "pair-lr"))
+        x, y = [], []
+        for r, (k, emotion, rows) in fit:
+            gold = set(task.parse(r.response).pairs)
+            x += [f for _, f in rows]
+            y += [f"{k}_{emotion},{c}" in gold for c, _ in rows]
+        if len(set(y)) < 2:
+            raise BaselineError("baseline 'pair-lr' needs ECPE training records with and without cause pairs")
+        self.vec = DictVectorizer()
+        self.clf = LogisticRegression(max_iter=3000).fit(self.vec.fit_transform(x), y)
+        self.threshold = best_pair_threshold(fit, self.proba(fit))
+
+    def proba(self, featurised: list[tuple[Record, tuple]]):
+        """P(cause) of every candidate row of `featurise_pairs` output, in order."""
+        return self.clf.predict_proba(self.vec.transform([f for _, (_, _, rows) in featurised for _, f in rows]))[:, 1]
+
+
+def pair_lr(records: list[Record], train: list[Record]) -> dict[str, str]:
+    """ECPE by `PairLayoutModel` fitted on the train split: what the conversation's layout alone predicts."""
     todo = [r for r in records if r.task == "ecpe"]
     if not todo:
         return {}
-    task = TASKS["ecpe"]
-
-    def featurise(rows: list[Record]) -> list[tuple[Record, tuple]]:
-        out = []
-        for r in rows:
-            try:
-                out.append((r, pair_features(r.query)))
-            except ValueError as e:
-                raise BaselineError(f"record {r.id}: {e}") from None
-        return out
-
-    fit = featurise(_need_train(train, "ecpe", "pair-lr"))
-    x, y = [], []
-    for r, (k, emotion, rows) in fit:
-        gold = set(task.parse(r.response).pairs)
-        x += [f for _, f in rows]
-        y += [f"{k}_{emotion},{c}" in gold for c, _ in rows]
-    if len(set(y)) < 2:
-        raise BaselineError("baseline 'pair-lr' needs ECPE training records with and without cause pairs")
-    vec = DictVectorizer()
-    clf = LogisticRegression(max_iter=3000).fit(vec.fit_transform(x), y)
-    p_fit = clf.predict_proba(vec.transform(x))[:, 1]
-    gold = [r.response for r, _ in fit]
-
-    def f1(threshold: float) -> float:
-        pred = _pair_answers(fit, p_fit, threshold)
-        return task.metrics(gold, [pred[r.id] for r, _ in fit], [None] * len(fit))["pair_f1"]
-
-    threshold = max((t / 20 for t in range(2, 13)), key=f1)  # 0.10 ... 0.60
-    scored = featurise(todo)
-    proba = clf.predict_proba(vec.transform([f for _, (_, _, rows) in scored for _, f in rows]))[:, 1]
-    return _pair_answers(scored, proba, threshold)
+    model = PairLayoutModel(train)
+    scored = featurise_pairs(todo)
+    return pair_answers(scored, model.proba(scored), model.threshold)
 
 
 def vader(records: list[Record], train: list[Record]) -> dict[str, str]:

@@ -20,45 +20,28 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections import defaultdict
 
 import numpy as np
 from sklearn.feature_extraction import DictVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from emoverse.artifacts import atomic_write_json
-from emoverse.baselines import pair_features
+from emoverse.baselines import PairLayoutModel, best_pair_threshold, featurise_pairs, pair_answers
 from emoverse.records import load_records
 from emoverse.stats import paired_ratio
 from emoverse.tasks import TASKS
 
 TASK = TASKS["ecpe"]
-THRESHOLDS = [t / 20 for t in range(2, 13)]  # 0.10 ... 0.60, pair-lr's grid
 
 
-def pair_rows(records, scores):
-    """Every (record, pair, layout features, model marginal or None) for the candidates up to the target."""
+def pair_rows(featurised, scores):
+    """Every candidate row of `featurise_pairs` output, in its order: (record index, pair, layout features, the
+    model's marginal or None where the pair is outside its candidate sets, offset to the target)."""
     out = []
-    for r in records:
-        k, emo, rows = pair_features(r.query)
-        m = {}
-        if scores is not None:
-            cands = list(scores[r.id])
-            m = TASK.marginals(cands, [scores[r.id][c] for c in cands])
-        for c, feats in rows:
-            pair = f"{k}_{emo},{c}"
-            out.append((r, pair, feats, m.get(pair), k - c))
-    return out
-
-
-def answers(rows, proba, threshold):
-    by = defaultdict(list)
-    for (r, pair, *_), p in zip(rows, proba, strict=True):
-        by[r.id].append((pair, p))
-    out = {}
-    for rid, lst in by.items():
-        keep = [pair for pair, p in lst if p >= threshold] or [max(lst, key=lambda t: t[1])[0]]
-        out[rid] = ";".join(sorted(keep, key=lambda s: int(s.rsplit(",", 1)[1])))
+    for i, (r, (k, emo, rows)) in enumerate(featurised):
+        cands = list(scores[r.id])
+        m = TASK.marginals(cands, [scores[r.id][c] for c in cands])
+        out += [(i, f"{k}_{emo},{c}", feats, m.get(f"{k}_{emo},{c}"), k - c) for c, feats in rows]
     return out
 
 
@@ -81,16 +64,12 @@ def main() -> None:
         raise SystemExit(f"{args.predictions}: no candidate scores for {len(missing)} dev records ({missing[0]}, …)")
     train = [r for r in load_records(args.data, split="train") if r.task == "ecpe"]
 
-    fit_rows = pair_rows(train, None)
-    gold_of = lambda rows: np.array([pair in set(TASK.parse(r.response).pairs) for r, pair, *_ in rows])  # noqa: E731
-    vec = DictVectorizer()
-    layout = LogisticRegression(max_iter=3000).fit(
-        vec.fit_transform([f for _, _, f, *_ in fit_rows]), gold_of(fit_rows)
-    )
-
-    dv = pair_rows(dev, scores)
-    y = gold_of(dv)
-    p_lr = layout.predict_proba(vec.transform([f for _, _, f, *_ in dv]))[:, 1]
+    layout = PairLayoutModel(train)
+    feat = featurise_pairs(dev)
+    dv = pair_rows(feat, scores)
+    golds = [set(TASK.parse(r.response).pairs) for r in dev]
+    y = np.array([pair in golds[i] for i, pair, *_ in dv])
+    p_lr = layout.proba(feat)
     lr_logit = np.log(p_lr) - np.log1p(-p_lr)
     in_win = np.array([float(m is not None) for *_, m, _ in dv])
     # marginals of exactly 0 or 1 would be infinite logits; 1e-4 bounds them at ±9.2
@@ -108,11 +87,13 @@ def main() -> None:
     convs = sorted({conv(r.id) for r in dev})
     np.random.default_rng(0).shuffle(convs)
     fold_of = {c: i % 5 for i, c in enumerate(convs)}
-    fold = np.array([fold_of[conv(r.id)] for r, *_ in dv])
+    record_fold = np.array([fold_of[conv(r.id)] for r in dev])
+    fold = record_fold[[i for i, *_ in dv]]
 
+    pair_lr_name = f"pair-lr (train fit, {layout.threshold:.2f})"
     preds = {
         "model (marginal >= 0.25)": {r.id: TASK.choose(list(scores[r.id]), list(scores[r.id].values())) for r in dev},
-        "pair-lr (train fit, 0.35)": answers(dv, p_lr, 0.35),
+        pair_lr_name: pair_answers(feat, p_lr, layout.threshold),
     }
     chosen: dict[str, list[float]] = {}
     for name in [*designs, "full"]:
@@ -131,14 +112,15 @@ def main() -> None:
             else:
                 clf = LogisticRegression(max_iter=3000).fit(designs[name][tr], y[tr])
                 p_tr, p_te = clf.predict_proba(designs[name][tr])[:, 1], clf.predict_proba(designs[name][te])[:, 1]
-            rows_tr, rows_te = [dv[i] for i in tr], [dv[i] for i in te]
-            recs_tr = [r for r in dev if fold_of[conv(r.id)] != k]
-            t = max(THRESHOLDS, key=lambda t: pair_f1(recs_tr, answers(rows_tr, p_tr, t)))
+            # rows run record by record, so a fold's rows are its records' rows in order
+            feat_tr = [x for x, f in zip(feat, record_fold, strict=True) if f != k]
+            feat_te = [x for x, f in zip(feat, record_fold, strict=True) if f == k]
+            t = best_pair_threshold(feat_tr, p_tr)
             chosen[name].append(t)
-            out.update(answers(rows_te, p_te, t))
+            out.update(pair_answers(feat_te, p_te, t))
         preds[f"fused: {name} (5-fold CV)"] = out
 
-    base = preds["pair-lr (train fit, 0.35)"]
+    base = preds[pair_lr_name]
     gold = [r.response for r in dev]
     report = {
         "split": "dev",
