@@ -41,16 +41,25 @@ def main() -> None:
     rt = open_runtime(args.bundle, "auto")
     rt.label_margin = None  # exact scoring, whatever the bundle ships
     predictor = Predictor(rt)
+    # the first-token logits are the exact scoring's own prefill, recorded on the way (no second prefill)
+    prefilled: list[np.ndarray] = []
+    exact_prefill = rt.prefill
+
+    def recording_prefill(embs):
+        out = exact_prefill(embs)
+        prefilled.append(out[0])
+        return out
+
+    rt.prefill = recording_prefill
     records = [r for r in load_records(args.data, split=args.split) if r.task in args.tasks]
     stats: dict[str, list[tuple[float, bool]]] = defaultdict(list)  # task -> (lead, leader == exact answer)
     cost: dict[str, list[float]] = defaultdict(list)  # task -> what the answer's continuation cost (nats)
     for chunk in _chunks(records, "score", 16):
         task = TASKS[chunk[0].task]
+        prefilled.clear()
         exact = predictor.many(chunk, "score")
-        embs = [rt.embed(r.query, predictor._images(r)) for r in chunk]
-        with rt._for_tasks([task] * len(chunk)):
-            last, _, _ = rt.prefill(embs)
-        first = _log_softmax(last)
+        assert len(prefilled) == 1 and len(prefilled[0]) == len(chunk)  # one batch of one task: one prefill, in order
+        first = _log_softmax(prefilled[0])
         for i, (r, answer) in enumerate(zip(chunk, exact, strict=True)):
             cands = task.candidates(r.query)
             bounds = [float(first[i, rt.tok.encode(c, add_special_tokens=False).ids[0]]) for c in cands]
