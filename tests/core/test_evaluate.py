@@ -64,11 +64,8 @@ def test_eval_accepts_foreign_jsonl_and_resumes(tiny_model_dir, tmp_path):
     )
     m = evaluate(str(tiny_model_dir), [str(f)], out, mode="score")
     assert set(m["results"]) == {"emoverse/score"}
-    preds = {
-        json.loads(x)["id"]: json.loads(x)["prediction"] for x in (out / "predictions.jsonl").read_text().splitlines()
-    }
-    assert preds["mine-1"] == "Negative."
-    rows = {json.loads(x)["id"]: json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()}
+    rows = {row["id"]: row for row in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
+    assert rows["mine-1"]["prediction"] == "Negative."
     assert rows["mine-1"]["scores"] == {"Negative.": -0.5}  # what the interrupted run scored is kept
     assert rows["mine-2"]["prediction"] in rows["mine-2"]["scores"]
     assert m["results"]["emoverse/score"]["msa.n"] == 2
