@@ -195,7 +195,13 @@ def test_int8_prefill_bundle_shares_the_4bit_weights_and_serves_prompts(w4_artif
     import onnxruntime as ort
 
     from emoverse.export.bundle import SHARED_WEIGHTS_FILE, calibration_prompts
-    from emoverse.runtime.ort import LOAD_TIME_SUFFIXES, OrtRuntime, decoder_weight_bytes, load_time_tensors
+    from emoverse.runtime.ort import (
+        LOAD_TIME_SUFFIXES,
+        OrtRuntime,
+        decoder_weight_bytes,
+        load_time_tensors,
+        session_options,
+    )
 
     records = calibration_prompts(small_amt, per_task=2)
     assert [r.task for r in records[:5]] == ["msa", "mer", "fer", "eri", "ecpe"]  # round-robin over tasks
@@ -235,7 +241,9 @@ def test_int8_prefill_bundle_shares_the_4bit_weights_and_serves_prompts(w4_artif
         n.output[0] for n in pre.graph.node if n.output[0].endswith(LOAD_TIME_SUFFIXES)
     }
     assert load_time_tensors(out / graphs["decoder"]) is None  # nothing to build: the file is opened as is
-    folded = ort.InferenceSession(str(out / graphs["decoder_prefill"]), providers=["CPUExecutionProvider"])
+    folded = ort.InferenceSession(  # the runtime's options: u8s8 GEMMs exact on CPUs without VNNI too
+        str(out / graphs["decoder_prefill"]), session_options(), providers=["CPUExecutionProvider"]
+    )
     rng = np.random.default_rng(0)
     feeds = {
         "inputs_embeds": rng.standard_normal((2, 9, rt.embed("x", []).shape[1])).astype(np.float32),
