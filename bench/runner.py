@@ -23,6 +23,7 @@ from tqdm import tqdm
 from emoverse.artifacts import (
     atomic_write_json,
     atomic_write_text,
+    cpu_name,
     folder_bytes,
     library_versions,
     read_manifest,
@@ -179,16 +180,8 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
 
 
 def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "machine": platform.machine(),
         "python": platform.python_version(),

@@ -110,15 +110,31 @@ def library_versions(
     return out
 
 
-def cpu_name() -> str:
-    """The CPU model (timings and throughput are only comparable on the same one)."""
+# The instruction-set extensions that pick onnxruntime's and PyTorch's kernels here (int8 dot products, bf16,
+# AMX; on ARM the dot-product and int8-matmul extensions): two CPUs with one model name may differ in them (an
+# "AMD EPYC" with AVX-512 BF16 + VNNI and one with AVX2 only have both been seen), and so do their timings
+# and the integer kernels' exactness (runtime.ort.session_options).
+KERNEL_FLAGS = (
+    "avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
+    "asimddp", "i8mm", "bf16", "sve",
+)  # fmt: skip
+
+
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU model and its KERNEL_FLAGS, e.g. 'AMD EPYC (avx2)' (timings and throughput are only comparable
+    on the same one)."""
+    name, flags = "", None
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and not name:
+                name = value
+            elif key in ("flags", "Features") and flags is None:  # x86 / ARM
+                flags = [f for f in KERNEL_FLAGS if f in value.split()]
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = name or platform.processor() or platform.machine()
+    return name if flags is None else f"{name} ({', '.join(flags) or 'baseline SIMD only'})"
 
 
 def folder_bytes(folder: str | os.PathLike) -> int:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from emoverse.artifacts import ArtifactError, atomic_dir, verify, write_manifest
+from emoverse.artifacts import ArtifactError, atomic_dir, cpu_name, verify, write_manifest
 
 
 def _make(tmp_path):
@@ -80,3 +80,18 @@ def test_atomic_write_to_a_device_writes_through_it(tmp_path):
     assert got and json.loads(got[0]) == {"b": 2} and stat.S_ISFIFO(os.stat(fifo).st_mode)
     atomic_write_json(tmp_path / "f.json", {"c": 3})  # a plain file still goes through the rename
     assert json.loads((tmp_path / "f.json").read_text()) == {"c": 3}
+
+
+def test_cpu_name_names_the_kernel_flags_that_tell_two_cpus_of_one_name_apart(tmp_path):
+    # two "AMD EPYC" seen here: AVX-512 with BF16 and VNNI, and AVX2 only; their timings and integer kernels differ
+    zen4, zen3, arm = (tmp_path / n for n in ("zen4", "zen3", "arm"))
+    zen4.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx avx2 avx512f avx512_vnni avx512_bf16\n"
+        "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx avx2 avx512f avx512_vnni avx512_bf16\n"
+    )
+    zen3.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx avx2 fma\n")
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\n")
+    assert cpu_name(zen4) == "AMD EPYC (avx2, avx512f, avx512_vnni, avx512_bf16)"
+    assert cpu_name(zen3) == "AMD EPYC (avx2)"
+    assert cpu_name(arm).endswith("(asimddp)")
+    assert cpu_name(tmp_path / "absent")  # no /proc/cpuinfo: the platform's name
