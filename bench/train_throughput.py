@@ -171,11 +171,12 @@ def main(argv: list[str] | None = None) -> dict:
         r = measure(trainer, a.steps)
         if compile_s is not None:
             r["compile_and_first_steps_s"] = compile_s
-        peak = peaks[trainer.cfg.precision]
+        peak = peaks[trainer.precision]  # the precision it ran at (fp32 where this CPU would emulate bf16)
         r.update(
             name=name,
             settings={**train_over, **model_over},
             release=name == RELEASE_ROW,
+            precision=trainer.precision,
             mfu=round(r["achieved_flops_per_s"] / peak, 3),
         )
         rows.append(r)

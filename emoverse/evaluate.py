@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from emoverse.artifacts import atomic_write_json, atomic_write_text, read_manifest
+from emoverse.artifacts import atomic_write_json, atomic_write_text, autocast_precision, read_manifest
 from emoverse.baselines import run_baseline
 from emoverse.model import EmoVerse, ModelConfig
 from emoverse.records import Record, load_records, select_records  # noqa: F401
@@ -224,6 +224,7 @@ def evaluate(
             "AVX-512 BF16 or AMX)"
         )
     dev_type = torch.device(device).type
+    requested, precision = precision, autocast_precision(precision, dev_type)
     autocast = torch.autocast(dev_type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
     if threads:
@@ -316,6 +317,7 @@ def evaluate(
         "seed": seed,
         "missing_media": missing_media,
         "precision": precision,
+        **({"precision_requested": requested} if requested != precision else {}),
         "device": device if dev_type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
         "records": dict(sorted(Counter(f"{r.task}/{r.source}" for r in records).items())),
         "results": {s: _drop_generated_only(s, compute_metrics(records, p)) for s, p in systems.items()},

@@ -26,6 +26,7 @@ from emoverse.artifacts import (
     ArtifactError,
     atomic_dir,
     atomic_write_json,
+    autocast_precision,
     manifest_digest,
     read_manifest,
     sha256_file,
@@ -72,7 +73,8 @@ class TrainConfig:
     threads: int | None = None
     device: str = "auto"  # "auto": CUDA when present, else CPU; "cpu" / "cuda" / "cuda:N"
     # Throughput settings (bench/train_throughput.py measures each against the original ones, side by side):
-    precision: str = "fp32"  # "bf16": autocast matmuls to bfloat16 (fp32 master weights, fp32 loss)
+    precision: str = "fp32"  # "bf16": autocast matmuls to bfloat16 (fp32 master weights, fp32 loss); a CPU
+    # without bf16 instructions runs fp32 instead (emoverse.artifacts.autocast_precision: emulated bf16 is ~16x slower)
     response_logits_only: bool = False  # vocabulary projection only at response positions
     length_buckets: bool = False  # a batch is a run of neighbours in length order: little padding
     # Shared-prefix packing for these (text-only) tasks: a batch is a run of neighbours in token order (one
@@ -163,6 +165,7 @@ class Trainer:
             if not any(w > 0 for w in s.task_weights.values()):
                 raise ValueError(f"stage {s.name!r}: task_weights are all zero")
         self.device = _resolve_device(cfg.device)
+        self.precision = autocast_precision(cfg.precision, self.device.type)  # fp32 where bf16 is emulated
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
         torch.manual_seed(cfg.seed)
@@ -372,7 +375,7 @@ class Trainer:
 
         ctx = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
-            if self.cfg.precision == "bf16"
+            if self.precision == "bf16"
             else contextlib.nullcontext()
         )
         packed = batch["attention_mask"].dim() == 4  # a packed row runs on its own attention kernel
@@ -543,6 +546,7 @@ class Trainer:
             data_manifest["digest"] = manifest_digest(read_manifest(data_dir))
         stats["tokens_per_s"] = round(stats["tokens"] / max(stats["seconds"], 1e-9), 1)
         stats["device"] = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        stats["precision"] = self.precision  # the recipe's, or fp32 where this CPU would emulate bf16
         self.model.to("cpu")  # the artifact is written (and later read) on the CPU
         out = self.out / "model"
         self.model.save(

@@ -102,7 +102,7 @@ def test_distill_keep_layers_bounds(tiny_model_dir, small_amt, tmp_path):
         compress(p, adapter, small_amt, tmp_path / "out-adapter")
 
 
-def test_compare_table(tiny_model_dir, small_amt, tmp_path):
+def test_compare_table(tiny_model_dir, small_amt, tmp_path, monkeypatch):
     from emoverse.compare import compare, format_compare
     from emoverse.evaluate import evaluate
 
@@ -152,6 +152,7 @@ def test_compare_table(tiny_model_dir, small_amt, tmp_path):
             }
         )
     )
+    monkeypatch.setattr("emoverse.artifacts.cpu_runs_bf16", lambda: True)  # a real bf16 eval on any CPU
     evaluate(
         str(tiny_model_dir), [str(small_amt)], tmp_path / "bf16", mode="score", limit=1, tasks=["msa"], precision="bf16"
     )

@@ -120,3 +120,17 @@ def test_score_mode_alone_still_answers_open_tasks(tiny_model_dir, small_amt, tm
     m = evaluate(str(tiny_model_dir), [str(small_amt)], tmp_path, mode="score", limit=1, tasks=["eri", "ecpe", "msa"])
     res = m["results"]["emoverse/score"]
     assert "eri.rouge_l" in res and "ecpe.pair_f1" in res and "msa.accuracy" in res
+
+
+def test_bf16_runs_as_fp32_where_the_cpu_would_emulate_it(tiny_model_dir, small_amt, tmp_path, monkeypatch):
+    from emoverse.artifacts import autocast_precision
+
+    monkeypatch.setattr("emoverse.artifacts.cpu_runs_bf16", lambda: False)  # e.g. an AVX2-only AMD EPYC
+    with pytest.warns(UserWarning, match="no bf16 instructions"):
+        m = evaluate(
+            str(tiny_model_dir), [str(small_amt)], tmp_path, mode="score", limit=1, tasks=["msa"], precision="bf16"
+        )
+    assert (m["precision"], m["precision_requested"]) == ("fp32", "bf16")  # what ran, and what was asked
+    assert autocast_precision("bf16", "cuda") == "bf16" and autocast_precision("fp32", "cpu") == "fp32"
+    monkeypatch.setattr("emoverse.artifacts.cpu_runs_bf16", lambda: True)
+    assert autocast_precision("bf16", "cpu") == "bf16"
