@@ -220,6 +220,40 @@ step_core_p8() {  # the same, on the closed tasks, the ECPE sample, ERI
   export_prefill8
   evaluate "$B/release-w4lora-deploy-p8" "$R/eval/release-w4lora-deploy-p8"
 }
+export_deployed_margin() {  # the deployed bundle (every call on the 4-bit decoder) with closed labels by a 0.1-nat lead
+  export_bundle release-w4lora-deploy-f "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations \
+    --label-decision-margin 0.1
+}
+step_cpu_check() {  # the shipped bundle (mixf) on THIS CPU, paired with the FP32 teacher's bundle on the same CPU:
+  # quantized answers at near-ties move with a CPU's kernels, so a ratio measured on one CPU is not another's. Also
+  # what onnxruntime's saturating u8s8 kernels did on an x86 CPU without VNNI (scripts/emoverse_saturating_int8.py;
+  # on a CPU with VNNI both runs are equal), mixf's MER (its 4-bit decoder: deploy-f's answers) and the closed-task
+  # latencies. CPU_TAG names the files (default avx2): docs/results/CPU_TAG-*.json, bench-cpu-v4-closed-50-CPU_TAG.
+  # ~1.5 h on 2 cores (the AVX2-only AMD EPYC of the sixteenth session)
+  local tag=${CPU_TAG:-avx2} mixf=$B/release-w4lora-deploy-mixf
+  local out=$R/cpu-$tag pair=(.venv/bin/python scripts/paired_by_source.py)
+  export_reference
+  export_mixed release-w4lora-deploy-mixf --label-decision-margin 0.1
+  export_deployed_margin
+  eval_closed "$B/release-fp32" "$out/fp32"
+  [ -f "$out/mixf-exact/metrics.json" ] || $E eval --model "$mixf" $EV --tasks msa fer --out "$out/mixf-exact"
+  [ -f "$out/mixf-saturating/metrics.json" ] || .venv/bin/python scripts/emoverse_saturating_int8.py eval \
+    --model "$mixf" $EV --tasks msa fer --out "$out/mixf-saturating"
+  [ -f "$out/deploy-f-mer/metrics.json" ] || $E eval --model "$B/release-w4lora-deploy-f" $EV --tasks mer \
+    --out "$out/deploy-f-mer"
+  local fp32=$out/fp32/closed/predictions.jsonl
+  "${pair[@]}" "$fp32" "$out/mixf-exact/predictions.jsonl" --tasks msa fer --out "docs/results/$tag-mixf-exact-vs-fp32.json"
+  "${pair[@]}" "$fp32" "$out/mixf-saturating/predictions.jsonl" --tasks msa fer \
+    --out "docs/results/$tag-mixf-saturating-vs-fp32.json"
+  "${pair[@]}" "$out/mixf-exact/predictions.jsonl" "$out/mixf-saturating/predictions.jsonl" --tasks msa fer \
+    --out "docs/results/$tag-mixf-saturating-vs-exact.json"
+  "${pair[@]}" "$fp32" "$out/deploy-f-mer/predictions.jsonl" --tasks mer --out "docs/results/$tag-deploy-f-mer-vs-fp32.json"
+  [ -f "$out/bench-saturating/report.json" ] || .venv/bin/python scripts/emoverse_saturating_int8.py bench \
+    --bundle "$B/release-fp32" --bundle "$mixf" --data "$D" --target cpu --tasks msa mer fer --limit 50 \
+    --out "$out/bench-saturating" || [ $? -eq 1 ]
+  BENCH_CLOSED="release-w4lora-deploy release-w4lora-deploy-f release-w4lora-deploy-mixf" \
+    BENCH_CLOSED_OUT=docs/results/bench-cpu-v4-closed-50-$tag step_bench_closed
+}
 step_bench_core() {  # latency of the two (three with core_p8), with the PyTorch FP32 teacher, in one run (~10 min)
   local p8=()
   built_bundles p8 release-w4lora-deploy-p8 release-w4lora-deploy-p8m release-w4lora-deploy-mix release-w4lora-deploy-mixm

@@ -3,7 +3,8 @@
 SessionOptions. On a CPU without VNNI (AVX2 only) the INT8 prefill decoder's u8s8 GEMMs then saturate; this
 measures what that does to the answers (on CPUs with VNNI or AMX it changes nothing).
 
-    python scripts/eval_saturating_int8.py eval --model BUNDLE --data data/amt --tasks msa fer --out DIR ...
+    python scripts/emoverse_saturating_int8.py eval --model BUNDLE --data data/amt --tasks msa fer --out DIR ...
+    python scripts/emoverse_saturating_int8.py bench --bundle BUNDLE --data data/amt --target cpu --out DIR ...
 """
 
 from __future__ import annotations
