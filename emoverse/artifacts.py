@@ -156,14 +156,14 @@ def cpu_runs_bf16() -> bool:
 def autocast_precision(precision: str, device_type: str) -> str:
     """The precision a request for `precision` runs at on `device_type`: bf16 autocast on a CPU without bf16
     instructions falls back to fp32, with a warning. Why: there PyTorch emulates bf16 matmuls; measured on an
-    AVX2-only AMD EPYC (torch 2.13), a 576->1536->576 MLP's training step took 8.8 s in bf16 against 0.56 s
-    in fp32, so a bf16 recipe or eval would run ~16x slower than the fp32 it stands in for."""
+    AVX2-only AMD EPYC (torch 2.13; scripts/bf16_ab.py -> docs/results/bf16-ab-epyc-avx2.json), a SmolLM2 MLP
+    block's training step ran 34x and its forward 7.5x slower in bf16 than in fp32."""
     if precision == "bf16" and device_type == "cpu" and not cpu_runs_bf16():
         import warnings
 
         warnings.warn(
             f"precision=bf16: this CPU ({cpu_name()}) has no bf16 instructions (AVX-512 BF16, AMX or ARM BF16), "
-            "where bf16 autocast is emulated and ~16x slower; running in fp32 (recorded as the precision)",
+            "where bf16 autocast is emulated and several times slower; running in fp32 (recorded as the precision)",
             stacklevel=2,
         )
         return "fp32"

@@ -74,7 +74,7 @@ class TrainConfig:
     device: str = "auto"  # "auto": CUDA when present, else CPU; "cpu" / "cuda" / "cuda:N"
     # Throughput settings (bench/train_throughput.py measures each against the original ones, side by side):
     precision: str = "fp32"  # "bf16": autocast matmuls to bfloat16 (fp32 master weights, fp32 loss); a CPU
-    # without bf16 instructions runs fp32 instead (emoverse.artifacts.autocast_precision: emulated bf16 is ~16x slower)
+    # without bf16 instructions runs fp32 instead (emoverse.artifacts.autocast_precision: emulated bf16 is 7-34x slower)
     response_logits_only: bool = False  # vocabulary projection only at response positions
     length_buckets: bool = False  # a batch is a run of neighbours in length order: little padding
     # Shared-prefix packing for these (text-only) tasks: a batch is a run of neighbours in token order (one
