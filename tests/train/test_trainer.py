@@ -288,3 +288,12 @@ def test_image_views_are_drawn_deterministically_and_change_the_pixels(small_amt
     # off by default: the images as they are
     plain = Trainer(tiny_config(small_amt, tmp_path / "plain", **{"stages.0.task_weights": {"fer": 1.0}}))
     assert {m.view for e in plain.sample_batch(0, 0)[1] for m in e.media} == {None}
+
+
+def test_bf16_recipe_trains_in_fp32_where_the_cpu_would_emulate_it(small_amt, tmp_path, tiny_config, monkeypatch):
+    monkeypatch.setattr("emoverse.artifacts.cpu_runs_bf16", lambda: False)  # e.g. an AVX2-only AMD EPYC
+    with pytest.warns(UserWarning, match="no bf16 instructions"):
+        tr = Trainer(tiny_config(small_amt, tmp_path / "cpu", device="cpu", precision="bf16"))
+    assert tr.precision == "fp32"
+    monkeypatch.setattr("emoverse.artifacts.cpu_runs_bf16", lambda: True)
+    assert Trainer(tiny_config(small_amt, tmp_path / "bf16", device="cpu", precision="bf16")).precision == "bf16"
