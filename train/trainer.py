@@ -165,7 +165,8 @@ class Trainer:
             if not any(w > 0 for w in s.task_weights.values()):
                 raise ValueError(f"stage {s.name!r}: task_weights are all zero")
         self.device = _resolve_device(cfg.device)
-        self.precision = autocast_precision(cfg.precision, self.device.type)  # fp32 where bf16 is emulated
+        # (cfg.precision, what it runs at; see `precision`), computed now so that a fallback warns before any work
+        self._precision = (cfg.precision, autocast_precision(cfg.precision, self.device.type))
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
         torch.manual_seed(cfg.seed)
@@ -368,6 +369,14 @@ class Trainer:
             pool = self.data[task]
             self._orders[task] = sorted(range(len(pool)), key=lambda i: (len(pool[i].input_ids), i))
         return self._orders[task]
+
+    @property
+    def precision(self) -> str:
+        """The precision training runs at: cfg.precision, or fp32 where this CPU would emulate bf16
+        (autocast_precision). Follows cfg, which the throughput bench swaps per row."""
+        if self._precision[0] != self.cfg.precision:
+            self._precision = (self.cfg.precision, autocast_precision(self.cfg.precision, self.device.type))
+        return self._precision[1]
 
     def loss(self, net, batch: dict) -> torch.Tensor:
         """One batch's loss under the recipe's throughput settings."""
