@@ -120,30 +120,29 @@ KERNEL_FLAGS = (
 )  # fmt: skip
 
 
-def cpu_kernel_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str] | None:
-    """This CPU's KERNEL_FLAGS, in KERNEL_FLAGS' order; None where /proc/cpuinfo names no flags (not Linux)."""
-    try:
+def _read_cpuinfo(cpuinfo: Path) -> tuple[str, list[str] | None]:
+    """(model name or '', KERNEL_FLAGS present or None where no flags line) from a /proc/cpuinfo text."""
+    name, flags = "", None
+    with contextlib.suppress(OSError):
         for line in cpuinfo.read_text().splitlines():
             key, _, value = (part.strip() for part in line.partition(":"))
-            if key in ("flags", "Features"):  # x86 / ARM
-                return [f for f in KERNEL_FLAGS if f in value.split()]
-    except OSError:
-        pass
-    return None
+            if key == "model name" and not name:
+                name = value
+            elif key in ("flags", "Features") and flags is None:  # x86 / ARM
+                flags = [f for f in KERNEL_FLAGS if f in value.split()]
+    return name, flags
+
+
+def cpu_kernel_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str] | None:
+    """This CPU's KERNEL_FLAGS, in KERNEL_FLAGS' order; None where /proc/cpuinfo names no flags (not Linux)."""
+    return _read_cpuinfo(cpuinfo)[1]
 
 
 def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU model and its KERNEL_FLAGS, e.g. 'AMD EPYC (avx2)' (timings and throughput are only comparable
     on the same one)."""
-    name = ""
-    with contextlib.suppress(OSError):
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-                break
+    name, flags = _read_cpuinfo(cpuinfo)
     name = name or platform.processor() or platform.machine()
-    flags = cpu_kernel_flags(cpuinfo)
     return name if flags is None else f"{name} ({', '.join(flags) or 'baseline SIMD only'})"
 
 
