@@ -33,7 +33,7 @@ from emoverse.imaging import load_pixels
 from emoverse.llm_files import quantization_config
 from emoverse.model import EmoVerse
 from emoverse.runtime.graphs import runtime_config  # noqa: F401  (the bundle format is the runtime's)
-from emoverse.runtime.ort import RUNTIME_FORMAT, TIED_FILE, OrtRuntime, session_options  # noqa: F401  (format: the runtime owns it)
+from emoverse.runtime.ort import RUNTIME_FORMAT, TIED_FILE, OrtRuntime  # noqa: F401  (format: the runtime owns it)
 from emoverse.tasks import TASKS
 from emoverse.w4lora import is_w4_lora, load_w4_lora, pack_nibbles, read_layers
 
@@ -283,7 +283,7 @@ def vision_token_error(fp32: Path, quantized: Path, pixels: np.ndarray) -> dict:
     later (v3's first static-INT8 vision bundle: face tokens at 0.998, FER at 31.5% of the teacher)."""
     import onnxruntime as ort
 
-    opts = session_options()  # the runtime's: the quantized graph's integer GEMMs computed as it will compute them
+    opts = ort.SessionOptions()
     opts.log_severity_level = 3
     ref, got = (
         ort.InferenceSession(str(g), opts, providers=["CPUExecutionProvider"]).run(None, {"pixels": pixels})[0]
@@ -635,7 +635,7 @@ def activation_absmax(bundle: Path, graphs: dict[str, str], records: list) -> di
     absmax: dict[str, np.ndarray] = {}
     try:
         rt = OrtRuntime(bundle, check=False)
-        session = ort.InferenceSession(str(probe), session_options(), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
 
         class Recording:
             def run(self, names, feeds):

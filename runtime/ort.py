@@ -40,6 +40,8 @@ SPINNING_GRAPHS = ("decoder",)
 LOAD_TIME_SUFFIXES = (".w8", ".w8s")
 # The graphs that carry such tensors; only these are parsed for them (parsing the 4-bit decoder costs ~0.2 s).
 LOAD_TIME_GRAPHS = ("decoder_prefill",)
+# The graphs with u8s8 integer GEMMs, opened with `session_options(integer_gemms=True)`.
+INTEGER_GEMM_GRAPHS = ("decoder_prefill",)
 
 
 def decoder_weight_bytes(bundle: Path, graphs: dict[str, str]) -> int:
@@ -58,18 +60,21 @@ def decoder_weight_bytes(bundle: Path, graphs: dict[str, str]) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def session_options() -> onnxruntime.SessionOptions:
-    """onnxruntime SessionOptions that every session of a bundle starts from (runtime and export's checks).
+def session_options(integer_gemms: bool = False) -> onnxruntime.SessionOptions:
+    """onnxruntime SessionOptions for a bundle graph; `integer_gemms` for one with u8s8 integer GEMMs
+    (INTEGER_GEMM_GRAPHS: the INT8 prefill decoder's MatMulInteger).
 
-    session.x64quantprecision: on x86 CPUs without VNNI (AVX2 only, e.g. AMD EPYC Zen 3; or AVX-512 without
-    VNNI), onnxruntime's u8s8 integer GEMMs (MatMulInteger: the INT8 prefill decoder) add pairs of u8*s8
-    products in 16 bits, which saturate when weights leave [-64, 63]. Measured on such an EPYC with onnxruntime
-    1.32: 0.4% of a per-row int8 GEMM's outputs wrong, by up to 12% of their range. The option makes onnxruntime
-    run those GEMMs as u8u8 (exact) on such CPUs only; with VNNI or AMX it changes nothing."""
+    Why: on x86 CPUs without VNNI (AVX2 only, e.g. AMD EPYC Zen 3; or AVX-512 without VNNI), onnxruntime's u8s8
+    GEMMs add pairs of u8*s8 products in 16 bits, which saturate when weights leave [-64, 63]. Measured on such an
+    EPYC with onnxruntime 1.32: 0.4% of a per-row int8 GEMM's outputs wrong, by up to 12% of their range.
+    session.x64quantprecision makes onnxruntime run them as u8u8 (exact) on such CPUs only (with VNNI or AMX it
+    changes nothing). Only for those graphs: on that EPYC the same option broke a graph with per-channel
+    DequantizeLinear weights (the TensorRT form), whose zero points its rewrite reshaped wrongly."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.add_session_config_entry("session.x64quantprecision", "1")
+    if integer_gemms:
+        opts.add_session_config_entry("session.x64quantprecision", "1")
     return opts
 
 
@@ -147,7 +152,7 @@ class OrtRuntime:
         TensorRT backend overrides this to open the engine built from the same graph."""
         import onnxruntime as ort
 
-        opts = session_options()
+        opts = session_options(integer_gemms=key in INTEGER_GEMM_GRAPHS)
         # Weight-only DequantizeLinear -> MatMul (the TensorRT INT4 form) computes in fp32 like the artifact;
         # onnxruntime's default when it fuses the pair into MatMulNBits (level 4) would round activations to int8
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")

@@ -242,7 +242,7 @@ def test_int8_prefill_bundle_shares_the_4bit_weights_and_serves_prompts(w4_artif
     }
     assert load_time_tensors(out / graphs["decoder"]) is None  # nothing to build: the file is opened as is
     folded = ort.InferenceSession(  # the runtime's options: u8s8 GEMMs exact on CPUs without VNNI too
-        str(out / graphs["decoder_prefill"]), session_options(), providers=["CPUExecutionProvider"]
+        str(out / graphs["decoder_prefill"]), session_options(integer_gemms=True), providers=["CPUExecutionProvider"]
     )
     rng = np.random.default_rng(0)
     feeds = {

@@ -43,7 +43,8 @@ def test_integer_gemms_are_exact_on_this_cpu():
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(128, np.uint8), "zp")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+    opts = session_options(integer_gemms=True)
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     got = session.run(None, {"x": x})[0]
     np.testing.assert_array_equal(got, (x.astype(np.int64) - 128) @ w.astype(np.int64))
 
