@@ -253,6 +253,11 @@ step_cpu_check() {  # the shipped bundle (mixf) on THIS CPU, paired with the FP3
     --out "$out/bench-saturating" || [ $? -eq 1 ]
   BENCH_CLOSED="release-w4lora-deploy release-w4lora-deploy-f release-w4lora-deploy-mixf" \
     BENCH_CLOSED_OUT=docs/results/bench-cpu-v4-closed-50-$tag step_bench_closed
+  # ERI decode (tokens/s) against the PyTorch FP32 teacher, 5 records per source
+  [ -f "$out/bench-eri/report.json" ] || $E bench --model "$M" --bundle "$B/release-fp32" --bundle "$mixf" --data "$D" \
+    --target cpu --tasks eri --limit 5 --out "$out/bench-eri" || [ $? -eq 1 ]
+  cp "$out/bench-eri/report.json" "docs/results/bench-cpu-v4-eri-$tag.json"
+  cp "$out/bench-eri/report.md" "docs/results/bench-cpu-v4-eri-$tag.md"
 }
 step_bench_core() {  # latency of the two (three with core_p8), with the PyTorch FP32 teacher, in one run (~10 min)
   local p8=()
