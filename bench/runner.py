@@ -217,6 +217,23 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 1e6
 
 
+def release_freed_memory() -> None:
+    """Hand freed memory back to the OS before a variant's baseline is read.
+
+    Each variant's memory is its resident set minus the one before it loaded, in one process: the previous
+    variant's objects (a PyTorch model's reference cycles) and the pages glibc keeps after freeing them would
+    otherwise leave the baseline high and the next variant's delta low, even negative. By hand: psutil and the
+    standard library have no call for glibc's malloc_trim."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): the gc pass is what there is
+        pass
+
+
 @dataclass
 class BenchConfig:
     limit: int = 20  # records per task and source
@@ -257,6 +274,7 @@ def bench_bundle(bundle: Path, records: list[Record], cfg: BenchConfig) -> dict:
     """One variant: a bundle (ONNX Runtime) or a model artifact (PyTorch, the usual FP32 reference)."""
 
     backend = detect_backend(bundle)
+    release_freed_memory()
     before = rss_mb()
     t_load = time.perf_counter()
     rt = open_runtime(bundle, backend, threads=cfg.threads)

@@ -223,3 +223,34 @@ def test_gpu_budgets_refused_for_cpu_measurements(tmp_path):
 
     with pytest.raises(BudgetError, match="measurements on that device"):
         run_bench([tmp_path / "nothing"], tmp_path, BUDGETS, "h100", tmp_path / "out")
+
+
+def test_memory_delta_is_not_lowered_by_the_previous_variants_garbage(tiny_model_dir, small_amt, monkeypatch):
+    # In one process the previous variant's reference cycles may be collected while the next one loads, after its
+    # baseline was read: its serving memory came out negative (make test, 2026-12-07). The baseline is read after a
+    # collection now; the collection during the load is forced here, with the cycle collector off until then.
+    import gc
+
+    import numpy as np
+
+    from emoverse.bench import runner
+    from emoverse.records import load_records, select_records
+
+    records = select_records(load_records(small_amt, split="test"), tasks=["msa"], limit=1)
+    opened = runner.open_runtime
+
+    def open_then_collect(*args, **kwargs):
+        rt = opened(*args, **kwargs)
+        gc.collect()
+        return rt
+
+    monkeypatch.setattr(runner, "open_runtime", open_then_collect)
+    gc.disable()
+    try:
+        garbage = [np.ones(256_000_000 // 8)]  # 256 MB, resident
+        garbage.append(garbage)  # a cycle: only the cycle collector frees it
+        del garbage
+        result = runner.bench_bundle(tiny_model_dir, records, runner.BenchConfig(limit=1, warmup=0))
+    finally:
+        gc.enable()
+    assert 0 <= result["peak_memory_mb"] <= result["peak_memory_offline_mb"]
