@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from emoverse.artifacts import ArtifactError, verify
+from emoverse.artifacts import ArtifactError, cpu_kernel_flags, verify
 from emoverse.imaging import load_pixels
 from emoverse.tasks import IMAGE_PLACEHOLDER, TASKS, Task, get_task
 
@@ -60,6 +60,23 @@ def decoder_weight_bytes(bundle: Path, graphs: dict[str, str]) -> int:
     return sum(f.stat().st_size for f in files)
 
 
+# CPU flags whose u8s8 kernels accumulate in 32 bits (VNNI's vpdpbusd, AMX's tdpbusd): exact without the option.
+EXACT_U8S8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def u8s8_gemms_saturate(cpuinfo: Path = Path("/proc/cpuinfo"), machine: str | None = None) -> bool:
+    """Whether onnxruntime's u8s8 GEMMs can saturate on this CPU (its flags read from `cpuinfo`, `machine` as
+    platform.machine() names it): x86 without VNNI or AMX-INT8. True on an x86 whose flags cannot be read (not
+    Linux): there, exact is the safe side."""
+    import platform
+
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False  # the option is x86's; ARM's int8 dot products accumulate in 32 bits
+    flags = cpu_kernel_flags(cpuinfo)
+    return flags is None or not set(EXACT_U8S8_FLAGS) & set(flags)
+
+
 def session_options(integer_gemms: bool = False) -> onnxruntime.SessionOptions:
     """onnxruntime SessionOptions for a bundle graph; `integer_gemms` for one with u8s8 integer GEMMs
     (INTEGER_GEMM_GRAPHS: the INT8 prefill decoder's MatMulInteger).
@@ -67,13 +84,14 @@ def session_options(integer_gemms: bool = False) -> onnxruntime.SessionOptions:
     Why: on x86 CPUs without VNNI (AVX2 only, e.g. AMD EPYC Zen 3; or AVX-512 without VNNI), onnxruntime's u8s8
     GEMMs add pairs of u8*s8 products in 16 bits, which saturate when weights leave [-64, 63]. Measured on such an
     EPYC with onnxruntime 1.32: 0.4% of a per-row int8 GEMM's outputs wrong, by up to 12% of their range.
-    session.x64quantprecision makes onnxruntime run them as u8u8 (exact) on such CPUs only (with VNNI or AMX it
-    changes nothing). Only for those graphs: on that EPYC the same option broke a graph with per-channel
-    DequantizeLinear weights (the TensorRT form), whose zero points its rewrite reshaped wrongly."""
+    session.x64quantprecision makes onnxruntime run them as u8u8 (exact), so it is set on such CPUs only: on an
+    Intel Xeon with AMX-INT8 it made the INT8 prefill bundle's closed answers 35-40% slower (p50 FER 63 -> 100
+    ms) and moved none of them. Only for those graphs: on that EPYC the same option broke a graph with
+    per-channel DequantizeLinear weights (the TensorRT form), whose zero points its rewrite reshaped wrongly."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    if integer_gemms:
+    if integer_gemms and u8s8_gemms_saturate():
         opts.add_session_config_entry("session.x64quantprecision", "1")
     return opts
 

@@ -237,8 +237,10 @@ step_cpu_check() {  # the shipped bundle (mixf) on THIS CPU, paired with the FP3
   export_deployed_margin
   eval_closed "$B/release-fp32" "$out/fp32"
   [ -f "$out/mixf-exact/metrics.json" ] || $E eval --model "$mixf" $EV --tasks msa fer --out "$out/mixf-exact"
-  # the saturating runs only where u8s8 kernels can saturate (no VNNI / AMX-INT8): elsewhere they equal the exact ones
-  local saturating=${SATURATING:-$(grep -q -w -E 'avx512_vnni|avx_vnni|amx_int8' /proc/cpuinfo && echo 0 || echo 1)}
+  # the saturating runs only where u8s8 kernels can saturate (x86 without VNNI / AMX-INT8): elsewhere the runtime
+  # leaves the option off and both runs are one
+  local saturating=${SATURATING:-$(.venv/bin/python -c \
+    'from emoverse.runtime.ort import u8s8_gemms_saturate as s; print(int(s()))')}
   [ "$saturating" = 0 ] || [ -f "$out/mixf-saturating/metrics.json" ] || .venv/bin/python \
     scripts/emoverse_saturating_int8.py eval --model "$mixf" $EV --tasks msa fer --out "$out/mixf-saturating"
   [ -f "$out/deploy-f-mer/metrics.json" ] || $E eval --model "$B/release-w4lora-deploy-f" $EV --tasks mer \
@@ -252,9 +254,9 @@ step_cpu_check() {  # the shipped bundle (mixf) on THIS CPU, paired with the FP3
       --out "docs/results/$tag-mixf-saturating-vs-exact.json"
   fi
   "${pair[@]}" "$fp32" "$out/deploy-f-mer/predictions.jsonl" --tasks mer --out "docs/results/$tag-deploy-f-mer-vs-fp32.json"
-  [ "$saturating" = 0 ] || [ -f "$out/bench-saturating/report.json" ] || .venv/bin/python scripts/emoverse_saturating_int8.py bench \
-    --bundle "$B/release-fp32" --bundle "$mixf" --data "$D" --target cpu --tasks msa mer fer --limit 50 \
-    --out "$out/bench-saturating" || [ $? -eq 1 ]
+  [ "$saturating" = 0 ] || [ -f "$out/bench-saturating/report.json" ] || .venv/bin/python \
+    scripts/emoverse_saturating_int8.py bench --bundle "$B/release-fp32" --bundle "$mixf" --data "$D" --target cpu \
+    --tasks msa mer fer --limit 50 --out "$out/bench-saturating" || [ $? -eq 1 ]
   BENCH_CLOSED="release-w4lora-deploy release-w4lora-deploy-f release-w4lora-deploy-mixf" \
     BENCH_CLOSED_OUT=docs/results/bench-cpu-v4-closed-50-$tag step_bench_closed
   # ERI decode (tokens/s) against the PyTorch FP32 teacher, 5 records per source

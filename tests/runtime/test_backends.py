@@ -28,8 +28,8 @@ def _requests(face):
 def test_integer_gemms_are_exact_on_this_cpu():
     """The INT8 prefill decoder's MatMulInteger (u8 activations around 128, s8 weights), opened with the
     runtime's options, equals exact integer math at the extremes where a CPU without VNNI saturates 16-bit
-    pair sums (on an AVX2-only AMD EPYC, without the option, every output of this product was wrong; with
-    VNNI or AMX the kernels are exact either way)."""
+    pair sums (on an AVX2-only AMD EPYC, without the option, every output of this product was wrong). On a CPU
+    with VNNI or AMX-INT8 the option is not set, so this checks that its own kernels are exact."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -47,6 +47,27 @@ def test_integer_gemms_are_exact_on_this_cpu():
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     got = session.run(None, {"x": x})[0]
     np.testing.assert_array_equal(got, (x.astype(np.int64) - 128) @ w.astype(np.int64))
+
+
+@pytest.mark.parametrize(
+    ("flags", "machine", "saturate"),
+    [
+        ("fpu avx2 fma", "x86_64", True),  # AMD EPYC Zen 3
+        ("avx2 avx512f avx512_bf16", "x86_64", True),  # AVX-512 without VNNI
+        ("avx2 avx512f avx512_vnni", "x86_64", False),
+        ("avx2 avx_vnni", "AMD64", False),
+        ("avx2 avx512f amx_bf16 amx_int8 amx_tile", "x86_64", False),
+        (None, "x86_64", True),  # flags unreadable: exact is the safe side
+        ("fp asimd asimddp i8mm", "aarch64", False),  # Jetson's CPU: x86's option does not apply
+    ],
+)
+def test_exact_integer_gemms_are_asked_for_only_where_kernels_saturate(tmp_path, flags, machine, saturate):
+    from emoverse.runtime.ort import u8s8_gemms_saturate
+
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text(f"model name\t: a CPU\n{'flags' if machine != 'aarch64' else 'Features'}\t: {flags}\n")
+    assert u8s8_gemms_saturate(cpuinfo, machine) is saturate
 
 
 def test_backend_is_detected_from_the_folder(bundle, tiny_model_dir, tmp_path):
