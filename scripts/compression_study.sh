@@ -265,6 +265,18 @@ step_cpu_check() {  # the shipped bundle (mixf) on THIS CPU, paired with the FP3
   cp "$out/bench-eri/report.json" "docs/results/bench-cpu-v4-eri-$tag.json"
   cp "$out/bench-eri/report.md" "docs/results/bench-cpu-v4-eri-$tag.md"
 }
+step_cpu_p8f() {  # where the INT8 prefill is the fast kernel for MER too (the Intel Xeon with AMX: mixf's MER, on the
+  # 4-bit decoder, missed 60 ms there by 2x): the INT8 prefill for every task, closed labels by a 0.1-nat lead; its
+  # MER on the full split paired with the FP32 teacher's bundle on this CPU (cpu_check's), and the closed tasks
+  # benched beside mixf. CPU_TAG as cpu_check's; after it (~20 min)
+  local tag=${CPU_TAG:-avx2} out=$R/cpu-${CPU_TAG:-avx2}
+  export_prefill8_form release-w4lora-deploy-p8f --label-decision-margin 0.1
+  [ -f "$out/p8f-mer/metrics.json" ] || $E eval --model "$B/release-w4lora-deploy-p8f" $EV --tasks mer --out "$out/p8f-mer"
+  .venv/bin/python scripts/paired_by_source.py "$out/fp32/closed/predictions.jsonl" "$out/p8f-mer/predictions.jsonl" \
+    --tasks mer --out "docs/results/$tag-p8f-mer-vs-fp32.json"
+  BENCH_CLOSED="release-w4lora-deploy-mixf release-w4lora-deploy-p8f" \
+    BENCH_CLOSED_OUT=docs/results/bench-cpu-v4-closed-50-$tag-p8f step_bench_closed
+}
 step_bench_core() {  # latency of the two (three with core_p8), with the PyTorch FP32 teacher, in one run (~10 min)
   local p8=()
   built_bundles p8 release-w4lora-deploy-p8 release-w4lora-deploy-p8m release-w4lora-deploy-mix release-w4lora-deploy-mixm
