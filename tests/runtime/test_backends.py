@@ -25,21 +25,23 @@ def _requests(face):
     ]
 
 
-def test_integer_gemms_are_exact_on_this_cpu():
+@pytest.mark.parametrize("shape", [(8, 64, 16), (50, 576, 1536)])  # a small GEMM; a prefill group's (AMX tiles)
+def test_integer_gemms_are_exact_on_this_cpu(shape):
     """The INT8 prefill decoder's MatMulInteger (u8 activations around 128, s8 weights), opened with the
     runtime's options, equals exact integer math at the extremes where a CPU without VNNI saturates 16-bit
     pair sums (on an AVX2-only AMD EPYC, without the option, every output of this product was wrong). On a CPU
     with VNNI or AMX-INT8 the option is not set, so this checks that its own kernels are exact."""
     from onnx import TensorProto, helper, numpy_helper
 
+    m, k, n = shape
     rng = np.random.default_rng(0)
-    x = rng.choice(np.array([1, 255], np.uint8), size=(8, 64))
-    w = rng.choice(np.array([-127, 127], np.int8), size=(64, 16))
+    x = rng.choice(np.array([1, 255], np.uint8), size=(m, k))
+    w = rng.choice(np.array([-127, 127], np.int8), size=(k, n))
     graph = helper.make_graph(
         [helper.make_node("MatMulInteger", ["x", "w", "zp"], ["y"])],
         "u8s8",
-        [helper.make_tensor_value_info("x", TensorProto.UINT8, [8, 64])],
-        [helper.make_tensor_value_info("y", TensorProto.INT32, [8, 16])],
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [m, k])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(128, np.uint8), "zp")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
