@@ -1,13 +1,15 @@
-"""Where a bundle's INT8 prefill decoder spends its time, per operator type (onnxruntime's own profiler).
+"""Where a bundle's INT8 prefill decoder (or, `--graph decoder`, its 4-bit decoder) spends its time, per operator
+type (onnxruntime's own profiler).
 
-Answers closed-label test requests through the runtime with profiling on the `decoder_prefill` session only,
-then sums the kernel time of each operator type per prefill call. On the Intel Xeon with AMX (2026-12-07) the
+Answers test requests of one task through the runtime with profiling on, then sums the kernel time of each
+operator type per call of the chosen graph. On the Intel Xeon with AMX (2026-12-07) the
 int8 GEMMs themselves (`MatMulIntegerToFloat`) were a quarter of it: the rest is ~3,000 small nodes per call
 (per-token quantization, attention, shape arithmetic of the dynamic-shape export), the next latency lever.
 Profiling adds overhead: read the shares, not the absolute times.
 
     .venv/bin/python scripts/prefill_profile.py --bundle bundles/<tag>/release-w4lora-deploy-p8f --data data/amt \\
         --task fer --limit 25 --out docs/results/prefill-profile.json     # ~1 min; run it alone
+    .venv/bin/python scripts/prefill_profile.py --bundle … --graph decoder --task eri --limit 3 --out …  # decode steps
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from emoverse.runtime.backends import open_runtime
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bundle", type=Path, required=True, help="a bundle exported with --int8-prefill")
+    ap.add_argument("--bundle", type=Path, required=True, help="a CPU bundle (for decoder_prefill: --int8-prefill)")
+    ap.add_argument("--graph", choices=("decoder_prefill", "decoder"), default="decoder_prefill")
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--task", default="fer")
     ap.add_argument("--limit", type=int, default=25, help="test records per source")
@@ -36,41 +39,44 @@ def main() -> None:
     args = ap.parse_args()
 
     plain = ort.session_options
-    prefix = str(Path(tempfile.mkdtemp()) / "prefill")
+    folder, opened = Path(tempfile.mkdtemp()), iter(range(100))
 
-    def profiled(integer_gemms: bool = False):  # only the INT8 prefill decoder's session profiles
+    def profiled(integer_gemms: bool = False):  # every session profiles (its own file); one is read
         opts = plain(integer_gemms)
-        if integer_gemms:
-            opts.enable_profiling, opts.profile_file_prefix = True, prefix
+        opts.enable_profiling, opts.profile_file_prefix = True, str(folder / f"graph{next(opened)}")
         return opts
 
     ort.session_options = profiled
     rt = open_runtime(args.bundle, "onnxruntime", threads=None)
-    if rt.prefill_decoder is None:
+    session = rt.prefill_decoder if args.graph == "decoder_prefill" else rt.decoder
+    if session is None:
         raise SystemExit(f"{args.bundle} has no INT8 prefill decoder (export --int8-prefill)")
     records = select_records(load_records(args.data, split="test"), tasks=[args.task], limit=args.limit)
     for r in records:
         rt.answer(r.task, r.query, r.images)
-    events = json.loads(Path(rt.prefill_decoder.end_profiling()).read_text())
+    events = json.loads(Path(session.end_profiling()).read_text())
 
-    micros, nodes, calls = defaultdict(float), Counter(), 0
+    micros, nodes, runs = defaultdict(float), Counter(), []
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
             micros[e["args"]["op_name"]] += e["dur"]
             nodes[e["args"]["op_name"]] += 1
         elif e.get("cat") == "Session" and e["name"] == "model_run":
-            calls += 1
+            runs.append(e["dur"] / 1e3)
+    calls = len(runs)
     total = sum(micros.values())
     ops = sorted(micros, key=micros.get, reverse=True)
     atomic_write_json(
         args.out,
         {
             "bundle": str(args.bundle),
+            "graph": args.graph,
             "task": args.task,
             "requests": len(records),
-            "prefill_calls": calls,
+            "calls": calls,
             "nodes_per_call": sum(nodes.values()) / calls,
             "kernel_ms_per_call (profiled)": total / calls / 1e3,
+            "median_call_ms (profiled)": float(sorted(runs)[calls // 2]),  # decode: a one-token step
             "operators": [
                 {
                     "op": op,
@@ -83,7 +89,8 @@ def main() -> None:
             "cpu": cpu_name(),
             "date": date.today().isoformat(),
             "command": "python scripts/prefill_profile.py "
-            + f"--bundle {args.bundle} --data {args.data} --task {args.task} --limit {args.limit} --out {args.out}",
+            + f"--bundle {args.bundle} --graph {args.graph} --data {args.data} --task {args.task} "
+            + f"--limit {args.limit} --out {args.out}",
         },
     )
     for op in ops[: args.top]:
