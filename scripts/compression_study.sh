@@ -268,9 +268,12 @@ step_cpu_check() {  # the shipped bundle (mixf) on THIS CPU, paired with the FP3
 step_cpu_p8f() {  # where the INT8 prefill is the fast kernel for MER too (the Intel Xeon with AMX: mixf's MER, on the
   # 4-bit decoder, missed 60 ms there by 2x): the INT8 prefill for every task, closed labels by a 0.1-nat lead; its
   # MER on the full split paired with the FP32 teacher's bundle on this CPU (cpu_check's), and the closed tasks
-  # benched beside mixf. CPU_TAG as cpu_check's; after it (~20 min)
+  # benched beside mixf. CPU_TAG as cpu_check's (~20 min after it, whose FP32 eval it reuses; ~40 min alone)
   local tag=${CPU_TAG:-avx2} out=$R/cpu-${CPU_TAG:-avx2}
+  export_reference
+  export_mixed release-w4lora-deploy-mixf --label-decision-margin 0.1
   export_prefill8_form release-w4lora-deploy-p8f --label-decision-margin 0.1
+  eval_closed "$B/release-fp32" "$out/fp32"
   [ -f "$out/p8f-mer/metrics.json" ] || $E eval --model "$B/release-w4lora-deploy-p8f" $EV --tasks mer --out "$out/p8f-mer"
   .venv/bin/python scripts/paired_by_source.py "$out/fp32/closed/predictions.jsonl" "$out/p8f-mer/predictions.jsonl" \
     --tasks mer --out "docs/results/$tag-p8f-mer-vs-fp32.json"
