@@ -280,6 +280,16 @@ step_cpu_p8f() {  # where the INT8 prefill is the fast kernel for MER too (the I
   BENCH_CLOSED="release-w4lora-deploy-mixf release-w4lora-deploy-p8f" \
     BENCH_CLOSED_OUT=docs/results/bench-cpu-v4-closed-50-$tag-p8f step_bench_closed
 }
+step_cpu_ecpe() {  # ECPE's seeded sample (200 per source, as eval_ecpe) of the FP32 teacher's bundle and mixf on THIS
+  # CPU, paired (~15 min on the AMX Xeon): ECPE takes the 4-bit decoder in mixf, every cause set scored
+  local tag=${CPU_TAG:-avx2} out=$R/cpu-${CPU_TAG:-avx2}
+  export_reference
+  export_mixed release-w4lora-deploy-mixf --label-decision-margin 0.1
+  eval_ecpe "$B/release-fp32" "$out/fp32"
+  eval_ecpe "$B/release-w4lora-deploy-mixf" "$out/mixf"
+  .venv/bin/python scripts/paired_by_source.py "$out/fp32/ecpe/predictions.jsonl" "$out/mixf/ecpe/predictions.jsonl" \
+    --tasks ecpe --out "docs/results/$tag-mixf-ecpe-sample-vs-fp32.json"
+}
 step_bench_core() {  # latency of the two (three with core_p8), with the PyTorch FP32 teacher, in one run (~10 min)
   local p8=()
   built_bundles p8 release-w4lora-deploy-p8 release-w4lora-deploy-p8m release-w4lora-deploy-mix release-w4lora-deploy-mixm
