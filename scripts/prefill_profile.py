@@ -64,6 +64,8 @@ def main() -> None:
         elif e.get("cat") == "Session" and e["name"] == "model_run":
             runs.append(e["dur"] / 1e3)
     calls = len(runs)
+    if not calls:  # e.g. a task the bundle keeps off its INT8 prefill decoder (runtime.json int8_prefill_tasks)
+        raise SystemExit(f"no {args.graph} call answered {args.task} requests in {args.bundle}")
     total = sum(micros.values())
     ops = sorted(micros, key=micros.get, reverse=True)
     atomic_write_json(
