@@ -22,6 +22,9 @@ D=${DATA:-data/amt}
 TAG=$(sha256sum "$M/manifest.json" | cut -c1-12)
 R=${RUNS:-runs/compression/$TAG}
 B=${BUNDLES:-bundles/$TAG}
+# the per-CPU steps (cpu_check, cpu_p8f, cpu_ecpe): CPU_TAG names their results files and their runs' folder
+CPU_TAG=${CPU_TAG:-avx2}
+CPU_RUNS=$R/cpu-$CPU_TAG
 EV="--data $D --mode score --batch-size 16"
 TEACHER_EVAL=${TEACHER_EVAL:-runs/release-eval}  # the teacher's closed-task + ERI eval (README "Results")
 TEACHER_ECPE=${TEACHER_ECPE:-runs/release-eval-ecpe}  # the teacher's full-split ECPE eval (README "Results")
@@ -224,16 +227,19 @@ export_deployed_margin() {  # the deployed bundle (every call on the 4-bit decod
   export_bundle release-w4lora-deploy-f "$R/w4-base-lora" --embedding-bits 8 --vision-int8-weights --int8-activations \
     --label-decision-margin 0.1
 }
+export_mixf() {  # the shipped bundle: per-task INT8 prefill (MSA, FER), closed labels by a 0.1-nat lead
+  export_mixed release-w4lora-deploy-mixf --label-decision-margin 0.1
+}
 step_cpu_check() {  # the shipped bundle (mixf) on THIS CPU, paired with the FP32 teacher's bundle on the same CPU:
   # quantized answers at near-ties move with a CPU's kernels, so a ratio measured on one CPU is not another's. Also
   # what onnxruntime's saturating u8s8 kernels did on an x86 CPU without VNNI (scripts/emoverse_saturating_int8.py;
   # on a CPU with VNNI both runs are equal), mixf's MER (its 4-bit decoder: deploy-f's answers) and the closed-task
   # latencies. CPU_TAG names the files (default avx2): docs/results/CPU_TAG-*.json, bench-cpu-v4-closed-50-CPU_TAG.
   # ~1.5 h on 2 cores (the AVX2-only AMD EPYC of the sixteenth session)
-  local tag=${CPU_TAG:-avx2} mixf=$B/release-w4lora-deploy-mixf
-  local out=$R/cpu-$tag pair=(.venv/bin/python scripts/paired_by_source.py)
+  local tag=$CPU_TAG out=$CPU_RUNS mixf=$B/release-w4lora-deploy-mixf
+  local pair=(.venv/bin/python scripts/paired_by_source.py)
   export_reference
-  export_mixed release-w4lora-deploy-mixf --label-decision-margin 0.1
+  export_mixf
   export_deployed_margin
   eval_closed "$B/release-fp32" "$out/fp32"
   [ -f "$out/mixf-exact/metrics.json" ] || $E eval --model "$mixf" $EV --tasks msa fer --out "$out/mixf-exact"
@@ -269,9 +275,9 @@ step_cpu_p8f() {  # where the INT8 prefill is the fast kernel for MER too (the I
   # 4-bit decoder, missed 60 ms there by 2x): the INT8 prefill for every task, closed labels by a 0.1-nat lead; its
   # MER on the full split paired with the FP32 teacher's bundle on this CPU (cpu_check's), and the closed tasks
   # benched beside mixf. CPU_TAG as cpu_check's (~20 min after it, whose FP32 eval it reuses; ~40 min alone)
-  local tag=${CPU_TAG:-avx2} out=$R/cpu-${CPU_TAG:-avx2}
+  local tag=$CPU_TAG out=$CPU_RUNS
   export_reference
-  export_mixed release-w4lora-deploy-mixf --label-decision-margin 0.1
+  export_mixf
   export_prefill8_form release-w4lora-deploy-p8f --label-decision-margin 0.1
   eval_closed "$B/release-fp32" "$out/fp32"
   [ -f "$out/p8f-mer/metrics.json" ] || $E eval --model "$B/release-w4lora-deploy-p8f" $EV --tasks mer --out "$out/p8f-mer"
@@ -282,9 +288,9 @@ step_cpu_p8f() {  # where the INT8 prefill is the fast kernel for MER too (the I
 }
 step_cpu_ecpe() {  # ECPE's seeded sample (200 per source, as eval_ecpe) of the FP32 teacher's bundle and mixf on THIS
   # CPU, paired (~15 min on the AMX Xeon): ECPE takes the 4-bit decoder in mixf, every cause set scored
-  local tag=${CPU_TAG:-avx2} out=$R/cpu-${CPU_TAG:-avx2}
+  local tag=$CPU_TAG out=$CPU_RUNS
   export_reference
-  export_mixed release-w4lora-deploy-mixf --label-decision-margin 0.1
+  export_mixf
   eval_ecpe "$B/release-fp32" "$out/fp32"
   eval_ecpe "$B/release-w4lora-deploy-mixf" "$out/mixf"
   .venv/bin/python scripts/paired_by_source.py "$out/fp32/ecpe/predictions.jsonl" "$out/mixf/ecpe/predictions.jsonl" \
