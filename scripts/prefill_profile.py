@@ -15,6 +15,7 @@ Profiling adds overhead: read the shares, not the absolute times.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 from collections import Counter, defaultdict
@@ -39,7 +40,7 @@ def main() -> None:
     args = ap.parse_args()
 
     plain = ort.session_options
-    folder, opened = Path(tempfile.mkdtemp()), iter(range(100))
+    folder, opened = Path(tempfile.mkdtemp()), itertools.count()
 
     def profiled(integer_gemms: bool = False):  # every session profiles (its own file); one is read
         opts = plain(integer_gemms)
