@@ -24,7 +24,7 @@ from emoverse.export.gptq_onnx import (
     to_int4_dequantize,
     to_matmulnbits,
 )
-from emoverse.export.onnx_export import export_all
+from emoverse.export.onnx_export import export_all, fold_shape_arithmetic
 from emoverse.export.targets import check_precision, get_target, resolve_precision
 from emoverse.export.tensorrt import write_plan
 from emoverse.export.w4lora_onnx import to_int4_dequantize_lowrank, to_int8_prefill, to_matmulnbits_lowrank
@@ -426,6 +426,7 @@ def export_bundle(
             probes.append((TASKS["fer"].query(TASKS["fer"].labels, False), [str(face)], "fer"))
     with image_dir, atomic_dir(out, overwrite=overwrite) as tmp:
         paths = export_all(model, tmp / "graphs")
+        shape_folding = fold_shape_arithmetic(paths["decoder"])  # before every decoder form derived from it
         graphs = {k: str(p.relative_to(tmp)) for k, p in paths.items()}
         # what the `tokenizers` runtime reads; not pretty-printed: 1.6 instead of 3.5 MB, the same tokenizer
         model.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"), pretty=False)
@@ -438,7 +439,7 @@ def export_bundle(
             raise ValueError(
                 f"ONNX parity failed: max |logit diff| {report['max_abs_logit_diff']:.2e} > {max_abs_diff}"
             )
-        extra: dict = {"parity_fp32": report, "target": target}
+        extra: dict = {"parity_fp32": report, "target": target, "decoder_shape_folding": shape_folding}
         if fp8:
             dq = tmp / "graphs" / "decoder.fp8.qdq.onnx"
             info = to_fp8_qdq(tmp / graphs["decoder"], dq, fp8_linears)

@@ -220,15 +220,174 @@ def _evaluate(model, names: list[str]) -> dict:
 
 
 def _drop_dead_nodes(graph) -> None:
-    """Remove nodes none of whose outputs is read (repeatedly), then initializers no node reads."""
+    """Remove nodes none of whose outputs is read, then initializers no node reads. One sweep from the end: ONNX
+    keeps nodes in topological order, so a node's readers all come after it."""
     from emoverse.runtime.ort import drop_unread_initializers
 
-    outputs = {o.name for o in graph.output}
-    while True:
-        read = {i for n in graph.node for i in n.input} | outputs
-        dead = [n for n in graph.node if not any(o in read for o in n.output)]
-        if not dead:
-            break
-        for n in dead:
-            graph.node.remove(n)
+    read = {o.name for o in graph.output}
+    kept = []
+    for n in reversed(graph.node):
+        if any(o in read for o in n.output):
+            kept.append(n)
+            read.update(n.input)
+    if len(kept) < len(graph.node):
+        kept.reverse()
+        del graph.node[:]
+        graph.node.extend(kept)
     drop_unread_initializers(graph)
+
+
+def fold_shape_arithmetic(path: Path, check_shapes=((1, 5, 0), (2, 1, 7), (3, 4, 2))) -> dict:
+    """Replace the decoder graph's shape arithmetic by constants where the shapes fix it, in place; returns what
+    was done. The exporter traces every `view`/`reshape` with sizes read from a tensor at run time (Shape ->
+    Gather -> Unsqueeze -> Concat -> Reshape), ~1,400 nodes for SmolLM2 that onnxruntime runs on every call (its
+    own constant folding cannot: the tensors have dynamic axes). With onnxruntime's symbolic shape inference:
+    - `Gather(Shape(x), k)` where axis k of x has a fixed size -> that size;
+    - `Reshape(y, Concat(...))` whose every part is a constant or the size of y's own axis at that position ->
+      one constant target, with ONNX Reshape's 0 ("keep this axis") for the copied sizes.
+    Only shapes change, never arithmetic on values, so the outputs are bit-identical; that is checked, not
+    assumed: the graph before and after runs on random inputs at each (batch, new tokens, cached tokens) of
+    `check_shapes`, and any difference keeps the original graph (reported). Measured on an AMD EPYC (AVX2): 2,933
+    -> 2,061 nodes after onnxruntime's own optimisations, a 4-bit decode step 5-6% faster, a 60-token prefill 1%.
+    Written here because onnxslim and onnxruntime's transformer fusions (FusionReshape/FusionShape) match other
+    exporters' patterns and left these in place (tried)."""
+    import contextlib
+    import os
+    import tempfile
+
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    model = onnx.load(str(path), load_external_data=False)  # external weights stay in their files, by reference
+    g = model.graph
+    # shape inference needs the shapes of the weights, not their values: large initializers enter as inputs
+    skeleton = helper.make_graph([], g.name, list(g.input), list(g.output))
+    skeleton.node.extend(g.node)
+    small = [t for t in g.initializer if np.prod(t.dims) <= 64 and t.data_location != onnx.TensorProto.EXTERNAL]
+    skeleton.initializer.extend(small)
+    small_names = {t.name for t in small}
+    skeleton.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in g.initializer
+        if t.name not in small_names
+    )
+    # in a scratch folder: where inference is incomplete it saves its partial model to the working directory
+    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+        try:
+            inferred = SymbolicShapeInference.infer_shapes(
+                helper.make_model(skeleton, opset_imports=model.opset_import, ir_version=model.ir_version),
+                auto_merge=True,
+            )
+        except Exception as e:  # noqa: BLE001  (a graph it cannot infer keeps its shape nodes; nothing is lost)
+            return {"skipped": f"symbolic shape inference failed: {e}"}
+    # axis sizes: an int, a symbol ("batch", "seq", ...) or None where unknown
+    shapes = {
+        vi.name: [
+            d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else None
+            for d in vi.type.tensor_type.shape.dim
+        ]
+        for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    }
+    consts = {t.name: numpy_helper.to_array(t) for t in small}
+    for n in g.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    producer = {o: n for n in g.node for o in n.output}
+    added: list = []
+
+    def constant(value, hint: str) -> str:
+        name = f"shape_folded_{hint}_{len(added)}"
+        added.append(numpy_helper.from_array(np.asarray(value, dtype=np.int64), name))
+        consts[name] = np.asarray(value, dtype=np.int64)
+        return name
+
+    def axis_size(name: str):
+        """The size `name` holds when it is Gather(Shape(x), k): x's axis k as shape inference knows it
+        (an int or a symbol), else None."""
+        gather = producer.get(name)
+        if gather is None or gather.op_type != "Gather" or gather.input[1] not in consts:
+            return None
+        shape = producer.get(gather.input[0])
+        k = consts[gather.input[1]]
+        if shape is None or shape.op_type != "Shape" or shape.attribute or k.ndim:
+            return None
+        dims = shapes.get(shape.input[0])
+        return dims[int(k) % len(dims)] if dims else None
+
+    stats = {"fixed_sizes": 0, "constant_reshapes": 0}
+    renamed = {}
+    for n in g.node:
+        size = axis_size(n.output[0]) if n.op_type == "Gather" else None
+        if isinstance(size, int) and size > 0:
+            renamed[n.output[0]] = constant(size, "size")
+            stats["fixed_sizes"] += 1
+    for n in g.node:
+        n.input[:] = [renamed.get(i, i) for i in n.input]
+    for n in (n for n in g.node if n.op_type == "Reshape" and len(n.input) == 2):
+        concat, own = producer.get(n.input[1]), shapes.get(n.input[0])
+        allowzero = any(a.name == "allowzero" and a.i for a in n.attribute)
+        if concat is None or concat.op_type != "Concat" or not own or allowzero:
+            continue
+        target = []
+        for axis, part in enumerate(concat.input):
+            unsq = producer.get(part)
+            scalar = unsq.input[0] if unsq is not None and unsq.op_type == "Unsqueeze" else None
+            if part in consts and consts[part].size == 1:
+                target.append(int(consts[part].reshape(-1)[0]))
+            elif scalar in consts and consts[scalar].size == 1:
+                target.append(int(consts[scalar].reshape(-1)[0]))
+            elif scalar is not None and axis < len(own) and own[axis] is not None and axis_size(scalar) == own[axis]:
+                target.append(0)  # Reshape's "this axis as it is" (allowzero 0)
+            else:
+                break
+        else:
+            if target.count(-1) <= 1:
+                n.input[1] = constant(target, "target")
+                stats["constant_reshapes"] += 1
+    g.initializer.extend(added)
+    before = len(g.node)
+    _drop_dead_nodes(g)
+    stats["nodes_removed"] = before - len(g.node)
+    folded = path.with_name(path.stem + ".folded.onnx")  # beside it: external data it names resolve the same
+    onnx.save(model, str(folded))
+    try:
+        differs = _first_difference(path, folded, check_shapes)
+        if differs:
+            return {"skipped": f"outputs differ after folding ({differs}); the exported graph is kept", **stats}
+        os.replace(folded, path)
+    finally:
+        folded.unlink(missing_ok=True)
+    return {**stats, "checked_bit_identical_at": [list(s) for s in check_shapes]}
+
+
+def _first_difference(a: Path, b: Path, check_shapes) -> str | None:
+    """Where decoder graphs `a` and `b` first give different outputs (not bit-identical) on the same random
+    inputs at each (batch, new tokens, cached tokens) in `check_shapes`; None if they never do."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sessions = [ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for p in (a, b)]
+    rng = np.random.default_rng(0)
+    for batch, seq, past in check_shapes:
+        feeds = {}
+        for inp in sessions[0].get_inputs():
+            if inp.name == "attention_mask":  # the first cached position masked: padding is exercised too
+                feeds[inp.name] = np.ones((batch, past + seq), dtype=np.int64)
+                feeds[inp.name][:, 0] = 0 if past + seq > 1 else 1
+            elif inp.name == "position_ids":
+                feeds[inp.name] = np.tile(np.arange(past, past + seq, dtype=np.int64), (batch, 1))
+            elif inp.name == "logits_index":
+                feeds[inp.name] = np.array(sorted({0, seq - 1}), dtype=np.int64)
+            else:  # inputs_embeds (batch, seq, H), past_* (batch, kv_heads, past, head_dim)
+                fixed = [d for d in inp.shape if isinstance(d, int)]
+                shape = (batch, seq, *fixed) if inp.name == "inputs_embeds" else (batch, fixed[0], past, fixed[1])
+                feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
+        outs = [s.run(None, feeds) for s in sessions]
+        for out, x, y in zip(sessions[0].get_outputs(), *outs, strict=True):
+            if x.shape != y.shape or not np.array_equal(x, y):
+                return f"{out.name} at batch {batch}, {seq} new, {past} cached tokens"
+    return None

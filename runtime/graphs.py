@@ -50,15 +50,14 @@ def grouped_attention_forward(module, query, key, value, attention_mask, scaling
     b, heads, t, d = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
-    q = query.reshape(b, kv_heads, groups * t, d)  # head = kv * groups + j, repeat_kv's order
+    # -1 for the one size that is no input axis's own: the export's shape folding (`fold_shape_arithmetic`)
+    # turns every reshape here into a constant target
+    q = query.reshape(b, kv_heads, -1, d)  # (B, kv, groups * T, d): head = kv * groups + j, repeat_kv's order
     weights = torch.matmul(q, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:  # (B, 1, T, S): the same mask for every group
-        s = weights.shape[-1]
-        weights = (weights.reshape(b, kv_heads, groups, t, s) + attention_mask[:, :, None]).reshape(
-            b, kv_heads, groups * t, s
-        )
+    if attention_mask is not None:  # (B, 1, T, S): the same mask for every group, tiled to the groups' rows
+        weights = weights + attention_mask.repeat(1, 1, groups, 1)
     weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(weights, value).reshape(b, heads, t, d).transpose(1, 2).contiguous()
+    out = torch.matmul(weights, value).reshape(b, heads, -1, d).transpose(1, 2).contiguous()
     return out, weights
 
 

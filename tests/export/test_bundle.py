@@ -267,6 +267,8 @@ def test_grouped_attention_equals_transformers_eager():
         k, v = torch.randn(2, 3, s, 8, generator=g), torch.randn(2, 3, s, 8, generator=g)
         mask = torch.zeros(2, 1, t, s)
         mask[0, :, :, :2] = torch.finfo(torch.float32).min  # left padding of the first row
+        for i in range(t):  # causal: each new token's row differs, so the groups' rows must line up with it
+            mask[:, :, i, s - t + i + 1 :] = torch.finfo(torch.float32).min
         for m in (None, mask):
             want, _ = eager_attention_forward(module, q, k, v, m, scaling=0.35)
             got, _ = grouped_attention_forward(module, q, k, v, m, scaling=0.35)
@@ -275,11 +277,15 @@ def test_grouped_attention_equals_transformers_eager():
 
 
 def test_decoder_graph_has_no_kv_copies(runtime):
-    """The exported decoder reads the cached K/V as they are: no Expand (repeat_kv) in any attention layer (the
-    one left broadcasts the rotary frequencies)."""
-    graph = onnx.load(str(runtime.dir / runtime.cfg["graphs"]["decoder"]), load_external_data=False)
-    expands = [n.name for n in graph.graph.node if n.op_type == "Expand"]
-    assert len(expands) <= 1 and not any("self_attn" in n for n in expands)
+    """The exported decoder reads the cached K/V as they are: no Expand or Tile (repeat_kv's copies) takes
+    anything computed from the cache (the ones there are broadcast the rotary frequencies and tile the mask)."""
+    graph = onnx.load(str(runtime.dir / runtime.cfg["graphs"]["decoder"]), load_external_data=False).graph
+    from_cache = {i.name for i in graph.input if i.name.startswith("past_")}
+    for n in graph.node:  # topological order: one pass collects everything computed from the cache
+        if any(i in from_cache for i in n.input):
+            from_cache.update(n.output)
+    copies = [n for n in graph.node if n.op_type in ("Expand", "Tile")]
+    assert copies and not [n for n in copies if n.input[0] in from_cache]
 
 
 def test_label_decision_margin_is_a_bundle_setting(tiny_model_dir, tmp_path):
@@ -294,3 +300,58 @@ def test_label_decision_margin_is_a_bundle_setting(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="label_decision_margin must be > 0"):
         export_bundle(tiny_model_dir, tmp_path / "bad", label_decision_margin=0.0)
     assert not (tmp_path / "bad").exists()
+
+
+def _decoder_nodes(path) -> dict:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    consts = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    return {
+        "shape": sum(n.op_type == "Shape" for n in graph.node),
+        "reshape_targets_computed": sum(n.op_type == "Reshape" and n.input[1] not in consts for n in graph.node),
+        "nodes": len(graph.node),
+    }
+
+
+def test_shape_folding_keeps_the_decoder_bit_identical(tiny_model_dir, tmp_path):
+    """The exporter's run-time shape arithmetic becomes constants: every Reshape of the decoder gets a constant
+    target, and its outputs stay bit-identical at shapes the fold's own check did not use."""
+    import shutil
+
+    from emoverse.export.onnx_export import _first_difference, export_all, fold_shape_arithmetic
+
+    decoder = export_all(EmoVerse.load(tiny_model_dir).eval(), tmp_path / "graphs")["decoder"]
+    exported = tmp_path / "exported.onnx"
+    shutil.copy(decoder, exported)
+    report = fold_shape_arithmetic(decoder)
+    assert "skipped" not in report and report["constant_reshapes"] > 0, report
+    before, after = _decoder_nodes(exported), _decoder_nodes(decoder)
+    assert before["reshape_targets_computed"] > 0 and after["reshape_targets_computed"] == 0
+    assert after["shape"] < before["shape"] and after["nodes"] == before["nodes"] - report["nodes_removed"]
+    assert _first_difference(exported, decoder, ((2, 6, 3), (1, 1, 11), (4, 2, 0))) is None
+    assert not list(tmp_path.glob("graphs/*.folded.onnx"))
+
+
+def test_shape_folding_refuses_a_graph_whose_outputs_change(tiny_model_dir, tmp_path, monkeypatch):
+    """The check that guards the fold finds a changed output, and a fold that fails it leaves the exported
+    graph as it was."""
+
+    from emoverse.export import onnx_export
+
+    decoder = onnx_export.export_all(EmoVerse.load(tiny_model_dir).eval(), tmp_path / "graphs")["decoder"]
+    changed = tmp_path / "changed.onnx"
+    model = onnx.load(str(decoder))
+    norm = next(t for t in model.graph.initializer if t.name.endswith("norm.weight"))
+    norm.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(norm) * 1.001, norm.name))
+    onnx.save(model, str(changed))
+    assert onnx_export._first_difference(decoder, changed, ((1, 2, 1),)).startswith("logits at batch 1")
+    exported = decoder.read_bytes()
+    monkeypatch.setattr(onnx_export, "_first_difference", lambda a, b, shapes: "logits at batch 1")
+    report = onnx_export.fold_shape_arithmetic(decoder)
+    assert "skipped" in report and decoder.read_bytes() == exported
+    assert not list(tmp_path.glob("graphs/*.folded.onnx"))
+
+
+def test_bundle_records_its_shape_folding(bundle):
+    m = verify(bundle, kind="emoverse-bundle")
+    assert m["decoder_shape_folding"]["constant_reshapes"] > 0
+    assert _decoder_nodes(bundle / "graphs" / "decoder.onnx")["reshape_targets_computed"] == 0
