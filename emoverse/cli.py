@@ -159,6 +159,7 @@ def _export(a: argparse.Namespace) -> int:
         int8_prefill_keep=tuple(x for x in a.int8_prefill_keep.split(",") if x),
         int8_prefill_tasks=tuple(a.int8_prefill_tasks) if a.int8_prefill_tasks else None,
         label_decision_margin=a.label_decision_margin,
+        closing_from_cache=a.closing_from_cache,
         overwrite=a.overwrite,
     )
     print(f"wrote bundle {a.out}: target {a.target}, precision {m['precision']}")
@@ -440,6 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="closed labels: answer by the first token when it leads every other label's by this many nats "
         "(skips one decoder call per request; an approximation, default exact)",
+    )
+    x.add_argument(
+        "--closing-from-cache",
+        action="store_true",
+        help="ERI: score the conclusion after the generated text from the decoding cache instead of prefilling "
+        "prompt + text again (a quarter of an ERI answer's time on 2 cores; not bit-identical, default off)",
     )
     x.add_argument("--precision", help="cpu: fp32, int8 or int4 (default fp32)")
     x.add_argument(

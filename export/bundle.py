@@ -351,6 +351,7 @@ def export_bundle(
     int8_prefill_keep: tuple[str, ...] = (),
     int8_prefill_tasks: tuple[str, ...] | None = None,
     label_decision_margin: float | None = None,
+    closing_from_cache: bool = False,
 ) -> dict:
     """int8_activations (cpu, 4/8-bit weights): MatMulNBits accuracy level 4, onnxruntime quantizes each
     activation row to int8 and multiplies with integer kernels (VNNI/AMX where the CPU has them): faster,
@@ -365,7 +366,9 @@ def export_bundle(
     others keep the 4-bit decoder for every call — per-task precision, for a task whose latency budget needs
     the INT8 prefill beside one whose agreement does not allow it (docs/deployment.md).
     `label_decision_margin` (nats, > 0): written to runtime.json; the runtime answers a closed label by its first
-    token when it leads by this much (docs/deployment.md); None: exact scoring."""
+    token when it leads by this much (docs/deployment.md); None: exact scoring.
+    `closing_from_cache`: written to runtime.json; the runtime completes an ERI answer's conclusion from its
+    decoding cache instead of a second prefill of prompt + text (faster; not bit-identical)."""
     tgt = get_target(target)
     if label_decision_margin is not None and label_decision_margin <= 0:  # refused before any export work
         raise ValueError(f"label_decision_margin must be > 0 nats, not {label_decision_margin}")
@@ -433,6 +436,8 @@ def export_bundle(
         cfg = runtime_config(model, graphs)
         if label_decision_margin is not None:  # the runtime reads it (runtime/ort.py): both eval and bench use it
             cfg["label_decision_margin"] = label_decision_margin
+        if closing_from_cache:  # the same: a runtime setting of the bundle, so eval and bench answer alike
+            cfg["closing_from_cache"] = True
         (tmp / "runtime.json").write_text(json.dumps(cfg, indent=2) + "\n")
         report = parity(model, tmp, probes)  # the exported fp32 graphs against PyTorch
         if report["max_abs_logit_diff"] > max_abs_diff:

@@ -115,6 +115,7 @@ def _pixels(path: str, size: int) -> np.ndarray:
 class OrtRuntime:
     # defaults for runtimes that reuse this class's scoring without its graphs (runtime/torch_ref.py)
     label_margin: float | None = None  # exact label scoring
+    closing_from_cache = False  # a closing re-prefills prompt + text (see `_closings`)
     decoder = prefill_decoder = None  # sessions (OrtRuntime opens them; the PyTorch backend has its own call)
     int8_prefill_tasks: frozenset[str] | None = None
     _exact_prompts = False  # set by `_for_tasks` around the calls of one request batch
@@ -158,6 +159,7 @@ class OrtRuntime:
         # (`--label-decision-margin`): it saves the one continuation call per request (~11-14 ms of ~50 on
         # 2 cores) and differs from exact scoring only when the leader's remaining tokens ('.', end) cost more.
         self.label_margin: float | None = self.cfg.get("label_decision_margin")
+        self.closing_from_cache = bool(self.cfg.get("closing_from_cache", False))
         # The tasks whose requests take the INT8 prefill decoder (export --int8-prefill-tasks; None: every
         # request): per-task precision. Calls for other tasks, or for no task, stay on the 4-bit decoder.
         prefill_tasks = self.cfg.get("int8_prefill_tasks")
@@ -332,6 +334,7 @@ class OrtRuntime:
             last, cache, mask = self.prefill([emb])
         cut = task.cut if task is not None and type(task).cut is not Task.cut else None
         ids: list[int] = []
+        fed = 0  # generated tokens whose K/V the cache holds (the last one chosen may not have been fed)
         text = shown = ""
         for _ in range(max_new_tokens):
             row = last[0]
@@ -356,15 +359,20 @@ class OrtRuntime:
             mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
             logits, cache = self.forward(self.token_embeds(np.array([[nxt]])), mask, cache, [0])
             last = logits[:, -1]
+            fed = len(ids)
         if len(text) > len(shown):
             yield text[len(shown) :]
         if task is not None and task.closing() is not None:
-            yield self._closings([emb], [text], [task])[0]
+            if self.closing_from_cache:
+                yield self._closing_from_cache(cache, mask, ids[:fed], text, task)
+            else:
+                yield self._closings([emb], [text], [task])[0]
 
     def _closings(self, embs: list[np.ndarray], texts: list[str], tasks: list[Task]) -> list[str]:
         """What completes each generated text: its task's closing prefix and the candidate scored best after
         prompt + text + prefix, all requests in one scoring call. The prompt is prefilled again with the text
-        (not continued from the decoding cache): one prefill per answer, against hundreds of decode steps."""
+        (not continued from the decoding cache): one prefill per answer, which on 2 AVX2 cores was a quarter of
+        an ERI answer's time; `closing_from_cache` continues from the cache instead (`_closing_from_cache`)."""
         ext, cands, prefixes = [], [], []
         for emb, text, task in zip(embs, texts, tasks, strict=True):
             prefix, options = task.closing()
@@ -377,6 +385,29 @@ class OrtRuntime:
             prefix + task.choose(options, s)
             for prefix, task, options, s in zip(prefixes, tasks, cands, scores, strict=True)
         ]
+
+    def _closing_from_cache(
+        self, cache: list[np.ndarray], mask: np.ndarray, fed: list[int], text: str, task: Task
+    ) -> str:
+        """`_closings` for one request (batch 1) continued from its decoding cache instead of a second prefill
+        of prompt + text: the cache is cut back to the prompt and the generated tokens that begin the tokens of
+        text + closing prefix (a cut inside the generated text, or a word tokenized differently once the prefix
+        follows, ends the shared part), and only the rest is fed. ERI's closing re-prefill was 25-29% of every
+        ERI answer on an AVX2 EPYC (docs/history.md). Not bit-identical to `_closings` (cached K/V come from
+        decode steps, not one prefill call), hence opt-in (`closing_from_cache` in runtime.json)."""
+        prefix, options = task.closing()
+        want = self.tok.encode(text + prefix, add_special_tokens=False).ids
+        shared = 0
+        while shared < min(len(fed), len(want) - 1) and fed[shared] == want[shared]:
+            shared += 1  # at least one token is fed below: its logits start the candidates' scores
+        keep = mask.shape[1] - len(fed) + shared  # the prompt's columns, then the shared generated tokens
+        rest = np.array([want[shared:]], dtype=np.int64)
+        mask = np.concatenate([mask[:, :keep], np.ones(rest.shape, dtype=np.int64)], axis=1)
+        with self._for_tasks([task]):
+            at = [rest.shape[1] - 1]
+            logits, cache = self.forward(self.token_embeds(rest), mask, [kv[:, :, :keep] for kv in cache], at)
+            scores = self._score_from(logits[:, -1], cache, mask, [options], [task])[0]
+        return prefix + task.choose(options, scores)
 
     def generate_many(
         self,
@@ -397,6 +428,7 @@ class OrtRuntime:
         ids: list[list[int]] = [[] for _ in range(n)]
         texts = [""] * n
         done = [False] * n
+        start, fed = mask.shape[1], [0] * n  # row i's generated K/V: columns start .. start + fed[i] - 1
         for _ in range(max(item[2] for item in items)):
             nxt = np.full((n, 1), self.eos, dtype=np.int64)
             for i, item in enumerate(items):
@@ -421,8 +453,14 @@ class OrtRuntime:
             mask = np.concatenate([mask, np.ones((n, 1), dtype=np.int64)], axis=1)
             logits, cache = self.forward(self.token_embeds(nxt), mask, cache, [0])
             last = logits[:, -1]
+            fed = [f + int(not done[i]) for i, f in enumerate(fed)]  # finished rows ride along on end tokens
         closing = [i for i, t in enumerate(tasks) if t is not None and t.closing() is not None]
-        if closing:
+        if closing and self.closing_from_cache:
+            for i in closing:
+                end = start + fed[i]
+                row = [kv[i : i + 1, :, :end] for kv in cache], mask[i : i + 1, :end], ids[i][: fed[i]]
+                texts[i] += self._closing_from_cache(*row, texts[i], tasks[i])
+        elif closing:
             ends = self._closings([embs[i] for i in closing], [texts[i] for i in closing], [tasks[i] for i in closing])
             for i, end in zip(closing, ends, strict=True):
                 texts[i] += end
@@ -478,6 +516,18 @@ class OrtRuntime:
         self, embs: list[np.ndarray], candidates: list[list[str]], tasks: list[Task | None]
     ) -> list[list[float]]:
         last, cache, mask = self.prefill(embs)
+        return self._score_from(last, cache, mask, candidates, tasks)
+
+    def _score_from(
+        self,
+        last: np.ndarray,
+        cache: list[np.ndarray],
+        mask: np.ndarray,
+        candidates: list[list[str]],
+        tasks: list[Task | None],
+    ) -> list[list[float]]:
+        """`_score_embedded` after the prefill: `last` (B, V) the logits after each prompt, `cache`/`mask` its
+        KV cache and attention mask."""
         first = _log_softmax(last)
         best_only = [t is not None and t.chooses_best for t in tasks]
         end = [[self.eos] if t is not None and t.score_with_end else [] for t in tasks]

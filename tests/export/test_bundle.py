@@ -289,17 +289,49 @@ def test_decoder_graph_has_no_kv_copies(runtime):
 
 
 def test_label_decision_margin_is_a_bundle_setting(tiny_model_dir, tmp_path):
-    """The export writes the margin into runtime.json, so eval and bench answer alike through the runtime that
-    reads it; a margin that is not positive is refused before anything is written."""
+    """The export writes the margin (and the ERI closing's source) into runtime.json, so eval and bench answer
+    alike through the runtime that reads it; a margin that is not positive is refused before anything is
+    written."""
     from emoverse.export.bundle import export_bundle
     from emoverse.runtime.backends import open_runtime
 
-    export_bundle(tiny_model_dir, tmp_path / "b", label_decision_margin=2.0)
-    assert json.loads((tmp_path / "b" / "runtime.json").read_text())["label_decision_margin"] == 2.0
-    assert open_runtime(tmp_path / "b").label_margin == 2.0
+    export_bundle(tiny_model_dir, tmp_path / "b", label_decision_margin=2.0, closing_from_cache=True)
+    cfg = json.loads((tmp_path / "b" / "runtime.json").read_text())
+    assert cfg["label_decision_margin"] == 2.0 and cfg["closing_from_cache"] is True
+    rt = open_runtime(tmp_path / "b")
+    assert rt.label_margin == 2.0 and rt.closing_from_cache
     with pytest.raises(ValueError, match="label_decision_margin must be > 0"):
         export_bundle(tiny_model_dir, tmp_path / "bad", label_decision_margin=0.0)
     assert not (tmp_path / "bad").exists()
+
+
+def test_closing_from_the_decoding_cache_scores_as_a_second_prefill(runtime, monkeypatch):
+    """ERI's conclusion scored from the decoding cache (cut back to the tokens the text shares with what was
+    generated) gets the scores a second prefill of prompt + text gets — fp32, so equal up to kernel rounding —
+    alone and batched, with every text cut inside its generated tokens."""
+    import emoverse.runtime.ort as ort_module
+
+    eri = TASKS["eri"]
+    monkeypatch.setattr(type(eri), "cut", lambda self, text: len(text) - 3 if len(text) > 12 else None)
+    scored = []
+    score_from = ort_module.OrtRuntime._score_from
+
+    def spy(self, *args):
+        scored.append(score_from(self, *args))
+        return scored[-1]
+
+    monkeypatch.setattr(ort_module.OrtRuntime, "_score_from", spy)
+    queries = [eri.query(s) for s in ("I lost my keys again.", "We won the final!", "Why did nobody call me back?")]
+    answers, scores = {}, {}
+    for from_cache in (False, True):
+        monkeypatch.setattr(runtime, "closing_from_cache", from_cache)
+        scored.clear()
+        single = [runtime.generate(q, [], 40, task=eri) for q in queries]
+        answers[from_cache] = single, runtime.generate_many([(q, [], 40, None, eri) for q in queries])
+        scores[from_cache] = np.array([row for call in scored for row in call])
+    assert answers[True] == answers[False]
+    assert scores[True].shape == (6, len(eri.closing()[1]))  # three alone, three batched
+    np.testing.assert_allclose(scores[True], scores[False], atol=1e-4)
 
 
 def _decoder_nodes(path) -> dict:
