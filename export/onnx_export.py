@@ -247,8 +247,9 @@ def fold_shape_arithmetic(path: Path, check_shapes=((1, 5, 0), (2, 1, 7), (3, 4,
       one constant target, with ONNX Reshape's 0 ("keep this axis") for the copied sizes.
     Only shapes change, never arithmetic on values, so the outputs are bit-identical; that is checked, not
     assumed: the graph before and after runs on random inputs at each (batch, new tokens, cached tokens) of
-    `check_shapes`, and any difference keeps the original graph (reported). Measured on an AMD EPYC (AVX2): 2,933
-    -> 2,061 nodes after onnxruntime's own optimisations, a 4-bit decode step 5-6% faster, a 60-token prefill 1%.
+    `check_shapes`, and any difference keeps the original graph (reported). With the grouped attention written
+    for it (runtime.graphs): 2,933 -> 1,611 nodes after onnxruntime's own optimisations, a 4-bit decode step
+    0.90-0.92x on an AMD EPYC with AVX2, a 50-token INT8 prefill 0.98x (docs/history.md).
     Written here because onnxslim and onnxruntime's transformer fusions (FusionReshape/FusionShape) match other
     exporters' patterns and left these in place (tried)."""
     import contextlib

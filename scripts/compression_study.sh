@@ -296,6 +296,23 @@ step_cpu_ecpe() {  # ECPE's seeded sample (200 per source, as eval_ecpe) of the 
   .venv/bin/python scripts/paired_by_source.py "$out/fp32/ecpe/predictions.jsonl" "$out/mixf/ecpe/predictions.jsonl" \
     --tasks ecpe --out "docs/results/$tag-mixf-ecpe-sample-vs-fp32.json"
 }
+step_cpu_eri_closing() {  # ERI's closing scored from the decoding cache (export --closing-from-cache) against the
+  # second prefill of prompt + text that mixf does: both on ERI's full split on THIS CPU, paired (label accuracy on
+  # the 57 labelled records, ROUGE-L on all 169), and benched side by side (~45 min on 2 AVX2 cores)
+  local tag=$CPU_TAG out=$CPU_RUNS b
+  local pair=(.venv/bin/python scripts/paired_by_source.py)
+  export_mixf
+  export_mixed release-w4lora-deploy-mixf-cc --label-decision-margin 0.1 --closing-from-cache
+  for b in release-w4lora-deploy-mixf release-w4lora-deploy-mixf-cc; do eval_eri "$B/$b" "$out/$b"; done
+  local a=$out/release-w4lora-deploy-mixf/eri/predictions.jsonl c=$out/release-w4lora-deploy-mixf-cc/eri/predictions.jsonl
+  "${pair[@]}" "$a" "$c" --tasks eri --out "docs/results/$tag-eri-closing-from-cache.json"
+  "${pair[@]}" "$a" "$c" --tasks eri --metric eri=rouge_l --out "docs/results/$tag-eri-closing-from-cache-rouge.json"
+  [ -f "$out/bench-eri-closing/report.json" ] || $E bench --bundle "$B/release-w4lora-deploy-mixf" \
+    --bundle "$B/release-w4lora-deploy-mixf-cc" --data "$D" --target cpu --tasks eri --limit 5 \
+    --out "$out/bench-eri-closing" || [ $? -eq 1 ]
+  cp "$out/bench-eri-closing/report.json" "docs/results/bench-cpu-v4-eri-closing-$tag.json"
+  cp "$out/bench-eri-closing/report.md" "docs/results/bench-cpu-v4-eri-closing-$tag.md"
+}
 step_bench_core() {  # latency of the two (three with core_p8), with the PyTorch FP32 teacher, in one run (~10 min)
   local p8=()
   built_bundles p8 release-w4lora-deploy-p8 release-w4lora-deploy-p8m release-w4lora-deploy-mix release-w4lora-deploy-mixm
