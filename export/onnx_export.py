@@ -129,14 +129,11 @@ def fold_maxpool_padding(path: Path) -> int:
     once, checked equal at two batch sizes, and stored as constants."""
     import numpy as np
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     model = onnx.load(str(path))
     g = model.graph
-    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    consts = _constants(g, g.initializer)
     readers: dict[str, list] = {}
     for n in g.node:
         for i in n.input:
@@ -185,6 +182,17 @@ def fold_maxpool_padding(path: Path) -> int:
     _drop_dead_nodes(g)
     onnx.save(model, str(path))
     return folded
+
+
+def _constants(graph, initializers) -> dict:
+    """name -> value of `initializers` (of `graph`) and of every Constant node's output."""
+    from onnx import numpy_helper
+
+    consts = {t.name: numpy_helper.to_array(t) for t in initializers}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return consts
 
 
 def _evaluate(model, names: list[str]) -> dict:
@@ -249,7 +257,7 @@ def fold_shape_arithmetic(path: Path, check_shapes=((1, 5, 0), (2, 1, 7), (3, 4,
     assumed: the graph before and after runs on random inputs at each (batch, new tokens, cached tokens) of
     `check_shapes`, and any difference keeps the original graph (reported). With the grouped attention written
     for it (runtime.graphs): 2,933 -> 1,611 nodes after onnxruntime's own optimisations, a 4-bit decode step
-    0.90-0.92x on an AMD EPYC with AVX2, a 50-token INT8 prefill 0.98x (docs/history.md).
+    0.90-0.95x on an AMD EPYC with AVX2 (two runs), a 50-token INT8 prefill 0.96-0.98x (docs/history.md).
     Written here because onnxslim and onnxruntime's transformer fusions (FusionReshape/FusionShape) match other
     exporters' patterns and left these in place (tried)."""
     import contextlib
@@ -291,10 +299,7 @@ def fold_shape_arithmetic(path: Path, check_shapes=((1, 5, 0), (2, 1, 7), (3, 4,
         ]
         for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
     }
-    consts = {t.name: numpy_helper.to_array(t) for t in small}
-    for n in g.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    consts = _constants(g, small)
     producer = {o: n for n in g.node for o in n.output}
     added: list = []
 
@@ -363,6 +368,28 @@ def fold_shape_arithmetic(path: Path, check_shapes=((1, 5, 0), (2, 1, 7), (3, 4,
     return {**stats, "checked_bit_identical_at": [list(s) for s in check_shapes]}
 
 
+def random_decoder_inputs(session, batch: int, new: int, cached: int, rng) -> dict:
+    """Inputs of one call of a decoder graph (an onnxruntime session of it): random embeddings and cache of
+    `batch` rows, `new` tokens over `cached` positions, the first position masked (padding is exercised too),
+    logits at the first and the last new token."""
+    import numpy as np
+
+    feeds = {}
+    for inp in session.get_inputs():
+        if inp.name == "attention_mask":
+            feeds[inp.name] = np.ones((batch, cached + new), dtype=np.int64)
+            feeds[inp.name][:, 0] = 0 if cached + new > 1 else 1
+        elif inp.name == "position_ids":
+            feeds[inp.name] = np.tile(np.arange(cached, cached + new, dtype=np.int64), (batch, 1))
+        elif inp.name == "logits_index":
+            feeds[inp.name] = np.array(sorted({0, new - 1}), dtype=np.int64)
+        else:  # inputs_embeds (batch, new, H), past_* (batch, kv_heads, cached, head_dim)
+            fixed = [d for d in inp.shape if isinstance(d, int)]
+            shape = (batch, new, *fixed) if inp.name == "inputs_embeds" else (batch, fixed[0], cached, fixed[1])
+            feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
 def _first_difference(a: Path, b: Path, check_shapes) -> str | None:
     """Where decoder graphs `a` and `b` first give different outputs (not bit-identical) on the same random
     inputs at each (batch, new tokens, cached tokens) in `check_shapes`; None if they never do."""
@@ -374,19 +401,7 @@ def _first_difference(a: Path, b: Path, check_shapes) -> str | None:
     sessions = [ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for p in (a, b)]
     rng = np.random.default_rng(0)
     for batch, seq, past in check_shapes:
-        feeds = {}
-        for inp in sessions[0].get_inputs():
-            if inp.name == "attention_mask":  # the first cached position masked: padding is exercised too
-                feeds[inp.name] = np.ones((batch, past + seq), dtype=np.int64)
-                feeds[inp.name][:, 0] = 0 if past + seq > 1 else 1
-            elif inp.name == "position_ids":
-                feeds[inp.name] = np.tile(np.arange(past, past + seq, dtype=np.int64), (batch, 1))
-            elif inp.name == "logits_index":
-                feeds[inp.name] = np.array(sorted({0, seq - 1}), dtype=np.int64)
-            else:  # inputs_embeds (batch, seq, H), past_* (batch, kv_heads, past, head_dim)
-                fixed = [d for d in inp.shape if isinstance(d, int)]
-                shape = (batch, seq, *fixed) if inp.name == "inputs_embeds" else (batch, fixed[0], past, fixed[1])
-                feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
+        feeds = random_decoder_inputs(sessions[0], batch, seq, past, rng)
         outs = [s.run(None, feeds) for s in sessions]
         for out, x, y in zip(sessions[0].get_outputs(), *outs, strict=True):
             if x.shape != y.shape or not np.array_equal(x, y):

@@ -1,11 +1,11 @@
 """Same-run A/B of one decoder graph in two bundles (e.g. a bundle exported before and after a change to the
 export's graph form): are the outputs bit-identical, and how long does a call take in each?
 
-Both graphs get the same random inputs (one request: a decode step or a prefill call of `--new` tokens over
-`--cached` positions), sessions opened by the runtime itself (`open_runtime`); the two
-alternate over `--rounds` rounds of `--calls` calls each (drift of the machine spreads over both), medians
-reported. Bit-identical outputs are what a graph change that only touches shapes must keep; any other change
-shows here as a max |difference|.
+Both graphs get the same random inputs (`export.onnx_export.random_decoder_inputs`, what the export's fold check
+feeds: one request, a decode step or a prefill call of NEW tokens over CACHED positions), sessions opened by the
+runtime itself (`open_runtime`); the two alternate over `--rounds` rounds of `--calls` calls each (drift of the
+machine spreads over both), medians reported. Bit-identical outputs are what a graph change that only touches
+shapes must keep; any other change shows here as a max |difference|.
 
     .venv/bin/python scripts/graph_ab.py --a bundles/<tag>/release-w4lora-deploy-mixf \\
         --b bundles/new/release-w4lora-deploy-mixf --graph decoder --shapes 1x60 1x300 \\
@@ -22,25 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from emoverse.artifacts import atomic_write_json, cpu_name
+from emoverse.export.onnx_export import random_decoder_inputs
 from emoverse.runtime.backends import open_runtime
-
-
-def feeds(session, new: int, cached: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One request's decoder inputs: random embeddings and cache, every position attended."""
-    out = {}
-    for inp in session.get_inputs():
-        fixed = [d for d in inp.shape if isinstance(d, int)]
-        if inp.name == "inputs_embeds":
-            out[inp.name] = (rng.standard_normal((1, new, *fixed)) * 0.5).astype(np.float32)
-        elif inp.name == "attention_mask":
-            out[inp.name] = np.ones((1, cached + new), dtype=np.int64)
-        elif inp.name == "position_ids":
-            out[inp.name] = np.arange(cached, cached + new, dtype=np.int64)[None]
-        elif inp.name == "logits_index":
-            out[inp.name] = np.array([new - 1], dtype=np.int64)
-        else:  # past_key_i / past_value_i: (1, kv_heads, cached, head_dim)
-            out[inp.name] = rng.standard_normal((1, fixed[0], cached, fixed[1])).astype(np.float32)
-    return out
 
 
 def main() -> None:
@@ -64,7 +47,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for shape in args.shapes:
         new, cached = (int(x) for x in shape.split("x"))
-        x = feeds(sessions["a"], new, cached, rng)
+        x = random_decoder_inputs(sessions["a"], 1, new, cached, rng)
         outs = {k: s.run(None, x) for k, s in sessions.items()}
         diff = max(float(np.abs(p - q).max()) for p, q in zip(outs["a"], outs["b"], strict=True))
         identical = all(np.array_equal(p, q) for p, q in zip(outs["a"], outs["b"], strict=True))
